@@ -1,0 +1,50 @@
+# pydron — the two commands a new user needs: `make demo` and `make test`.
+# Both set up what is missing first (Debian packages, a virtualenv, the C extension).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BUILD  ?= build/dev
+APT_PACKAGES := cmake pkg-config libffi-dev libxxhash-dev llvm-dev graphviz
+PIP_PACKAGES := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil \
+                joblib "dask[distributed]" matplotlib rich scikit-build-core
+
+.PHONY: setup build demo test test-c asan valgrind bench clean
+setup: $(VENV)/.ready build
+
+$(VENV)/.ready:
+	tools/install-system-deps.sh $(APT_PACKAGES)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_PACKAGES)
+	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pydron-dev.pth
+	touch $@
+
+# Build the extension in place (pydron/_core*.so) so the virtualenv imports this checkout.
+build: $(VENV)/.ready
+	cmake -S . -B $(BUILD) -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
+	      -DPYDRON_C_TESTS=ON -DPYDRON_SANITIZE=$(SANITIZE) >/dev/null
+	cmake --build $(BUILD) -j2
+	cp $(BUILD)/_core*.so pydron/
+
+SANITIZE ?= OFF
+
+demo: setup
+	$(PY) bench/pipeline_demo.py
+
+test: setup
+	cd $(BUILD) && ctest --output-on-failure
+	$(PY) -m pytest -q tests
+
+# The C core under AddressSanitizer + UndefinedBehaviorSanitizer, running the test suite.
+asan:
+	$(MAKE) build BUILD=build/asan SANITIZE=ON
+	PYDRON_SANITIZED=1 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	$(PY) -m pytest -q -x tests -m "not nosan"
+	$(MAKE) build
+
+bench: setup
+	$(PY) -m pydron bench
+
+clean:
+	rm -rf build pydron/_core*.so
