@@ -1,1 +1,843 @@
-/* placeholder: being written */
+/* graph/graph.c — tasks, their dependencies and their results.
+ * A graph_task is both a node of the task graph and the pending value trace/ hands to user code.
+ * Results stay encoded (exec_blob) until somebody reads them, so a chain of tasks forwards its
+ * intermediate values from worker to worker without unpickling them here. */
+#include "graph/graph.h"
+#include "exec/exec.h"
+#include "pydron_compat.h"
+
+#include <xxhash.h>
+
+enum task_state {
+    TASK_WAITING,    /* dependencies outstanding: not yet handed to exec */
+    TASK_QUEUED,     /* handed to exec, result not back */
+    TASK_DONE,
+    TASK_FAILED,
+};
+
+struct graph_task {
+    PyObject_HEAD
+    uint64_t id;
+    int state;
+    int threads;
+    PyObject *fn;
+    exec_blob *args;          /* process tasks, until dispatched */
+    PyObject *thread_args;    /* thread tasks: (args tuple, kwargs dict or None), until dispatched */
+    PyObject *deps;           /* tuple of tasks (persistent id i = deps[i]), until dispatched */
+    Py_ssize_t nwaiting;      /* dependencies not finished yet */
+    PyObject *dependents;     /* list of tasks waiting for this one, or NULL */
+    exec_blob *blob;          /* encoded result */
+    PyObject *value;          /* decoded result (or thread result) */
+    PyObject *error;          /* exception instance when failed */
+    PyObject *order;          /* borrowed: the submission-order list this task is in */
+    Py_ssize_t seq;           /* position in order */
+};
+
+PyTypeObject *graph_task_type;
+Py_ssize_t graph_live_tasks;
+
+/* Tasks handed to exec and not back yet, by id: a dict {int: task} owning a reference. */
+static PyObject *inflight;
+static uint64_t next_task_id = 1;
+static uint64_t n_submitted, n_finished;
+
+uint64_t
+graph_key(const void *data, size_t len, uint64_t seed)
+{
+    return XXH3_64bits_withSeed(data, len, seed);
+}
+
+/* ---- task object ------------------------------------------------------------------------- */
+
+static PyObject *task_force_value(graph_task *t);   /* new reference */
+
+static int
+task_traverse(graph_task *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->fn);
+    Py_VISIT(t->thread_args);
+    Py_VISIT(t->deps);
+    Py_VISIT(t->dependents);
+    Py_VISIT(t->value);
+    Py_VISIT(t->error);
+    return 0;
+}
+
+static int
+task_clear(graph_task *t)
+{
+    Py_CLEAR(t->fn);
+    Py_CLEAR(t->thread_args);
+    Py_CLEAR(t->deps);
+    Py_CLEAR(t->dependents);
+    Py_CLEAR(t->value);
+    Py_CLEAR(t->error);
+    return 0;
+}
+
+static void
+task_dealloc(graph_task *t)
+{
+    PyObject_GC_UnTrack(t);
+    task_clear(t);
+    if (t->args)
+        exec_blob_decref(t->args);
+    if (t->blob)
+        exec_blob_decref(t->blob);
+    graph_live_tasks--;
+    PyObject_GC_Del(t);
+}
+
+static PyObject *
+task_repr(graph_task *t)
+{
+    static const char *names[] = {"waiting", "queued", "done", "failed"};
+    PyObject *fname = t->fn ? PyObject_GetAttrString(t->fn, "__qualname__") : NULL;
+    if (fname == NULL)
+        PyErr_Clear();
+    PyObject *r = PyUnicode_FromFormat("<pydron pending #%llu %S %s>", (unsigned long long)t->id,
+                                       fname ? fname : Py_None, names[t->state]);
+    Py_XDECREF(fname);
+    return r;
+}
+
+/* The safety net: code the rewrite did not reach still sees the value through these slots. */
+#define FORCED(t) task_force_value((graph_task *)(t))
+
+static PyObject *
+task_getattro(PyObject *self, PyObject *name)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_GetAttr(v, name);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+task_str(PyObject *self)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_Str(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static Py_hash_t
+task_hash(PyObject *self)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return -1;
+    Py_hash_t h = PyObject_Hash(v);
+    Py_DECREF(v);
+    return h;
+}
+
+static PyObject *
+task_richcompare(PyObject *a, PyObject *b, int op)
+{
+    PyObject *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);
+    if (va == NULL)
+        return NULL;
+    PyObject *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);
+    if (vb == NULL) {
+        Py_DECREF(va);
+        return NULL;
+    }
+    PyObject *r = PyObject_RichCompare(va, vb, op);
+    Py_DECREF(va);
+    Py_DECREF(vb);
+    return r;
+}
+
+static PyObject *
+task_iter(PyObject *self)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_GetIter(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+task_call(PyObject *self, PyObject *args, PyObject *kwargs)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_Call(v, args, kwargs);
+    Py_DECREF(v);
+    return r;
+}
+
+static int
+task_bool(PyObject *self)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static Py_ssize_t
+task_length(PyObject *self)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return -1;
+    Py_ssize_t r = PyObject_Length(v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+task_subscript(PyObject *self, PyObject *key)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_GetItem(v, key);
+    Py_DECREF(v);
+    return r;
+}
+
+static int
+task_contains(PyObject *self, PyObject *item)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return -1;
+    int r = PySequence_Contains(v, item);
+    Py_DECREF(v);
+    return r;
+}
+
+#define TASK_UNARY(name, call)                                                                  \
+    static PyObject *task_##name(PyObject *self)                                                \
+    {                                                                                           \
+        PyObject *v = FORCED(self);                                                             \
+        if (v == NULL)                                                                          \
+            return NULL;                                                                        \
+        PyObject *r = call(v);                                                                  \
+        Py_DECREF(v);                                                                           \
+        return r;                                                                               \
+    }
+TASK_UNARY(neg, PyNumber_Negative)
+TASK_UNARY(pos, PyNumber_Positive)
+TASK_UNARY(abs, PyNumber_Absolute)
+TASK_UNARY(invert, PyNumber_Invert)
+TASK_UNARY(int, PyNumber_Long)
+TASK_UNARY(float, PyNumber_Float)
+TASK_UNARY(index, PyNumber_Index)
+
+/* Binary operators: either side may be the task. */
+#define TASK_BINARY(name, call)                                                                 \
+    static PyObject *task_##name(PyObject *a, PyObject *b)                                      \
+    {                                                                                           \
+        PyObject *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);                             \
+        if (va == NULL)                                                                         \
+            return NULL;                                                                        \
+        PyObject *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);                             \
+        if (vb == NULL) {                                                                       \
+            Py_DECREF(va);                                                                      \
+            return NULL;                                                                        \
+        }                                                                                       \
+        PyObject *r = call(va, vb);                                                             \
+        Py_DECREF(va);                                                                          \
+        Py_DECREF(vb);                                                                          \
+        return r;                                                                               \
+    }
+TASK_BINARY(add, PyNumber_Add)
+TASK_BINARY(sub, PyNumber_Subtract)
+TASK_BINARY(mul, PyNumber_Multiply)
+TASK_BINARY(truediv, PyNumber_TrueDivide)
+TASK_BINARY(floordiv, PyNumber_FloorDivide)
+TASK_BINARY(mod, PyNumber_Remainder)
+TASK_BINARY(divmod, PyNumber_Divmod)
+TASK_BINARY(lshift, PyNumber_Lshift)
+TASK_BINARY(rshift, PyNumber_Rshift)
+TASK_BINARY(and, PyNumber_And)
+TASK_BINARY(or, PyNumber_Or)
+TASK_BINARY(xor, PyNumber_Xor)
+TASK_BINARY(matmul, PyNumber_MatrixMultiply)
+
+static PyObject *
+task_pow(PyObject *a, PyObject *b, PyObject *c)
+{
+    PyObject *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);
+    if (va == NULL)
+        return NULL;
+    PyObject *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);
+    if (vb == NULL) {
+        Py_DECREF(va);
+        return NULL;
+    }
+    PyObject *r = PyNumber_Power(va, vb, c);
+    Py_DECREF(va);
+    Py_DECREF(vb);
+    return r;
+}
+
+static PyObject *
+task_format(PyObject *self, PyObject *spec)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_Format(v, spec);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+task_reduce_ex(PyObject *self, PyObject *protocol)
+{
+    /* A pending value that escapes into pickle is pickled as its value. */
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallMethod(v, "__reduce_ex__", "O", protocol);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+task_value(PyObject *self, PyObject *unused)
+{
+    return FORCED(self);
+}
+
+static PyObject *
+task_done(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(graph_task_finished((graph_task *)self));
+}
+
+static PyMethodDef task_methods[] = {
+    {"__format__", task_format, METH_O, NULL},
+    {"__reduce_ex__", task_reduce_ex, METH_O, NULL},
+    {"_pydron_value", task_value, METH_NOARGS, "Wait for the task and return its value."},
+    {"_pydron_done", task_done, METH_NOARGS, "Whether the task has finished."},
+    {NULL},
+};
+
+static PyType_Slot task_slots[] = {
+    {Py_tp_dealloc, task_dealloc},
+    {Py_tp_traverse, task_traverse},
+    {Py_tp_clear, task_clear},
+    {Py_tp_repr, task_repr},
+    {Py_tp_str, task_str},
+    {Py_tp_hash, task_hash},
+    {Py_tp_richcompare, task_richcompare},
+    {Py_tp_getattro, task_getattro},
+    {Py_tp_iter, task_iter},
+    {Py_tp_call, task_call},
+    {Py_tp_methods, task_methods},
+    {Py_nb_bool, task_bool},
+    {Py_nb_negative, task_neg},
+    {Py_nb_positive, task_pos},
+    {Py_nb_absolute, task_abs},
+    {Py_nb_invert, task_invert},
+    {Py_nb_int, task_int},
+    {Py_nb_float, task_float},
+    {Py_nb_index, task_index},
+    {Py_nb_add, task_add},
+    {Py_nb_subtract, task_sub},
+    {Py_nb_multiply, task_mul},
+    {Py_nb_true_divide, task_truediv},
+    {Py_nb_floor_divide, task_floordiv},
+    {Py_nb_remainder, task_mod},
+    {Py_nb_divmod, task_divmod},
+    {Py_nb_power, task_pow},
+    {Py_nb_lshift, task_lshift},
+    {Py_nb_rshift, task_rshift},
+    {Py_nb_and, task_and},
+    {Py_nb_or, task_or},
+    {Py_nb_xor, task_xor},
+    {Py_nb_matrix_multiply, task_matmul},
+    {Py_mp_length, task_length},
+    {Py_mp_subscript, task_subscript},
+    {Py_sq_contains, task_contains},
+    {0, NULL},
+};
+
+static PyType_Spec task_spec = {
+    .name = "pydron.Pending",
+    .basicsize = sizeof(graph_task),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = task_slots,
+};
+
+static graph_task *
+task_new(PyObject *fn, int threads)
+{
+    graph_task *t = PyObject_GC_New(graph_task, graph_task_type);
+    if (t == NULL)
+        return NULL;
+    t->id = next_task_id++;
+    t->state = TASK_WAITING;
+    t->threads = threads;
+    t->fn = Py_NewRef(fn);
+    t->args = NULL;
+    t->thread_args = NULL;
+    t->deps = NULL;
+    t->nwaiting = 0;
+    t->dependents = NULL;
+    t->blob = NULL;
+    t->value = NULL;
+    t->error = NULL;
+    t->order = NULL;
+    t->seq = -1;
+    graph_live_tasks++;
+    PyObject_GC_Track(t);
+    return t;
+}
+
+int
+graph_task_finished(graph_task *t)
+{
+    return t->state == TASK_DONE || t->state == TASK_FAILED;
+}
+
+Py_ssize_t
+graph_task_seq(graph_task *t)
+{
+    return t->seq;
+}
+
+void
+graph_set_seq(graph_task *t, PyObject *order, Py_ssize_t seq)
+{
+    t->order = order;
+    t->seq = seq;
+}
+
+/* ---- dispatch ---------------------------------------------------------------------------- */
+
+static int task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object);
+
+/* Thread tasks get values, not encodings: copy the argument containers, replacing tasks. */
+static PyObject *
+resolve_copy(PyObject *obj, int depth)
+{
+    if (graph_is_task(obj))
+        return task_force_value((graph_task *)obj);
+    if (depth > 64)
+        return Py_NewRef(obj);
+    if (PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) {
+        int is_tuple = PyTuple_CheckExact(obj);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+        PyObject *out = is_tuple ? PyTuple_New(n) : PyList_New(n);
+        if (out == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(obj, i);
+            PyObject *v = resolve_copy(item, depth + 1);
+            if (v == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            if (is_tuple)
+                PyTuple_SET_ITEM(out, i, v);
+            else
+                PyList_SET_ITEM(out, i, v);
+        }
+        return out;
+    }
+    if (PyDict_CheckExact(obj)) {
+        PyObject *out = PyDict_New(), *k, *v;
+        Py_ssize_t pos = 0;
+        if (out == NULL)
+            return NULL;
+        while (PyDict_Next(obj, &pos, &k, &v)) {
+            PyObject *rv = resolve_copy(v, depth + 1);
+            if (rv == NULL || PyDict_SetItem(out, k, rv) < 0) {
+                Py_XDECREF(rv);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(rv);
+        }
+        return out;
+    }
+    return Py_NewRef(obj);
+}
+
+/* Hand a task whose dependencies are all done to exec. On failure the task fails (the error is
+ * the task's, raised where it is read) and 0 is returned: only a broken executor returns -1. */
+static int
+task_dispatch(graph_task *t)
+{
+    if (t->threads) {
+        PyObject *call = resolve_copy(t->thread_args, 0);
+        if (call == NULL)
+            goto failed;
+        PyObject *kw = PyTuple_GET_ITEM(call, 1);
+        int rc = exec_submit_thread(t->id, t->fn, PyTuple_GET_ITEM(call, 0),
+                                    kw == Py_None ? NULL : kw);
+        Py_DECREF(call);
+        if (rc < 0)
+            goto failed;
+        Py_CLEAR(t->thread_args);
+    }
+    else {
+        Py_ssize_t n = t->deps ? PyTuple_GET_SIZE(t->deps) : 0;
+        exec_blob *small[8];
+        exec_blob **deps = n <= 8 ? small : PyMem_Malloc(n * sizeof(exec_blob *));
+        if (deps == NULL) {
+            PyErr_NoMemory();
+            goto failed;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            deps[i] = ((graph_task *)PyTuple_GET_ITEM(t->deps, i))->blob;
+        exec_task et = {.task_id = t->id, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n};
+        int rc = exec_submit(&et);
+        if (deps != small)
+            PyMem_Free(deps);
+        if (rc < 0)
+            goto failed;
+        exec_blob_decref(t->args);
+        t->args = NULL;
+        Py_CLEAR(t->deps);
+    }
+    PyObject *key = PyLong_FromUnsignedLongLong(t->id);
+    if (key == NULL || PyDict_SetItem(inflight, key, (PyObject *)t) < 0) {
+        Py_XDECREF(key);
+        return -1;
+    }
+    Py_DECREF(key);
+    t->state = TASK_QUEUED;
+    return 0;
+
+failed: {
+        PyObject *exc = PyErr_GetRaisedException();
+        return task_finish(t, 1, NULL, exc);
+    }
+}
+
+/* Record a task's outcome (stealing blob/object) and release the tasks that waited for it. */
+static int
+task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
+{
+    t->state = failed ? TASK_FAILED : TASK_DONE;
+    if (failed) {
+        t->error = object;
+        if (blob)
+            exec_blob_decref(blob);
+    }
+    else {
+        t->blob = blob;
+        t->value = object;
+    }
+    Py_CLEAR(t->thread_args);
+    Py_CLEAR(t->deps);
+    if (t->args) {
+        exec_blob_decref(t->args);
+        t->args = NULL;
+    }
+    n_finished++;
+    PyObject *dependents = t->dependents;
+    t->dependents = NULL;
+    int rc = 0;
+    if (dependents) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dependents); i++) {
+            graph_task *d = (graph_task *)PyList_GET_ITEM(dependents, i);
+            if (d->state != TASK_WAITING)
+                continue;
+            if (failed) {
+                /* Plain Python never made this call: the failing one raised first. */
+                if (task_finish(d, 1, NULL, Py_NewRef(t->error)) < 0)
+                    rc = -1;
+            }
+            else if (--d->nwaiting == 0 && task_dispatch(d) < 0)
+                rc = -1;
+        }
+        Py_DECREF(dependents);
+    }
+    return rc;
+}
+
+static int
+on_result(void *ctx, exec_result *r)
+{
+    PyObject *key = PyLong_FromUnsignedLongLong(r->task_id);
+    if (key == NULL)
+        return -1;
+    PyObject *t = PyDict_GetItemWithError(inflight, key);
+    if (t == NULL) {
+        /* A cancelled task's late result: drop it. */
+        Py_DECREF(key);
+        if (r->blob)
+            exec_blob_decref(r->blob);
+        Py_XDECREF(r->object);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_INCREF(t);
+    int rc = PyDict_DelItem(inflight, key);
+    Py_DECREF(key);
+    if (rc == 0)
+        rc = task_finish((graph_task *)t, r->failed, r->blob, r->object);
+    Py_DECREF(t);
+    return rc;
+}
+
+int
+graph_pump(void)
+{
+    if (PyDict_GET_SIZE(inflight) == 0)
+        return 0;
+    return exec_poll(0, on_result, NULL) < 0 ? -1 : 0;
+}
+
+/* ---- submission -------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *deps;          /* list of dependency tasks, in persistent-id order */
+    graph_task *failed_dep;  /* borrowed: first dependency found failed */
+} dep_ctx;
+
+static Py_ssize_t
+collect_dep(void *vctx, PyObject *obj)
+{
+    if (!graph_is_task(obj))
+        return -1;
+    dep_ctx *ctx = vctx;
+    graph_task *d = (graph_task *)obj;
+    if (d->state == TASK_FAILED && ctx->failed_dep == NULL)
+        ctx->failed_dep = d;
+    Py_ssize_t n = PyList_GET_SIZE(ctx->deps);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyList_GET_ITEM(ctx->deps, i) == obj)
+            return i;
+    if (PyList_Append(ctx->deps, obj) < 0)
+        return -2;
+    return n;
+}
+
+/* Thread tasks: find the tasks in the arguments without encoding anything. */
+static int
+scan_deps(PyObject *obj, dep_ctx *ctx, int depth)
+{
+    if (graph_is_task(obj))
+        return collect_dep(ctx, obj) < -1 ? -1 : 0;
+    if (depth > 64)
+        return 0;
+    if (PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(obj); i++)
+            if (scan_deps(PySequence_Fast_GET_ITEM(obj, i), ctx, depth + 1) < 0)
+                return -1;
+    }
+    else if (PyDict_CheckExact(obj)) {
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(obj, &pos, &k, &v))
+            if (scan_deps(v, ctx, depth + 1) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+PyObject *
+graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
+{
+    dep_ctx ctx = {PyList_New(0), NULL};
+    graph_task *t = NULL;
+    if (ctx.deps == NULL)
+        return NULL;
+    t = task_new(fn, threads);
+    if (t == NULL)
+        goto error;
+    n_submitted++;
+    if (threads) {
+        t->thread_args = PyTuple_Pack(2, args, kwargs ? kwargs : Py_None);
+        if (t->thread_args == NULL || scan_deps(t->thread_args, &ctx, 0) < 0)
+            goto error;
+    }
+    else {
+        t->args = exec_encode_call(fn, args, kwargs, collect_dep, &ctx);
+        if (t->args == NULL)
+            goto error;
+    }
+    if (ctx.failed_dep) {
+        task_finish(t, 1, NULL, Py_NewRef(ctx.failed_dep->error));
+        goto done;
+    }
+    Py_ssize_t ndeps = PyList_GET_SIZE(ctx.deps);
+    if (ndeps) {
+        t->deps = PyList_AsTuple(ctx.deps);
+        if (t->deps == NULL)
+            goto error;
+    }
+    for (Py_ssize_t i = 0; i < ndeps; i++) {
+        graph_task *d = (graph_task *)PyList_GET_ITEM(ctx.deps, i);
+        if (graph_task_finished(d))
+            continue;
+        if (d->dependents == NULL && (d->dependents = PyList_New(0)) == NULL)
+            goto error;
+        if (PyList_Append(d->dependents, (PyObject *)t) < 0)
+            goto error;
+        t->nwaiting++;
+    }
+    if (t->nwaiting == 0 && task_dispatch(t) < 0)
+        goto error;
+    /* Take in what finished meanwhile, so dependents start while the caller keeps tracing. */
+    if (graph_pump() < 0)
+        goto error;
+done:
+    Py_DECREF(ctx.deps);
+    return (PyObject *)t;
+error:
+    Py_DECREF(ctx.deps);
+    Py_XDECREF(t);
+    return NULL;
+}
+
+/* ---- waiting ----------------------------------------------------------------------------- */
+
+static int
+wait_finished(graph_task *t)
+{
+    while (!graph_task_finished(t)) {
+        if (t->state == TASK_WAITING && t->nwaiting == 0 && task_dispatch(t) < 0)
+            return -1;
+        if (exec_poll(-1, on_result, NULL) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+                graph_cancel_all();
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Raise a task's exception (its own instance, so `except` and `raise` behave as in plain
+ * Python; the worker traceback hangs on it). */
+static void
+raise_task_error(graph_task *t)
+{
+    PyErr_SetObject((PyObject *)Py_TYPE(t->error), t->error);
+}
+
+/* The earliest failed task in order[0:stop], waiting for each in turn; NULL if none. */
+static graph_task *
+first_failure(PyObject *order, Py_ssize_t start, Py_ssize_t stop, int *err)
+{
+    *err = 0;
+    for (Py_ssize_t i = start; i < stop && i < PyList_GET_SIZE(order); i++) {
+        graph_task *t = (graph_task *)PyList_GET_ITEM(order, i);
+        Py_INCREF(t);
+        if (wait_finished(t) < 0) {
+            Py_DECREF(t);
+            *err = 1;
+            return NULL;
+        }
+        Py_DECREF(t);
+        if (t->state == TASK_FAILED)
+            return t;
+    }
+    return NULL;
+}
+
+static PyObject *
+task_force_value(graph_task *t)
+{
+    if (t->state != TASK_DONE) {
+        if (wait_finished(t) < 0)
+            return NULL;
+        if (t->state == TASK_FAILED) {
+            graph_task *first = t;
+            if (t->order != NULL && t->seq >= 0) {
+                int err;
+                graph_task *earlier = first_failure(t->order, 0, t->seq, &err);
+                if (err)
+                    return NULL;
+                if (earlier)
+                    first = earlier;
+            }
+            raise_task_error(first);
+            return NULL;
+        }
+    }
+    if (t->value == NULL) {
+        t->value = exec_blob_decode(t->blob);
+        if (t->value == NULL)
+            return NULL;
+        if (t->dependents == NULL) {
+            /* Nobody downstream needs the encoding: let its arena memory go with the value. */
+            exec_blob_decref(t->blob);
+            t->blob = NULL;
+        }
+    }
+    return Py_NewRef(t->value);
+}
+
+PyObject *
+graph_wait(graph_task *t)
+{
+    return task_force_value(t);
+}
+
+int
+graph_wait_range(PyObject *order, Py_ssize_t start, Py_ssize_t stop)
+{
+    int err;
+    graph_task *failed = first_failure(order, start, stop, &err);
+    if (err)
+        return -1;
+    if (failed) {
+        raise_task_error(failed);
+        return -1;
+    }
+    return 0;
+}
+
+void
+graph_cancel_all(void)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    exec_cancel_all();
+    PyObject *tasks = PyDict_Values(inflight);
+    PyDict_Clear(inflight);
+    if (tasks != NULL) {
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
+            graph_task *t = (graph_task *)PyList_GET_ITEM(tasks, i);
+            PyObject *err = PyObject_CallFunction(PyExc_KeyboardInterrupt, "s",
+                                                  "cancelled by Ctrl-C");
+            if (err == NULL) {
+                PyErr_Clear();
+                continue;
+            }
+            task_finish(t, 1, NULL, err);
+        }
+        Py_DECREF(tasks);
+    }
+    PyErr_Clear();
+    PyErr_SetRaisedException(exc);
+}
+
+PyObject *
+graph_stats(void)
+{
+    return Py_BuildValue("{s:K,s:K,s:n,s:n}", "submitted", (unsigned long long)n_submitted,
+                         "finished", (unsigned long long)n_finished, "inflight",
+                         PyDict_GET_SIZE(inflight), "live", graph_live_tasks);
+}
+
+int
+graph_module_init(PyObject *module)
+{
+    graph_task_type = (PyTypeObject *)PyType_FromSpec(&task_spec);
+    if (graph_task_type == NULL)
+        return -1;
+    if (PyModule_AddObjectRef(module, "Pending", (PyObject *)graph_task_type) < 0)
+        return -1;
+    inflight = PyDict_New();
+    return inflight ? 0 : -1;
+}

@@ -1,1 +1,397 @@
-/* placeholder: being written */
+/* trace/dispatch.c — the run-time side of the rewrite: every call site of scheduled code passes
+ * through trace_dispatch, which decides with a pointer compare whether the callee is functional
+ * (→ task), scheduled (→ nested trace), a move (list.append, len) or anything else (→ its
+ * arguments are forced first). The helpers the rewritten bytecode loads as constants live here. */
+#include "trace/internal.h"
+#include "exec/exec.h"
+
+/* Method definitions of list.append/extend/insert, compared by pointer: moves, not reads. */
+static PyMethodDef *list_append_def, *list_extend_def, *list_insert_def;
+static PyObject *builtin_len;
+
+static PyMethodDef *
+method_def_of(PyObject *obj, const char *name)
+{
+    PyObject *m = PyObject_GetAttrString(obj, name);
+    if (m == NULL)
+        return NULL;
+    PyMethodDef *def = PyCFunction_Check(m) ? ((PyCFunctionObject *)m)->m_ml : NULL;
+    Py_DECREF(m);
+    return def;
+}
+
+/* Deep-force n arguments into out[] (new references). */
+static int
+force_args(PyObject *const *args, Py_ssize_t n, PyObject **out)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = trace_force_deep(args[i]);
+        if (out[i] == NULL) {
+            while (i--)
+                Py_DECREF(out[i]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Call callable with its arguments forced: what a non-functional callee sees. */
+static PyObject *
+call_forced(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    Py_ssize_t ntotal = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[8], **forced = ntotal <= 8 ? small : PyMem_Malloc(ntotal * sizeof(PyObject *));
+    if (forced == NULL)
+        return PyErr_NoMemory();
+    if (force_args(args, ntotal, forced) < 0) {
+        if (forced != small)
+            PyMem_Free(forced);
+        return NULL;
+    }
+    /* A builtin method reads its self too: `results.sort()`, `",".join(...)` on containers. */
+    PyObject *result = NULL;
+    if (PyCFunction_Check(callable)) {
+        PyObject *self = PyCFunction_GET_SELF(callable);
+        if (self && (PyList_CheckExact(self) || PyDict_CheckExact(self) ||
+                     PyTuple_CheckExact(self))) {
+            PyObject *s = trace_force_deep(self);
+            if (s == NULL)
+                goto done;
+            Py_DECREF(s);
+        }
+    }
+    result = PyObject_Vectorcall(callable, forced, nargs, kwnames);
+done:
+    for (Py_ssize_t i = 0; i < ntotal; i++)
+        Py_DECREF(forced[i]);
+    if (forced != small)
+        PyMem_Free(forced);
+    return result;
+}
+
+/* Submit a functional call (self prepended for bound methods) and record it in the order. */
+static PyObject *
+submit_task(PyObject *fn, PyObject *self, PyObject *const *args, Py_ssize_t nargs,
+            PyObject *kwnames, int threads)
+{
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject *argtuple = PyTuple_New(nargs + (self != NULL));
+    PyObject *kwargs = NULL, *task = NULL;
+    if (argtuple == NULL)
+        return NULL;
+    Py_ssize_t j = 0;
+    if (self)
+        PyTuple_SET_ITEM(argtuple, j++, Py_NewRef(self));
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        PyTuple_SET_ITEM(argtuple, j++, Py_NewRef(args[i]));
+    if (nkw) {
+        kwargs = PyDict_New();
+        if (kwargs == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < nkw; i++)
+            if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
+                goto done;
+    }
+    task = graph_submit(fn, argtuple, kwargs, threads);
+    if (task && trace_record(task) < 0)
+        Py_CLEAR(task);
+done:
+    Py_DECREF(argtuple);
+    Py_XDECREF(kwargs);
+    return task;
+}
+
+PyObject *
+trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args, size_t nargsf,
+                     PyObject *kwnames)
+{
+    PyFunctionObject *f = (PyFunctionObject *)func;
+    PyObject *g = PyFunction_New(code, f->func_globals);
+    if (g == NULL)
+        return NULL;
+    PyFunctionObject *gf = (PyFunctionObject *)g;
+    Py_XSETREF(gf->func_name, Py_NewRef(f->func_name));
+    Py_XSETREF(gf->func_qualname, Py_NewRef(f->func_qualname));
+    Py_XSETREF(gf->func_defaults, Py_XNewRef(f->func_defaults));
+    Py_XSETREF(gf->func_kwdefaults, Py_XNewRef(f->func_kwdefaults));
+    Py_XSETREF(gf->func_closure, Py_XNewRef(f->func_closure));
+    Py_XSETREF(gf->func_module, Py_XNewRef(f->func_module));
+    PyObject *r = PyObject_Vectorcall(g, args, nargsf, kwnames);
+    Py_DECREF(g);
+    return r;
+}
+
+static PyObject *
+trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    PyObject *forced_callable = NULL, *result;
+    if (graph_is_task(callable)) {
+        callable = forced_callable = graph_wait((graph_task *)callable);
+        if (callable == NULL)
+            return NULL;
+    }
+    PyObject *fn = callable, *self = NULL;
+    if (PyMethod_Check(callable)) {
+        fn = PyMethod_GET_FUNCTION(callable);
+        self = PyMethod_GET_SELF(callable);
+    }
+    if (PyFunction_Check(fn) && trace_enabled && !exec_in_worker()) {
+        PyObject *code = PyFunction_GET_CODE(fn);
+        trace_codeinfo *info = trace_codeinfo_get(code);
+        if (info && info->kind == TRACE_FUNCTIONAL) {
+            result = submit_task(fn, self, args, nargs, kwnames, info->threads);
+            goto done;
+        }
+        if (info && info->kind == TRACE_SCHEDULED && !info->refused) {
+            PyObject *rewritten = trace_rewritten(code, info);
+            if (rewritten == NULL && PyErr_Occurred()) {
+                result = NULL;
+                goto done;
+            }
+            if (rewritten) {
+                if (self == NULL) {
+                    result = trace_call_rewritten(fn, rewritten, args, nargs, kwnames);
+                    goto done;
+                }
+                Py_ssize_t ntotal = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+                PyObject **with_self = PyMem_Malloc((ntotal + 1) * sizeof(PyObject *));
+                if (with_self == NULL) {
+                    result = PyErr_NoMemory();
+                    goto done;
+                }
+                with_self[0] = self;
+                memcpy(with_self + 1, args, ntotal * sizeof(PyObject *));
+                result = trace_call_rewritten(fn, rewritten, with_self, nargs + 1, kwnames);
+                PyMem_Free(with_self);
+                goto done;
+            }
+        }
+    }
+    if (PyCFunction_Check(callable)) {
+        PyMethodDef *def = ((PyCFunctionObject *)callable)->m_ml;
+        PyObject *owner = PyCFunction_GET_SELF(callable);
+        if ((def == list_append_def || def == list_extend_def) && owner &&
+            PyList_CheckExact(owner) && kwnames == NULL) {
+            /* Moving results into a list: no wait. extend() of a pending iterable reads it. */
+            if (def == list_extend_def && nargs == 1 && graph_is_task(args[0])) {
+                result = call_forced(callable, args, nargs, kwnames);
+                goto done;
+            }
+            result = PyObject_Vectorcall(callable, args, nargs, NULL);
+            goto done;
+        }
+        if (def == list_insert_def && owner && PyList_CheckExact(owner) && nargs == 2 &&
+            kwnames == NULL) {
+            PyObject *index = trace_force_deep(args[0]);
+            if (index == NULL) {
+                result = NULL;
+                goto done;
+            }
+            PyObject *pair[2] = {index, args[1]};
+            result = PyObject_Vectorcall(callable, pair, 2, NULL);
+            Py_DECREF(index);
+            goto done;
+        }
+    }
+    if (callable == builtin_len && nargs == 1 && kwnames == NULL) {
+        /* len() of a container of pendings is a move: only the container itself is read. */
+        PyObject *container = trace_force(args[0]);
+        if (container == NULL) {
+            result = NULL;
+            goto done;
+        }
+        result = PyObject_Vectorcall(callable, &container, 1, NULL);
+        Py_DECREF(container);
+        goto done;
+    }
+    if (graph_live_tasks == 0)
+        result = PyObject_Vectorcall(callable, args, nargs, kwnames);
+    else
+        result = call_forced(callable, args, nargs, kwnames);
+done:
+    Py_XDECREF(forced_callable);
+    return result;
+}
+
+/* ---- helpers loaded by rewritten code ---------------------------------------------------- */
+
+/* call(callable, args: tuple, kwnames: tuple | None) */
+static PyObject *
+helper_call(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc < 2 || argc > 3 || !PyTuple_CheckExact(argv[1])) {
+        PyErr_SetString(PyExc_TypeError, "call(callable, args, kwnames=None)");
+        return NULL;
+    }
+    PyObject *kwnames = argc == 3 && argv[2] != Py_None ? argv[2] : NULL;
+    if (kwnames && PyTuple_GET_SIZE(kwnames) == 0)
+        kwnames = NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(argv[1]);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    return trace_dispatch(argv[0], &PyTuple_GET_ITEM(argv[1], 0), n - nkw, kwnames);
+}
+
+/* call_ex(callable, args: iterable, kwargs: mapping | None) — f(*a, **k) */
+static PyObject *
+helper_call_ex(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc < 2 || argc > 3) {
+        PyErr_SetString(PyExc_TypeError, "call_ex(callable, args, kwargs=None)");
+        return NULL;
+    }
+    PyObject *seq = trace_force(argv[1]), *args = NULL, *kwargs = NULL, *kwnames = NULL;
+    PyObject *result = NULL, **stack = NULL;
+    if (seq == NULL)
+        return NULL;
+    args = PyTuple_CheckExact(seq) ? Py_NewRef(seq) : PySequence_Tuple(seq);
+    Py_DECREF(seq);
+    if (args == NULL)
+        return NULL;
+    Py_ssize_t nargs = PyTuple_GET_SIZE(args), nkw = 0;
+    if (argc == 3 && argv[2] != Py_None) {
+        PyObject *k = trace_force(argv[2]);
+        if (k == NULL)
+            goto done;
+        kwargs = PyDict_New();
+        if (kwargs == NULL || PyDict_Merge(kwargs, k, 1) < 0) {
+            Py_DECREF(k);
+            goto done;
+        }
+        Py_DECREF(k);
+        nkw = PyDict_GET_SIZE(kwargs);
+    }
+    stack = PyMem_Malloc((nargs + nkw + 1) * sizeof(PyObject *));
+    if (stack == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        stack[i] = PyTuple_GET_ITEM(args, i);
+    if (nkw) {
+        kwnames = PyTuple_New(nkw);
+        if (kwnames == NULL)
+            goto done;
+        PyObject *k, *v;
+        Py_ssize_t pos = 0, i = 0;
+        while (PyDict_Next(kwargs, &pos, &k, &v)) {
+            if (!PyUnicode_Check(k)) {
+                PyErr_SetString(PyExc_TypeError, "keywords must be strings");
+                goto done;
+            }
+            PyTuple_SET_ITEM(kwnames, i, Py_NewRef(k));
+            stack[nargs + i++] = v;
+        }
+    }
+    result = trace_dispatch(argv[0], stack, nargs, kwnames);
+done:
+    PyMem_Free(stack);
+    Py_XDECREF(args);
+    Py_XDECREF(kwargs);
+    Py_XDECREF(kwnames);
+    return result;
+}
+
+static PyObject *
+helper_force(PyObject *module, PyObject *x)
+{
+    return trace_force(x);
+}
+
+static PyObject *
+helper_force_deep(PyObject *module, PyObject *x)
+{
+    return trace_force_deep(x);
+}
+
+/* store_subscr(value, container, key): container[key] = value; a move into exact lists/dicts. */
+static PyObject *
+helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 3) {
+        PyErr_SetString(PyExc_TypeError, "store_subscr(value, container, key)");
+        return NULL;
+    }
+    PyObject *container = trace_force(argv[1]), *key = NULL, *value = NULL;
+    int rc = -1;
+    if (container == NULL)
+        return NULL;
+    key = trace_force_deep(argv[2]);
+    if (key == NULL)
+        goto done;
+    if (PyList_CheckExact(container) || PyDict_CheckExact(container))
+        value = Py_NewRef(argv[0]);
+    else
+        value = trace_force_deep(argv[0]);
+    if (value == NULL)
+        goto done;
+    rc = PyObject_SetItem(container, key, value);
+done:
+    Py_DECREF(container);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *
+helper_mark(PyObject *module, PyObject *unused)
+{
+    return PyLong_FromSsize_t(trace_mark());
+}
+
+static PyObject *
+helper_force_since(PyObject *module, PyObject *mark)
+{
+    Py_ssize_t m = PyLong_AsSsize_t(mark);
+    if (m == -1 && PyErr_Occurred())
+        return NULL;
+    return trace_force_since(m) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *
+helper_force_before(PyObject *module, PyObject *mark)
+{
+    Py_ssize_t m = PyLong_AsSsize_t(mark);
+    if (m == -1 && PyErr_Occurred())
+        return NULL;
+    return trace_force_before(m) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyMethodDef dispatch_methods[] = {
+    {"call", (PyCFunction)(void (*)(void))helper_call, METH_FASTCALL,
+     "call(callable, args, kwnames=None): a call site of scheduled code."},
+    {"call_ex", (PyCFunction)(void (*)(void))helper_call_ex, METH_FASTCALL,
+     "call_ex(callable, args, kwargs=None): f(*args, **kwargs) in scheduled code."},
+    {"force", helper_force, METH_O, "force(x): the value of x, waiting if it is pending."},
+    {"force_deep", helper_force_deep, METH_O,
+     "force_deep(x): force x and every pending inside its lists, tuples and dicts, in place."},
+    {"store_subscr", (PyCFunction)(void (*)(void))helper_store_subscr, METH_FASTCALL,
+     "store_subscr(value, container, key): container[key] = value."},
+    {"mark", helper_mark, METH_NOARGS, "mark(): the current position in the submission order."},
+    {"force_since", helper_force_since, METH_O,
+     "force_since(mark): wait for every task submitted since mark; raise the first failure."},
+    {"force_before", helper_force_before, METH_O,
+     "force_before(mark): wait for every task submitted before mark; raise the first failure."},
+    {NULL},
+};
+
+int
+trace_dispatch_init(PyObject *module)
+{
+    PyObject *list = PyList_New(0), *builtins;
+    if (list == NULL)
+        return -1;
+    list_append_def = method_def_of(list, "append");
+    list_extend_def = method_def_of(list, "extend");
+    list_insert_def = method_def_of(list, "insert");
+    Py_DECREF(list);
+    if (!list_append_def || !list_extend_def || !list_insert_def)
+        return -1;
+    builtins = PyImport_ImportModule("builtins");
+    if (builtins == NULL)
+        return -1;
+    builtin_len = PyObject_GetAttrString(builtins, "len");
+    Py_DECREF(builtins);
+    if (builtin_len == NULL)
+        return -1;
+    return PyModule_AddFunctions(module, dispatch_methods);
+}

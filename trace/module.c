@@ -1,10 +1,192 @@
-/* trace/module.c — the pydron._core extension module: gathers what each subsystem adds. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+/* trace/module.c — the pydron._core extension module: per-code state for the decorators,
+ * enable/disable of the frame hook, and the gathering of what each subsystem adds. */
+#include "trace/internal.h"
+#include "trace/trace.h"
 #include "exec/exec.h"
+#include "jit/jit.h"
+
+#include <xxhash.h>
+
+Py_ssize_t trace_extra_index = -1;
+int trace_enabled;
+PyObject *trace_module;
+static PyObject *rewrite_hook;    /* pydron._api._rewrite_code(code) -> code | None */
+
+static void
+codeinfo_free(void *p)
+{
+    trace_codeinfo *info = p;
+    if (info == NULL)
+        return;
+    Py_XDECREF(info->rewritten);
+    PyMem_Free(info);
+}
+
+trace_codeinfo *
+trace_codeinfo_ensure(PyObject *code)
+{
+    trace_codeinfo *info = trace_codeinfo_get(code);
+    if (info)
+        return info;
+    info = PyMem_Calloc(1, sizeof(*info));
+    if (info == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (_PyCode_SetExtra(code, trace_extra_index, info) < 0) {
+        PyMem_Free(info);
+        return NULL;
+    }
+    return info;
+}
+
+PyObject *
+trace_rewritten(PyObject *code, trace_codeinfo *info)
+{
+    if (info->rewritten)
+        return info->rewritten;
+    if (info->refused)
+        return NULL;
+    if (rewrite_hook == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "pydron: the rewrite is not registered");
+        return NULL;
+    }
+    PyObject *r = PyObject_CallOneArg(rewrite_hook, code);
+    if (r == NULL)
+        return NULL;
+    if (r == Py_None) {
+        Py_DECREF(r);
+        info->refused = 1;
+        return NULL;
+    }
+    info->rewritten = r;
+    return r;
+}
+
+static PyObject *
+function_code(PyObject *fn, const char *what)
+{
+    if (PyMethod_Check(fn))
+        fn = PyMethod_GET_FUNCTION(fn);
+    if (!PyFunction_Check(fn)) {
+        PyErr_Format(PyExc_TypeError, "pydron.%s expects a Python function, got %.100s", what,
+                     Py_TYPE(fn)->tp_name);
+        return NULL;
+    }
+    return PyFunction_GET_CODE(fn);
+}
+
+/* _mark(fn, kind, threads): tag fn's code object for the hook and the dispatcher. */
+static PyObject *
+core_mark(PyObject *module, PyObject *args)
+{
+    PyObject *fn;
+    int kind, threads = 0;
+    if (!PyArg_ParseTuple(args, "Oi|p", &fn, &kind, &threads))
+        return NULL;
+    PyObject *code = function_code(fn, kind == TRACE_FUNCTIONAL ? "functional" : "schedule");
+    if (code == NULL)
+        return NULL;
+    trace_codeinfo *info = trace_codeinfo_ensure(code);
+    if (info == NULL)
+        return NULL;
+    info->kind = kind;
+    info->threads = threads;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_kind(PyObject *module, PyObject *fn)
+{
+    if (PyMethod_Check(fn))
+        fn = PyMethod_GET_FUNCTION(fn);
+    if (!PyFunction_Check(fn))
+        return PyLong_FromLong(TRACE_PLAIN);
+    trace_codeinfo *info = trace_codeinfo_get(PyFunction_GET_CODE(fn));
+    return PyLong_FromLong(info ? info->kind : TRACE_PLAIN);
+}
+
+static PyObject *
+core_set_rewrite(PyObject *module, PyObject *fn)
+{
+    Py_XSETREF(rewrite_hook, Py_NewRef(fn));
+    Py_RETURN_NONE;
+}
+
+/* _enable(workers): install the frame hook and start the executor's fork server. */
+static PyObject *
+core_enable(PyObject *module, PyObject *args)
+{
+    int workers = 0;
+    if (!PyArg_ParseTuple(args, "|i", &workers))
+        return NULL;
+    if (workers < 0) {
+        PyErr_Format(PyExc_ValueError, "pydron.enable: workers must be >= 0, got %d", workers);
+        return NULL;
+    }
+    if (exec_start(workers) < 0)
+        return NULL;
+    if (trace_hook_install() < 0)
+        return NULL;
+    trace_enabled = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_disable(PyObject *module, PyObject *unused)
+{
+    trace_enabled = 0;
+    trace_hook_remove();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_shutdown(PyObject *module, PyObject *unused)
+{
+    trace_enabled = 0;
+    trace_hook_remove();
+    exec_shutdown();
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+core_is_enabled(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(trace_enabled && trace_hook_installed());
+}
+
+static PyObject *
+core_stats(PyObject *module, PyObject *unused)
+{
+    return graph_stats();
+}
+
+static PyObject *
+core_versions(PyObject *module, PyObject *unused)
+{
+    unsigned xxh = XXH_versionNumber();
+    char xxh_version[32];
+    snprintf(xxh_version, sizeof xxh_version, "%u.%u.%u", xxh / 10000, (xxh / 100) % 100,
+             xxh % 100);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s}", "python", Py_GetVersion(), "llvm",
+                         jit_llvm_version(), "libffi", exec_ffi_version(), "xxhash", xxh_version);
+}
+
+static PyMethodDef core_methods[] = {
+    {"_mark", core_mark, METH_VARARGS, "_mark(fn, kind, threads=False): tag fn's code object."},
+    {"_kind", core_kind, METH_O, "_kind(fn): 0 plain, 1 functional, 2 scheduled."},
+    {"_set_rewrite", core_set_rewrite, METH_O, "Register the bytecode rewrite function."},
+    {"_enable", core_enable, METH_VARARGS, "Install the frame hook and start the executor."},
+    {"_disable", core_disable, METH_NOARGS, "Remove the frame hook; workers stay."},
+    {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
+    {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
+    {"_stats", core_stats, METH_NOARGS, "Task counters of this process."},
+    {"versions", core_versions, METH_NOARGS, "Versions of CPython, LLVM, libffi and xxHash."},
+    {NULL},
+};
 
 static struct PyModuleDef core_module = {
-    PyModuleDef_HEAD_INIT, "pydron._core", "pydron's C core.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "pydron._core", "pydron's C core.", -1, core_methods,
 };
 
 PyMODINIT_FUNC
@@ -13,9 +195,21 @@ PyInit__core(void)
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL)
         return NULL;
-    if (exec_module_init(m) < 0) {
-        Py_DECREF(m);
-        return NULL;
+    trace_module = m;
+    if (trace_extra_index < 0)
+        trace_extra_index = _PyEval_RequestCodeExtraIndex(codeinfo_free);
+    if (trace_extra_index < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pydron: no code-object extra slot left");
+        goto error;
     }
+    if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
+        PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
+        goto error;
+    if (graph_module_init(m) < 0 || trace_dispatch_init(m) < 0 || exec_module_init(m) < 0 ||
+        jit_module_init(m) < 0)
+        goto error;
     return m;
+error:
+    Py_DECREF(m);
+    return NULL;
 }

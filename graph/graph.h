@@ -1,0 +1,51 @@
+/* graph/graph.h — the task graph: the pending results that trace/ hands out, their data
+ * dependencies, dispatch of ready tasks to exec/, and routing of results back.
+ * A task *is* its pending value: a graph_task object stands in the user's locals and lists. */
+#ifndef PYDRON_GRAPH_H
+#define PYDRON_GRAPH_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+typedef struct graph_task graph_task;
+
+extern PyTypeObject *graph_task_type;
+#define graph_is_task(o) (Py_TYPE(o) == graph_task_type)
+
+/* Live task objects in this process: when 0, no container can hold one, so deep forcing can
+ * skip walking containers altogether. */
+extern Py_ssize_t graph_live_tasks;
+
+/* Record a call of functional fn(*args, **kwargs) as a task and dispatch it as soon as its
+ * dependencies (tasks found inside args, lists, tuples, dicts) are done. `threads` runs it on
+ * the in-process thread pool. Returns a new reference to the task, or NULL + exception. */
+PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads);
+
+/* Wait for a task and return its value (new reference), or raise the exception plain Python
+ * would have raised first: the earliest failure among tasks submitted before it in `order`. */
+PyObject *graph_wait(graph_task *t);
+
+/* Force every task in order[start:stop] (a list of tasks in submission order), raising the first
+ * failure. 0 or -1. */
+int graph_wait_range(PyObject *order, Py_ssize_t start, Py_ssize_t stop);
+
+/* Position of a task in its submission-order list (set by trace through graph_set_seq). */
+Py_ssize_t graph_task_seq(graph_task *t);
+void graph_set_seq(graph_task *t, PyObject *order, Py_ssize_t seq);
+int graph_task_finished(graph_task *t);
+
+/* Take in finished tasks without waiting (cheap when nothing finished). 0 or -1. */
+int graph_pump(void);
+/* Cancel every outstanding task (Ctrl-C): they fail with KeyboardInterrupt if forced later. */
+void graph_cancel_all(void);
+
+/* Statistics for tests and tools: submitted, finished, outstanding counts. */
+PyObject *graph_stats(void);
+
+/* XXH3 key of a byte string (cache keys, function ids). */
+uint64_t graph_key(const void *data, size_t len, uint64_t seed);
+
+int graph_module_init(PyObject *module);
+
+#endif

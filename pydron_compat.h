@@ -1,0 +1,36 @@
+/* pydron_compat.h — the one place where CPython 3.11, 3.12 and 3.13 differ for pydron's C code
+ * outside the frame hook (whose version-specific frame handling lives in trace/hook.c). */
+#ifndef PYDRON_COMPAT_H
+#define PYDRON_COMPAT_H
+
+#include <Python.h>
+
+#if PY_VERSION_HEX < 0x030C0000
+static inline PyObject *
+PyErr_GetRaisedException(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (type == NULL)
+        return NULL;
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+
+static inline void
+PyErr_SetRaisedException(PyObject *exc)
+{
+    if (exc == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyObject *tb = PyException_GetTraceback(exc);
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, tb);
+}
+#endif
+
+#endif

@@ -1,0 +1,69 @@
+/* trace/internal.h — shared by the files of trace/ only: per-code state, forcing, sessions. */
+#ifndef PYDRON_TRACE_INTERNAL_H
+#define PYDRON_TRACE_INTERNAL_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include "graph/graph.h"
+#include "pydron_compat.h"
+
+/* exec/: set in worker processes, where nothing is scheduled (declared in exec/exec.h). */
+int exec_in_worker(void);
+
+/* What the decorators say about a code object; kept in the code object's co_extra slot. */
+enum trace_kind { TRACE_PLAIN = 0, TRACE_FUNCTIONAL = 1, TRACE_SCHEDULED = 2 };
+
+typedef struct {
+    int kind;
+    int threads;            /* functional(executor="threads") */
+    int refused;            /* scheduled, but the rewrite refused it: runs plainly */
+    PyObject *rewritten;    /* scheduled: the rewritten code object, made on first use */
+} trace_codeinfo;
+
+extern Py_ssize_t trace_extra_index;
+extern int trace_enabled;
+extern PyObject *trace_module;        /* borrowed: pydron._core, the runtime handed to the rewrite */
+
+/* Borrowed pointer to the code object's info, NULL if none (never raises). */
+static inline trace_codeinfo *
+trace_codeinfo_get(PyObject *code)
+{
+    void *extra = NULL;
+    if (trace_extra_index < 0 || _PyCode_GetExtra(code, trace_extra_index, &extra) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return (trace_codeinfo *)extra;
+}
+/* Info for code, created if missing; NULL + exception on failure. */
+trace_codeinfo *trace_codeinfo_ensure(PyObject *code);
+/* The rewritten code of a scheduled code object (borrowed), or NULL without exception when it
+ * must run plainly (rewrite refused); NULL with exception on error. */
+PyObject *trace_rewritten(PyObject *code, trace_codeinfo *info);
+
+/* force.c: waiting for values. All return new references or NULL + exception. */
+PyObject *trace_force(PyObject *x);
+PyObject *trace_force_deep(PyObject *x);
+
+/* force.c: the tasks of this thread in submission order, and the scheduled calls running. */
+int trace_record(PyObject *task);                 /* append a new task to the order */
+Py_ssize_t trace_mark(void);
+int trace_force_since(Py_ssize_t mark);
+int trace_force_before(Py_ssize_t mark);
+Py_ssize_t trace_session_begin(void);             /* returns the session's start mark */
+/* End a top-level scheduled call: on success force everything it submitted (first failure wins)
+ * and deep-force result; on error wait too, unless interrupted, so an earlier task failure wins.
+ * Steals result (may be NULL with an exception set); returns the final result or NULL. */
+PyObject *trace_session_end(Py_ssize_t start, PyObject *result);
+
+/* dispatch.c: run a scheduled function's rewritten code nested in the current trace. */
+PyObject *trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,
+                               size_t nargsf, PyObject *kwnames);
+int trace_dispatch_init(PyObject *module);
+
+/* hook.c */
+int trace_hook_install(void);
+void trace_hook_remove(void);
+int trace_hook_installed(void);
+
+#endif
