@@ -1,0 +1,259 @@
+"""Runs semantics cases plainly, under pydron, and through the pure-Python reference runtime, and
+compares what each run returned, raised and printed.
+
+`cd tests && python -m semantics.harness [--mode plain|pydron|reference ...] [-k SUBSTRING]` runs
+the corpus outside pytest (e.g. under another Python version) and exits 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import traceback
+import types
+from typing import Any, Callable
+
+import numpy as np
+
+import pydron
+
+from .registry import Case, load_all
+
+WORKERS = 2
+MODES = ("plain", "reference", "pydron")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one run of a case did. `exception` and `traceback_text` are kept for diagnostics and
+    the traceback checks; equality is decided by `compare`."""
+    value: Any = None
+    exc_type: type | None = None
+    exc_message: str | None = None
+    exc_args: tuple = ()
+    stdout: str = ""
+    exception: BaseException | None = None
+    traceback_text: str = ""
+
+    def describe(self) -> str:
+        if self.exc_type is not None:
+            return f"raised {self.exc_type.__qualname__}({self.exc_message!r})"
+        return f"returned {self.value!r}"
+
+
+def capture(call: Callable[[], Any]) -> Outcome:
+    """Run `call`, recording its return value or exception and everything it printed."""
+    out = io.StringIO()
+    outcome = Outcome()
+    with contextlib.redirect_stdout(out):
+        try:
+            outcome.value = call()
+        except Exception as exc:  # noqa: BLE001 — the exception is the outcome being compared
+            outcome.exc_type = type(exc)
+            outcome.exc_message = str(exc)
+            outcome.exc_args = exc.args
+            outcome.exception = exc
+            outcome.traceback_text = "".join(traceback.format_exception(exc))
+    outcome.stdout = out.getvalue()
+    return outcome
+
+
+# --- pydron state: plain runs need it off, pydron runs need it on -------------------------------
+
+@contextlib.contextmanager
+def pydron_disabled():
+    """Plain Python for the duration, restoring the previous state afterwards."""
+    was_enabled = pydron.is_enabled()
+    if was_enabled:
+        pydron.disable()
+    try:
+        yield
+    finally:
+        if was_enabled and not pydron.is_enabled():
+            pydron.enable(workers=WORKERS)
+
+
+def ensure_enabled() -> None:
+    if not pydron.is_enabled():
+        pydron.enable(workers=WORKERS)
+
+
+def reference_available() -> bool:
+    try:
+        return importlib.util.find_spec("pydron._reference") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+# --- running one case ----------------------------------------------------------------------------
+
+def run_plain(case: Case) -> Outcome:
+    args, kwargs = case.fresh_arguments()
+    with pydron_disabled():
+        return capture(lambda: case.fn(*args, **kwargs))
+
+
+def run_pydron(case: Case) -> Outcome:
+    args, kwargs = case.fresh_arguments()
+    ensure_enabled()
+    return capture(lambda: case.fn(*args, **kwargs))
+
+
+def run_reference(case: Case) -> Outcome:
+    from pydron._reference import ReferenceRuntime
+    args, kwargs = case.fresh_arguments()
+    with pydron_disabled():
+        return capture(lambda: ReferenceRuntime().run(case.fn, *args, **kwargs))
+
+
+RUNNERS = {"plain": run_plain, "pydron": run_pydron, "reference": run_reference}
+
+
+# --- comparing outcomes --------------------------------------------------------------------------
+
+_SCALARS = (int, float, complex, str, bytes, bool, type(None), range, type)
+# Containers whose sharing must match: pydron replaces pendings in place, so aliasing and identity
+# stay as plain Python had them. Immutable values are left out: a task's constant result is one
+# object in plain Python and a fresh unpickled one per task under pydron.
+_SHARED_KINDS = (list, dict, set, bytearray, np.ndarray, types.SimpleNamespace)
+
+
+def value_differences(expected: Any, actual: Any, path: str = "value",
+                      memo: tuple[dict, dict] | None = None) -> list[str]:
+    """Every place where `actual` differs from `expected`: types (exactly, recursively), values,
+    numpy dtypes/shapes/contents, dict key order, and which mutable objects are shared."""
+    if memo is None:
+        memo = ({}, {})
+    if type(expected) is not type(actual):
+        return [f"{path}: type {type(expected).__qualname__} != {type(actual).__qualname__} "
+                f"({expected!r} vs {actual!r})"]
+    if isinstance(expected, _SHARED_KINDS) or _has_attributes(expected):
+        seen_e, seen_a = memo
+        ke, ka = seen_e.get(id(expected)), seen_a.get(id(actual))
+        if ke is not None or ka is not None:
+            if ke != ka:
+                return [f"{path}: aliasing differs (shared with {ke} vs {ka})"]
+            return []
+        seen_e[id(expected)] = path
+        seen_a[id(actual)] = path
+    if isinstance(expected, np.ndarray):
+        if expected.dtype != actual.dtype or expected.shape != actual.shape:
+            return [f"{path}: array {expected.dtype}{expected.shape} != "
+                    f"{actual.dtype}{actual.shape}"]
+        if not np.array_equal(expected, actual, equal_nan=expected.dtype.kind in "fc"):
+            return [f"{path}: array contents differ"]
+        return []
+    if isinstance(expected, np.generic):
+        same = (expected == actual) or (expected != expected and actual != actual)
+        return [] if same else [f"{path}: {expected!r} != {actual!r}"]
+    if isinstance(expected, float):
+        same = expected == actual or (expected != expected and actual != actual)
+        return [] if same else [f"{path}: {expected!r} != {actual!r}"]
+    if isinstance(expected, _SCALARS):
+        return [] if expected == actual else [f"{path}: {expected!r} != {actual!r}"]
+    if isinstance(expected, (list, tuple)):
+        if len(expected) != len(actual):
+            return [f"{path}: length {len(expected)} != {len(actual)} "
+                    f"({expected!r} vs {actual!r})"]
+        out = []
+        for i, (e, a) in enumerate(zip(expected, actual)):
+            out += value_differences(e, a, f"{path}[{i}]", memo)
+        return out
+    if isinstance(expected, dict):
+        if list(expected) != list(actual):
+            keys_differ = value_differences(list(expected), list(actual), f"{path}.keys()", memo)
+            return keys_differ or [f"{path}: key order {list(expected)!r} != {list(actual)!r}"]
+        out = []
+        for (k, e), a in zip(expected.items(), actual.values()):
+            out += value_differences(e, a, f"{path}[{k!r}]", memo)
+        return out
+    if isinstance(expected, (set, frozenset)):
+        return [] if expected == actual else [f"{path}: {expected!r} != {actual!r}"]
+    if isinstance(expected, BaseException):
+        return value_differences((expected.args, str(expected)), (actual.args, str(actual)),
+                                 f"{path}(exception)", memo)
+    if _has_attributes(expected):
+        return value_differences(vars(expected), vars(actual), f"{path}.__dict__", memo)
+    return [] if expected == actual else [f"{path}: {expected!r} != {actual!r}"]
+
+
+def _has_attributes(obj: Any) -> bool:
+    return hasattr(obj, "__dict__") and not isinstance(obj, (type, types.FunctionType,
+                                                             types.ModuleType))
+
+
+def outcome_differences(expected: Outcome, actual: Outcome) -> list[str]:
+    """Differences in what was returned, raised (class, message, args) and printed."""
+    out = []
+    if expected.exc_type is not actual.exc_type:
+        out.append(f"exception: expected {expected.describe()}, got {actual.describe()}")
+    elif expected.exc_type is not None:
+        if expected.exc_message != actual.exc_message:
+            out.append(f"exception message: {expected.exc_message!r} != {actual.exc_message!r}")
+        out += value_differences(expected.exc_args, actual.exc_args, "exception.args")
+    else:
+        out += value_differences(expected.value, actual.value)
+    if expected.stdout != actual.stdout:
+        out.append(f"stdout: expected {expected.stdout!r}, got {actual.stdout!r}")
+    return out
+
+
+def check_declared(case: Case, outcome: Outcome) -> list[str]:
+    """The case's own declaration (raises= or not) against what plain Python did."""
+    if case.raises is None and outcome.exc_type is not None:
+        return [f"{case.name} is declared to return but {outcome.describe()}:\n"
+                f"{outcome.traceback_text}"]
+    if case.raises is not None and outcome.exc_type is not case.raises:
+        return [f"{case.name} is declared to raise {case.raises.__qualname__} but "
+                f"{outcome.describe()}"]
+    return []
+
+
+def check(case: Case, mode: str, expected: Outcome | None = None) -> list[str]:
+    """Run `case` in `mode` and return the differences from the plain run (empty: identical)."""
+    expected = expected or run_plain(case)
+    if mode == "plain":
+        problems = check_declared(case, expected)
+        again = run_plain(case)
+        problems += [f"plain run is not deterministic: {d}"
+                     for d in outcome_differences(expected, again)]
+        return problems
+    actual = RUNNERS[mode](case)
+    problems = outcome_differences(expected, actual)
+    if problems and actual.traceback_text and expected.exc_type is not actual.exc_type:
+        problems.append(f"{mode} traceback:\n{actual.traceback_text}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mode", action="append", choices=MODES)
+    parser.add_argument("-k", dest="keyword", default="")
+    options = parser.parse_args(argv)
+    modes = options.mode or list(MODES)
+    if "reference" in modes and not reference_available():
+        print("pydron._reference does not exist: skipping the reference mode")
+        modes.remove("reference")
+    cases = [c for c in load_all() if options.keyword in c.name]
+    with pydron_disabled():
+        expected = {c.name: run_plain(c) for c in cases}
+    failures = 0
+    for mode in modes:
+        for c in cases:
+            problems = check(c, mode, expected[c.name])
+            failures += bool(problems)
+            status = "ok" if not problems else "FAIL"
+            print(f"{status:4} {mode:9} {c.name}")
+            for p in problems:
+                print("      " + p.replace("\n", "\n      "))
+    if pydron.is_enabled():
+        pydron.disable()
+    print(f"{len(cases)} cases x {len(modes)} modes: {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

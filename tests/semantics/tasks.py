@@ -1,0 +1,184 @@
+"""Functional helpers shared by the semantics cases: small side-effect-free functions whose calls
+become tasks under pydron. Exceptions and classes they use are defined here so that workers and
+the master agree on them."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pydron
+
+
+class TaskError(Exception):
+    """A user-defined exception raised inside tasks."""
+
+
+class SubTaskError(TaskError):
+    """A subclass, to check that handlers for the parent class catch it."""
+
+
+class OtherError(Exception):
+    """Unrelated to TaskError: a handler for it must not catch a TaskError."""
+
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float
+
+    def norm2(self) -> float:
+        return self.x * self.x + self.y * self.y
+
+
+class Box:
+    """A plain class (no __eq__): compared by type and attributes."""
+
+    def __init__(self, label, items):
+        self.label = label
+        self.items = items
+
+    def __repr__(self):
+        return f"Box({self.label!r}, {self.items!r})"
+
+
+@pydron.functional
+def inc(x):
+    return x + 1
+
+
+@pydron.functional
+def double(x):
+    return 2 * x
+
+
+@pydron.functional
+def square(x):
+    return x * x
+
+
+@pydron.functional
+def add(a, b):
+    return a + b
+
+
+@pydron.functional
+def mul(a, b):
+    return a * b
+
+
+@pydron.functional
+def identity(x):
+    return x
+
+
+@pydron.functional
+def nothing(x):
+    """Returns None, for `r is None` checks."""
+    return None
+
+
+@pydron.functional
+def maybe_none(x):
+    return None if x % 2 else x
+
+
+@pydron.functional
+def total(values):
+    """Takes a container that may hold results of other tasks."""
+    return sum(values)
+
+
+@pydron.functional
+def pair(a, b):
+    return (a, b)
+
+
+@pydron.functional
+def make_list(n):
+    return list(range(n))
+
+
+@pydron.functional
+def make_dict(k, v):
+    return {k: v, "n": v * 2}
+
+
+@pydron.functional
+def label(x):
+    return f"item-{x}"
+
+
+@pydron.functional
+def halve(x):
+    return x / 2
+
+
+@pydron.functional
+def split_words(text):
+    return text.split()
+
+
+@pydron.functional
+def make_point(x, y):
+    return Point(x, y)
+
+
+@pydron.functional
+def make_box(label, items):
+    return Box(label, list(items))
+
+
+@pydron.functional
+def fail(x, message="task failed"):
+    raise TaskError(f"{message}: {x}")
+
+
+@pydron.functional
+def fail_sub(x):
+    raise SubTaskError(f"sub failure {x}")
+
+
+@pydron.functional
+def fail_if(x, bad):
+    if x == bad:
+        raise TaskError(f"bad value {x}")
+    return x * 10
+
+
+@pydron.functional
+def fail_key(key):
+    return {"a": 1}[key]
+
+
+@pydron.functional
+def divide(a, b):
+    return a / b
+
+
+@pydron.functional
+def scale(x, factor=2, *, offset=0):
+    return x * factor + offset
+
+
+@pydron.functional
+def gather(*args, **kwargs):
+    return (args, sorted(kwargs.items()))
+
+
+@pydron.functional
+def qr(a, b):
+    return divmod(a, b)
+
+
+@pydron.functional(executor="threads")
+def thread_square(x):
+    return x * x
+
+
+class Geometry:
+    """A functional staticmethod, called as Geometry.dist2(...) from scheduled code."""
+
+    @staticmethod
+    @pydron.functional
+    def dist2(ax, ay, bx, by):
+        return (ax - bx) ** 2 + (ay - by) ** 2

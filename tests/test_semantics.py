@@ -1,0 +1,170 @@
+"""The semantics corpus, every case in every mode: plain Python (the case is deterministic and
+raises what it declares), the pure-Python reference runtime, and pydron with 2 workers — each
+must return, raise and print exactly what plain Python did. Plus the evidence that pydron really
+ran tasks in parallel, in worker processes, while the scheduled code stayed in this one."""
+
+import os
+import subprocess
+import sys
+import threading
+import traceback
+
+import pytest
+
+import pydron
+from semantics import harness
+from semantics.registry import load_all
+
+CASES = load_all()
+PARAMS = [pytest.param(mode, case, id=f"{mode}-{case.name}")
+          for mode in harness.MODES for case in CASES]   # mode-major: few enable/disable switches
+
+
+@pytest.fixture(scope="session")
+def expected_outcomes():
+    """Plain outcomes of every case, computed once with pydron disabled."""
+    with harness.pydron_disabled():
+        return {case.name: harness.run_plain(case) for case in CASES}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _disable_at_end():
+    yield
+    if pydron.is_enabled():
+        pydron.disable()
+
+
+def test_corpus_size():
+    assert len(CASES) >= 70, len(CASES)
+
+
+@pytest.mark.parametrize("mode, case", PARAMS)
+def test_case(mode, case, expected_outcomes):
+    if mode == "reference" and not harness.reference_available():
+        pytest.skip("pydron._reference does not exist yet")
+    problems = harness.check(case, mode, expected_outcomes[case.name])
+    assert not problems, f"{case.name} ({mode}):\n" + "\n".join(problems)
+
+
+# --- tracebacks: the functional function's frames appear when the exception is printed ----------
+
+TRACEBACK_CASES = {
+    "exceptions.uncaught_propagates": "fail",
+    "exceptions.unread_failure_raised_at_return": "fail",
+    "exceptions.first_failure_in_program_order_wins": "fail",
+    "exceptions.finally_runs_on_propagation": "fail",
+}
+
+
+@pytest.mark.parametrize("mode", ["reference", "pydron"])
+@pytest.mark.parametrize("name", sorted(TRACEBACK_CASES))
+def test_worker_traceback_visible(name, mode):
+    if mode == "reference" and not harness.reference_available():
+        pytest.skip("pydron._reference does not exist yet")
+    case = next(c for c in CASES if c.name == name)
+    outcome = harness.RUNNERS[mode](case)
+    assert outcome.exception is not None, outcome.describe()
+    text = outcome.traceback_text
+    assert f"in {TRACEBACK_CASES[name]}\n" in text, text
+    assert "raise TaskError(" in text, text   # the source line of the task's raise
+
+
+# --- parallelism evidence -----------------------------------------------------------------------
+
+def _overlapping_pairs(records):
+    return [(a, b) for i, a in enumerate(records) for b in records[i + 1:]
+            if a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]]
+
+
+def _check_spread(result, count):
+    master, submitted, records = result
+    assert master == {"pid": os.getpid(), "thread": threading.get_ident(),
+                      "after_loop_pid": os.getpid()}, "scheduled code left the master"
+    assert [r["task"] for r in records] == list(range(count))
+    pids = {r["pid"] for r in records}
+    assert os.getpid() not in pids, "tasks ran in the master process"
+    assert len(pids) >= 2, f"all tasks ran in one process: {pids}"
+    assert _overlapping_pairs(records), f"no two tasks in different workers overlapped: {records}"
+    # Submitting never waited: the scheduled code was past its loop before any task finished.
+    assert submitted < min(r["end"] for r in records), (submitted, records)
+
+
+@pytest.mark.parametrize("task_name", ["timed_sleep", "timed_spin"])
+def test_tasks_run_in_parallel_workers(task_name):
+    from semantics import cases_parallel
+    task = getattr(cases_parallel, task_name)
+    harness.ensure_enabled()
+    _check_spread(cases_parallel.spread(task, 4, 0.4), 4)
+
+
+def test_nested_scheduled_tasks_overlap():
+    from semantics import cases_parallel
+    harness.ensure_enabled()
+    a, b = cases_parallel.spread_nested(2, 0.4)
+    _check_spread(a, 2)
+    _check_spread(b, 2)
+    # The outer function went on tracing: the second inner call's tasks overlap the first's.
+    first, second = a[2], b[2]
+    assert any(x["start"] < y["end"] and y["start"] < x["end"] for x in first for y in second)
+
+
+def test_parallel_cases_are_sequential_when_disabled():
+    """The same functions plainly: everything in this process, one after the other."""
+    from semantics import cases_parallel
+    with harness.pydron_disabled():
+        master, submitted, records = cases_parallel.spread(cases_parallel.timed_sleep, 2, 0.01)
+    assert {r["pid"] for r in records} == {os.getpid()}
+    assert not _overlapping_pairs(records) and submitted >= records[-1]["end"]
+
+
+# --- the kill switch and the other interpreters --------------------------------------------------
+
+KILL_SWITCH_SCRIPT = r"""
+import pickle, sys
+import pydron
+pydron.enable(workers=2)
+from semantics import harness
+from semantics.registry import load_all
+out = {}
+for case in load_all():
+    args, kwargs = case.fresh_arguments()
+    o = harness.capture(lambda: case.fn(*args, **kwargs))
+    out[case.name] = (o.value, o.exc_type, o.exc_message, o.stdout, pydron.is_enabled())
+sys.stdout.buffer.write(pickle.dumps(out))
+"""
+
+
+def test_kill_switch_runs_corpus_plainly(expected_outcomes):
+    """With PYDRON_DISABLE=1, enable() changes nothing: every case behaves as plain Python."""
+    env = dict(os.environ, PYDRON_DISABLE="1")
+    proc = subprocess.run([sys.executable, "-c", KILL_SWITCH_SCRIPT], env=env,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    import pickle
+    results = pickle.loads(proc.stdout)
+    assert set(results) == set(expected_outcomes)
+    problems = []
+    for name, (value, exc_type, message, stdout, _) in results.items():
+        got = harness.Outcome(value=value, exc_type=exc_type, exc_message=message, stdout=stdout)
+        expected = expected_outcomes[name]
+        expected = harness.Outcome(value=expected.value, exc_type=expected.exc_type,
+                                   exc_message=expected.exc_message, stdout=expected.stdout)
+        problems += [f"{name}: {p}" for p in harness.outcome_differences(expected, got)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("venv", [".venv312", ".venv313"])
+def test_corpus_under_other_python(venv):
+    """Where another interpreter with pydron built for it exists, the whole corpus passes there."""
+    python = os.path.join(os.path.dirname(harness.__file__), "..", "..", venv, "bin", "python")
+    python = os.path.abspath(python)
+    if not os.path.exists(python):
+        pytest.skip(f"{venv} does not exist")
+    probe = subprocess.run([python, "-c", "import numpy, pydron; pydron.enable; pydron.schedule"],
+                           capture_output=True, text=True, timeout=60,
+                           cwd=os.path.dirname(os.path.dirname(harness.__file__)))
+    if probe.returncode != 0:
+        pytest.skip(f"pydron is not importable under {venv}: {probe.stderr.strip()[-300:]}")
+    proc = subprocess.run([python, "-m", "semantics.harness"], capture_output=True, text=True,
+                          timeout=400, cwd=os.path.dirname(os.path.dirname(harness.__file__)))
+    assert proc.returncode == 0, proc.stdout[-20000:] + proc.stderr[-5000:]
