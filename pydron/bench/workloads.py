@@ -1,0 +1,262 @@
+"""The workloads of `pydron bench`, each a small realistic program.
+
+Each workload is written once as plain sequential Python with the two decorators (the
+`program`, run as is by the sequential system and by pydron), and once more against a
+small peer API (`peer`) for the other systems, which have no way to run sequential code
+in parallel: there each peer is driven the way its documentation recommends (batched maps
+for many small independent calls, futures or delayed objects where tasks depend on
+tasks). Inputs are made deterministically from the parameters, outside the timed region.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import numpy as np
+
+import pydron
+
+# ---------------------------------------------------------------------------------------
+# Functional functions: module level, so every peer's workers can import them.
+
+
+@pydron.functional
+def inc(x):
+    return x + 1
+
+
+@pydron.functional
+def burn(seed, iters):
+    """Pure-Python CPU work (holds the GIL): a linear congruential generator."""
+    acc = seed
+    for _ in range(iters):
+        acc = (acc * 1103515245 + 12345) & 0x7FFFFFFF
+    return acc
+
+
+@pydron.functional
+def transform(a, k):
+    """A large array in, a large array out."""
+    return a * k + 1.0
+
+
+@pydron.functional
+def leaf(i):
+    return i * i + 1
+
+
+@pydron.functional
+def combine(a, b):
+    return a + b
+
+
+@pydron.functional
+def measure(seed, iters):
+    """The wide stage of the pipeline: some work, then a small record."""
+    value = burn(seed, iters)
+    return (seed, value, value % 7)
+
+
+@pydron.functional
+def refine(record, iters):
+    seed, value, _ = record
+    return burn(value, iters) % 1000003
+
+
+@pydron.functional
+def total(values):
+    return sum(values)
+
+
+@pydron.functional
+def load_image(index, size):
+    """Stands in for reading a raw frame: sky + stars + noise, deterministic per index."""
+    rng = np.random.default_rng(1000 + index)
+    img = rng.normal(100.0, 5.0, (size, size))
+    y, x = rng.integers(0, size, (2, 20))
+    img[y, x] += rng.uniform(500, 3000, 20)
+    img += 40.0 * ((index * 7919) % 11 == 0)          # a few frames with a bright sky
+    return img
+
+
+@pydron.functional
+def calibrate(img, dark, flat):
+    return (img - dark) / flat
+
+
+@pydron.functional
+def frame_stats(img):
+    """Sigma-clipped mean and standard deviation (3 iterations at 3 sigma)."""
+    data = img.ravel()
+    for _ in range(3):
+        m, s = data.mean(), data.std()
+        data = data[np.abs(data - m) < 3.0 * s]
+    return float(data.mean()), float(data.std())
+
+
+@pydron.functional
+def stack(frames):
+    """Sigma-clipped mean stack of the frames, pixel by pixel."""
+    cube = np.stack(frames)
+    med = np.median(cube, axis=0)
+    std = cube.std(axis=0)
+    mask = np.abs(cube - med) < 3.0 * std + 1e-12
+    return (cube * mask).sum(axis=0) / np.maximum(mask.sum(axis=0), 1)
+
+
+def calibration_frames(size):
+    rng = np.random.default_rng(7)
+    dark = rng.normal(10.0, 1.0, (size, size))
+    flat = 1.0 + 0.05 * rng.standard_normal((size, size))
+    return dark, flat
+
+
+# ---------------------------------------------------------------------------------------
+# The programs: plain sequential Python with the decorators.
+
+
+@pydron.schedule
+def tiny_program(n):
+    return [inc(x) for x in range(n)]
+
+
+@pydron.schedule
+def cpu_program(n, iters):
+    return [burn(seed, iters) for seed in range(n)]
+
+
+@pydron.schedule
+def numpy_program(arrays):
+    return [transform(a, 0.5 + i) for i, a in enumerate(arrays)]
+
+
+@pydron.schedule
+def tree_program(n):
+    level = [leaf(i) for i in range(n)]
+    while len(level) > 1:
+        level = [combine(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+@pydron.schedule
+def pipeline_program(n, iters):
+    records = [measure(seed, iters) for seed in range(n)]       # wide
+    kept = [r for r in records if r[2] != 0]                     # filter on results
+    refined = [refine(r, iters) for r in kept]
+    return total(refined)                                        # narrow
+
+
+@pydron.schedule
+def image_program(n, size):
+    dark, flat = calibration_frames(size)
+    frames = [calibrate(load_image(i, size), dark, flat) for i in range(n)]
+    stats = [frame_stats(f) for f in frames]
+    median_sky = sorted(m for m, _ in stats)[len(stats) // 2]
+    good = [frames[i] for i, (m, s) in enumerate(stats) if abs(m - median_sky) < 20.0]
+    return stack(good)
+
+
+@pydron.schedule
+def scale_program(n):
+    return [inc(i) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# The same programs against the peer API (see peers.py).
+
+
+def tiny_peer(api, n):
+    return api.map(inc, [(x,) for x in range(n)])
+
+
+def cpu_peer(api, n, iters):
+    return api.map(burn, [(seed, iters) for seed in range(n)])
+
+
+def numpy_peer(api, arrays):
+    futures = [api.submit(transform, a, 0.5 + i) for i, a in enumerate(arrays)]
+    return api.gather(futures)
+
+
+def tree_peer(api, n):
+    level = [api.submit(leaf, i) for i in range(n)]
+    while len(level) > 1:
+        level = [api.submit(combine, level[i], level[i + 1])
+                 for i in range(0, len(level), 2)]
+    return api.gather(level)[0]
+
+
+def pipeline_peer(api, n, iters):
+    records = api.map(measure, [(seed, iters) for seed in range(n)])
+    kept = [r for r in records if r[2] != 0]
+    refined = [api.submit(refine, r, iters) for r in kept]
+    return api.gather([api.submit(total, refined)])[0]
+
+
+def image_peer(api, n, size):
+    dark, flat = calibration_frames(size)
+    frames = api.persist([api.submit(calibrate, api.submit(load_image, i, size), dark, flat)
+                          for i in range(n)])
+    stats = api.gather([api.submit(frame_stats, f) for f in frames])
+    median_sky = sorted(m for m, _ in stats)[len(stats) // 2]
+    good = [frames[i] for i, (m, s) in enumerate(stats) if abs(m - median_sky) < 20.0]
+    return api.gather([api.submit(stack, good)])[0]
+
+
+def scale_peer(api, n):
+    return api.map(inc, [(i,) for i in range(n)])
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    description: str
+    program: Callable
+    peer: Callable
+    params: dict[str, Any]          # default run
+    quick: dict[str, Any]           # --quick run
+    warm: dict[str, Any]            # a small run first: starts pools, fills caches
+    tasks: Callable[..., int]       # number of tasks for the given parameters
+    make_args: Callable[..., tuple] = None   # parameters -> arguments (untimed)
+    sizes: tuple = ()               # scale only: graph sizes (default, quick)
+    quick_sizes: tuple = ()
+
+    def args(self, params):
+        return self.make_args(**params) if self.make_args else tuple(params.values())
+
+
+def _arrays(count, mb):
+    n = int(mb * 1024 * 1024 // 8)
+    return ([np.random.default_rng(i).standard_normal(n) for i in range(count)],)
+
+
+def _pipeline_tasks(n, iters):
+    kept = sum(1 for seed in range(n) if burn(seed, iters) % 7 != 0)
+    return n + kept + 1
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in [
+    Workload("tiny", "tiny tasks (x + 1): pure overhead", tiny_program, tiny_peer,
+             {"n": 10_000}, {"n": 2_000}, {"n": 200}, lambda n: n),
+    Workload("cpu", "CPU-bound pure-Python tasks of ~15 ms", cpu_program, cpu_peer,
+             {"n": 32, "iters": 160_000}, {"n": 8, "iters": 120_000},
+             {"n": 2, "iters": 1000}, lambda n, iters: n),
+    Workload("numpy-large", "large float64 arrays in and out", numpy_program, numpy_peer,
+             {"count": 8, "mb": 64}, {"count": 4, "mb": 16}, {"count": 2, "mb": 1},
+             lambda count, mb: count, make_args=_arrays),
+    Workload("tree", "pairwise tree reduction (leaves + combines)", tree_program,
+             tree_peer, {"n": 4096}, {"n": 1024}, {"n": 16}, lambda n: 2 * n - 1),
+    Workload("pipeline", "wide-then-narrow: map, filter on results, map, reduce",
+             pipeline_program, pipeline_peer, {"n": 256, "iters": 20_000},
+             {"n": 64, "iters": 10_000}, {"n": 4, "iters": 100}, _pipeline_tasks),
+    Workload("image", "image calibration, sigma-clipped statistics and stack",
+             image_program, image_peer, {"n": 16, "size": 512}, {"n": 8, "size": 256},
+             {"n": 2, "size": 32}, lambda n, size: 3 * n + 1),
+    Workload("scale", "graph of many tiny tasks: per-task time and master memory",
+             scale_program, scale_peer, {"n": 1_000_000}, {"n": 10_000}, {"n": 100},
+             lambda n: n, sizes=(1_000, 10_000, 100_000, 1_000_000),
+             quick_sizes=(1_000, 10_000)),
+]}
