@@ -33,4 +33,15 @@ PyErr_SetRaisedException(PyObject *exc)
 }
 #endif
 
+/* Per-code extra slots: underscore names on 3.11, PyUnstable_ names from 3.12. */
+#if PY_VERSION_HEX >= 0x030C0000
+#define compat_code_get_extra PyUnstable_Code_GetExtra
+#define compat_code_set_extra PyUnstable_Code_SetExtra
+#define compat_request_code_extra_index PyUnstable_Eval_RequestCodeExtraIndex
+#else
+#define compat_code_get_extra _PyCode_GetExtra
+#define compat_code_set_extra _PyCode_SetExtra
+#define compat_request_code_extra_index _PyEval_RequestCodeExtraIndex
+#endif
+
 #endif

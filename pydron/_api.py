@@ -32,6 +32,15 @@ else:
 _FUNCTIONAL, _SCHEDULED = 1, 2
 _atexit_registered = False
 _produced: "weakref.WeakSet[types.CodeType]" = weakref.WeakSet()
+_scheduled: "weakref.WeakSet[types.FunctionType]" = weakref.WeakSet()
+_enabled_hook = False   # PYDRON_INTERCEPT=hook: enter scheduled code through the PEP 523 hook
+
+
+def _intercept_mode() -> str:
+    mode = os.environ.get("PYDRON_INTERCEPT", "vectorcall").strip().lower() or "vectorcall"
+    if mode not in ("vectorcall", "hook"):
+        raise ValueError(f"PYDRON_INTERCEPT must be 'vectorcall' or 'hook', got {mode!r}")
+    return mode
 
 
 def _require_core():
@@ -75,6 +84,9 @@ def schedule(fn):
     inner = _target(fn, "schedule")
     if not _killed() and _core is not None:
         _core._mark(inner, _SCHEDULED)
+        _scheduled.add(inner)
+        if _core._is_enabled() and not _enabled_hook:
+            _core._intercept(inner, True)
     return fn
 
 
@@ -117,8 +129,16 @@ def enable(workers: int | None = None, progress: bool = True, timeline: str | No
             workers = os.cpu_count() or 1
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"pydron.enable: workers must be a positive integer, got {workers!r}")
+    global _enabled_hook
+    mode = _intercept_mode()
+    if core._is_enabled():
+        disable()
     core._set_rewrite(_rewrite_code)
-    core._enable(workers)
+    core._enable(workers, mode == "hook")
+    _enabled_hook = mode == "hook"
+    if not _enabled_hook:
+        for f in list(_scheduled):
+            core._intercept(f, True)
     if not _atexit_registered:
         atexit.register(core._shutdown)
         _atexit_registered = True
@@ -127,6 +147,9 @@ def enable(workers: int | None = None, progress: bool = True, timeline: str | No
 def disable():
     """Remove the frame hook: every decorated function runs as plain Python again."""
     if _core is not None:
+        if _core._is_enabled() and not _enabled_hook:
+            for f in list(_scheduled):
+                _core._intercept(f, False)
         _core._disable()
 
 

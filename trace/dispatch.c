@@ -135,7 +135,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
         fn = PyMethod_GET_FUNCTION(callable);
         self = PyMethod_GET_SELF(callable);
     }
-    if (PyFunction_Check(fn) && trace_enabled && !exec_in_worker()) {
+    if (trace_is_function(fn) && trace_enabled && !exec_in_worker()) {
         PyObject *code = PyFunction_GET_CODE(fn);
         trace_codeinfo *info = trace_codeinfo_get(code);
         if (info && info->kind == TRACE_FUNCTIONAL) {

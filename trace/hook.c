@@ -1,15 +1,21 @@
-/* trace/hook.c — the PEP 523 frame-evaluation hook. Decoration only tags code objects; when a
- * frame of a scheduled code object starts, the hook runs the cached rewritten code instead, as a
- * trace session, and releases the original frame. Everything else goes straight to the default
- * evaluator after one load of the code object's extra slot. Frame layouts differ by version:
- * this file is the one place that knows them. */
+/* trace/hook.c — how a call from plain code enters a scheduled function: the rewritten code runs
+ * instead of the original, as a trace session. Two ways, one per cost model:
+ *  - vectorcall interception (default): each scheduled function object gets its own vectorcall
+ *    entry, so nothing else pays anything. On 3.12+ PyFunction_SetVectorcall does it (the
+ *    evaluator inlines only functions whose vectorcall is the default); 3.11 inlines every exact
+ *    function, so there the object is also retyped, while enabled, to a twin of `function` that
+ *    the evaluator does not inline (pickling and copying keep treating it as a function).
+ *  - the PEP 523 frame-evaluation hook (PYDRON_INTERCEPT=hook): catches every frame of a
+ *    scheduled code object, including functions made later from the same code, at the price of
+ *    the evaluator's inlining of Python-to-Python calls for all code while enabled.
+ * Frame layouts differ by version: this file is the one place that knows them. */
 #define Py_BUILD_CORE
 #include "trace/internal.h"
 #include "exec/exec.h"
-#if PY_VERSION_HEX >= 0x030D0000
-#include <internal/pycore_interp.h>
-#endif
 #include <internal/pycore_frame.h>
+#if PY_VERSION_HEX >= 0x030D0000
+#include <internal/pycore_ceval.h>
+#endif
 #include <internal/pycore_code.h>
 #undef Py_BUILD_CORE
 
@@ -33,11 +39,7 @@ static int installed;
 #define FRAME_FUNC(f) ((PyObject *)(f)->f_func)
 #endif
 
-#if PY_VERSION_HEX >= 0x030D0000
-#define LOCAL_VALUE(f, i) PyStackRef_AsPyObjectBorrow((f)->localsplus[i])
-#else
 #define LOCAL_VALUE(f, i) ((f)->localsplus[i])
-#endif
 
 static inline PyObject *
 default_eval(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
@@ -54,12 +56,30 @@ release_frame(PyThreadState *ts, _PyInterpreterFrame *frame)
 #if PY_VERSION_HEX >= 0x030D0000
     _PyEval_FrameClearAndPop(ts, frame);
 #elif PY_VERSION_HEX >= 0x030C0000
-    /* 3.12's _PyEval_Vector leaves the clean-up to the evaluator (clear_thread_frame). */
-    _PyFrame_ClearExceptCode(frame);
+    /* 3.12's _PyEval_Vector leaves the clean-up to the evaluator (clear_thread_frame), whose
+     * helpers are not exported: the same steps for a frame that never ran (so no frame object
+     * can have escaped and nothing but its arguments is on it). */
+    for (int i = 0; i < frame->stacktop; i++)
+        Py_XDECREF(frame->localsplus[i]);
+    Py_XDECREF(frame->frame_obj);
+    Py_XDECREF(frame->f_locals);
+    Py_DECREF(frame->f_funcobj);
     Py_DECREF(frame->f_code);
-    ts->c_recursion_remaining--;
-    _PyThreadState_PopFrame(ts, frame);
-    ts->c_recursion_remaining++;
+    PyObject **base = (PyObject **)frame;
+    _PyStackChunk *chunk = ts->datastack_chunk;
+    if (base == &chunk->data[0]) {
+        /* The frame opened a chunk: return to the previous one and free it, as the
+         * interpreter does, through the arena allocator. */
+        _PyStackChunk *previous = chunk->previous;
+        PyObjectArenaAllocator arena;
+        ts->datastack_top = &previous->data[previous->top];
+        ts->datastack_chunk = previous;
+        ts->datastack_limit = (PyObject **)(((char *)previous) + previous->size);
+        PyObject_GetArenaAllocator(&arena);
+        arena.free(arena.ctx, chunk, chunk->size);
+    }
+    else
+        ts->datastack_top = base;
 #else
     /* 3.11: _PyEval_Vector clears and pops the frame after the hook returns. */
     (void)ts;
@@ -170,4 +190,102 @@ int
 trace_hook_installed(void)
 {
     return installed;
+}
+
+PyTypeObject *trace_function_twin;
+
+/* ---- vectorcall interception ------------------------------------------------------------- */
+
+/* Run a scheduled function called from plain code as a trace session. */
+static PyObject *
+scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    PyObject *code = PyFunction_GET_CODE(func);
+    trace_codeinfo *info = trace_codeinfo_get(code);
+    if (!trace_enabled || info == NULL || info->kind != TRACE_SCHEDULED || info->refused ||
+        exec_in_worker())
+        return _PyFunction_Vectorcall(func, args, nargsf, kwnames);
+    PyObject *rewritten = trace_rewritten(code, info);
+    if (rewritten == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        return _PyFunction_Vectorcall(func, args, nargsf, kwnames);
+    }
+    Py_ssize_t start = trace_session_begin();
+    PyObject *result = trace_call_rewritten(func, rewritten, args, nargsf, kwnames);
+    return trace_session_end(start, result);
+}
+
+#if PY_VERSION_HEX < 0x030C0000
+/* 3.11: a twin of PyFunction_Type, so that CALL does not inline the frame (it checks the exact
+ * type) and goes through the object's vectorcall instead. */
+static PyTypeObject scheduled_function_type;
+static PyObject *function_reducer;
+
+static int
+twin_type_ready(void)
+{
+    if (scheduled_function_type.tp_flags & Py_TPFLAGS_READY)
+        return 0;
+    memcpy(&scheduled_function_type, &PyFunction_Type, sizeof(PyTypeObject));
+    Py_SET_REFCNT(&scheduled_function_type, 1);
+    scheduled_function_type.tp_flags &= ~(Py_TPFLAGS_READY | Py_TPFLAGS_READYING);
+    scheduled_function_type.tp_base = &PyFunction_Type;
+    scheduled_function_type.tp_bases = NULL;
+    scheduled_function_type.tp_mro = NULL;
+    scheduled_function_type.tp_dict = NULL;
+    scheduled_function_type.tp_cache = NULL;
+    scheduled_function_type.tp_subclasses = NULL;
+    scheduled_function_type.tp_weaklist = NULL;
+    if (PyType_Ready(&scheduled_function_type) < 0)
+        return -1;
+    trace_function_twin = &scheduled_function_type;
+    /* pickle and copy look types up exactly: make the twin reduce as a function does (by
+     * qualified name), through copyreg's dispatch table. */
+    PyObject *copyreg = PyImport_ImportModule("copyreg");
+    if (copyreg == NULL)
+        return -1;
+    PyObject *table = PyObject_GetAttrString(copyreg, "dispatch_table");
+    Py_DECREF(copyreg);
+    if (table == NULL)
+        return -1;
+    int rc = PyObject_SetItem(table, (PyObject *)&scheduled_function_type, function_reducer);
+    Py_DECREF(table);
+    return rc;
+}
+
+static PyObject *
+reduce_function(PyObject *module, PyObject *func)
+{
+    return PyObject_GetAttrString(func, "__qualname__");
+}
+
+static PyMethodDef reduce_def = {"_reduce_scheduled", reduce_function, METH_O, NULL};
+#endif
+
+int
+trace_intercept(PyObject *func, int on)
+{
+    if (!PyFunction_Check(func)
+#if PY_VERSION_HEX < 0x030C0000
+        && Py_TYPE(func) != &scheduled_function_type
+#endif
+    ) {
+        PyErr_SetString(PyExc_TypeError, "pydron: only Python functions can be scheduled");
+        return -1;
+    }
+    PyFunctionObject *f = (PyFunctionObject *)func;
+#if PY_VERSION_HEX >= 0x030C0000
+    PyFunction_SetVectorcall(f, on ? scheduled_vectorcall : _PyFunction_Vectorcall);
+#else
+    if (function_reducer == NULL &&
+        (function_reducer = PyCFunction_New(&reduce_def, NULL)) == NULL)
+        return -1;
+    if (twin_type_ready() < 0)
+        return -1;
+    Py_SET_TYPE(func, on ? &scheduled_function_type : &PyFunction_Type);
+    f->vectorcall = on ? scheduled_vectorcall : _PyFunction_Vectorcall;
+    f->func_version = 0;   /* no CALL specialization was made for the old entry */
+#endif
+    return 0;
 }

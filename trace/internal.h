@@ -29,7 +29,7 @@ static inline trace_codeinfo *
 trace_codeinfo_get(PyObject *code)
 {
     void *extra = NULL;
-    if (trace_extra_index < 0 || _PyCode_GetExtra(code, trace_extra_index, &extra) < 0) {
+    if (trace_extra_index < 0 || compat_code_get_extra(code, trace_extra_index, &extra) < 0) {
         PyErr_Clear();
         return NULL;
     }
@@ -65,5 +65,14 @@ int trace_dispatch_init(PyObject *module);
 int trace_hook_install(void);
 void trace_hook_remove(void);
 int trace_hook_installed(void);
+/* A Python function object, including 3.11's twin type for intercepted scheduled functions. */
+extern PyTypeObject *trace_function_twin;
+static inline int
+trace_is_function(PyObject *op)
+{
+    return PyFunction_Check(op) || (trace_function_twin && Py_TYPE(op) == trace_function_twin);
+}
+/* Route calls of func (a scheduled function object) through the trace (on) or not (off). */
+int trace_intercept(PyObject *func, int on);
 
 #endif

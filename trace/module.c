@@ -33,7 +33,7 @@ trace_codeinfo_ensure(PyObject *code)
         PyErr_NoMemory();
         return NULL;
     }
-    if (_PyCode_SetExtra(code, trace_extra_index, info) < 0) {
+    if (compat_code_set_extra(code, trace_extra_index, info) < 0) {
         PyMem_Free(info);
         return NULL;
     }
@@ -68,7 +68,7 @@ function_code(PyObject *fn, const char *what)
 {
     if (PyMethod_Check(fn))
         fn = PyMethod_GET_FUNCTION(fn);
-    if (!PyFunction_Check(fn)) {
+    if (!trace_is_function(fn)) {
         PyErr_Format(PyExc_TypeError, "pydron.%s expects a Python function, got %.100s", what,
                      Py_TYPE(fn)->tp_name);
         return NULL;
@@ -100,7 +100,7 @@ core_kind(PyObject *module, PyObject *fn)
 {
     if (PyMethod_Check(fn))
         fn = PyMethod_GET_FUNCTION(fn);
-    if (!PyFunction_Check(fn))
+    if (!trace_is_function(fn))
         return PyLong_FromLong(TRACE_PLAIN);
     trace_codeinfo *info = trace_codeinfo_get(PyFunction_GET_CODE(fn));
     return PyLong_FromLong(info ? info->kind : TRACE_PLAIN);
@@ -113,12 +113,26 @@ core_set_rewrite(PyObject *module, PyObject *fn)
     Py_RETURN_NONE;
 }
 
-/* _enable(workers): install the frame hook and start the executor's fork server. */
+/* _intercept(fn, on): route plain calls of a scheduled function object through the trace. */
+static PyObject *
+core_intercept(PyObject *module, PyObject *args)
+{
+    PyObject *fn;
+    int on;
+    if (!PyArg_ParseTuple(args, "Op", &fn, &on))
+        return NULL;
+    if (trace_intercept(fn, on) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _enable(workers, hook): start the executor's fork server; with hook, also install the PEP 523
+ * frame hook (otherwise scheduled functions are entered through _intercept). */
 static PyObject *
 core_enable(PyObject *module, PyObject *args)
 {
-    int workers = 0;
-    if (!PyArg_ParseTuple(args, "|i", &workers))
+    int workers = 0, hook = 0;
+    if (!PyArg_ParseTuple(args, "|ip", &workers, &hook))
         return NULL;
     if (workers < 0) {
         PyErr_Format(PyExc_ValueError, "pydron.enable: workers must be >= 0, got %d", workers);
@@ -126,7 +140,7 @@ core_enable(PyObject *module, PyObject *args)
     }
     if (exec_start(workers) < 0)
         return NULL;
-    if (trace_hook_install() < 0)
+    if (hook && trace_hook_install() < 0)
         return NULL;
     trace_enabled = 1;
     Py_RETURN_NONE;
@@ -152,7 +166,13 @@ core_shutdown(PyObject *module, PyObject *unused)
 static PyObject *
 core_is_enabled(PyObject *module, PyObject *unused)
 {
-    return PyBool_FromLong(trace_enabled && trace_hook_installed());
+    return PyBool_FromLong(trace_enabled);
+}
+
+static PyObject *
+core_hook_installed(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(trace_hook_installed());
 }
 
 static PyObject *
@@ -176,7 +196,9 @@ static PyMethodDef core_methods[] = {
     {"_mark", core_mark, METH_VARARGS, "_mark(fn, kind, threads=False): tag fn's code object."},
     {"_kind", core_kind, METH_O, "_kind(fn): 0 plain, 1 functional, 2 scheduled."},
     {"_set_rewrite", core_set_rewrite, METH_O, "Register the bytecode rewrite function."},
-    {"_enable", core_enable, METH_VARARGS, "Install the frame hook and start the executor."},
+    {"_enable", core_enable, METH_VARARGS, "_enable(workers, hook): start tracing."},
+    {"_intercept", core_intercept, METH_VARARGS, "_intercept(fn, on): enter fn through the trace."},
+    {"_hook_installed", (PyCFunction)core_hook_installed, METH_NOARGS, NULL},
     {"_disable", core_disable, METH_NOARGS, "Remove the frame hook; workers stay."},
     {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
     {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
@@ -197,7 +219,7 @@ PyInit__core(void)
         return NULL;
     trace_module = m;
     if (trace_extra_index < 0)
-        trace_extra_index = _PyEval_RequestCodeExtraIndex(codeinfo_free);
+        trace_extra_index = compat_request_code_extra_index(codeinfo_free);
     if (trace_extra_index < 0) {
         PyErr_SetString(PyExc_RuntimeError, "pydron: no code-object extra slot left");
         goto error;
