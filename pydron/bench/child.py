@@ -158,7 +158,7 @@ def run(spec: dict, emit) -> None:
 def _measure(w, case, call, repeat, record, warm):
     args = w.args(case)
     if warm:
-        call(w, w.args(w.warm))
+        call(w, w.args(w.warm) if w.warm is not None else args)
     reps = repeat if record["tasks"] < 100_000 else 1
     digests = []
     for _ in range(reps):

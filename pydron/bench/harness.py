@@ -184,16 +184,17 @@ def run_system(system, ns, log) -> tuple[dict, list[dict]]:
                   {"system": system, "status": "failed", "error": failure})
     sysrec["wall_s"] = time.perf_counter() - t0
     results = [r for r in records if r.get("event") == "result"]
+    msg = sysrec.get("error") or failure
     if failure:
         tail = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
         msg = failure + (f": {tail[0][:200]}" if tail else "")
         sysrec.setdefault("error", msg)
-        done = {(r["workload"], r["params"].get("n")) for r in results}
-        for name in ns.workloads:
-            if not any(d[0] == name for d in done):
-                results.append({"event": "result", "workload": name, "system": system,
-                                "status": "failed", "error": msg, "times_s": [],
-                                "params": {}, "tasks": None})
+    done = {r["workload"] for r in results}
+    for name in ns.workloads:
+        if name not in done:
+            results.append({"event": "result", "workload": name, "system": system,
+                            "status": "failed", "error": msg or "no result",
+                            "times_s": [], "params": {}, "tasks": None})
     return sysrec, results
 
 
