@@ -603,7 +603,8 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
         memcpy(v, buf, (size_t)len);
         return CONV_OK;
     }
-    if (is_instance_of(arg, ctypes_simple) && slot->code != 'P' && slot->code != 'z')
+    if (is_instance_of(arg, ctypes_simple) && slot->code != 'P' && slot->code != 'z'
+        && slot->code != '*')
         return CONV_FALLBACK;   /* another ctypes type: ctypes raises, or uses _as_parameter_ */
 
     unsigned long long m;
