@@ -6,6 +6,7 @@
 #include "exec/exec.h"
 #include "pydron_compat.h"
 
+#include <time.h>
 #include <xxhash.h>
 
 enum task_state {
@@ -40,6 +41,87 @@ Py_ssize_t graph_live_tasks;
 static PyObject *inflight;
 static uint64_t next_task_id = 1;
 static uint64_t n_submitted, n_finished;
+
+/* pydron.visualize: when not NULL, every task and every real wait is appended here as a tuple
+ * ("task", id, qualname, filename, line, dep ids) or ("wait", id, filename, line). */
+static PyObject *recording;
+
+/* Progress of long scheduled calls: progress_fn(done, known) is called at most every 100 ms
+ * while this process waits, once a top-level call has run for progress_after seconds. */
+static PyObject *progress_fn;
+static double progress_after = 1.0, progress_last, session_started;
+static uint64_t session_first_id;
+static int session_depth;
+
+static double
+now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Where the scheduled code is now (the innermost Python frame). */
+static void
+current_location(PyObject **filename, int *line)
+{
+    PyFrameObject *frame = PyEval_GetFrame();
+    *filename = Py_None;
+    *line = 0;
+    if (frame != NULL) {
+        PyCodeObject *code = PyFrame_GetCode(frame);
+        *filename = code->co_filename;
+        *line = PyFrame_GetLineNumber(frame);
+        Py_DECREF(code);
+    }
+}
+
+static void
+record_event(PyObject *event)
+{
+    if (event == NULL || PyList_Append(recording, event) < 0)
+        PyErr_Clear();
+    Py_XDECREF(event);
+}
+
+void
+graph_session_enter(void)
+{
+    if (session_depth++ == 0) {
+        session_started = now_seconds();
+        session_first_id = next_task_id;
+        progress_last = 0;
+    }
+}
+
+static void
+progress_report(int final)
+{
+    if (progress_fn == NULL || session_depth == 0)
+        return;
+    double now = now_seconds();
+    if (now - session_started < progress_after || (!final && now - progress_last < 0.1))
+        return;
+    progress_last = now;
+    uint64_t known = next_task_id - session_first_id;
+    uint64_t done = known - (uint64_t)PyDict_GET_SIZE(inflight);
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *r = PyObject_CallFunction(progress_fn, "KKi", (unsigned long long)done,
+                                        (unsigned long long)known, final);
+    if (r == NULL)
+        PyErr_WriteUnraisable(progress_fn);
+    Py_XDECREF(r);
+    PyErr_SetRaisedException(exc);
+}
+
+void
+graph_session_exit(void)
+{
+    if (session_depth == 1 && progress_last != 0)
+        progress_report(1);
+    if (session_depth > 0)
+        session_depth--;
+}
 
 uint64_t
 graph_key(const void *data, size_t len, uint64_t seed)
@@ -686,6 +768,23 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
             goto error;
         t->nwaiting++;
     }
+    if (recording) {
+        PyObject *ids = PyTuple_New(ndeps), *filename, *qualname;
+        int line;
+        if (ids == NULL)
+            goto error;
+        for (Py_ssize_t i = 0; i < ndeps; i++)
+            PyTuple_SET_ITEM(ids, i, PyLong_FromUnsignedLongLong(
+                                         ((graph_task *)PyList_GET_ITEM(ctx.deps, i))->id));
+        current_location(&filename, &line);
+        qualname = PyObject_GetAttrString(fn, "__qualname__");
+        if (qualname == NULL) {
+            PyErr_Clear();
+            qualname = PyObject_Repr(fn);
+        }
+        record_event(Py_BuildValue("(sKNOiN)", "task", (unsigned long long)t->id, qualname,
+                                   filename, line, ids));
+    }
     if (t->nwaiting == 0 && task_dispatch(t) < 0)
         goto error;
     /* Take in what finished meanwhile, so dependents start while the caller keeps tracing. */
@@ -705,10 +804,17 @@ error:
 static int
 wait_finished(graph_task *t)
 {
+    if (recording && !graph_task_finished(t)) {
+        PyObject *filename;
+        int line;
+        current_location(&filename, &line);
+        record_event(Py_BuildValue("(sKOi)", "wait", (unsigned long long)t->id, filename, line));
+    }
     while (!graph_task_finished(t)) {
         if (t->state == TASK_WAITING && t->nwaiting == 0 && task_dispatch(t) < 0)
             return -1;
-        if (exec_poll(-1, on_result, NULL) < 0) {
+        progress_report(0);
+        if (exec_poll(progress_fn ? 0.1 : -1, on_result, NULL) < 0) {
             if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
                 graph_cancel_all();
             return -1;
@@ -830,9 +936,47 @@ graph_stats(void)
                          PyDict_GET_SIZE(inflight), "live", graph_live_tasks);
 }
 
+/* _record(on) -> the events recorded since the last _record(True) when turning it off. */
+static PyObject *
+graph_record(PyObject *module, PyObject *on)
+{
+    int enable = PyObject_IsTrue(on);
+    if (enable < 0)
+        return NULL;
+    PyObject *events = recording ? recording : PyList_New(0);
+    recording = enable ? PyList_New(0) : NULL;
+    if (enable && recording == NULL) {
+        Py_XDECREF(events);
+        return NULL;
+    }
+    return events;
+}
+
+/* _set_progress(fn | None, after_seconds) */
+static PyObject *
+graph_set_progress(PyObject *module, PyObject *args)
+{
+    PyObject *fn;
+    double after = 1.0;
+    if (!PyArg_ParseTuple(args, "O|d", &fn, &after))
+        return NULL;
+    Py_XSETREF(progress_fn, fn == Py_None ? NULL : Py_NewRef(fn));
+    progress_after = after;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef graph_methods[] = {
+    {"_record", graph_record, METH_O, "_record(on): record tasks and waits (pydron.visualize)."},
+    {"_set_progress", graph_set_progress, METH_VARARGS,
+     "_set_progress(fn, after=1.0): report progress of long scheduled calls."},
+    {NULL},
+};
+
 int
 graph_module_init(PyObject *module)
 {
+    if (PyModule_AddFunctions(module, graph_methods) < 0)
+        return -1;
     graph_task_type = (PyTypeObject *)PyType_FromSpec(&task_spec);
     if (graph_task_type == NULL)
         return -1;

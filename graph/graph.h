@@ -40,6 +40,10 @@ int graph_pump(void);
 /* Cancel every outstanding task (Ctrl-C): they fail with KeyboardInterrupt if forced later. */
 void graph_cancel_all(void);
 
+/* A top-level scheduled call starts / ends (for progress reports of long calls). */
+void graph_session_enter(void);
+void graph_session_exit(void);
+
 /* Statistics for tests and tools: submitted, finished, outstanding counts. */
 PyObject *graph_stats(void);
 

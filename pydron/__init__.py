@@ -13,8 +13,10 @@ from pydron._api import (
     is_enabled,
     schedule,
     stats,
+    visualize,
 )
 
 __all__ = ["enable", "disable", "is_enabled", "functional", "schedule", "WorkerLostError",
-           "stats"]
+           "stats",
+           "visualize"]
 __version__ = "0.1.0"

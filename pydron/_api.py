@@ -135,6 +135,7 @@ def enable(workers: int | None = None, progress: bool = True, timeline: str | No
         disable()
     core._set_rewrite(_rewrite_code)
     core._enable(workers, mode == "hook")
+    _configure_progress(progress)
     _enabled_hook = mode == "hook"
     if not _enabled_hook:
         for f in list(_scheduled):
@@ -160,3 +161,106 @@ def is_enabled() -> bool:
 def stats() -> dict:
     """Task counters of this process (submitted, finished, in flight, live pending values)."""
     return _require_core()._stats()
+
+
+# ---- seeing what ran ----------------------------------------------------------------------------
+
+class _ProgressBar:
+    """tasks done / known on stderr for scheduled calls that run longer than a second; only on a
+    terminal."""
+
+    width = 30
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __call__(self, done: int, known: int, final: bool) -> None:
+        filled = self.width * done // known if known else self.width
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\rpydron [{bar}] {done}/{known} tasks")
+        if final:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _configure_progress(progress: bool) -> None:
+    import sys
+    stream = sys.stderr
+    on = progress and os.environ.get("PYDRON_PROGRESS", "1") not in ("0", "false", "no", "off")
+    on = on and hasattr(stream, "isatty") and stream.isatty()
+    _core._set_progress(_ProgressBar(stream) if on else None, 1.0)
+
+
+def _dot_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def graph_to_dot(events, title: str = "pydron") -> str:
+    """The DOT text of recorded events: one node per task (function and line of the call), an
+    edge per data dependency, and the sync points where the scheduled code waited."""
+    lines = [f"digraph {_dot_quote(title)} {{", "  rankdir=TB;",
+             '  node [shape=box, style="rounded,filled", fillcolor="#e8f0fe", fontname="Helvetica"];']
+    waits = 0
+    for event in events:
+        if event[0] == "task":
+            _, tid, qualname, filename, line, deps = event
+            where = f"{os.path.basename(filename)}:{line}" if isinstance(filename, str) else ""
+            label = _dot_quote(qualname + "\n" + where)
+            lines.append(f"  t{tid} [label={label}];")
+            for dep in deps:
+                lines.append(f'  t{dep} -> t{tid} [label="data"];')
+        elif event[0] == "wait":
+            _, tid, filename, line = event
+            waits += 1
+            where = f"{os.path.basename(filename)}:{line}" if isinstance(filename, str) else "?"
+            label = _dot_quote("sync\n" + where)
+            lines.append(f'  w{waits} [shape=octagon, fillcolor="#fde2e2", label={label}];')
+            lines.append(f"  t{tid} -> w{waits} [style=dashed];")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def visualize(fn, *args, filename: str = "graph.svg", **kwargs):
+    """Run the scheduled call fn(*args, **kwargs) and write the task graph it traced to filename
+    (.svg, .png, .pdf through graphviz's `dot`, or .dot for the text). Returns fn's result."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    core = _require_core()
+    if _core._kind(fn) != _SCHEDULED:
+        raise TypeError(f"pydron.visualize: {getattr(fn, '__qualname__', fn)!r} is not a "
+                        "@pydron.schedule function")
+    fmt = os.path.splitext(filename)[1].lstrip(".").lower()
+    if fmt not in ("svg", "png", "pdf", "dot"):
+        raise ValueError(f"pydron.visualize: filename must end in .svg, .png, .pdf or .dot, "
+                         f"got {filename!r}")
+    dot = shutil.which("dot")
+    if fmt != "dot" and dot is None:
+        raise RuntimeError("pydron.visualize: graphviz's `dot` is not installed "
+                           "(apt-get install graphviz), or write a .dot file")
+    started_here = not is_enabled()
+    if started_here:
+        enable()
+    core._record(True)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        events = core._record(False)
+        if started_here:
+            disable()
+    text = graph_to_dot(events, title=getattr(fn, "__qualname__", "pydron"))
+    directory = os.path.dirname(os.path.abspath(filename))
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as tmp:
+        tmp_name = tmp.name
+        if fmt == "dot":
+            tmp.write(text)
+    try:
+        if fmt != "dot":
+            subprocess.run([dot, f"-T{fmt}", "-o", tmp_name], input=text, text=True,
+                           check=True, capture_output=True)
+        os.replace(tmp_name, filename)   # never a half-written file
+    except BaseException:
+        os.unlink(tmp_name)
+        raise
+    return result

@@ -176,6 +176,7 @@ trace_force_deep(PyObject *x)
 Py_ssize_t
 trace_session_begin(void)
 {
+    graph_session_enter();
     return trace_mark();
 }
 
@@ -194,8 +195,18 @@ order_truncate(Py_ssize_t start)
     PyErr_SetRaisedException(exc);
 }
 
+static PyObject *session_finish(Py_ssize_t start, PyObject *result);
+
 PyObject *
 trace_session_end(Py_ssize_t start, PyObject *result)
+{
+    result = session_finish(start, result);
+    graph_session_exit();
+    return result;
+}
+
+static PyObject *
+session_finish(Py_ssize_t start, PyObject *result)
 {
     PyObject *order = order_list();
     if (order == NULL) {
