@@ -8,7 +8,11 @@ APT_PACKAGES := cmake pkg-config libffi-dev libxxhash-dev llvm-dev graphviz
 PIP_PACKAGES := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil \
                 joblib "dask[distributed]" matplotlib rich scikit-build-core
 
-.PHONY: setup build demo test test-c asan valgrind bench clean
+# Other interpreters on the machine also run the semantics and rewrite tests (CPython 3.12, 3.13).
+EXTRA_PYTHONS := $(foreach v,3.12 3.13,$(shell command -v python$(v) 2>/dev/null))
+EXTRA_PIP := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil
+
+.PHONY: setup build demo test test-versions asan valgrind bench clean
 setup: $(VENV)/.ready build
 
 $(VENV)/.ready:
@@ -34,6 +38,20 @@ demo: setup
 test: setup
 	cd $(BUILD) && ctest --output-on-failure
 	$(PY) -m pytest -q tests
+	$(MAKE) test-versions
+
+# For each extra interpreter: its own virtualenv and build, then the semantics and rewrite tests.
+test-versions:
+	@set -e; for py in $(EXTRA_PYTHONS); do \
+	  v=$$($$py -c 'import sys; print("%d%d" % sys.version_info[:2])'); venv=.venv$$v; \
+	  if [ ! -f $$venv/.ready ]; then $$py -m venv $$venv && $$venv/bin/pip install -q $(EXTRA_PIP) && \
+	    echo "$(CURDIR)" > $$($$venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pydron-dev.pth && \
+	    touch $$venv/.ready; fi; \
+	  cmake -S . -B build/py$$v -DPython_EXECUTABLE=$(CURDIR)/$$venv/bin/python -DCMAKE_BUILD_TYPE=Release >/dev/null; \
+	  cmake --build build/py$$v -j2 >/dev/null; cp build/py$$v/_core*.so pydron/; \
+	  echo "== semantics and rewrite tests under $$($$venv/bin/python -V)"; \
+	  $$venv/bin/python -m pytest -q tests/test_semantics.py tests/test_rewrite.py tests/test_api.py; \
+	done
 
 # The C core under AddressSanitizer + UndefinedBehaviorSanitizer, running the test suite.
 asan:
