@@ -138,6 +138,8 @@ core_enable(PyObject *module, PyObject *args)
         PyErr_Format(PyExc_ValueError, "pydron.enable: workers must be >= 0, got %d", workers);
         return NULL;
     }
+    if (exec_in_worker())
+        Py_RETURN_NONE;   /* a module imported by a worker enables pydron: tasks run plainly */
     if (exec_start(workers) < 0)
         return NULL;
     if (hook && trace_hook_install() < 0)
