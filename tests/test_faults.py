@@ -1,0 +1,502 @@
+"""Faults, end to end through the public API, each scenario in its own Python process (so a crash
+fails one test): workers that die, unpicklable data, exceptions, Ctrl-C, exit with tasks in flight.
+After each: no process left from the scenario's process tree and no new entry in /dev/shm."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+SHM = "/dev/shm"
+
+PRELUDE = r'''
+import atexit, json, os, signal, sys, threading, time
+import psutil
+import pydron
+pydron.enable(workers=2)
+
+def _shm_in_use(procs):
+    found = set()
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/maps") as f:
+                found.update(line.split(None, 5)[5].strip().removesuffix(" (deleted)")
+                             for line in f if "/dev/shm/" in line)
+            for fd in os.listdir(f"/proc/{p.pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{p.pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("/dev/shm/"):
+                    found.add(target.removesuffix(" (deleted)"))
+        except (OSError, IndexError):
+            continue
+    return sorted(found)
+
+REPORT = {}
+
+def report(**fields):
+    """Record results plus this process tree and its /dev/shm use (called before exit)."""
+    me = psutil.Process()
+    kids = me.children(recursive=True)
+    REPORT.update(fields)
+    REPORT["children"] = [(p.pid, p.create_time()) for p in kids]
+    REPORT["shm"] = _shm_in_use([me] + kids)
+    print("REPORT " + json.dumps(REPORT), flush=True)
+
+@pydron.functional
+def inc(x):
+    return x + 1
+
+@pydron.schedule
+def incs(n):
+    return [inc(i) for i in range(n)]
+'''
+
+
+class Scenario:
+    """One script run in a fresh process group, with the leftover checks done afterwards."""
+
+    def __init__(self, body, tmp_path, timeout=60):
+        self.script = PRELUDE + textwrap.dedent(body)
+        self.tmp_path = tmp_path
+        self.timeout = timeout
+        self.shm_before = _shm_entries()
+        # A file rather than -c, so tracebacks can show source lines of the tasks.
+        path = tmp_path / "scenario.py"
+        path.write_text(self.script)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(path), str(tmp_path)], cwd=tmp_path, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.seen_children = []
+
+    def remember_children(self):
+        """Record the tree as it is now (for scenarios that kill the script itself)."""
+        try:
+            for p in psutil.Process(self.proc.pid).children(recursive=True):
+                self.seen_children.append((p.pid, p.create_time()))
+        except psutil.NoSuchProcess:
+            pass
+
+    def wait_for_files(self, pattern_prefix, count=1, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len([f for f in os.listdir(self.tmp_path) if f.startswith(pattern_prefix)]) >= count:
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.remember_children()
+        _kill_tree(self.proc.pid, self.seen_children)
+        out, err = self.proc.communicate()
+        pytest.fail(f"tasks never started ({pattern_prefix}*):\n{out}\n{err[-5000:]}")
+
+    def finish(self):
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.remember_children()
+            _kill_tree(self.proc.pid, self.seen_children)
+            out, err = self.proc.communicate()
+            self.check_leftovers({})
+            pytest.fail(f"scenario did not finish in {self.timeout}s\nstdout:\n{out}\n"
+                        f"stderr:\n{err[-5000:]}")
+        self.out, self.err = out, err
+        return out, err
+
+    @property
+    def report(self):
+        lines = [ln for ln in self.out.splitlines() if ln.startswith("REPORT ")]
+        assert lines, f"no report (exit {self.proc.returncode})\nstdout:\n{self.out}\n" \
+                      f"stderr:\n{self.err[-5000:]}"
+        return json.loads(lines[-1][len("REPORT "):])
+
+    def run(self, expect_returncode=0):
+        self.finish()
+        assert self.proc.returncode == expect_returncode, \
+            f"exit {self.proc.returncode}\nstdout:\n{self.out}\nstderr:\n{self.err[-5000:]}"
+        report = self.report
+        self.check_leftovers(report)
+        return report
+
+    def check_leftovers(self, report, check_shm=True):
+        children = [tuple(c) for c in report.get("children", [])] + self.seen_children
+        alive = _wait_gone(self.proc.pid, children, timeout=10)
+        if alive:
+            described = [f"{p.pid} {p.name()} {p.cmdline()[:4]}" for p in alive]
+            _kill_tree(self.proc.pid, children)
+            pytest.fail(f"processes left behind by the scenario: {described}")
+        if not check_shm:
+            return
+        stale = [path for path in report.get("shm", []) if os.path.exists(path)]
+        assert not stale, f"shared memory the scenario used is still there: {stale}"
+        new = _shm_entries() - self.shm_before
+        leaked = sorted(name for name in new if not _in_use_by_anyone(os.path.join(SHM, name)))
+        assert not leaked, f"new entries in {SHM} that no process uses: {leaked}"
+
+
+def _shm_entries():
+    try:
+        return set(os.listdir(SHM))
+    except FileNotFoundError:
+        return set()
+
+
+def _in_use_by_anyone(path):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any(path in line for line in f):
+                    return True
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(path):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def _survivors(session_id, children):
+    """Live (non-zombie) processes from the scenario: recorded descendants or same session."""
+    alive = {}
+    for pid, created in children:
+        try:
+            p = psutil.Process(pid)
+            if abs(p.create_time() - created) < 0.05 and p.status() != psutil.STATUS_ZOMBIE:
+                alive[pid] = p
+        except psutil.NoSuchProcess:
+            pass
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == session_id and p.status() != psutil.STATUS_ZOMBIE:
+                alive[p.pid] = p
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            pass
+    alive.pop(os.getpid(), None)
+    return list(alive.values())
+
+
+def _wait_gone(session_id, children, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = _survivors(session_id, children)
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _kill_tree(session_id, children):
+    """Clean-up of processes this test started (by pid), so a failure does not leak them."""
+    for p in _survivors(session_id, children):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+# --- workers that die ------------------------------------------------------------------------------
+
+def test_worker_killed_mid_task_is_replaced_and_task_rerun(tmp_path):
+    report = Scenario(r'''
+        marker = os.path.join(sys.argv[1], "killed-once")
+
+        @pydron.functional
+        def work(i, marker):
+            time.sleep(0.2)
+            if i == 3 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return i * i
+
+        @pydron.schedule
+        def run(n):
+            return sum([work(i, marker) for i in range(n)]), [work(i, marker) for i in range(2)]
+
+        first = run(6)
+        again = incs(4)
+        report(first=first, again=again, killed=os.path.exists(marker))
+    ''', tmp_path).run()
+    assert report["killed"], "the task never killed its worker"
+    assert report["first"] == [55, [0, 1]]
+    assert report["again"] == [1, 2, 3, 4]
+
+
+DEATHS = {
+    "exit3": ("os._exit(3)", r"\b3\b"),
+    "sigkill": ("os.kill(os.getpid(), signal.SIGKILL)", r"SIGKILL|signal 9\b"),
+    "sigsegv": ("import ctypes; ctypes.string_at(0)", r"SIGSEGV|signal 11\b"),
+}
+
+
+@pytest.mark.parametrize("death", [
+    "exit3", "sigkill", pytest.param("sigsegv", marks=pytest.mark.nosan)])
+def test_task_that_always_kills_its_worker(tmp_path, death):
+    how, pattern = DEATHS[death]
+    report = Scenario(rf'''
+        attempts = os.path.join(sys.argv[1], "attempts")
+
+        @pydron.functional
+        def doomed_task(x, attempts):
+            with open(attempts, "a") as f:
+                f.write("attempt\n")
+            {how}
+            return x
+
+        @pydron.schedule
+        def run(x):
+            ok = inc(x)
+            return ok, doomed_task(ok, attempts)
+
+        try:
+            run(1)
+            outcome = ("returned", "", "")
+        except Exception as exc:
+            outcome = (type(exc).__module__, type(exc).__name__, str(exc))
+            is_lost = isinstance(exc, pydron.WorkerLostError)
+        with open(attempts) as f:
+            n = len(f.readlines())
+        report(outcome=outcome, is_lost=is_lost, attempts=n, again=incs(3))
+    ''', tmp_path, timeout=120).run()
+    module, name, message = report["outcome"]
+    assert report["is_lost"], f"expected pydron.WorkerLostError, got {module}.{name}: {message}"
+    assert "doomed_task" in message, message
+    import re
+    assert re.search(pattern, message), f"the message does not name how the worker died: {message}"
+    assert report["attempts"] == 3, "a task is retried until it has killed 3 workers"
+    assert report["again"] == [1, 2, 3], "the pool is usable afterwards"
+
+
+# --- data that cannot cross to a worker -------------------------------------------------------------
+
+UNPICKLABLE = {
+    "lock": ("[1, threading.Lock()]", "lock"),
+    "generator": ("[(i for i in range(3)), 2]", "generator"),
+    "lambda_in_local_class": ("[LocalThing()]", "localthing"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(UNPICKLABLE))
+def test_unpicklable_argument_raises_type_error(tmp_path, kind):
+    value, type_word = UNPICKLABLE[kind]
+    report = Scenario(rf'''
+        class LocalThing:
+            def __reduce__(self):
+                raise TypeError("LocalThing refuses to be pickled")
+
+        @pydron.functional
+        def consume_payload(payload):
+            return len(payload)
+
+        @pydron.schedule
+        def run():
+            first = inc(1)
+            return first, consume_payload({value})
+
+        try:
+            run()
+            outcome = ("returned", "")
+        except Exception as exc:
+            outcome = (type(exc).__name__, str(exc))
+        report(outcome=outcome, again=incs(3))
+    ''', tmp_path).run()
+    name, message = report["outcome"]
+    assert name == "TypeError", report["outcome"]
+    assert "consume_payload" in message, message
+    assert "payload" in message.replace("consume_payload", "") or type_word in message.lower(), \
+        f"the message does not name the argument: {message}"
+    assert report["again"] == [1, 2, 3]
+
+
+def test_unpicklable_result_raises_type_error(tmp_path):
+    report = Scenario(r'''
+        @pydron.functional
+        def make_lock(x):
+            return [x, threading.Lock()]
+
+        @pydron.schedule
+        def run():
+            return make_lock(1)
+
+        try:
+            run()
+            outcome = ("returned", "")
+        except Exception as exc:
+            outcome = (type(exc).__name__, str(exc))
+        report(outcome=outcome, again=incs(3))
+    ''', tmp_path).run()
+    name, message = report["outcome"]
+    assert name == "TypeError" and "make_lock" in message, report["outcome"]
+    assert report["again"] == [1, 2, 3]
+
+
+# --- exceptions ------------------------------------------------------------------------------------
+
+def test_exception_inside_try_except(tmp_path):
+    report = Scenario(r'''
+        import traceback
+
+        class CalibrationError(ValueError):
+            pass
+
+        @pydron.functional
+        def calibrate_frame(i):
+            if i == 2:
+                raise CalibrationError(f"frame {i} is saturated")
+            return i * 10
+
+        @pydron.schedule
+        def run(n):
+            good, bad = [], []
+            for i in range(n):
+                try:
+                    good.append(calibrate_frame(i))
+                except CalibrationError as e:
+                    bad.append(str(e))
+            return good, bad
+
+        @pydron.schedule
+        def run_uncaught(n):
+            return [calibrate_frame(i) for i in range(n)]
+
+        caught = run(4)
+        try:
+            run_uncaught(4)
+            uncaught = None
+        except ValueError as exc:
+            uncaught = [type(exc).__name__, str(exc), "".join(traceback.format_exception(exc))]
+        report(caught=caught, uncaught=uncaught, again=incs(2))
+    ''', tmp_path).run()
+    assert report["caught"] == [[0, 10, 30], ["frame 2 is saturated"]]
+    name, message, tb = report["uncaught"]
+    assert (name, message) == ("CalibrationError", "frame 2 is saturated")
+    assert "in calibrate_frame" in tb and "raise CalibrationError" in tb, \
+        f"the worker-side traceback is not shown:\n{tb}"
+    assert report["again"] == [1, 2]
+
+
+# --- Ctrl-C ----------------------------------------------------------------------------------------
+
+CTRL_C = r'''
+    started = sys.argv[1]
+
+    @pydron.functional
+    def slow_task(i, started):
+        open(os.path.join(started, f"started-{i}"), "w").close()
+        time.sleep(60)
+        return i
+
+    @pydron.schedule
+    def long_run():
+        return sum([slow_task(i, started) for i in range(4)])
+
+    try:
+        long_run()
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    report(outcome=outcome, again=incs(5))
+'''
+
+
+@pytest.mark.parametrize("target", ["process", "process-group"])
+def test_ctrl_c_cancels_tasks_and_pool_stays_usable(tmp_path, target):
+    """SIGINT while a scheduled call waits on 60 s tasks: KeyboardInterrupt reaches the script,
+    the tasks are cancelled (the next call, needing the workers, finishes well within the
+    timeout), and nothing is left behind. A terminal's Ctrl-C signals the whole group."""
+    scenario = Scenario(CTRL_C, tmp_path, timeout=40)
+    scenario.wait_for_files("started-", count=2)
+    if target == "process":
+        os.kill(scenario.proc.pid, signal.SIGINT)
+    else:
+        os.killpg(scenario.proc.pid, signal.SIGINT)
+    report = scenario.run()
+    assert report["outcome"] == "interrupted"
+    assert report["again"] == [1, 2, 3, 4, 5]
+
+
+# --- exit with tasks in flight -------------------------------------------------------------------
+
+EXIT_SCENARIOS = {
+    # sys.exit from inside the scheduled function while its tasks run.
+    "sys_exit_in_scheduled": r'''
+        @pydron.schedule
+        def run():
+            rs = [slow_task(i, started) for i in range(4)]
+            wait_started(2)
+            atexit.register(report, outcome="exiting")
+            sys.exit(0)
+    ''',
+    # The first task fails at once; its siblings are still running when the script ends.
+    "failure_leaves_siblings_running": r'''
+        @pydron.functional
+        def fails_now(x):
+            raise RuntimeError(f"broken {x}")
+
+        @pydron.schedule
+        def run():
+            rs = [fails_now(0)] + [slow_task(i, started) for i in range(4)]
+            wait_started(2)
+            return sum(rs)
+
+        try:
+            run()
+        except RuntimeError as exc:
+            atexit.register(report, outcome=str(exc))
+    ''',
+    # A daemon thread runs a scheduled call when the main thread returns.
+    "daemon_thread_mid_call": r'''
+        @pydron.schedule
+        def run():
+            return sum([slow_task(i, started) for i in range(4)])
+
+        threading.Thread(target=run, daemon=True).start()
+        wait_started(2)
+        atexit.register(report, outcome="main done")
+    ''',
+}
+
+EXIT_PRELUDE = r'''
+    started = sys.argv[1]
+
+    @pydron.functional
+    def slow_task(i, started):
+        open(os.path.join(started, f"started-{i}"), "w").close()
+        time.sleep(60)
+        return i
+
+    def wait_started(n):
+        while len([f for f in os.listdir(started) if f.startswith("started-")]) < n:
+            time.sleep(0.02)
+'''
+
+
+@pytest.mark.parametrize("scenario", sorted(EXIT_SCENARIOS))
+def test_exit_with_tasks_in_flight(tmp_path, scenario):
+    """The interpreter exits promptly (no waiting for 60 s tasks) and leaves nothing behind."""
+    body = textwrap.dedent(EXIT_PRELUDE) + textwrap.dedent(EXIT_SCENARIOS[scenario])
+    report = Scenario(body, tmp_path, timeout=40).run()
+    assert report["outcome"] in ("exiting", "broken 0", "main done")
+
+
+def test_master_killed_leaves_no_workers(tmp_path):
+    """Not an orderly exit: SIGKILL of the master while tasks run. Workers must notice and go."""
+    scenario = Scenario(textwrap.dedent(EXIT_PRELUDE) + textwrap.dedent(r'''
+        @pydron.schedule
+        def run():
+            return sum([slow_task(i, started) for i in range(4)])
+        run()
+    '''), tmp_path, timeout=40)
+    scenario.wait_for_files("started-", count=2)
+    scenario.remember_children()
+    assert scenario.seen_children, "no worker processes were seen"
+    os.kill(scenario.proc.pid, signal.SIGKILL)
+    scenario.finish()
+    scenario.check_leftovers({}, check_shm=False)
