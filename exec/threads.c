@@ -55,7 +55,7 @@ typedef struct {
     char custom_from_param;   /* a subclass overrides from_param: call it (GIL held), then convert */
     ffi_type *ffi;
     PyObject *type;           /* borrowed from the site's argtypes tuple / restype */
-    PyObject *pointee;        /* POINTER(T): T, borrowed (the pointer type holds it) */
+    PyObject *pointee;        /* POINTER(T): T, owned */
 } native_slot;
 
 /* One cached signature of one function address: the prepared cif and how to convert values.
@@ -78,6 +78,7 @@ typedef struct native_site {
 typedef struct thread_job {
     struct thread_job *next;
     uint64_t task_id;
+    uint64_t generation;            /* pool.generation at submit: older ones were cancelled */
     PyObject *fn, *args, *kwargs;   /* owned (kwargs may be NULL); dropped by the worker */
     native_site *site;              /* NULL: a Python call */
     void *fnaddr;
@@ -102,6 +103,7 @@ static struct {
     int nthreads, max_threads, idle, stopping;
     pid_t pid;                     /* process the threads belong to */
     Py_ssize_t outstanding;
+    uint64_t generation;           /* bumped by exec__threads_cancel_all */
     uint64_t ffi_calls, python_calls, helper_ids;
     native_site *sites[SITE_BUCKETS];
     Py_ssize_t nsites;
@@ -115,6 +117,14 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 /* ctypes' base classes, looked up once (new references kept for the life of the process). */
 static PyObject *ctypes_cfuncptr, *ctypes_simple, *ctypes_pointer, *ctypes_array, *ctypes_c_char;
+/* Attribute names looked up on every ctypes call, interned once. */
+static PyObject *str_errcheck, *str_argtypes, *str_restype, *str_flags, *str_as_parameter;
+
+/* For exec_cancel_all in exec/exec.c; belongs in exec/internal.h beside exec__threads_drain. */
+void exec__threads_cancel_all(void);
+
+/* Set in pool threads: they must not join the pool they belong to. */
+static _Thread_local int in_pool_thread;
 
 /* Falls back to doing nothing until exec/exec.c provides the real wake-up. */
 __attribute__((weak)) void
@@ -130,21 +140,15 @@ exec_ffi_version(void)
 
 /* ---------------------------------------------------------------- small Python helpers */
 
-/* Like PyObject_GetOptionalAttr (3.13): 1 and a new reference, 0 if absent, -1 on error. */
+/* Like PyObject_GetOptionalAttr (3.13): 1 and a new reference, 0 if absent, -1 on error.
+ * `name` is an interned string from str_* below. */
 static int
-lookup_attr(PyObject *obj, const char *name, PyObject **result)
+lookup_attr(PyObject *obj, PyObject *name, PyObject **result)
 {
 #if PY_VERSION_HEX >= 0x030D0000
-    return PyObject_GetOptionalAttrString(obj, name, result);
+    return PyObject_GetOptionalAttr(obj, name, result);
 #else
-    PyObject *key = PyUnicode_FromString(name);
-    if (key == NULL) {
-        *result = NULL;
-        return -1;
-    }
-    int rc = _PyObject_LookupAttr(obj, key, result);
-    Py_DECREF(key);
-    return rc;
+    return _PyObject_LookupAttr(obj, name, result);
 #endif
 }
 
@@ -184,6 +188,21 @@ load_ctypes(void)
 {
     if (ctypes_cfuncptr != NULL)
         return 0;
+    if (str_errcheck == NULL) {
+        str_errcheck = PyUnicode_InternFromString("errcheck");
+        str_argtypes = PyUnicode_InternFromString("argtypes");
+        str_restype = PyUnicode_InternFromString("restype");
+        str_flags = PyUnicode_InternFromString("_flags_");
+        str_as_parameter = PyUnicode_InternFromString("_as_parameter_");
+        if (!str_errcheck || !str_argtypes || !str_restype || !str_flags || !str_as_parameter) {
+            Py_CLEAR(str_errcheck);
+            Py_CLEAR(str_argtypes);
+            Py_CLEAR(str_restype);
+            Py_CLEAR(str_flags);
+            Py_CLEAR(str_as_parameter);
+            return -1;
+        }
+    }
     PyObject *mod = PyImport_ImportModule("ctypes");
     if (mod == NULL)
         return -1;
@@ -357,8 +376,7 @@ classify_type(PyObject *type, int is_result, native_slot *slot)
             PyErr_Clear();   /* an incomplete POINTER("name") type */
             return 0;
         }
-        slot->pointee = pointee;   /* the pointer type keeps it alive */
-        Py_DECREF(pointee);
+        slot->pointee = pointee;   /* owned by the slot, released with the site */
         if (!PyType_Check(pointee))
             return 0;
         int custom = overrides_from_param(tp, (PyTypeObject *)ctypes_pointer);
@@ -375,6 +393,9 @@ classify_type(PyObject *type, int is_result, native_slot *slot)
 static void
 site_free(native_site *site)
 {
+    Py_XDECREF(site->result.pointee);
+    for (Py_ssize_t i = 0; i < site->nargs; i++)
+        Py_XDECREF(site->args[i].pointee);
     Py_XDECREF(site->restype);
     Py_XDECREF(site->argtypes);
     PyMem_RawFree(site->atypes);
@@ -545,7 +566,7 @@ convert_from_param_result(thread_job *job, PyObject *value, void **out)
             return rc;
         }
         PyObject *inner;
-        int found = lookup_attr(value, "_as_parameter_", &inner);
+        int found = lookup_attr(value, str_as_parameter, &inner);
         if (found < 0)
             goto error;
         Py_DECREF(value);
@@ -722,9 +743,9 @@ prepare_native_call(thread_job *job, PyObject *fn, PyObject *args, PyObject *kwa
     int rc = -1;
     PyObject *argtypes = NULL, *restype = NULL, *errcheck = NULL, *flags = NULL, *seq = NULL;
 
-    if (lookup_attr(fn, "errcheck", &errcheck) < 0 || lookup_attr(fn, "argtypes", &argtypes) < 0
-        || lookup_attr(fn, "restype", &restype) < 0
-        || lookup_attr((PyObject *)Py_TYPE(fn), "_flags_", &flags) < 0)
+    if (lookup_attr(fn, str_errcheck, &errcheck) < 0 || lookup_attr(fn, str_argtypes, &argtypes) < 0
+        || lookup_attr(fn, str_restype, &restype) < 0
+        || lookup_attr((PyObject *)Py_TYPE(fn), str_flags, &flags) < 0)
         goto done;
     rc = 0;
     if ((errcheck != NULL && errcheck != Py_None) || argtypes == NULL || argtypes == Py_None
@@ -896,6 +917,7 @@ worker_main(void *unused)
 {
     /* A thread state of our own for the worker's whole life, so each Python call only swaps the
      * GIL (threading.local values persist between a worker's tasks). */
+    in_pool_thread = 1;
     PyGILState_STATE outer = PyGILState_Ensure();
     PyThreadState *ts = PyEval_SaveThread();
 
@@ -1054,6 +1076,7 @@ exec_submit_thread(uint64_t task_id, PyObject *fn, PyObject *args, PyObject *kwa
         job_free(job);
         return -1;
     }
+    job->generation = pool.generation;
     job->fn = Py_NewRef(fn);
     job->args = Py_NewRef(args);
     job->kwargs = (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) ? Py_NewRef(kwargs) : NULL;
@@ -1131,6 +1154,10 @@ exec__threads_drain(exec_result_fn on_result, void *ctx)
     while (list != NULL) {
         thread_job *job = list;
         list = job->next;
+        if (job->generation != pool.generation) {
+            job_free(job);   /* cancelled while it ran: never reported */
+            continue;
+        }
         exec_result r;
         job_result(job, &r);
         job_free(job);
@@ -1162,9 +1189,28 @@ exec__threads_outstanding(void)
     return pool.outstanding;
 }
 
+/* Forget every queued and running task (Ctrl-C): queued ones are dropped now, running ones run
+ * to the end (a thread cannot be stopped safely) and are dropped when they finish. GIL held. */
+void
+exec__threads_cancel_all(void)
+{
+    check_forked();
+    pthread_mutex_lock(&pool.mu);
+    thread_job *queued = pool.queue_head, *done = pool.done_head;
+    pool.queue_head = pool.queue_tail = pool.done_head = pool.done_tail = NULL;
+    pool.queued = 0;
+    pool.generation++;
+    pthread_mutex_unlock(&pool.mu);
+    pool.outstanding = 0;
+    job_free_list(queued);
+    job_free_list(done);
+}
+
 void
 exec__threads_shutdown(void)
 {
+    if (in_pool_thread)
+        return;   /* a task cannot wait for its own thread; the master's shutdown will */
     check_forked();
     pthread_mutex_lock(&pool.mu);
     pool.stopping = 1;
@@ -1339,6 +1385,70 @@ done:
     return result;
 }
 
+/* _threads_submit(task_id, fn, args=(), kwargs=None): exec_submit_thread, for tests. */
+static PyObject *
+threads_submit(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"task_id", "fn", "args", "kwargs", NULL};
+    unsigned long long task_id;
+    PyObject *fn, *call_args = NULL, *kwargs = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "KO|O!O:_threads_submit", kwlist, &task_id, &fn,
+                                     &PyTuple_Type, &call_args, &kwargs))
+        return NULL;
+    if (kwargs != Py_None && !PyDict_Check(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "kwargs must be a dict or None");
+        return NULL;
+    }
+    PyObject *empty = NULL;
+    if (call_args == NULL) {
+        empty = PyTuple_New(0);
+        if (empty == NULL)
+            return NULL;
+        call_args = empty;
+    }
+    int rc = exec_submit_thread(task_id, fn, call_args, kwargs == Py_None ? NULL : kwargs);
+    Py_XDECREF(empty);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static int
+drain_to_list(void *ctx, exec_result *r)
+{
+    PyObject *obj = r->object != NULL ? r->object : Py_NewRef(Py_None);
+    if (r->blob != NULL)
+        exec_blob_decref(r->blob);
+    PyObject *item = Py_BuildValue("(KON)", (unsigned long long)r->task_id,
+                                   r->failed ? Py_True : Py_False, obj);
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append((PyObject *)ctx, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* _threads_drain() -> [(task_id, failed, result or exception)]: exec__threads_drain, no wait. */
+static PyObject *
+threads_drain(PyObject *self, PyObject *unused)
+{
+    PyObject *list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    if (exec__threads_drain(drain_to_list, list) < 0) {
+        Py_DECREF(list);
+        return NULL;
+    }
+    return list;
+}
+
+static PyObject *
+threads_cancel_all(PyObject *self, PyObject *unused)
+{
+    exec__threads_cancel_all();
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 threads_stats(PyObject *self, PyObject *unused)
 {
@@ -1371,6 +1481,11 @@ threads_ffi_version(PyObject *self, PyObject *unused)
 static PyMethodDef threads_methods[] = {
     {"_threads_map", (PyCFunction)(void (*)(void))threads_map, METH_VARARGS | METH_KEYWORDS,
      "_threads_map(fn, arglist, kwargs=None, return_exceptions=False) -> list (tests only)"},
+    {"_threads_submit", (PyCFunction)(void (*)(void))threads_submit, METH_VARARGS | METH_KEYWORDS,
+     "_threads_submit(task_id, fn, args=(), kwargs=None) (tests only)"},
+    {"_threads_drain", threads_drain, METH_NOARGS,
+     "_threads_drain() -> [(task_id, failed, object)] (tests only)"},
+    {"_threads_cancel_all", threads_cancel_all, METH_NOARGS, "Forget queued and running tasks."},
     {"_threads_stats", threads_stats, METH_NOARGS, "Thread pool counters (tests only)."},
     {"_threads_shutdown", threads_shutdown, METH_NOARGS, "Join the pool's threads."},
     {"_threads_ffi_version", threads_ffi_version, METH_NOARGS, "libffi version string."},

@@ -424,6 +424,48 @@ def test_shutdown_twice_then_reuse():
     assert _core._threads_stats()["threads"] >= 1
 
 
+def drain_until(task_ids, timeout=60.0):
+    """Poll _threads_drain (as exec_poll does) until every id in task_ids came back."""
+    got = {}
+    deadline = time.monotonic() + timeout
+    while set(got) != set(task_ids):
+        for task_id, failed, obj in _core._threads_drain():
+            got[task_id] = (failed, obj)
+        assert time.monotonic() < deadline, got
+        time.sleep(0.001)
+    return got
+
+
+def test_submit_and_drain_interface(lib):
+    sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
+    _core._threads_submit(11, sleep, (2000, 42))
+    _core._threads_submit(12, square_plus, (3,), {"y": 1})
+    _core._threads_submit(13, failing_calibration, (5,))
+    _core._threads_submit(14, math.sqrt)   # no arguments: TypeError from the call itself
+    assert _core._threads_stats()["outstanding"] >= 1
+    got = drain_until([11, 12, 13, 14])
+    assert got[11] == (False, 42) and got[12] == (False, 10)
+    assert got[13][0] is True and type(got[13][1]) is CalibrationError
+    assert got[14][0] is True and type(got[14][1]) is TypeError
+    assert _core._threads_stats()["outstanding"] == 0
+    with pytest.raises(TypeError):
+        _core._threads_submit(15, square_plus, [1])   # args must be a tuple
+
+
+def test_cancel_all_forgets_queued_and_running(lib):
+    sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
+    n = _core._threads_stats()["max_threads"] + 3
+    for i in range(n):
+        _core._threads_submit(100 + i, sleep, (100000, i))
+    _core._threads_cancel_all()
+    assert _core._threads_stats()["outstanding"] == 0
+    time.sleep(0.3)   # the running ones finish; they must not be reported
+    assert _core._threads_drain() == []
+    _core._threads_submit(200, sleep, (0, 9))
+    assert drain_until([200]) == {200: (False, 9)}
+    assert _core._threads_drain() == []
+
+
 FORK_SCRIPT = textwrap.dedent("""
     import ctypes, math, os, sys, time
     from pydron import _core
