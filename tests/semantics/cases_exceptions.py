@@ -9,7 +9,7 @@ import pydron
 
 from .registry import case
 from .tasks import (OtherError, SubTaskError, TaskError, add, divide, double, fail, fail_if,
-                    fail_key, fail_sub, square)
+                    fail_key, fail_sub, slow_fail, square)
 
 
 @case(3)
@@ -277,3 +277,31 @@ def with_block_sees_task_error(x):
     with Tracked("not suppressing"):
         r = fail(x, "escapes with")
     return r
+
+
+@case(1, raises=TaskError)
+@pydron.schedule
+def first_in_program_order_not_first_in_time(x):
+    slow = slow_fail(x, 0.3)       # fails last in time, but first in program order
+    fast = fail(x, "fast")
+    return [slow, fast]
+
+
+@case(2)
+@pydron.schedule
+def handler_catches_program_order_first(x):
+    try:
+        a = slow_fail(x, 0.2)
+        b = fail(x, "fast")
+        return a, b
+    except TaskError as e:
+        return str(e)
+
+
+@case(3)
+@pydron.schedule
+def return_inside_finally_overrides(x):
+    try:
+        return fail(x)
+    finally:
+        return "finally wins"

@@ -182,3 +182,23 @@ class Geometry:
     @pydron.functional
     def dist2(ax, ay, bx, by):
         return (ax - bx) ** 2 + (ay - by) ** 2
+
+
+@pydron.functional
+def slow_fail(x, seconds):
+    import time
+    time.sleep(seconds)
+    raise TaskError(f"slow failure {x}")
+
+
+@pydron.functional
+def make_adder(n):
+    """Returns a closure: shipped back by value."""
+    def adder(v):
+        return v + n
+    return adder
+
+
+@pydron.functional
+def to_bytes(x):
+    return x.to_bytes(4, "little")
