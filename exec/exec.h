@@ -79,6 +79,10 @@ void exec_cancel_all(void);
 /* Tasks submitted and not yet handed to on_result. */
 Py_ssize_t exec_outstanding(void);
 
+/* 1 in a worker process (forked by the fork server): pydron must not schedule there, functional
+ * calls run as plain calls. */
+int exec_in_worker(void);
+
 /* Module plumbing: exceptions and types exec defines (WorkerLostError), added to the module. */
 int exec_module_init(PyObject *module);
 /* Library versions for `pydron info`: libffi. */
