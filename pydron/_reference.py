@@ -1,0 +1,268 @@
+"""Pure-Python reference runtime for rewritten scheduled code (the helpers named in _rewrite.py).
+
+The C core `pydron._core` provides the same helpers; this module is what it is tested against,
+and what the rewriter is tested with. Functional calls become tasks (run deferred, or on a
+thread pool), whose results are `Pending` objects until forced.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+from . import _rewrite
+
+__all__ = ["ReferenceRuntime", "Pending"]
+
+_BuiltinMethod = type([].append)
+_TUPLE_ITEMS = tuple.__basicsize__
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+
+# Methods of exact lists/dicts that only move values: per-argument force kinds
+# ("-" move, "S" shallow, "D" deep); the container itself is not forced.
+_MOVE_METHODS = {
+    list: {"append": "-", "extend": "S", "insert": "D-", "pop": "D", "copy": "", "clear": ""},
+    dict: {"get": "D-", "pop": "D-", "setdefault": "D-", "copy": "", "clear": ""},
+}
+_LEN_MOVES = (list, tuple, dict, set, frozenset, str, bytes)
+
+
+class Pending:
+    """The result of a functional call that has not been forced yet."""
+
+    __slots__ = ("seq", "fn", "args", "kwargs", "future", "state", "value", "exc", "tb",
+                 "reported")
+
+    def __init__(self, seq, fn, args, kwargs):
+        self.seq, self.fn, self.args, self.kwargs = seq, fn, args, kwargs
+        self.future = None
+        self.state = 0  # 0 outstanding, 1 value, 2 failed
+        self.value = self.exc = self.tb = None
+        self.reported = False
+
+    def __repr__(self):
+        return "<pydron Pending #%d %s>" % (self.seq, getattr(self.fn, "__qualname__", self.fn))
+
+
+def _default_kind(kind):
+    def predicate(obj):
+        try:
+            return getattr(obj, "__pydron_kind__", None) == kind
+        except Exception:
+            return False
+    return predicate
+
+
+def _set_tuple_item(t, i, value):
+    """Replace item i of tuple t in place (the pending it held is released)."""
+    addr = id(t) + _TUPLE_ITEMS + i * _PTR
+    slot = ctypes.c_void_p.from_address(addr)
+    old = t[i]
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(value))
+    slot.value = id(value)
+    ctypes.pythonapi.Py_DecRef(ctypes.py_object(old))
+
+
+class ReferenceRuntime:
+    """Helpers for rewritten code: call, call_ex, force, force_deep, store_subscr, mark,
+    force_since, force_before; and `run(fn, *args, **kwargs)` for a scheduled function."""
+
+    def __init__(self, is_functional=None, is_scheduled=None, threads=0):
+        self.is_functional = is_functional or _default_kind("functional")
+        self.is_scheduled = is_scheduled or _default_kind("scheduled")
+        self._executor = ThreadPoolExecutor(threads) if threads else None
+        self._tasks = []
+        self._lock = threading.Lock()
+        self._resolved_upto = 0  # every task before this index is resolved and reported
+        self._functions = {}
+        #: number of outstanding tasks each time a pending is forced for the first time
+        self.outstanding_at_force = []
+        self.submitted = 0
+
+    # -- tasks ------------------------------------------------------------------------
+    def _submit(self, fn, args, kwargs):
+        p = Pending(len(self._tasks), fn, args, kwargs)
+        self._tasks.append(p)
+        self.submitted += 1
+        if self._executor is not None:
+            p.future = self._executor.submit(self._execute, p)
+        return p
+
+    @staticmethod
+    def _execute(p):
+        try:
+            p.value = p.fn(*p.args, **p.kwargs)
+            p.state = 1
+        except BaseException as e:  # noqa: BLE001 - re-raised in the scheduled frame
+            p.exc, p.tb, p.state = e, e.__traceback__, 2
+        p.fn = p.args = p.kwargs = None
+
+    def _outstanding(self):
+        return sum(1 for t in self._tasks[self._resolved_upto:] if t.state == 0)
+
+    def _resolve(self, p):
+        if p.state == 0:
+            self.outstanding_at_force.append(self._outstanding())
+            if p.future is not None:
+                p.future.result()
+            else:
+                self._execute(p)
+        return p
+
+    def _raise(self, p):
+        p.reported = True
+        raise p.exc.with_traceback(p.tb)
+
+    # -- helpers called by rewritten code ------------------------------------------------
+    def force(self, x):
+        if type(x) is not Pending:
+            return x
+        p = self._resolve(x)
+        if p.state == 2:
+            self.force_before(p.seq)  # an earlier failure is the one plain Python raises
+            self._raise(p)
+        return p.value
+
+    def force_deep(self, x):
+        x = self.force(x)
+        t = type(x)
+        if t is list or t is tuple or t is dict:
+            self._force_inside(x, set())
+        return x
+
+    def _force_inside(self, c, seen):
+        if id(c) in seen:
+            return
+        seen.add(id(c))
+        t = type(c)
+        if t is list:
+            for i, v in enumerate(c):
+                if type(v) is Pending:
+                    v = c[i] = self.force(v)
+                if type(v) in (list, tuple, dict):
+                    self._force_inside(v, seen)
+        elif t is tuple:
+            for i, v in enumerate(c):
+                if type(v) is Pending:
+                    nv = self.force(v)
+                    _set_tuple_item(c, i, nv)
+                    v = nv
+                if type(v) in (list, tuple, dict):
+                    self._force_inside(v, seen)
+        elif t is dict:
+            for k, v in c.items():
+                if type(v) is Pending:
+                    v = self.force(v)
+                    c[k] = v
+                if type(v) in (list, tuple, dict):
+                    self._force_inside(v, seen)
+
+    def mark(self):
+        return len(self._tasks)
+
+    def force_since(self, mark):
+        tasks = self._tasks
+        for k in range(max(mark, self._resolved_upto), len(tasks)):
+            p = self._resolve(tasks[k])
+            if p.state == 2 and not p.reported:
+                self.force_before(p.seq)
+                self._raise(p)
+
+    def force_before(self, mark):
+        tasks = self._tasks
+        k = self._resolved_upto
+        while k < mark and k < len(tasks):
+            p = self._resolve(tasks[k])
+            k += 1
+            if p.state == 2 and not p.reported:
+                self._resolved_upto = k
+                self._raise(p)
+        if k > self._resolved_upto:
+            self._resolved_upto = k
+
+    def store_subscr(self, value, container, key):
+        key = self.force_deep(key)
+        container = self.force(container)
+        t = type(container)
+        if t is list or (t is dict and "__builtins__" not in container):
+            container[key] = value
+        else:
+            container[key] = self.force_deep(value)
+
+    def call(self, fn, args, kwnames):
+        if kwnames:
+            npos = len(args) - len(kwnames)
+            kwargs = dict(zip(kwnames, args[npos:]))
+            args = args[:npos]
+        else:
+            kwargs = {}
+        return self._dispatch(self.force(fn), args, kwargs)
+
+    def call_ex(self, fn, args, kwargs):
+        args = tuple(self.force(args))
+        kwargs = dict(self.force(kwargs)) if kwargs is not None else {}
+        return self._dispatch(self.force(fn), args, kwargs)
+
+    def _dispatch(self, fn, args, kwargs):
+        if self.is_functional(fn):
+            return self._submit(fn, args, kwargs)
+        if self.is_scheduled(fn):
+            if isinstance(fn, types.MethodType):
+                args = (fn.__self__,) + tuple(args)
+                fn = fn.__func__
+            if isinstance(fn, types.FunctionType) and _rewrite.is_rewritable(fn.__code__)[0]:
+                return self._rewritten(fn)(*args, **kwargs)
+        t = type(fn)
+        if t is _BuiltinMethod:
+            owner = fn.__self__
+            kinds = _MOVE_METHODS.get(type(owner), {}).get(fn.__name__)
+            if kinds is not None and not kwargs:
+                args = [self.force_deep(a) if k == "D" else self.force(a) if k == "S" else a
+                        for a, k in zip(args, kinds)]
+                return fn(*args)
+            if fn is len and len(args) == 1 and not kwargs:
+                a = self.force(args[0])
+                if type(a) in _LEN_MOVES:
+                    return len(a)
+            if owner is not None and not isinstance(owner, types.ModuleType):
+                self.force_deep(owner)
+        args = [self.force_deep(a) for a in args]
+        for k in kwargs:
+            kwargs[k] = self.force_deep(kwargs[k])
+        return fn(*args, **kwargs)
+
+    # -- running a scheduled function ------------------------------------------------------
+    def _rewritten(self, fn):
+        f = self._functions.get(fn)
+        if f is None:
+            code = _rewrite.rewrite(fn.__code__, self)
+            f = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
+                                   fn.__closure__)
+            f.__kwdefaults__ = fn.__kwdefaults__
+            f.__qualname__ = fn.__qualname__
+            f.__dict__.update(fn.__dict__)
+            self._functions[fn] = f
+        return f
+
+    def run(self, fn, *args, **kwargs):
+        """Call scheduled `fn` through its rewritten code; on return force every outstanding
+        task in submission order (the first failure is raised), deep-force the result."""
+        ok, _ = _rewrite.is_rewritable(getattr(fn, "__code__", None))
+        if not ok:
+            return fn(*args, **kwargs)
+        start = self.mark()
+        try:
+            result = self._rewritten(fn)(*args, **kwargs)
+        except BaseException:
+            self.force_before(self.mark())
+            raise
+        self.force_since(start)
+        self.force_before(self.mark())
+        return self.force_deep(result)
+
+    def close(self):
+        if self._executor is not None:
+            self._executor.shutdown()
