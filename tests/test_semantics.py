@@ -1,7 +1,10 @@
 """The semantics corpus, every case in every mode: plain Python (the case is deterministic and
 raises what it declares), the pure-Python reference runtime, and pydron with 2 workers — each
 must return, raise and print exactly what plain Python did. Plus the evidence that pydron really
-ran tasks in parallel, in worker processes, while the scheduled code stayed in this one."""
+ran tasks in parallel, in worker processes, while the scheduled code stayed in the master.
+
+Pydron-mode runs happen in a case server process (semantics/server.py): a crash of the C core
+fails the case that caused it, and the next case gets a fresh process."""
 
 import os
 import pickle
@@ -14,6 +17,7 @@ import pytest
 import pydron
 from semantics import harness
 from semantics.registry import load_all
+from semantics.server import CaseServer
 
 CASES = load_all()
 PARAMS = [pytest.param(mode, case, id=f"{mode}-{case.name}")
@@ -34,15 +38,25 @@ def _disable_at_end():
         pydron.disable()
 
 
+@pytest.fixture(scope="session")
+def case_server():
+    server = CaseServer()
+    yield server
+    server.close()
+
+
 def test_corpus_size():
     assert len(CASES) >= 70, len(CASES)
 
 
 @pytest.mark.parametrize("mode, case", PARAMS)
-def test_case(mode, case, expected_outcomes):
+def test_case(mode, case, expected_outcomes, case_server):
     if mode == "reference" and not harness.reference_available():
         pytest.skip("pydron._reference does not exist yet")
-    problems = harness.check(case, mode, expected_outcomes[case.name])
+    if mode == "pydron":
+        problems = case_server.request("check", (mode, case.name))
+    else:
+        problems = harness.check(case, mode, expected_outcomes[case.name])
     assert not problems, f"{case.name} ({mode}):\n" + "\n".join(problems)
 
 
@@ -58,13 +72,16 @@ TRACEBACK_CASES = {
 
 @pytest.mark.parametrize("mode", ["reference", "pydron"])
 @pytest.mark.parametrize("name", sorted(TRACEBACK_CASES))
-def test_worker_traceback_visible(name, mode):
+def test_worker_traceback_visible(name, mode, case_server):
     if mode == "reference" and not harness.reference_available():
         pytest.skip("pydron._reference does not exist yet")
-    case = next(c for c in CASES if c.name == name)
-    outcome = harness.RUNNERS[mode](case)
-    assert outcome.exception is not None, outcome.describe()
-    text = outcome.traceback_text
+    if mode == "pydron":
+        exc_name, text, described = case_server.request("outcome", (mode, name))
+    else:
+        outcome = harness.RUNNERS[mode](next(c for c in CASES if c.name == name))
+        exc_name, text, described = (outcome.exc_type and outcome.exc_type.__name__,
+                                     outcome.traceback_text, outcome.describe())
+    assert exc_name == "TaskError", described
     assert f"in {TRACEBACK_CASES[name]}\n" in text, text
     assert "raise TaskError(" in text, text   # the source line of the task's raise
 
@@ -76,13 +93,13 @@ def _overlapping_pairs(records):
             if a["pid"] != b["pid"] and a["start"] < b["end"] and b["start"] < a["end"]]
 
 
-def _check_spread(result, count):
+def _check_spread(result, count, master_pid, master_thread):
     master, submitted, records = result
-    assert master == {"pid": os.getpid(), "thread": threading.get_ident(),
-                      "after_loop_pid": os.getpid()}, "scheduled code left the master"
+    assert master == {"pid": master_pid, "thread": master_thread,
+                      "after_loop_pid": master_pid}, "scheduled code left the master"
     assert [r["task"] for r in records] == list(range(count))
     pids = {r["pid"] for r in records}
-    assert os.getpid() not in pids, "tasks ran in the master process"
+    assert master_pid not in pids, "tasks ran in the master process"
     assert len(pids) >= 2, f"all tasks ran in one process: {pids}"
     assert _overlapping_pairs(records), f"no two tasks in different workers overlapped: {records}"
     # Submitting never waited: the scheduled code was past its loop before any task finished.
@@ -90,22 +107,27 @@ def _check_spread(result, count):
 
 
 @pytest.mark.parametrize("task_name", ["timed_sleep", "timed_spin"])
-def test_tasks_run_in_parallel_workers(task_name):
+def test_tasks_run_in_parallel_workers(task_name, case_server):
     from semantics import cases_parallel
-    task = getattr(cases_parallel, task_name)
-    harness.ensure_enabled()
-    _check_spread(cases_parallel.spread(task, 4, 0.4), 4)
+    pid, thread, result = case_server.request(
+        "call", ("semantics.cases_parallel", "spread", (getattr(cases_parallel, task_name), 4, 0.4)))
+    _check_spread(result, 4, pid, thread)
 
 
-def test_nested_scheduled_tasks_overlap():
-    from semantics import cases_parallel
-    harness.ensure_enabled()
-    a, b = cases_parallel.spread_nested(2, 0.4)
-    _check_spread(a, 2)
-    _check_spread(b, 2)
-    # The outer function went on tracing: the second inner call's tasks overlap the first's.
-    first, second = a[2], b[2]
-    assert any(x["start"] < y["end"] and y["start"] < x["end"] for x in first for y in second)
+def test_nested_scheduled_tasks_overlap(case_server):
+    """Two nested scheduled calls of one task each: the outer function keeps tracing while the
+    first inner call's task runs, so the second inner call's task runs at the same time on the
+    other worker."""
+    pid, thread, (a, b) = case_server.request(
+        "call", ("semantics.cases_parallel", "spread_nested", (1, 0.4)))
+    for master, submitted, records in (a, b):
+        assert master == {"pid": pid, "thread": thread, "after_loop_pid": pid}
+        assert len(records) == 1 and records[0]["pid"] != pid
+    (x,), (y,) = a[2], b[2]
+    assert x["pid"] != y["pid"], f"both inner calls' tasks ran in one worker: {a}, {b}"
+    assert x["start"] < y["end"] and y["start"] < x["end"], f"the inner calls ran one after the " \
+        f"other: {x}, {y}"
+    assert b[1] < x["end"], "the outer function waited for the first inner call's task"
 
 
 def test_parallel_cases_are_sequential_when_disabled():
@@ -114,6 +136,7 @@ def test_parallel_cases_are_sequential_when_disabled():
     with harness.pydron_disabled():
         master, submitted, records = cases_parallel.spread(cases_parallel.timed_sleep, 2, 0.01)
     assert {r["pid"] for r in records} == {os.getpid()}
+    assert master["thread"] == threading.get_ident()
     assert not _overlapping_pairs(records) and submitted >= records[-1]["end"]
 
 
