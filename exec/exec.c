@@ -28,6 +28,7 @@ int exec_in_worker(void) { return exec__in_worker_flag; }
 __attribute__((weak)) int exec__threads_drain(exec_result_fn f, void *c) { return 0; }
 __attribute__((weak)) Py_ssize_t exec__threads_outstanding(void) { return 0; }
 __attribute__((weak)) void exec__threads_shutdown(void) {}
+__attribute__((weak)) void exec__threads_cancel_all(void) {}
 __attribute__((weak)) int exec__threads_module_init(PyObject *m) { return 0; }
 
 /* ArenaBuffer objects and blobs alive that hold arena references: the arena is unmapped at
@@ -1453,6 +1454,7 @@ int exec_poll(double timeout_s, exec_result_fn on_result, void *ctx)
 
 void exec_cancel_all(void)
 {
+    exec__threads_cancel_all();
     if (!M.running)
         return;
     free_task_list(M.q_head, 1);
@@ -1934,7 +1936,13 @@ done:
     return result;
 }
 
+static PyObject *core_exec_in_worker(PyObject *m, PyObject *unused)
+{
+    return PyBool_FromLong(exec_in_worker());
+}
+
 static PyMethodDef exec_test_methods[] = {
+    {"_exec_in_worker", core_exec_in_worker, METH_NOARGS, "True in a pydron worker process."},
     {"_exec_start", core_exec_start, METH_VARARGS, "Start the process pool (n workers, 0: one per core)."},
     {"_exec_shutdown", core_exec_shutdown, METH_NOARGS, "Stop the process pool."},
     {"_exec_cancel_all", core_exec_cancel_all, METH_NOARGS, "Forget every queued and running task."},

@@ -9,6 +9,8 @@
 int exec__threads_drain(exec_result_fn on_result, void *ctx);   /* number handed over or -1 */
 Py_ssize_t exec__threads_outstanding(void);
 void exec__threads_shutdown(void);
+/* Forget queued thread tasks now and running ones when they finish (for exec_cancel_all). */
+void exec__threads_cancel_all(void);
 /* Adds the thread pool's private test helpers (_threads_map, _threads_stats, ...) to the module;
  * called from exec_module_init. 0, or -1 with an exception. */
 int exec__threads_module_init(PyObject *m);
