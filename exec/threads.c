@@ -1083,6 +1083,13 @@ exec_submit_thread(uint64_t task_id, PyObject *fn, PyObject *args, PyObject *kwa
 
     int err = 0;
     pthread_mutex_lock(&pool.mu);
+    if (pool.stopping) {
+        /* Another thread is joining the pool (it released the GIL to do so). */
+        pthread_mutex_unlock(&pool.mu);
+        job_free(job);
+        PyErr_SetString(PyExc_RuntimeError, "pydron: the thread pool is shutting down");
+        return -1;
+    }
     if (pool.pid == 0)
         pool.pid = getpid();
     if (pool.queue_tail != NULL)

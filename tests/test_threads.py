@@ -531,6 +531,47 @@ def test_interpreter_exit_with_live_pool(native_lib):
     assert "exit ok" in proc.stdout
 
 
+FUNCTIONAL_SCRIPT = textwrap.dedent("""
+    import ctypes, sys, threading
+    import pydron
+    lib = ctypes.CDLL(sys.argv[1])
+    sleep = lib.sleep_then_return
+    sleep.argtypes = [ctypes.c_long, ctypes.c_long]
+    sleep.restype = ctypes.c_long
+
+    @pydron.functional(executor="threads")
+    def native_square(i):
+        return sleep(20000, i) ** 2
+
+    @pydron.functional(executor="threads")
+    def python_text(i, sep="-"):
+        return sep.join(str(k) for k in range(i))
+
+    @pydron.schedule
+    def pipeline(n):
+        squares = [native_square(i) for i in range(n)]
+        texts = []
+        for i in range(n):
+            texts.append(python_text(i, sep="+"))
+        return sum(squares), texts
+
+    pydron.enable()
+    print(repr(pipeline(12)))
+    if pydron.is_enabled():
+        from pydron import _core
+        print("pool calls:", _core._threads_stats()["python_calls"], file=sys.stderr)
+""")
+
+
+def test_functional_threads_executor_equals_plain_python(native_lib):
+    plain = run_python(FUNCTIONAL_SCRIPT, native_lib, env_extra={"PYDRON_DISABLE": "1"})
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    traced = run_python(FUNCTIONAL_SCRIPT, native_lib)
+    assert traced.returncode == 0, traced.stdout + traced.stderr
+    assert traced.stdout == plain.stdout
+    assert "pool calls: 24" in traced.stderr, traced.stderr
+
+
 def test_ffi_version_matches_pkg_config():
     version = _core._threads_ffi_version()
     assert version and version != "unknown"
