@@ -120,9 +120,6 @@ static PyObject *ctypes_cfuncptr, *ctypes_simple, *ctypes_pointer, *ctypes_array
 /* Attribute names looked up on every ctypes call, interned once. */
 static PyObject *str_errcheck, *str_argtypes, *str_restype, *str_flags, *str_as_parameter;
 
-/* For exec_cancel_all in exec/exec.c; belongs in exec/internal.h beside exec__threads_drain. */
-void exec__threads_cancel_all(void);
-
 /* Set in pool threads: they must not join the pool they belong to. */
 static _Thread_local int in_pool_thread;
 
