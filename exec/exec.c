@@ -1457,6 +1457,7 @@ void exec_cancel_all(void)
     exec__threads_cancel_all();
     if (!M.running)
         return;
+    PyObject *pending_exc = PyErr_GetRaisedException();   /* e.g. the KeyboardInterrupt */
     free_task_list(M.q_head, 1);
     M.q_head = M.q_tail = NULL;
     free_task_list(M.failed_head, 1);
@@ -1478,7 +1479,7 @@ void exec_cancel_all(void)
         s->head = s->tail = NULL;
         s->count = 0;
     }
-    PyErr_Clear();
+    PyErr_SetRaisedException(pending_exc);
 }
 
 /* ------------------------------------------------------------------ start and shutdown */
@@ -1903,10 +1904,8 @@ static PyObject *core_exec_map(PyObject *m, PyObject *args, PyObject *kw)
         submitted++;
     }
     while (ms.done < n) {
-        if (exec_poll(-1, test_on_result, &ms) < 0) {
-            exec_cancel_all();
+        if (exec_poll(-1, test_on_result, &ms) < 0)
             goto done;
-        }
     }
     if (!return_exceptions) {
         for (Py_ssize_t i = 0; i < n; i++) {

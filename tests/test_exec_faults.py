@@ -1,0 +1,206 @@
+"""Faults in the process pool, each scenario in its own Python subprocess (a crash fails one
+test): workers killed mid-task, tasks that always kill their worker, Ctrl-C, exit with tasks in
+flight. After each, no process started by the subprocess is left and /dev/shm has nothing new."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.nosan
+
+PRELUDE = textwrap.dedent("""
+    import json, os, signal, sys, time
+    import numpy as np
+    import psutil
+    from pydron import _core
+
+    def report(**kw):
+        print(json.dumps(kw), flush=True)
+
+    def descendants():
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+
+    def check_clean_after_shutdown():
+        _core._exec_shutdown()
+        left = [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+        assert not left, left
+""")
+
+
+def shm_entries():
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def wait_gone(pids, timeout=10.0):
+    """pids that still exist (not zombies) after waiting up to timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def run_scenario(body, tmp_path, timeout=120, interrupt_after_line=None):
+    """Run PRELUDE + body in a fresh interpreter; returns (returncode, JSON reports, stderr)."""
+    script = tmp_path / "scenario.py"
+    script.write_text(PRELUDE + textwrap.dedent(body))
+    shm_before = shm_entries()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=env)
+    reports, lines = [], []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("{"):
+                reports.append(json.loads(line))
+                if interrupt_after_line and reports[-1].get("event") == interrupt_after_line:
+                    time.sleep(0.5)
+                    proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    # Whatever the subprocess started must be gone once it is.
+    pids = {p for r in reports for p in r.get("pids", [])}
+    assert wait_gone(pids) == [], f"left behind: {pids}\n{err}"
+    assert shm_entries() - shm_before == set()
+    return proc.returncode, reports, err
+
+
+def test_worker_killed_once_task_rerun(tmp_path):
+    rc, reports, err = run_scenario("""
+        def work(x, marker):
+            if x == 3 and not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)     # the first try dies mid-task
+            time.sleep(0.01)
+            return x * x
+
+        _core._exec_start(2)
+        marker = os.path.abspath("marker")
+        before = _core._exec_info()
+        got = _core._exec_map(work, [(i, marker) for i in range(8)])
+        after = _core._exec_info()
+        report(got=got, pids=descendants(), workers_before=before["workers"],
+               workers_after=after["workers"])
+        check_clean_after_shutdown()
+        report(event="clean")
+    """, tmp_path)
+    assert rc == 0, err
+    assert reports[0]["got"] == [i * i for i in range(8)]
+    assert set(reports[0]["workers_after"]) != set(reports[0]["workers_before"])
+    assert reports[-1]["event"] == "clean"
+
+
+def test_task_that_always_kills_its_worker(tmp_path):
+    rc, reports, err = run_scenario("""
+        import ctypes
+
+        def segfault(a, items, n):
+            ctypes.string_at(0)                          # SIGSEGV
+
+        def exits(a):
+            os._exit(3)
+
+        def inc(x):
+            return x + 1
+
+        _core._exec_start(2)
+        for fn, args in [(segfault, (np.zeros((512, 512)), [1, 2, 3], 7)), (exits, (np.zeros(4, np.int32),))]:
+            try:
+                _core._exec_map(fn, [args])
+            except _core.WorkerLostError as e:
+                report(fn=fn.__name__, error=str(e), is_runtime=isinstance(e, RuntimeError))
+            else:
+                report(fn=fn.__name__, error=None)
+        # The pool is still usable afterwards.
+        report(after=_core._exec_map(inc, [(i,) for i in range(10)]), pids=descendants())
+        check_clean_after_shutdown()
+        report(event="clean")
+    """, tmp_path)
+    assert rc == 0, err
+    seg, ex, after, clean = reports
+    assert seg["is_runtime"] and "segfault" in seg["error"] and "SIGSEGV" in seg["error"]
+    assert "ndarray(float64, 512x512)" in seg["error"] and "list[3]" in seg["error"]
+    assert "int" in seg["error"] and "3 times" in seg["error"]
+    assert "exits" in ex["error"] and "exit status 3" in ex["error"]
+    assert "ndarray(int32, 4)" in ex["error"]
+    assert after["after"] == list(range(1, 11))
+    assert clean["event"] == "clean"
+
+
+def test_ctrl_c_cancels_and_pool_stays_usable(tmp_path):
+    rc, reports, err = run_scenario("""
+        def slow(x):
+            time.sleep(2)
+            return x
+
+        def inc(x):
+            return x + 1
+
+        _core._exec_start(2)
+        report(event="started", pids=descendants() + _core._exec_info()["workers"])
+        try:
+            _core._exec_map(slow, [(i,) for i in range(20)])
+        except KeyboardInterrupt:
+            report(event="interrupted", outstanding=_core._exec_info()["outstanding"])
+        else:
+            report(event="not interrupted")
+        t = time.monotonic()
+        got = _core._exec_map(inc, [(i,) for i in range(100)])
+        report(event="after", ok=got == list(range(1, 101)), seconds=time.monotonic() - t,
+               pids=descendants())
+        check_clean_after_shutdown()
+        report(event="clean")
+    """, tmp_path, interrupt_after_line="started")
+    assert rc == 0, err
+    events = [r["event"] for r in reports]
+    assert events == ["started", "interrupted", "after", "clean"], (events, err)
+    assert reports[1]["outstanding"] == 0
+    assert reports[2]["ok"]
+    assert reports[2]["seconds"] < 2     # the slow tasks were killed, not waited for
+
+
+@pytest.mark.parametrize("how", ["return", "sys.exit", "os._exit"])
+def test_exit_with_tasks_in_flight(tmp_path, how):
+    rc, reports, err = run_scenario(f"""
+        def slow(x):
+            time.sleep(60)
+            return x
+
+        _core._exec_start(2)
+        handles = [_core._exec_submit(slow, (i,)) for i in range(6)]
+        time.sleep(0.3)
+        info = _core._exec_info()
+        report(pids=descendants(), workers=info["workers"], forkserver=info["forkserver"])
+        how = {how!r}
+        if how == "sys.exit":
+            sys.exit(0)
+        elif how == "os._exit":
+            os._exit(0)
+    """, tmp_path, timeout=30)
+    assert rc == 0, err
+    (r,) = reports
+    assert r["forkserver"] in r["pids"] and all(w in r["pids"] for w in r["workers"])
+    assert len(r["pids"]) == 3
