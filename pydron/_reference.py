@@ -91,10 +91,34 @@ class ReferenceRuntime:
             p.future = self._executor.submit(self._execute, p)
         return p
 
-    @staticmethod
-    def _execute(p):
+    @classmethod
+    def _task_value(cls, v):
+        """A task argument with its dependencies' values in place of pendings (copied, so
+        that a worker never writes into the scheduled code's containers)."""
+        t = type(v)
+        if t is Pending:
+            if v.state == 0:
+                if v.future is not None:
+                    v.future.result()
+                else:
+                    cls._execute(v)
+            if v.state == 2:
+                raise v.exc.with_traceback(v.tb)
+            return v.value
+        if t is list:
+            return [cls._task_value(x) for x in v]
+        if t is tuple:
+            return tuple(cls._task_value(x) for x in v)
+        if t is dict:
+            return {k: cls._task_value(x) for k, x in v.items()}
+        return v
+
+    @classmethod
+    def _execute(cls, p):
         try:
-            p.value = p.fn(*p.args, **p.kwargs)
+            args = [cls._task_value(a) for a in p.args]
+            kwargs = {k: cls._task_value(a) for k, a in p.kwargs.items()}
+            p.value = p.fn(*args, **kwargs)
             p.state = 1
         except BaseException as e:  # noqa: BLE001 - re-raised in the scheduled frame
             p.exc, p.tb, p.state = e, e.__traceback__, 2
@@ -111,6 +135,13 @@ class ReferenceRuntime:
             else:
                 self._execute(p)
         return p
+
+    def _failed_task_seq(self, exc):
+        """Submission index of the task whose failure `exc` is, else the current mark."""
+        for p in reversed(self._tasks):
+            if p.state == 2 and p.exc is exc:
+                return p.seq
+        return self.mark()
 
     def _raise(self, p):
         p.reported = True
@@ -250,14 +281,18 @@ class ReferenceRuntime:
     def run(self, fn, *args, **kwargs):
         """Call scheduled `fn` through its rewritten code; on return force every outstanding
         task in submission order (the first failure is raised), deep-force the result."""
+        if isinstance(fn, types.MethodType):
+            args = (fn.__self__,) + args
+            fn = fn.__func__
         ok, _ = _rewrite.is_rewritable(getattr(fn, "__code__", None))
         if not ok:
             return fn(*args, **kwargs)
         start = self.mark()
         try:
             result = self._rewritten(fn)(*args, **kwargs)
-        except BaseException:
-            self.force_before(self.mark())
+        except BaseException as e:
+            # plain Python would have raised an earlier task's failure before this one
+            self.force_before(self._failed_task_seq(e))
             raise
         self.force_since(start)
         self.force_before(self.mark())

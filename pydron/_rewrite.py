@@ -574,6 +574,9 @@ class _Rewriter:
             st.append(st[-ins.arg])
             return
         if name in ("LOAD_FAST", "LOAD_FAST_CHECK"):
+            if type(ins.arg) is not str:  # 3.13: LOAD_CLOSURE became LOAD_FAST of the cell
+                st.append((1, None))
+                return
             st.append((lc[vindex[ins.arg]] if ins.arg in vindex else 2, ("fast", ins.arg)))
             return
         if name == "LOAD_FAST_AND_CLEAR":

@@ -1,0 +1,967 @@
+"""The bytecode rewrite (pydron._rewrite) run by the pure-Python reference runtime
+(pydron._reference): every case runs plainly and rewritten, and must give the same return value,
+exception (type and message) and printed output. Also: parallelism structure, forcing cost,
+tracebacks, and rewrite time."""
+
+import json
+import math
+import struct
+import sys
+import time
+import traceback
+import types
+
+import numpy as np
+import pytest
+
+from pydron import _rewrite
+from pydron._reference import Pending, ReferenceRuntime
+
+
+def functional(f):
+    f.__pydron_kind__ = "functional"
+    return f
+
+
+def scheduled(f):
+    f.__pydron_kind__ = "scheduled"
+    return f
+
+
+# ---------------------------------------------------------------------------------------
+# functional functions
+# ---------------------------------------------------------------------------------------
+
+@functional
+def sq(x):
+    return x * x
+
+
+@functional
+def add(a, b):
+    return a + b
+
+
+@functional
+def fail(x):
+    if x == 3:
+        raise ValueError("bad %r" % (x,))
+    return x
+
+
+@functional
+def boom(msg="boom"):
+    raise KeyError(msg)
+
+
+@functional
+def pair(x):
+    return (x, x + 1)
+
+
+@functional
+def mklist(n):
+    return list(range(n))
+
+
+@functional
+def name(x):
+    return "n%d" % x
+
+
+@functional
+def kw(a, b=2, *, c=3):
+    return (a, b, c)
+
+
+@functional
+def varargs(*a, **k):
+    return (a, sorted(k.items()))
+
+
+@functional
+def maybe_none(x):
+    return None if x % 2 else x
+
+
+@functional
+def mkdict(x):
+    return {"x": x, "y": [x, x]}
+
+
+class Point:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __eq__(self, other):
+        return type(other) is Point and (self.x, self.y) == (other.x, other.y)
+
+    def __repr__(self):
+        return "Point(%r, %r)" % (self.x, self.y)
+
+
+@functional
+def point(x):
+    return Point(x, -x)
+
+
+# ---------------------------------------------------------------------------------------
+# scheduled cases (plain Python is the reference)
+# ---------------------------------------------------------------------------------------
+
+def c_loop_append(xs):
+    r = []
+    for x in xs:
+        r.append(sq(x))
+    return sum(r), r
+
+
+def c_listcomp(xs):
+    return [sq(x) for x in xs]
+
+
+def c_dictcomp(xs):
+    return {x: sq(x) for x in xs}
+
+
+def c_setcomp(xs):
+    return {sq(x) % 3 for x in xs}
+
+
+def c_genexpr(xs):
+    return sum(sq(x) for x in xs), max(sq(x) for x in xs)
+
+
+def c_nested_comp(n):
+    return [[add(i, j) for j in range(i)] for i in range(n)]
+
+
+def c_comp_filter(xs):
+    return [v for v in [sq(x) for x in xs] if v % 2 == 0]
+
+
+def c_cond(x):
+    a = sq(x)
+    if a > 5:
+        return "big", a
+    elif a == 4:
+        return "four", a
+    return "small", a
+
+
+def c_while(n):
+    i = 0
+    v = sq(1)
+    while v < n:
+        v = add(v, sq(i))
+        i += 1
+    return v, i
+
+
+def c_try_caught(x):
+    try:
+        y = fail(x)
+        z = y + 1
+    except ValueError as e:
+        return "caught " + str(e)
+    return z
+
+
+def c_try_unread(x):
+    out = []
+    try:
+        fail(x)
+    except ValueError as e:
+        out.append("handler %s" % e)
+    out.append("after")
+    return out
+
+
+def c_try_nested(x):
+    try:
+        try:
+            v = boom("k%d" % x)
+            return v
+        except ValueError:
+            return "inner"
+    except KeyError as e:
+        return "outer " + repr(e)
+
+
+def c_try_earlier_wins(x):
+    a = fail(x)
+    try:
+        b = boom()
+        return b
+    except KeyError:
+        return "inner"
+
+
+def c_try_finally(x):
+    r = []
+    try:
+        r.append(sq(x))
+    finally:
+        print("finally", len(r))
+    return r
+
+
+def c_try_finally_raise(x):
+    try:
+        v = fail(x)
+    finally:
+        print("finally runs")
+    return v
+
+
+def c_try_else(x):
+    try:
+        v = fail(x)
+    except ValueError:
+        v = -1
+    else:
+        v = v * 10
+    finally:
+        print("done")
+    return v
+
+
+def c_return_in_finally(x):
+    try:
+        fail(x)
+    finally:
+        return "swallowed"
+
+
+def c_try_in_loop(xs):
+    out = []
+    for x in xs:
+        try:
+            v = fail(x)
+            if v == 5:
+                break
+            if v == 1:
+                continue
+            out.append(v)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def c_try_return_inside(x):
+    try:
+        return fail(x)
+    except ValueError:
+        return "handled"
+
+
+def c_raise_from(x):
+    try:
+        fail(x)
+        return sq(x)
+    except ValueError as e:
+        raise RuntimeError("wrapped") from e
+
+
+def c_exception_unread_at_end(x):
+    sq(2)
+    fail(x)
+    return 1
+
+
+class Recorder:
+    def __init__(self):
+        self.log = []
+
+    def __enter__(self):
+        self.log.append("enter")
+        return self
+
+    def __exit__(self, et, ev, tb):
+        self.log.append("exit %s" % (et.__name__ if et else None))
+        return et is KeyError
+
+
+def c_with(x):
+    rec = Recorder()
+    try:
+        with rec as r:
+            v = fail(x)
+            w = sq(x)
+    except ValueError as e:
+        rec.log.append("outer %s" % e)
+    with rec:
+        boom()
+    return rec.log
+
+
+def c_closure(xs):
+    total = 0
+    base = sq(2)
+
+    def inner(v):
+        nonlocal total
+        total += v + base
+        return total
+
+    for x in xs:
+        inner(sq(x))
+    return total, inner(0)
+
+
+def c_lambda(xs):
+    f = lambda v: sq(v) + 1  # noqa: E731
+    return [f(x) for x in xs], sorted(xs, key=lambda v: -sq(v))
+
+
+def c_defaults(x, y=3, *, z=4):
+    return kw(x, c=sq(y)), kw(b=sq(z), a=x), kw(*[x, y], **{"c": sq(z)})
+
+
+def c_starargs(*args, **kwargs):
+    return varargs(*args, **kwargs), varargs(*[sq(a) for a in args], k=sq(2))
+
+
+def c_unpack(x):
+    a, b = pair(sq(x))
+    first, *rest = mklist(5)
+    (c, d), e = pair(x), sq(x)
+    return a, b, first, rest, c, d, e
+
+
+@scheduled
+def s_helper(xs):
+    return [sq(x) for x in xs]
+
+
+@scheduled
+def s_fib(n):
+    if n < 2:
+        return sq(n)
+    return add(s_fib(n - 1), s_fib(n - 2))
+
+
+def c_nested_scheduled(xs):
+    r = s_helper(xs)
+    return sum(r), s_fib(8)
+
+
+def c_inner_generator(xs):
+    def gen():
+        for x in xs:
+            yield sq(x)
+        return "end"
+
+    out = list(gen())
+    g = gen()
+    first = next(g)
+    return out, first
+
+
+def c_early_return(xs):
+    for x in xs:
+        v = sq(x)
+        if v > 10:
+            return x, v
+    return None
+
+
+def c_break_continue(xs):
+    out = []
+    for x in xs:
+        v = sq(x)
+        if v == 4:
+            continue
+        if v > 30:
+            break
+        out.append(v)
+    else:
+        out.append("no break")
+    return out
+
+
+def c_match(x):
+    out = []
+    match pair(sq(x)):
+        case (a, b) if a > 3:
+            out.append(("big", a, b))
+        case (0, _):
+            out.append("zero")
+        case _:
+            out.append("other")
+    match mkdict(x):
+        case {"x": 2, "y": [p, q]}:
+            out.append(("two", p, q))
+        case {"x": v}:
+            out.append(("x", v))
+    match point(x):
+        case Point(x=0):
+            out.append("origin")
+        case Point(x=px, y=py):
+            out.append((px, py))
+    match sq(x):
+        case 4:
+            out.append("four")
+        case int(n):
+            out.append(n)
+    return out
+
+
+def c_fstrings(x):
+    a = sq(x)
+    return (f"{a} and {sq(x + 1):>5} {name(x)!r} {a:.2f}", "%d-%s" % (sq(2), name(3)),
+            "{}/{}".format(sq(1), a), "%(a)s" % {"a": a})
+
+
+def c_is_none(xs):
+    out = []
+    for x in xs:
+        r = maybe_none(x)
+        if r is None:
+            out.append("none")
+        elif r is not None and r > 2:
+            out.append(r)
+    return out
+
+
+def c_type_isinstance(x):
+    a = sq(x)
+    b = name(x)
+    return type(a).__name__, isinstance(b, str), type(pair(x)) is tuple, id(a) == id(a)
+
+
+def c_join(xs):
+    names = [name(x) for x in xs]
+    return ",".join(names), " ".join(name(x) for x in xs)
+
+
+def c_json_struct_numpy(xs):
+    r = [sq(x) for x in xs]
+    arr = np.array(r)
+    return json.dumps(r), struct.pack("%di" % len(r), *r), arr.sum(), np.array([sq(2), 5]).tolist()
+
+
+class Base:
+    def m(self, x):
+        return x + 100
+
+
+class Derived(Base):
+    def m(self, x):
+        return super().m(sq(x)) + sq(x)
+
+
+def c_super(x):
+    return Derived().m(x)
+
+
+class Derived2(Base):
+    @scheduled
+    def m(self, x):
+        return super().m(sq(x)) + sq(x)
+
+
+def c_introspection(x):
+    y = sq(x)
+    loc = sorted(locals())
+    fr = sys._getframe()
+    return loc, fr.f_code.co_name, sorted(vars())
+
+
+def c_print(xs):
+    for x in xs:
+        print("value", sq(x), end=";")
+    print()
+    r = [sq(x) for x in xs]
+    print(r)
+    return len(r)
+
+
+def c_store_subscr(xs):
+    d = {}
+    lst = [0] * len(xs)
+    for i, x in enumerate(xs):
+        d[name(x)] = sq(x)
+        lst[i] = sq(x)
+    lst[0] += 1
+    del lst[-1]
+    return d, lst, d.get("n2"), lst[1:3], lst[::-1]
+
+
+G = None
+
+
+def c_global_attr(x):
+    global G
+    G = sq(x)
+    p = Point(0, 0)
+    p.x = sq(x)
+    p.y = pair(x)
+    return G, p
+
+
+def c_operators(x):
+    a, b = sq(x), sq(x + 1)
+    r = [sq(i) for i in range(4)]
+    return (a + b, a - b, a * b, b / a, b // a, b % a, -a, ~a, +a, a ** 2, a << 1, a & b,
+            a | b, a ^ b, not a, a < b, a == b, 0 < a < 10, a if b else -1, a and b, a or b,
+            sq(0) or sq(2), a in r, b not in r, r + [a], r * 2, [*r, *r], {**{"a": a}, "b": b},
+            (lambda: a)(), math.sqrt(a), abs(-a), divmod(b, a))
+
+
+def c_augmented(xs):
+    t = 0
+    s = ""
+    for x in xs:
+        t += sq(x)
+        s += name(x)
+    t -= 1
+    return t, s
+
+
+def c_walrus_assert(xs):
+    assert sq(2) == 4, "sq"
+    out = [y for x in xs if (y := sq(x)) > 3]
+    if (n := len(out)) > 1:
+        return n, out
+    return out
+
+
+def c_assert_fails(x):
+    assert sq(x) == 5, "sq(%d) is not 5" % x
+
+
+def c_class_inside(x):
+    class Local:
+        k = 7
+
+        def get(self):
+            return self.k
+
+    o = Local()
+    return o.get() + sq(x)
+
+
+def c_del_and_rebind(x):
+    a = sq(x)
+    b = a
+    del a
+    a = sq(x + 1)
+    return a, b
+
+
+def c_dict_methods(xs):
+    d = {}
+    for x in xs:
+        d.setdefault(x % 2, []).append(sq(x))
+    return sorted(d.items()), sum(d[0]), list(d.keys()), sorted(d.values())
+
+
+def c_list_methods(xs):
+    r = [sq(x) for x in xs]
+    r.insert(0, sq(9))
+    r.extend([sq(7)])
+    r.sort()
+    r.reverse()
+    idx = r.index(sq(3))
+    return r, idx, r.count(sq(2)), r.pop(), min(r), sorted(r)
+
+
+def c_zip_enumerate(xs):
+    r = [sq(x) for x in xs]
+    return list(zip(xs, r)), list(enumerate(r)), dict(zip(xs, r)), [a + b for a, b in zip(r, r)]
+
+
+def c_exception_in_comprehension(xs):
+    try:
+        return [fail(x) + 1 for x in xs]
+    except ValueError as e:
+        return "comp " + str(e)
+
+
+def c_nested_try_with_loop(xs):
+    out = []
+    for x in xs:
+        try:
+            try:
+                out.append(fail(x) * 2)
+            finally:
+                out.append("f%d" % x)
+        except ValueError:
+            out.append("e%d" % x)
+    return out
+
+
+def c_tuple_identity(x):
+    t = (sq(x), sq(x + 1))
+    u = t
+    print(t)
+    return t is u, id(t) == id(u), t
+
+
+def c_starred_call_pending(x):
+    args = pair(x)
+    return add(*args), kw(*pair(x)), varargs(*mklist(3), **mkdict(x))
+
+
+def c_bool_ops(xs):
+    r = [maybe_none(x) for x in xs]
+    return [bool(v) for v in r], all(r), any(r), [v for v in r if v]
+
+
+def c_yield_from_inner(xs):
+    def sub():
+        yield sq(1)
+        return sq(2)
+
+    def outer():
+        v = yield from sub()
+        yield v
+
+    return list(outer())
+
+
+def c_chain_calls(x):
+    return add(add(sq(x), sq(x + 1)), add(1, 2))
+
+
+def c_string_methods(x):
+    s = name(x)
+    return s.upper(), s.startswith("n"), s[1:], len(s), s * 2, s.split("1")
+
+
+CASES = [
+    (c_loop_append, (range(6),)),
+    (c_listcomp, ([1, 2, 3],)),
+    (c_dictcomp, (range(5),)),
+    (c_setcomp, (range(7),)),
+    (c_genexpr, (range(5),)),
+    (c_nested_comp, (4,)),
+    (c_comp_filter, (range(6),)),
+    (c_cond, (3,)), (c_cond, (2,)), (c_cond, (1,)),
+    (c_while, (50,)),
+    (c_try_caught, (3,)), (c_try_caught, (1,)),
+    (c_try_unread, (3,)), (c_try_unread, (1,)),
+    (c_try_nested, (1,)),
+    (c_try_earlier_wins, (3,)), (c_try_earlier_wins, (2,)),
+    (c_try_finally, (2,)),
+    (c_try_finally_raise, (3,)), (c_try_finally_raise, (2,)),
+    (c_try_else, (3,)), (c_try_else, (2,)),
+    (c_return_in_finally, (3,)),
+    (c_try_in_loop, ([2, 1, 3, 4, 5, 6],)),
+    (c_try_return_inside, (3,)), (c_try_return_inside, (4,)),
+    (c_raise_from, (3,)),
+    (c_exception_unread_at_end, (3,)),
+    (c_with, (2,)), (c_with, (3,)),
+    (c_closure, ([1, 2, 3],)),
+    (c_lambda, ([3, 1, 2],)),
+    (c_defaults, (1,)), (c_defaults, (1, 2)), (c_defaults, (1,), {"z": 9}),
+    (c_starargs, (1, 2, 3), {"a": 1}),
+    (c_unpack, (2,)),
+    (c_nested_scheduled, ([1, 2, 3],)),
+    (c_inner_generator, ([1, 2, 3],)),
+    (c_early_return, (range(10),)),
+    (c_break_continue, (range(10),)),
+    (c_match, (2,)), (c_match, (0,)), (c_match, (1,)),
+    (c_fstrings, (3,)),
+    (c_is_none, (range(6),)),
+    (c_type_isinstance, (3,)),
+    (c_join, (range(4),)),
+    (c_json_struct_numpy, ([1, 2, 3],)),
+    (c_super, (3,)),
+    (Derived2().m, (3,)),
+    (c_introspection, (2,)),
+    (c_print, ([1, 2, 3],)),
+    (c_store_subscr, ([1, 2, 3, 4],)),
+    (c_global_attr, (3,)),
+    (c_operators, (2,)),
+    (c_augmented, (range(4),)),
+    (c_walrus_assert, (range(5),)),
+    (c_assert_fails, (2,)),
+    (c_class_inside, (2,)),
+    (c_del_and_rebind, (2,)),
+    (c_dict_methods, (range(6),)),
+    (c_list_methods, ([1, 2, 3, 4],)),
+    (c_zip_enumerate, ([1, 2, 3],)),
+    (c_exception_in_comprehension, ([1, 2, 3, 4],)), (c_exception_in_comprehension, ([1, 2],)),
+    (c_nested_try_with_loop, ([1, 3, 2],)),
+    (c_tuple_identity, (2,)),
+    (c_starred_call_pending, (2,)),
+    (c_bool_ops, (range(5),)),
+    (c_yield_from_inner, ([1],)),
+    (c_chain_calls, (2,)),
+    (c_string_methods, (12,)),
+]
+
+
+def _case_id(case):
+    fn = case[0]
+    return "%s%r" % (getattr(fn, "__qualname__", fn), case[1])
+
+
+def _outcome(thunk, capsys):
+    capsys.readouterr()
+    try:
+        value, exc = thunk(), None
+    except Exception as e:  # noqa: BLE001
+        value, exc = None, e
+    out = capsys.readouterr().out
+    return value, exc, out
+
+
+def _same(a, b):
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b) and a.dtype == b.dtype
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, np.generic):
+        return a == b
+    return a == b
+
+
+def _no_pending(v, seen=None):
+    seen = set() if seen is None else seen
+    if id(v) in seen:
+        return True
+    seen.add(id(v))
+    if type(v) is Pending:
+        return False
+    if isinstance(v, (list, tuple)):
+        return all(_no_pending(x, seen) for x in v)
+    if isinstance(v, dict):
+        return all(_no_pending(x, seen) for x in v.values())
+    return True
+
+
+@pytest.mark.parametrize("threads", [0, 2], ids=["deferred", "threads"])
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_same_as_plain(case, threads, capsys):
+    fn, args = case[0], case[1]
+    kwargs = case[2] if len(case) > 2 else {}
+    global G
+    G = None
+    plain = _outcome(lambda: fn(*args, **kwargs), capsys)
+    G = None
+    rt = ReferenceRuntime(threads=threads)
+    try:
+        ours = _outcome(lambda: rt.run(fn, *args, **kwargs), capsys)
+    finally:
+        rt.close()
+    pv, pe, pout = plain
+    ov, oe, oout = ours
+    assert (type(oe), str(oe)) == (type(pe), str(pe)), ("exception differs", pe, oe)
+    if pe is not None and pe.__cause__ is not None:
+        assert type(oe.__cause__) is type(pe.__cause__) and str(oe.__cause__) == str(pe.__cause__)
+    assert _same(ov, pv), (ov, pv)
+    assert _no_pending(ov)
+    assert oout == pout
+
+
+# ---------------------------------------------------------------------------------------
+# parallelism structure and forcing cost
+# ---------------------------------------------------------------------------------------
+
+def p_fanout():
+    r = [sq(x) for x in range(8)]
+    return sum(r)
+
+
+def p_fanout_loop():
+    r = []
+    for x in range(8):
+        r.append(sq(x))
+        n = len(r)
+    return r, n
+
+
+def p_dict_fanout():
+    d = {}
+    for x in range(6):
+        d[x] = sq(x)
+    return d
+
+
+def p_chain_then_fan():
+    a = [sq(x) for x in range(4)]
+    b = [add(v, 1) for v in a]  # dependencies, still no waiting
+    return b
+
+
+def p_try_region():
+    try:
+        r = [sq(x) for x in range(5)]
+    except ValueError:
+        r = []
+    return r
+
+
+def test_fanout_outstanding():
+    for fn, n in ((p_fanout, 8), (p_fanout_loop, 8), (p_dict_fanout, 6), (p_chain_then_fan, 8),
+                  (p_try_region, 5)):
+        rt = ReferenceRuntime()
+        assert _same(rt.run(fn), fn())
+        assert rt.submitted == n, fn
+        assert rt.outstanding_at_force[0] == n, (fn, rt.outstanding_at_force)
+
+
+class CountingRuntime(ReferenceRuntime):
+    def __init__(self):
+        super().__init__()
+        self.calls = {"force": 0, "force_deep": 0, "call": 0}
+
+    def force(self, x):
+        if sys._getframe(1).f_code.co_filename == __file__:  # from rewritten code only
+            self.calls["force"] += 1
+        return super().force(x)
+
+    def force_deep(self, x):
+        if sys._getframe(1).f_code.co_filename == __file__:
+            self.calls["force_deep"] += 1
+        return super().force_deep(x)
+
+
+def k_arith_loop(n):
+    t = 0
+    for i in range(n):
+        t = t + i * 2 - i
+    return t
+
+
+def k_while_loop(n):
+    i = 0
+    t = 0
+    while i < n:
+        t += i
+        i += 1
+    return t
+
+
+def test_loop_force_cost():
+    """Values proved not pending are not forced: a few helper calls per iteration at most."""
+    for fn, per_iter in ((k_arith_loop, 2), (k_while_loop, 2)):
+        rt = CountingRuntime()
+        n = 1000
+        assert rt.run(fn, n) == fn(n)
+        helpers = rt.calls["force"] + rt.calls["force_deep"]
+        assert helpers <= per_iter * n + 10, (fn.__name__, rt.calls)
+        print(fn.__name__, "helper calls per iteration: %.2f" % (helpers / n))
+
+
+def k_len_loop(n):
+    r = []
+    for x in range(n):
+        r.append(sq(x))
+        if len(r) > n:
+            break
+    return r
+
+
+def test_len_of_pendings_does_not_force():
+    rt = CountingRuntime()
+    rt.run(k_len_loop, 50)
+    assert rt.outstanding_at_force[0] == 50
+
+
+# ---------------------------------------------------------------------------------------
+# tracebacks, refusals, structure of the rewritten code
+# ---------------------------------------------------------------------------------------
+
+def t_traceback(x):
+    a = fail(x)
+    b = [1, 2]
+    return a + b[0]  # the failure surfaces here  # TRACE-LINE
+
+
+def test_traceback_points_at_user_line():
+    rt = ReferenceRuntime()
+    with pytest.raises(ValueError) as info:
+        rt.run(t_traceback, 3)
+    frames = traceback.extract_tb(info.value.__traceback__)
+    names = [f.name for f in frames]
+    assert "t_traceback" in names and "fail" in names  # user frame and worker frame
+    user = [f for f in frames if f.name == "t_traceback"][0]
+    assert "TRACE-LINE" in user.line
+    worker = [f for f in frames if f.name == "fail"][0]
+    assert "raise ValueError" in worker.line
+
+
+def test_rewritten_code_keeps_identity():
+    rt = ReferenceRuntime()
+    for fn in (c_closure, c_try_in_loop, c_defaults, c_starargs, c_with):
+        code = fn.__code__
+        new = _rewrite.rewrite(code, rt)
+        assert new.co_name == code.co_name and new.co_qualname == code.co_qualname
+        assert new.co_argcount == code.co_argcount
+        assert new.co_posonlyargcount == code.co_posonlyargcount
+        assert new.co_kwonlyargcount == code.co_kwonlyargcount
+        assert new.co_flags == code.co_flags
+        assert new.co_varnames[:len(code.co_varnames)] == code.co_varnames
+        assert all(v.startswith(".pydron_") for v in new.co_varnames[len(code.co_varnames):])
+        assert new.co_freevars == code.co_freevars and new.co_cellvars == code.co_cellvars
+        assert new.co_filename == code.co_filename
+        assert new.co_firstlineno == code.co_firstlineno
+        old_lines = {l for _, _, l in code.co_lines() if l is not None}
+        new_lines = {l for _, _, l in new.co_lines() if l is not None}
+        assert new_lines <= old_lines | {code.co_firstlineno}
+        assert _rewrite.rewrite(code, rt) is new  # cached
+
+
+def test_nested_code_rewritten_by_role():
+    rt = ReferenceRuntime()
+    new = _rewrite.rewrite(c_class_inside.__code__, rt)
+    consts = [c for c in new.co_consts if isinstance(c, types.CodeType)]
+    body = [c for c in consts if c.co_name == "Local"][0]
+    assert body is [c for c in c_class_inside.__code__.co_consts
+                    if isinstance(c, types.CodeType) and c.co_name == "Local"][0]
+    new = _rewrite.rewrite(c_lambda.__code__, rt)
+    inner = [c for c in new.co_consts if isinstance(c, types.CodeType)][0]
+    assert rt.call in inner.co_consts and rt.force_deep in inner.co_consts
+
+
+async def _coro():
+    return 1
+
+
+def _gen():
+    yield 1
+
+
+async def _agen():
+    yield 1
+
+
+def test_is_rewritable_refusals():
+    assert _rewrite.is_rewritable(c_listcomp.__code__) == (True, "")
+    for f, word in ((_coro, "coroutine"), (_gen, "generator"), (_agen, "async generator")):
+        ok, reason = _rewrite.is_rewritable(f.__code__)
+        assert not ok and word in reason
+    with pytest.raises(_rewrite.RewriteError):
+        _rewrite.rewrite(_gen.__code__, ReferenceRuntime())
+    rt = ReferenceRuntime()
+    assert rt.run(_gen) is not None  # refused: runs plainly
+
+
+def test_rewrite_time(capsys):
+    rt = ReferenceRuntime()
+    times = []
+    for case in CASES:
+        fn = case[0]
+        code = getattr(fn, "__code__", None)
+        if code is None or not _rewrite.is_rewritable(code)[0]:
+            continue
+        _rewrite._cache.clear()
+        t0 = time.perf_counter()
+        _rewrite.rewrite(code, rt)
+        dt = time.perf_counter() - t0
+        n_codes = 1 + sum(isinstance(c, types.CodeType) for c in code.co_consts)
+        times.append((dt / n_codes, len(code.co_code) // 2, code.co_name))
+    per_code = sorted(t for t, _, _ in times)
+    with capsys.disabled():
+        print("\nrewrite time per code object: median %.2f ms, max %.2f ms (%s, %d instrs),"
+              " over %d functions" % (per_code[len(per_code) // 2] * 1e3, per_code[-1] * 1e3,
+                                      max(times)[2], max(times)[1], len(times)))
+    assert per_code[len(per_code) // 2] < 0.05
