@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import builtins
 import importlib
 import json
 import logging
@@ -153,6 +154,7 @@ def _resolve_dotted(name: str) -> tuple[Any, str, Any]:
 
 
 _MISSING = object()
+_BUILTINS = vars(builtins)
 
 
 class _NamingNamespace(MutableMapping):
@@ -170,7 +172,12 @@ class _NamingNamespace(MutableMapping):
         self._decorators = decorators
 
     def __getitem__(self, key):
-        return self._d[key]
+        # LOAD_NAME looks here, then in globals (the same dict), then in builtins: answer
+        # for builtins at once rather than raise a KeyError per module-level builtin use.
+        try:
+            return self._d[key]
+        except KeyError:
+            return _BUILTINS[key]
 
     def __setitem__(self, key, value):
         kind = self._names.get(key)
@@ -255,7 +262,7 @@ def cmd_run(argv: list[str]) -> int:
 
     named = bool(cfg.functional or cfg.schedule)
     try:
-        code = compile(source, str(script), "exec", dont_inherit=True)
+        code = compile(source, os.path.abspath(script), "exec", dont_inherit=True)
         tree = ast.parse(source, str(script)) if named else None
     except SyntaxError as exc:
         traceback.print_exception(type(exc), exc, None)
@@ -287,7 +294,7 @@ def cmd_run(argv: list[str]) -> int:
     log.debug("running %s with %s", script, cfg.as_dict())
 
     main = types.ModuleType("__main__")
-    main.__dict__.update(__file__=str(script), __builtins__=__builtins__,
+    main.__dict__.update(__file__=os.path.abspath(script), __builtins__=builtins,
                          __cached__=None, __loader__=None, __spec__=None)
     sys.modules["__main__"] = main
     try:

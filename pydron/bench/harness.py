@@ -263,7 +263,9 @@ def _fmt_time(s):
     return f"{s * 1e6:.0f} µs"
 
 
-def table_rows(results):
+def table_rows(results, notes=None):
+    """The table's header and rows; reasons for failed/skipped rows go to `notes`
+    (numbered) when given, else into the row."""
     header = ["workload", "system", "median", "spread", "µs/task", "vs seq", "vs best peer",
               "master B/task"]
     rows = []
@@ -281,15 +283,21 @@ def table_rows(results):
             if r["status"] == "unchecked":
                 cells[0] += " (unchecked)"
         else:
-            reason = (r.get("error") or "")[:70]
-            cells = [r["status"].upper() if r["status"] in ("wrong", "failed")
-                     else r["status"], reason, "", "", "", ""]
+            reason = r.get("error") or ""
+            status = (r["status"].upper() if r["status"] in ("wrong", "failed")
+                      else r["status"])
+            if notes is not None and reason and r["status"] != "skipped":
+                if reason not in notes:
+                    notes.append(reason)
+                status, reason = f"{status} [{notes.index(reason) + 1}]", ""
+            cells = [status, reason[:40], "", "", "", ""]
         rows.append([_label(r), r["system"]] + cells)
     return header, rows
 
 
 def print_table(results, systems, file=sys.stdout):
-    header, rows = table_rows(results)
+    notes: list[str] = []
+    header, rows = table_rows(results, notes)
     try:
         from rich.console import Console
         from rich.table import Table
@@ -306,7 +314,7 @@ def print_table(results, systems, file=sys.stdout):
                 t.add_section()
             last = row[0]
             style = "bold" if row[1] == "pydron" else None
-            if row[2] in ("WRONG", "FAILED"):
+            if row[2].startswith(("WRONG", "FAILED")):
                 style = "red"
             t.add_row(*row, style=style)
         Console(file=file, width=150).print(t)
@@ -317,7 +325,9 @@ def print_table(results, systems, file=sys.stdout):
         print("-" * len(line), file=file)
         for row in rows:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)), file=file)
-    skipped = [(s["system"], s.get("error")) for s in systems if s["status"] != "ok"]
+    for i, note in enumerate(notes, 1):
+        print(f"[{i}] {note}", file=file)
+    skipped = [(s["system"], s.get("error")) for s in systems if s["status"] == "skipped"]
     for name, why in skipped:
         print(f"{name}: {why}", file=file)
 

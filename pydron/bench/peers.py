@@ -228,6 +228,8 @@ class DaskDistributedPeer:
                                     host="127.0.0.1", dashboard_address=None,
                                     silence_logs=50)
         self.client = Client(self.cluster)
+        self.scattered = {}             # id(array) -> (array, future): each sent once
+
 
     def map(self, fn, args):
         if not args:
@@ -236,8 +238,14 @@ class DaskDistributedPeer:
         return b.starmap(fn).compute(scheduler=self.client)
 
     def _scatter_large(self, x):
-        nbytes = getattr(x, "nbytes", 0)
-        return self.client.scatter(x) if nbytes > (1 << 20) else x
+        if getattr(x, "nbytes", 0) <= (1 << 20):
+            return x
+        hit = self.scattered.get(id(x))
+        if hit is None or hit[0] is not x:
+            # hash=False: a fresh key each time; re-scattering equal data under one
+            # hashed key races with its release and cancels dependent tasks.
+            hit = self.scattered[id(x)] = (x, self.client.scatter(x, hash=False))
+        return hit[1]
 
     def submit(self, fn, *args):
         args = [_map_nested(a, self._scatter_large) for a in args]
@@ -247,7 +255,9 @@ class DaskDistributedPeer:
         return handles
 
     def gather(self, handles):
-        return self.client.gather(handles)
+        values = self.client.gather(handles)
+        self.scattered.clear()
+        return values
 
     def close(self):
         self.client.close()
