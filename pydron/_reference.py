@@ -78,6 +78,7 @@ class ReferenceRuntime:
         self._lock = threading.Lock()
         self._resolved_upto = 0  # every task before this index is resolved and reported
         self._functions = {}
+        self._raised = {}  # id(exception) -> (exception, seq of the first task that raised it)
         #: number of outstanding tasks each time a pending is forced for the first time
         self.outstanding_at_force = []
         self.submitted = 0
@@ -138,13 +139,14 @@ class ReferenceRuntime:
 
     def _failed_task_seq(self, exc):
         """Submission index of the task whose failure `exc` is, else the current mark."""
-        for p in reversed(self._tasks):
-            if p.state == 2 and p.exc is exc:
-                return p.seq
+        raised = self._raised.get(id(exc))
+        if raised is not None and raised[0] is exc:
+            return raised[1]
         return self.mark()
 
     def _raise(self, p):
         p.reported = True
+        self._raised.setdefault(id(p.exc), (p.exc, p.seq))
         raise p.exc.with_traceback(p.tb)
 
     # -- helpers called by rewritten code ------------------------------------------------
@@ -213,6 +215,32 @@ class ReferenceRuntime:
                 self._raise(p)
         if k > self._resolved_upto:
             self._resolved_upto = k
+
+    def enter_handler(self, exc, mark):
+        """At the entry of the handler of a try/with region entered at `mark`, reached with
+        `exc`: the region stopped at its first failure, so return the failure of the first
+        task since `mark` that failed before `exc` was raised (or `exc`), and cancel the
+        tasks submitted after that point (plain Python never ran them)."""
+        tasks = self._tasks
+        cut = len(tasks)
+        raised = self._raised.get(id(exc))
+        if raised is not None and raised[0] is exc:
+            k = raised[1]
+            if k < mark:  # failed before the region began: not this handler's business
+                raise exc.with_traceback(tasks[k].tb)
+            cut = k
+        result = exc
+        for k in range(max(mark, self._resolved_upto), cut):
+            p = self._resolve(tasks[k])
+            if p.state == 2 and not p.reported:
+                p.reported = True
+                self._raised.setdefault(id(p.exc), (p.exc, p.seq))
+                result = p.exc.with_traceback(p.tb)
+                cut = k
+                break
+        for k in range(cut + 1, len(tasks)):
+            tasks[k].reported = True  # cancelled: a failure of theirs is never raised
+        return result
 
     def store_subscr(self, value, container, key):
         key = self.force_deep(key)

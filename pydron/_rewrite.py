@@ -297,6 +297,7 @@ def _join_slot(a, b):
 class _Rewriter:
     def __init__(self, code, rt, role):
         self.code, self.rt, self.role = code, rt, role
+        self.enter_handler = getattr(rt, "enter_handler", None)
 
     # -- decomposition ------------------------------------------------------------
     def _decompose(self):
@@ -854,6 +855,17 @@ class _Rewriter:
                 for r in chain + [region]:
                     ctx = self._statement_ctx(r)
                     for y in self._before_seq(r, loc):
+                        items.append((y, ctx))
+                if self.enter_handler is not None:
+                    # the region was aborted: the first failure inside it wins over the
+                    # exception that reached the handler, and later tasks are cancelled
+                    seq = [Instr("LOAD_CONST", self.enter_handler, location=loc),
+                           Instr("SWAP", 2, location=loc),
+                           Instr("LOAD_FAST", self.marks[region], location=loc)]
+                    if HAS_PRECALL:
+                        seq.append(Instr("PRECALL", 1, location=loc))
+                    seq.append(Instr("CALL", 1, location=loc))
+                    for y in seq:
                         items.append((y, ctx))
             plan = self.plans[i]
             if plan is None:  # unreachable code: keep it as it is

@@ -630,6 +630,354 @@ def c_string_methods(x):
     return s.upper(), s.startswith("n"), s[1:], len(s), s * 2, s.split("1")
 
 
+def c_while_break_in_except(xs):
+    i = 0
+    out = []
+    while True:
+        try:
+            v = fail(xs[i])
+            out.append(v + 0)
+        except ValueError:
+            out.append("stop")
+            break
+        except IndexError:
+            break
+        finally:
+            i += 1
+    return out, i
+
+
+def c_continue_in_finally(xs):
+    out = []
+    for x in xs:
+        try:
+            out.append(sq(x))
+            if x == 2:
+                continue
+        finally:
+            out.append(-x)
+    return out
+
+
+def c_comp_in_try(xs):
+    try:
+        r = [fail(x) for x in xs]
+        s = {fail(x) for x in xs}
+        return r, s
+    except ValueError as e:
+        return "caught %s" % e
+
+
+def c_inner_function_try(xs):
+    def safe(x):
+        try:
+            return fail(x) * 2
+        except ValueError:
+            return -1
+
+    return [safe(x) for x in xs]
+
+
+def c_generator_try(xs):
+    def gen():
+        for x in xs:
+            try:
+                yield fail(x)
+            except ValueError:
+                yield "bad"
+            finally:
+                pass
+
+    return list(gen())
+
+
+def c_except_star(x):
+    out = []
+    try:
+        v = fail(x)
+        if v:
+            raise ExceptionGroup("eg", [KeyError("k")])
+    except* ValueError as eg:
+        out.append(("value", [str(e) for e in eg.exceptions]))
+    except* KeyError as eg:
+        out.append(("key", [str(e) for e in eg.exceptions]))
+    return out
+
+
+def c_async_inner(x):
+    async def co(v):
+        return v + 1
+
+    c = co(sq(x))
+    try:
+        c.send(None)
+    except StopIteration as e:
+        return e.value
+
+
+def c_lambda_default(xs):
+    f = lambda v, b=sq(2): v + b  # noqa: E731
+    return [f(x) for x in xs]
+
+
+def c_class_closure(x):
+    y = sq(x)
+
+    class A:
+        z = y
+
+    return A.z + 1
+
+
+def c_return_in_with(x):
+    rec = Recorder()
+    with rec:
+        v = sq(x)
+        if v > 2:
+            return v, rec.log
+    return rec.log
+
+
+def c_method_on_pending(x):
+    p = point(x)
+    t = pair(x)
+    return p.x, p.y, t.count(x), t.index(x + 1), mkdict(x)["y"], mkdict(x).get("x")
+
+
+def c_print_star(xs):
+    r = [sq(x) for x in xs]
+    print(*r, sep=",")
+    print(*[name(x) for x in xs], **{"sep": "|"})
+    return r
+
+
+def c_kwonly_mix(x):
+    return kw(sq(x), *[sq(x + 1)], c=sq(2)), varargs(*pair(x), **mkdict(x), z=sq(1))
+
+
+def c_many_calls(n):
+    r = []
+    r.append(add(sq(n), 0))
+    r.append(add(sq(n), 1))
+    r.append(add(sq(n), 2))
+    r.append(add(sq(n), 3))
+    r.append(add(sq(n), 4))
+    r.append(add(sq(n), 5))
+    r.append(add(sq(n), 6))
+    r.append(add(sq(n), 7))
+    r.append(add(sq(n), 8))
+    r.append(add(sq(n), 9))
+    r.append(add(sq(n), 10))
+    r.append(add(sq(n), 11))
+    r.append(add(sq(n), 12))
+    r.append(add(sq(n), 13))
+    r.append(add(sq(n), 14))
+    r.append(add(sq(n), 15))
+    r.append(add(sq(n), 16))
+    r.append(add(sq(n), 17))
+    r.append(add(sq(n), 18))
+    r.append(add(sq(n), 19))
+    r.append(add(sq(n), 20))
+    r.append(add(sq(n), 21))
+    r.append(add(sq(n), 22))
+    r.append(add(sq(n), 23))
+    r.append(add(sq(n), 24))
+    r.append(add(sq(n), 25))
+    r.append(add(sq(n), 26))
+    r.append(add(sq(n), 27))
+    r.append(add(sq(n), 28))
+    r.append(add(sq(n), 29))
+    r.append(add(sq(n), 30))
+    r.append(add(sq(n), 31))
+    r.append(add(sq(n), 32))
+    r.append(add(sq(n), 33))
+    r.append(add(sq(n), 34))
+    r.append(add(sq(n), 35))
+    r.append(add(sq(n), 36))
+    r.append(add(sq(n), 37))
+    r.append(add(sq(n), 38))
+    r.append(add(sq(n), 39))
+    r.append(add(sq(n), 40))
+    r.append(add(sq(n), 41))
+    r.append(add(sq(n), 42))
+    r.append(add(sq(n), 43))
+    r.append(add(sq(n), 44))
+    r.append(add(sq(n), 45))
+    r.append(add(sq(n), 46))
+    r.append(add(sq(n), 47))
+    r.append(add(sq(n), 48))
+    r.append(add(sq(n), 49))
+    r.append(add(sq(n), 50))
+    r.append(add(sq(n), 51))
+    r.append(add(sq(n), 52))
+    r.append(add(sq(n), 53))
+    r.append(add(sq(n), 54))
+    r.append(add(sq(n), 55))
+    r.append(add(sq(n), 56))
+    r.append(add(sq(n), 57))
+    r.append(add(sq(n), 58))
+    r.append(add(sq(n), 59))
+    r.append(add(sq(n), 60))
+    r.append(add(sq(n), 61))
+    r.append(add(sq(n), 62))
+    r.append(add(sq(n), 63))
+    r.append(add(sq(n), 64))
+    r.append(add(sq(n), 65))
+    r.append(add(sq(n), 66))
+    r.append(add(sq(n), 67))
+    r.append(add(sq(n), 68))
+    r.append(add(sq(n), 69))
+    r.append(add(sq(n), 70))
+    r.append(add(sq(n), 71))
+    r.append(add(sq(n), 72))
+    r.append(add(sq(n), 73))
+    r.append(add(sq(n), 74))
+    r.append(add(sq(n), 75))
+    r.append(add(sq(n), 76))
+    r.append(add(sq(n), 77))
+    r.append(add(sq(n), 78))
+    r.append(add(sq(n), 79))
+    r.append(add(sq(n), 80))
+    r.append(add(sq(n), 81))
+    r.append(add(sq(n), 82))
+    r.append(add(sq(n), 83))
+    r.append(add(sq(n), 84))
+    r.append(add(sq(n), 85))
+    r.append(add(sq(n), 86))
+    r.append(add(sq(n), 87))
+    r.append(add(sq(n), 88))
+    r.append(add(sq(n), 89))
+    r.append(add(sq(n), 90))
+    r.append(add(sq(n), 91))
+    r.append(add(sq(n), 92))
+    r.append(add(sq(n), 93))
+    r.append(add(sq(n), 94))
+    r.append(add(sq(n), 95))
+    r.append(add(sq(n), 96))
+    r.append(add(sq(n), 97))
+    r.append(add(sq(n), 98))
+    r.append(add(sq(n), 99))
+    r.append(add(sq(n), 100))
+    r.append(add(sq(n), 101))
+    r.append(add(sq(n), 102))
+    r.append(add(sq(n), 103))
+    r.append(add(sq(n), 104))
+    r.append(add(sq(n), 105))
+    r.append(add(sq(n), 106))
+    r.append(add(sq(n), 107))
+    r.append(add(sq(n), 108))
+    r.append(add(sq(n), 109))
+    r.append(add(sq(n), 110))
+    r.append(add(sq(n), 111))
+    r.append(add(sq(n), 112))
+    r.append(add(sq(n), 113))
+    r.append(add(sq(n), 114))
+    r.append(add(sq(n), 115))
+    r.append(add(sq(n), 116))
+    r.append(add(sq(n), 117))
+    r.append(add(sq(n), 118))
+    r.append(add(sq(n), 119))
+    r.append(add(sq(n), 120))
+    r.append(add(sq(n), 121))
+    r.append(add(sq(n), 122))
+    r.append(add(sq(n), 123))
+    r.append(add(sq(n), 124))
+    r.append(add(sq(n), 125))
+    r.append(add(sq(n), 126))
+    r.append(add(sq(n), 127))
+    r.append(add(sq(n), 128))
+    r.append(add(sq(n), 129))
+    r.append(add(sq(n), 130))
+    r.append(add(sq(n), 131))
+    r.append(add(sq(n), 132))
+    r.append(add(sq(n), 133))
+    r.append(add(sq(n), 134))
+    r.append(add(sq(n), 135))
+    r.append(add(sq(n), 136))
+    r.append(add(sq(n), 137))
+    r.append(add(sq(n), 138))
+    r.append(add(sq(n), 139))
+    r.append(add(sq(n), 140))
+    r.append(add(sq(n), 141))
+    r.append(add(sq(n), 142))
+    r.append(add(sq(n), 143))
+    r.append(add(sq(n), 144))
+    r.append(add(sq(n), 145))
+    r.append(add(sq(n), 146))
+    r.append(add(sq(n), 147))
+    r.append(add(sq(n), 148))
+    r.append(add(sq(n), 149))
+    return sum(r)
+
+
+def c_deep_recursion(n):
+    return s_count(n)
+
+
+@scheduled
+def s_count(n):
+    if n == 0:
+        return sq(0)
+    return add(s_count(n - 1), 1)
+
+
+def c_pending_in_nested_containers(x):
+    d = {"a": [sq(x), (sq(x + 1), {"b": sq(2)})]}
+    lst = [d, d]
+    s = json.dumps(lst)
+    return s, lst[0] is lst[1], d["a"][1][1]["b"]
+
+
+def c_raise_pending(x):
+    exc = pair(x)
+    try:
+        raise ValueError(exc)
+    except ValueError as e:
+        return e.args
+
+
+def c_exception_from_inner(x):
+    def inner():
+        return fail(x) + 1
+
+    try:
+        return inner()
+    except ValueError as e:
+        return "inner " + str(e)
+
+
+def c_sorted_key_fail(xs):
+    try:
+        return sorted(xs, key=lambda v: fail(v))
+    except ValueError as e:
+        return str(e)
+
+
+def c_nested_with_try_loop(xs):
+    out = []
+    rec = Recorder()
+    for x in xs:
+        with rec:
+            try:
+                v = fail(x)
+                if v == 4:
+                    break
+                out.append(v)
+            except ValueError:
+                out.append("e")
+                continue
+    return out, rec.log
+
+
+def c_slice_ops(xs):
+    r = [sq(x) for x in xs]
+    a, b = sq(1), sq(2)
+    r[a:b] = [sq(9)]
+    s = r[a:b + 1]
+    del r[a:b]
+    return r, s, r[sq(1)]
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -691,6 +1039,27 @@ CASES = [
     (c_yield_from_inner, ([1],)),
     (c_chain_calls, (2,)),
     (c_string_methods, (12,)),
+    (c_while_break_in_except, ([1, 2, 3, 4],)), (c_while_break_in_except, ([1, 2],)),
+    (c_continue_in_finally, ([1, 2, 3],)),
+    (c_comp_in_try, ([1, 2, 3],)), (c_comp_in_try, ([1, 2],)),
+    (c_inner_function_try, ([1, 3, 2],)),
+    (c_generator_try, ([1, 3, 2],)),
+    (c_except_star, (3,)), (c_except_star, (2,)), (c_except_star, (0,)),
+    (c_async_inner, (2,)),
+    (c_lambda_default, ([1, 2],)),
+    (c_class_closure, (2,)),
+    (c_return_in_with, (2,)), (c_return_in_with, (1,)),
+    (c_method_on_pending, (2,)),
+    (c_print_star, ([1, 2, 3],)),
+    (c_kwonly_mix, (2,)),
+    (c_many_calls, (3,)),
+    (c_deep_recursion, (150,)),
+    (c_pending_in_nested_containers, (2,)),
+    (c_raise_pending, (2,)),
+    (c_exception_from_inner, (3,)),
+    (c_sorted_key_fail, ([1, 3, 2],)),
+    (c_nested_with_try_loop, ([1, 3, 2, 4, 5],)),
+    (c_slice_ops, ([1, 2, 3, 4],)),
 ]
 
 
