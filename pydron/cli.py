@@ -313,6 +313,11 @@ def cmd_run(argv: list[str]) -> int:
         return 1
     finally:
         sys.stdout.flush()
+        if not cfg.disable and hasattr(pydron, "stats"):
+            try:
+                log.info("tasks of %s: %s", script.name, pydron.stats())
+            except Exception:
+                pass
     return 0
 
 
@@ -321,10 +326,15 @@ def cmd_run(argv: list[str]) -> int:
 
 def _versions() -> dict[str, str]:
     out = {"CPython": platform.python_version()}
+    names = {"llvm": "LLVM", "libffi": "libffi", "xxhash": "xxHash", "python": None,
+             "cpython": None}
     try:
         from pydron import _core
         got = _core.versions()
-        out.update({str(k): str(v) for k, v in dict(got).items()})
+        for k, v in dict(got).items():
+            name = names.get(str(k).lower(), str(k))
+            if name:
+                out[name] = str(v)
     except Exception as exc:  # the core may not be built yet
         out["core"] = f"unavailable ({type(exc).__name__}: {exc})"
     return out

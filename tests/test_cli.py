@@ -1,6 +1,7 @@
 """The `pydron` command, driven in subprocesses as a user would: `pydron run` on decorated
 and undecorated scripts (output must equal plain `python script.py`), `pydron info`, and
 bad input (one line on stderr, exit status 2)."""
+import ast
 import json
 import os
 import subprocess
@@ -124,6 +125,17 @@ def test_run_undecorated_script_named_on_command_line(tmp_path):
     assert "decorated __main__.inc as functional" in out.stderr
     assert "decorated __main__.main as schedule" in out.stderr
     assert "decorated __main__.Scaler.scale as functional" in out.stderr
+    assert_tasks_ran(out.stderr)
+
+
+def assert_tasks_ran(stderr):
+    """With PYDRON_LOG=debug, `pydron run` logs the task counters at the end."""
+    line = next((ln for ln in stderr.splitlines() if "tasks of" in ln), None)
+    assert line is not None, stderr
+    counters = ast.literal_eval(line.split(": ", 3)[-1])
+    assert isinstance(counters, dict), line
+    if "submitted" in counters:
+        assert counters["submitted"] > 0, counters
 
 
 def test_run_names_a_function_of_another_module(tmp_path):
@@ -155,6 +167,7 @@ def test_run_undecorated_script_named_in_config_file(tmp_path, config):
     assert out.stdout == expected
     assert "decorated __main__.inc as functional" in out.stderr
     assert "decorated __main__.main as schedule" in out.stderr
+    assert_tasks_ran(out.stderr)
 
 
 def test_run_exit_status_and_traceback_as_plain_python(tmp_path):
