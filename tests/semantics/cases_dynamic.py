@@ -49,7 +49,7 @@ def called_with_keywords(xs, factor=2, **kwargs):
     return [add(double(x) * factor, kwargs["offset"]) for x in xs]
 
 
-@case(5)
+@case(5, submits_tasks=False)
 @pydron.schedule
 def no_tasks_at_all(n):
     out = [i * i for i in range(n)]

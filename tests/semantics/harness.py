@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import io
+import logging
 import traceback
 import types
 from typing import Any, Callable
@@ -36,6 +37,8 @@ class Outcome:
     stdout: str = ""
     exception: BaseException | None = None
     traceback_text: str = ""
+    tasks_submitted: int | None = None      # pydron mode: tasks this run submitted
+    pydron_warnings: list = dataclasses.field(default_factory=list)
 
     def describe(self) -> str:
         if self.exc_type is not None:
@@ -95,10 +98,39 @@ def run_plain(case: Case) -> Outcome:
         return capture(lambda: case.fn(*args, **kwargs))
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _submitted() -> int | None:
+    stats = getattr(pydron, "stats", None)
+    return stats().get("submitted") if stats else None
+
+
 def run_pydron(case: Case) -> Outcome:
+    """Under pydron, also noting how many tasks were submitted and what pydron warned about (a
+    scheduled function it declines to rewrite runs plainly, with a warning: that must not pass
+    for a success)."""
     args, kwargs = case.fresh_arguments()
     ensure_enabled()
-    return capture(lambda: case.fn(*args, **kwargs))
+    collect = _Collect()
+    logger = logging.getLogger("pydron")
+    logger.addHandler(collect)
+    try:
+        before = _submitted()
+        outcome = capture(lambda: case.fn(*args, **kwargs))
+        after = _submitted()
+    finally:
+        logger.removeHandler(collect)
+    if before is not None and after is not None:
+        outcome.tasks_submitted = after - before
+    outcome.pydron_warnings = collect.messages
+    return outcome
 
 
 def run_reference(case: Case) -> Outcome:
@@ -222,6 +254,9 @@ def check(case: Case, mode: str, expected: Outcome | None = None) -> list[str]:
         return problems
     actual = RUNNERS[mode](case)
     problems = outcome_differences(expected, actual)
+    problems += [f"pydron warned: {w}" for w in actual.pydron_warnings]
+    if case.submits_tasks and actual.tasks_submitted == 0:
+        problems.append("no task was submitted: the case ran plainly under pydron")
     if problems and actual.traceback_text and expected.exc_type is not actual.exc_type:
         problems.append(f"{mode} traceback:\n{actual.traceback_text}")
     return problems

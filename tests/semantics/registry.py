@@ -22,6 +22,7 @@ class Case:
     # mode -> why that mode cannot match plain Python here (an inherent limit, not a bug): the
     # test is an expected failure in that mode, strict, so a surprise pass is reported too.
     known_differences: dict = dataclasses.field(default_factory=dict)
+    submits_tasks: bool = True      # under pydron, at least one task must be submitted
 
     def fresh_arguments(self) -> tuple[tuple, dict]:
         """Deep copies, so a case that mutates its arguments cannot change the next run's."""
@@ -32,7 +33,8 @@ class Case:
 
 
 def case(*args: Any, kwargs: dict | None = None, raises: type | None = None,
-         name: str | None = None, known_differences: dict | None = None) -> Callable:
+         name: str | None = None, known_differences: dict | None = None,
+         submits_tasks: bool = True) -> Callable:
     """Register the decorated scheduled function as a case called with `*args, **kwargs`.
 
     Put it above `@pydron.schedule`; the function is returned unchanged.
@@ -43,7 +45,7 @@ def case(*args: Any, kwargs: dict | None = None, raises: type | None = None,
         if case_name in _CASES:
             raise ValueError(f"duplicate semantics case {case_name}")
         _CASES[case_name] = Case(case_name, fn, tuple(args), dict(kwargs or {}), raises,
-                                 dict(known_differences or {}))
+                                 dict(known_differences or {}), submits_tasks)
         return fn
     return register
 
