@@ -79,6 +79,12 @@ static const char helpers_source[] =
 "    return WorkerLostError(f'pydron: task {qualname(fn)}{shapes} killed its worker process '\n"
 "                           f'{kills} times (last: {how}); giving up on it')\n"
 "def bad_argument(fn, where, arg, err):\n"
+"    if isinstance(where, int):\n"
+"        code = getattr(fn, '__code__', None)\n"
+"        if code is not None and where < code.co_argcount:\n"
+"            where = f'argument {where} ({code.co_varnames[where]!r})'\n"
+"        else:\n"
+"            where = f'argument {where}'\n"
 "    e = TypeError(f'pydron: cannot send {where} of {qualname(fn)}() to a worker process: '\n"
 "                  f'{typename(arg)} object cannot be pickled ({type(err).__name__}: {err})')\n"
 "    e.__cause__ = err\n"
@@ -222,8 +228,10 @@ void exec__bufs_release(arena *a, const exec_buf *bufs, uint32_t n)
 
 struct exec_codec {
     PyObject_HEAD
-    PyObject *pickler_plain, *pickler_dep;   /* Pickler(self, 5, buffer_callback=...) */
-    PyObject *dump_plain, *dump_dep, *clear_plain, *clear_dep;   /* their bound methods */
+    /* Picklers writing into this codec (Pickler(self, 5, buffer_callback=...)), reused: [0] plain,
+     * [1] with persistent ids; [2], [3] the same with cloudpickle's CloudPickler, for what plain
+     * pickle refuses (local functions, lambdas, closures in arguments and results). */
+    PyObject *pickler[4], *dump[4], *clear[4];
     PyObject *dep_values;                    /* tuple for persistent_load (decoding) */
     exec_dep_fn dep;
     void *dep_ctx;
@@ -340,12 +348,11 @@ static PyMethodDef codec_methods[] = {
 
 static void codec_dealloc(exec_codec *c)
 {
-    Py_XDECREF(c->pickler_plain);
-    Py_XDECREF(c->pickler_dep);
-    Py_XDECREF(c->dump_plain);
-    Py_XDECREF(c->dump_dep);
-    Py_XDECREF(c->clear_plain);
-    Py_XDECREF(c->clear_dep);
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(c->pickler[i]);
+        Py_XDECREF(c->dump[i]);
+        Py_XDECREF(c->clear[i]);
+    }
     Py_XDECREF(c->dep_values);
     free(c->out);
     free(c->bufs);
@@ -361,32 +368,46 @@ static PyTypeObject Codec_Type = {
     .tp_methods = codec_methods,
 };
 
-/* Build one reusable pickler writing into c (a reference cycle through the bound methods: the
- * codecs live as long as the process, except temporary ones, see codec_discard). */
-static int codec_make_pickler(exec_codec *c, int with_dep, PyObject **pickler, PyObject **dump,
-                              PyObject **clear)
+/* Build reusable pickler `which` (see exec_codec) writing into c. It makes a reference cycle
+ * through the bound methods: codecs live as long as the process, except temporary ones, which
+ * codec_discard breaks. */
+static int codec_make_pickler(exec_codec *c, int which)
 {
     int rc = -1;
+    PyObject *cls = pickle_Pickler, *cloud = NULL;
+    if (which >= 2) {
+        cloud = PyImport_ImportModule("cloudpickle");
+        cls = cloud ? PyObject_GetAttrString(cloud, "CloudPickler") : NULL;
+        Py_XDECREF(cloud);
+        if (cls == NULL)
+            return -1;
+    } else {
+        Py_INCREF(cls);
+    }
     PyObject *cb = PyObject_GetAttrString((PyObject *)c, "buffer_callback");
-    PyObject *kw = Py_BuildValue("{s:i,s:O}", "protocol", 5, "buffer_callback", cb);
+    PyObject *kw = cb ? Py_BuildValue("{s:i,s:O}", "protocol", 5, "buffer_callback", cb) : NULL;
     PyObject *args = PyTuple_Pack(1, (PyObject *)c);
-    PyObject *p = (cb && kw && args) ? PyObject_Call(pickle_Pickler, args, kw) : NULL;
+    PyObject *p = (kw && args) ? PyObject_Call(cls, args, kw) : NULL;
     if (p == NULL)
         goto done;
-    if (with_dep) {
+    if (which & 1) {
         PyObject *pid = PyObject_GetAttrString((PyObject *)c, "persistent_id");
         int err = pid == NULL || PyObject_SetAttrString(p, "persistent_id", pid) < 0;
         Py_XDECREF(pid);
         if (err)
             goto done;
     }
-    *dump = PyObject_GetAttrString(p, "dump");
-    *clear = PyObject_GetAttrString(p, "clear_memo");
-    if (*dump == NULL || *clear == NULL)
+    c->dump[which] = PyObject_GetAttrString(p, "dump");
+    c->clear[which] = PyObject_GetAttrString(p, "clear_memo");
+    if (c->dump[which] == NULL || c->clear[which] == NULL) {
+        Py_CLEAR(c->dump[which]);
+        Py_CLEAR(c->clear[which]);
         goto done;
-    *pickler = Py_NewRef(p);
+    }
+    c->pickler[which] = Py_NewRef(p);
     rc = 0;
 done:
+    Py_DECREF(cls);
     Py_XDECREF(cb);
     Py_XDECREF(kw);
     Py_XDECREF(args);
@@ -406,12 +427,11 @@ exec_codec *exec__codec_new(void)
 /* Break the codec's cycles and drop it (for temporary codecs). */
 static void codec_discard(exec_codec *c)
 {
-    Py_CLEAR(c->dump_plain);
-    Py_CLEAR(c->dump_dep);
-    Py_CLEAR(c->clear_plain);
-    Py_CLEAR(c->clear_dep);
-    Py_CLEAR(c->pickler_plain);
-    Py_CLEAR(c->pickler_dep);
+    for (int i = 0; i < 4; i++) {
+        Py_CLEAR(c->dump[i]);
+        Py_CLEAR(c->clear[i]);
+        Py_CLEAR(c->pickler[i]);
+    }
     Py_DECREF(c);
 }
 
@@ -427,29 +447,30 @@ void exec__codec_reset(exec_codec *c)
     c->nbufs = 0;
 }
 
-int exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx,
-                     const char **data, size_t *len, exec_buf **bufs, uint32_t *nbufs)
+/* One attempt with pickler `which`; 0, or -1 with an exception (nothing kept). */
+static int codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *ctx)
 {
-    PyObject **dump = dep ? &c->dump_dep : &c->dump_plain;
-    PyObject **clear = dep ? &c->clear_dep : &c->clear_plain;
-    if (*dump == NULL &&
-        codec_make_pickler(c, dep != NULL, dep ? &c->pickler_dep : &c->pickler_plain, dump, clear) < 0)
+    if (c->dump[which] == NULL && codec_make_pickler(c, which) < 0)
         return -1;
     c->busy = 1;
     c->out_len = 0;
     c->nbufs = 0;
     c->dep = dep;
     c->dep_ctx = ctx;
-    PyObject *r = PyObject_CallOneArg(*dump, obj);
+    PyObject *r = PyObject_CallOneArg(c->dump[which], obj);
     /* The memo holds references to everything pickled: clear it at once, failure or not. */
-    PyObject *cr = PyObject_CallNoArgs(*clear);
+    PyObject *err = r == NULL ? PyErr_GetRaisedException() : NULL;
+    PyObject *cr = PyObject_CallNoArgs(c->clear[which]);
     c->dep = NULL;
     c->busy = 0;
     if (cr == NULL) {
-        Py_XDECREF(r);
-        r = NULL;
+        Py_CLEAR(r);
+        if (err)
+            PyErr_Clear();
     }
     Py_XDECREF(cr);
+    if (err)
+        PyErr_SetRaisedException(err);
     if (r == NULL) {
         if (exec__arena)
             exec__bufs_release(exec__arena, c->bufs, c->nbufs);
@@ -458,6 +479,24 @@ int exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx,
         return -1;
     }
     Py_DECREF(r);
+    return 0;
+}
+
+int exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx,
+                     const char **data, size_t *len, exec_buf **bufs, uint32_t *nbufs)
+{
+    int which = dep ? 1 : 0;
+    if (codec_dump_with(c, which, obj, dep, ctx) < 0) {
+        /* Plain pickle refuses local functions and lambdas: cloudpickle sends them by value. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyObject *first = PyErr_GetRaisedException();
+        if (codec_dump_with(c, which + 2, obj, dep, ctx) < 0) {
+            Py_DECREF(first);
+            return -1;
+        }
+        Py_DECREF(first);
+    }
     *data = c->out;
     *len = c->out_len;
     *bufs = c->bufs;
@@ -718,7 +757,7 @@ static exec_blob *explain_encode_failure(exec_codec *c, PyObject *fn, PyObject *
         PyObject *a = PyTuple_GET_ITEM(args, i);
         if (exec__codec_dump(c, a, dep, ctx, &d, &l, &bb, &nb) < 0) {
             Py_SETREF(err, PyErr_GetRaisedException());
-            where = PyUnicode_FromFormat("argument %zd", i);
+            where = PyLong_FromSsize_t(i);
             culprit = a;
         } else if (exec__arena) {
             exec__bufs_release(exec__arena, bb, nb);

@@ -268,3 +268,21 @@ def test_pickle_roundtrip_of_result_array_in_master():
     (r,) = _core._exec_map(make_array, [(1 << 17, 1.5)])
     back = pickle.loads(pickle.dumps(r, protocol=5))
     np.testing.assert_array_equal(back, r)
+
+
+def make_adder(n):
+    def adder(x):
+        return x + n
+    return adder
+
+
+def apply(f, x):
+    return f(x)
+
+
+def test_local_functions_as_results_and_arguments():
+    (adder,) = _core._exec_map(make_adder, [(5,)])     # a closure comes back by value
+    assert adder(1) == 6
+    assert _core._exec_map(apply, [(adder, 2), (lambda v: v * 10, 3)]) == [7, 30]
+    h = _core._exec_submit(make_adder, (100,))
+    assert _core._exec_wait(_core._exec_submit(apply, (h, 1))) == 101
