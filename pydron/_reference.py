@@ -329,3 +329,5 @@ class ReferenceRuntime:
     def close(self):
         if self._executor is not None:
             self._executor.shutdown()
+        _rewrite.forget(self)
+        self._functions.clear()

@@ -14,7 +14,7 @@ import bytecode as _bc
 from bytecode import Bytecode, Instr, Label, TryBegin, TryEnd
 from bytecode.concrete import _ConvertBytecodeToConcrete
 
-__all__ = ["rewrite", "is_rewritable", "RewriteError"]
+__all__ = ["rewrite", "is_rewritable", "is_rewritten", "forget", "RewriteError"]
 
 # ======================================================================================
 # Per-version opcode tables: everything that differs between 3.11, 3.12 and 3.13 is here.
@@ -113,7 +113,10 @@ JUMP_FORWARD_OF = {  # 3.11 backward conditional jumps, retargeted to a trampoli
     "POP_JUMP_BACKWARD_IF_NONE": "POP_JUMP_FORWARD_IF_NONE",
     "POP_JUMP_BACKWARD_IF_NOT_NONE": "POP_JUMP_FORWARD_IF_NOT_NONE",
 }
-NO_TRAMPOLINE = frozenset({"FOR_ITER", "SEND", "END_ASYNC_FOR"})  # they skip past their target
+# Jumps whose target cannot be moved: 3.12+ FOR_ITER skips the END_FOR (3.13: END_FOR and
+# POP_TOP) at its target, so an exit edge's code goes after those instead.
+NO_TRAMPOLINE = frozenset({"SEND", "END_ASYNC_FOR"} | ({"FOR_ITER"} if PY >= (3, 12) else set()))
+FOR_ITER_EXIT_SKIP = ("END_FOR", "POP_TOP") if PY >= (3, 13) else ("END_FOR",)
 
 # Callees that look at their caller's frame: called in place (never through a helper frame).
 INTROSPECT_GLOBALS = frozenset({"super", "locals", "vars", "dir", "globals", "eval", "exec",
@@ -198,7 +201,8 @@ class RewriteError(Exception):
 # Public API
 # ======================================================================================
 
-_cache = {}
+_cache = {}  # (code, id(rt), role) -> (rt, rewritten code)
+_produced = {}  # id(rewritten code) -> rewritten code
 
 
 def is_rewritable(code):
@@ -222,6 +226,8 @@ def rewrite(code, rt, role="scheduled"):
     `role` is "scheduled" for a top-level scheduled function; nested code objects get
     "comprehension", "generator" or "function" from the rewriter itself.
     """
+    if id(code) in _produced and _produced[id(code)] is code:
+        return code  # already rewritten (e.g. a closure made by rewritten code)
     key = (code, id(rt), role)
     hit = _cache.get(key)
     if hit is not None and hit[0] is rt:
@@ -232,7 +238,19 @@ def rewrite(code, rt, role="scheduled"):
             raise RewriteError(reason)
     new = _Rewriter(code, rt, role).run()
     _cache[key] = (rt, new)
+    _produced[id(new)] = new
     return new
+
+
+def is_rewritten(code):
+    """True if `code` was produced by `rewrite`."""
+    return _produced.get(id(code)) is code
+
+
+def forget(rt):
+    """Drop the cached rewrites made for runtime `rt` (their code holds `rt`'s helpers)."""
+    for key in [k for k, v in _cache.items() if v[0] is rt]:
+        del _produced[id(_cache.pop(key)[1])]
 
 
 def nested_role(code):
@@ -367,8 +385,24 @@ class _Rewriter:
                         self.marks[lab] = ".pydron_mark%d" % len(self.marks)
 
     def _U(self, i):
-        e = self.entries[i]
-        return () if e is None else self.user_of[id(e)]
+        """User regions enclosing instruction i, innermost first. An unconditional jump or NOP
+        that no exception entry covers (the compiler leaves some loop back-edges uncovered)
+        cannot raise: it belongs to the regions of where it leads, so that it is no exit."""
+        ins, entries = self.instrs, self.entries
+        for _ in range(8):
+            e = entries[i]
+            if e is not None:
+                return self.user_of[id(e)]
+            x = ins[i]
+            if x.name == "NOP" and i + 1 < len(ins):
+                i += 1
+            elif x.is_uncond_jump() and x.name not in ("RETURN_VALUE", "RETURN_CONST"):
+                i = self.label_pos[x.arg]
+                if i >= len(ins):
+                    return ()
+            else:
+                return ()
+        return ()
 
     def _statement_ctx(self, region_label):
         """Entry covering the try statement of a user region (where its handler is set up)."""
@@ -841,6 +875,7 @@ class _Rewriter:
         for lab in self.marks:
             handler_starts[self.label_pos[lab]] = lab
         moved = set()
+        after_exit = {}  # index of a loop's END_FOR (3.13: its POP_TOP) -> (exit code, entry)
         first_resume = next((k for k, x in enumerate(ins) if x.name == "RESUME"), None)
 
         for i in range(n):
@@ -930,6 +965,13 @@ class _Rewriter:
                 if code and (x.is_uncond_jump()):
                     out += code
                     out.append(x)
+                elif code and name == "FOR_ITER" and PY >= (3, 12):
+                    k = len(FOR_ITER_EXIT_SKIP)
+                    if tuple(y.name for y in ins[tgt:tgt + k]) != FOR_ITER_EXIT_SKIP or any(
+                            self.labels_before[j] for j in range(tgt + 1, tgt + k)):
+                        raise RewriteError("unexpected loop exit layout")
+                    after_exit[tgt + k - 1] = (code, e)
+                    out.append(x)
                 elif code:
                     if name in NO_TRAMPOLINE:
                         raise RewriteError("%s leaves a try region" % name)
@@ -948,6 +990,10 @@ class _Rewriter:
                 out += self._edge_code(i, i + 1)
             for y in out:
                 items.append((y, e))
+            if i in after_exit:
+                code, src_entry = after_exit.pop(i)
+                for y in code:
+                    items.append((y, src_entry))
         for lab in self.trailing_labels:
             items.append(lab)
         for t, code, e, target, loc in trampolines:
@@ -998,6 +1044,16 @@ class _Rewriter:
                     x.arg = rewrite(x.arg, self.rt, role)
 
     def run(self):
+        try:
+            return self._run()
+        except RewriteError as e:
+            c = self.code
+            if " in %s " % c.co_qualname not in str(e):
+                raise RewriteError("%s in %s (%s:%d)" % (e, c.co_qualname, c.co_filename,
+                                                         c.co_firstlineno)) from None
+            raise
+
+    def _run(self):
         self._decompose()
         self._regions()
         self._analyse()

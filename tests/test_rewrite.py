@@ -978,6 +978,27 @@ def c_slice_ops(xs):
     return r, s, r[sq(1)]
 
 
+def c_loop_in_try(xs):
+    out = []
+    try:
+        for x in xs:
+            out.append(fail(x))
+    except ValueError as e:
+        return "caught", str(e)
+    return out
+
+
+def c_while_in_try(n):
+    i = 0
+    try:
+        while i < n:
+            v = fail(i)
+            i += 1
+    except ValueError as e:
+        return "caught", str(e)  # not i: statements after a failing call may have run
+    return i
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -1060,6 +1081,8 @@ CASES = [
     (c_sorted_key_fail, ([1, 3, 2],)),
     (c_nested_with_try_loop, ([1, 3, 2, 4, 5],)),
     (c_slice_ops, ([1, 2, 3, 4],)),
+    (c_loop_in_try, ([1, 2, 3, 4],)), (c_loop_in_try, ([1, 2],)),
+    (c_while_in_try, (5,)), (c_while_in_try, (2,)),
 ]
 
 
@@ -1168,9 +1191,41 @@ def p_try_region():
     return r
 
 
+def p_while_in_try():
+    i = 0
+    r = []
+    try:
+        while i < 6:
+            r.append(sq(i))
+            i += 1
+    except ValueError:
+        pass
+    return r
+
+
+def p_for_in_try():
+    r = []
+    try:
+        for x in range(7):
+            r.append(sq(x))
+    finally:
+        pass
+    return r
+
+
+def p_try_in_loop():
+    r = []
+    for x in range(5):
+        try:
+            r.append(sq(x))
+        except ValueError:
+            pass
+    return r
+
+
 def test_fanout_outstanding():
     for fn, n in ((p_fanout, 8), (p_fanout_loop, 8), (p_dict_fanout, 6), (p_chain_then_fan, 8),
-                  (p_try_region, 5)):
+                  (p_try_region, 5), (p_while_in_try, 6), (p_for_in_try, 7)):
         rt = ReferenceRuntime()
         assert _same(rt.run(fn), fn())
         assert rt.submitted == n, fn
@@ -1227,6 +1282,13 @@ def k_len_loop(n):
         if len(r) > n:
             break
     return r
+
+
+def test_try_in_loop_waits_per_iteration():
+    """A try region is awaited before it is left: one outstanding task at each exit."""
+    rt = ReferenceRuntime()
+    assert rt.run(p_try_in_loop) == p_try_in_loop()
+    assert rt.outstanding_at_force == [1] * 5
 
 
 def test_len_of_pendings_does_not_force():
@@ -1334,3 +1396,73 @@ def test_rewrite_time(capsys):
               " over %d functions" % (per_code[len(per_code) // 2] * 1e3, per_code[-1] * 1e3,
                                       max(times)[2], max(times)[1], len(times)))
     assert per_code[len(per_code) // 2] < 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# every Python function scheduled: stdlib code run through the rewriter gives plain results
+# ---------------------------------------------------------------------------------------
+
+def _everything_scheduled(f):
+    if isinstance(f, types.MethodType):
+        f = f.__func__
+    return isinstance(f, types.FunctionType) and _rewrite.is_rewritable(f.__code__)[0]
+
+
+def _stdlib_work():
+    import ast
+    import calendar
+    import colorsys
+    import copy
+    import csv
+    import dataclasses
+    import decimal
+    import difflib
+    import email.utils
+    import fractions
+    import io
+    import ipaddress
+    import json.encoder
+    import os.path
+    import pprint
+    import shlex
+    import statistics
+    import string
+    import textwrap
+    import tokenize
+    import urllib.parse
+    return [
+        lambda: list(difflib.unified_diff("abc\ndef\nghi".splitlines(),
+                                          "abc\nxyz\nghi".splitlines())),
+        lambda: difflib.SequenceMatcher(None, "kitten sitting", "sitting kitten").ratio(),
+        lambda: textwrap.fill("hello world " * 20, width=30),
+        lambda: pprint.pformat({"a": [1, 2, {"b": (3, 4)}], "c": set(range(5))}),
+        lambda: (statistics.median([5, 1, 4, 2, 3]), statistics.stdev([1.0, 2.5, 3.5, 7.0])),
+        lambda: str(fractions.Fraction(3, 4) + fractions.Fraction(5, 6) * 2),
+        lambda: string.Template("$a and ${b}").substitute(a=1, b="x"),
+        lambda: ast.literal_eval("{'a': [1, 2.5, (3, None)], 'b': -4}"),
+        lambda: json.encoder.JSONEncoder(indent=2).encode({"a": [1, 2, {"b": None}]}),
+        lambda: shlex.split("a 'b c' \"d e\" f\\ g"),
+        lambda: (urllib.parse.urlparse("http://u:p@host:80/p/a?q=1#f")._asdict(),
+                 urllib.parse.parse_qs("a=1&b=2&a=3")),
+        lambda: [str(h) for h in ipaddress.ip_network("10.0.0.0/29").hosts()],
+        lambda: (calendar.monthrange(2024, 2), colorsys.rgb_to_hls(0.2, 0.4, 0.6)),
+        lambda: copy.deepcopy({"a": [1, {"b": 2}], "c": (3,)}),
+        lambda: email.utils.parseaddr("Foo Bar <foo@bar.com>"),
+        lambda: str(decimal.Decimal("1.1") + decimal.Decimal("2.2")),
+        lambda: list(csv.reader(io.StringIO('a,b\n1,"2,3"\n'))),
+        lambda: dataclasses.asdict(dataclasses.make_dataclass("P", ["x", "y"])(1, [2, 3])),
+        lambda: tokenize.untokenize(list(tokenize.generate_tokens(
+            io.StringIO("x = 1 + 2\n").readline))),
+        lambda: os.path.join("a", "b", "/c", "d"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_stdlib_work())))
+def test_stdlib_everything_scheduled(index):
+    work = _stdlib_work()[index]
+    expected = work()
+    rt = ReferenceRuntime(is_scheduled=_everything_scheduled)
+    try:
+        assert rt.run(work) == expected
+    finally:
+        rt.close()
