@@ -30,8 +30,8 @@ struct graph_task {
     exec_blob *blob;          /* encoded result */
     PyObject *value;          /* decoded result (or thread result) */
     PyObject *error;          /* exception instance when failed */
-    PyObject *order;          /* borrowed: the submission-order list this task is in */
-    Py_ssize_t seq;           /* position in order */
+    Py_ssize_t seq;           /* position in this thread's submission order, -1 once gone */
+    int reported;             /* its failure was raised once: range waits skip it */
 };
 
 PyTypeObject *graph_task_type;
@@ -476,8 +476,8 @@ task_new(PyObject *fn, int threads)
     t->blob = NULL;
     t->value = NULL;
     t->error = NULL;
-    t->order = NULL;
     t->seq = -1;
+    t->reported = 0;
     graph_live_tasks++;
     PyObject_GC_Track(t);
     return t;
@@ -489,22 +489,10 @@ graph_task_finished(graph_task *t)
     return t->state == TASK_DONE || t->state == TASK_FAILED;
 }
 
-Py_ssize_t
-graph_task_seq(graph_task *t)
-{
-    return t->seq;
-}
-
-void
-graph_set_seq(graph_task *t, PyObject *order, Py_ssize_t seq)
-{
-    t->order = order;
-    t->seq = seq;
-}
-
 /* ---- dispatch ---------------------------------------------------------------------------- */
 
 static int task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object);
+static int order_append(graph_task *t);
 
 /* Thread tasks get values, not encodings: copy the argument containers, replacing tasks. */
 static PyObject *
@@ -748,6 +736,8 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
         if (t->args == NULL)
             goto error;
     }
+    if (order_append(t) < 0)
+        goto error;
     if (ctx.failed_dep) {
         task_finish(t, 1, NULL, Py_NewRef(ctx.failed_dep->error));
         goto done;
@@ -823,32 +813,188 @@ wait_finished(graph_task *t)
     return 0;
 }
 
+/* ---- submission order ----------------------------------------------------------------------
+ * Each thread keeps its tasks in the order the calls were made: plain Python raises the failure
+ * of the earliest failing call, so that order decides which exception is raised. Everything in
+ * order[0:resolved_upto] is finished and its failure, if any, already raised. */
+
+static _Thread_local PyObject *order;            /* list of tasks */
+static _Thread_local Py_ssize_t resolved_upto;
+static _Thread_local PyObject *raised;           /* {exception: seq of the task that raised it} */
+
+static PyObject *
+order_list(void)
+{
+    if (order == NULL)
+        order = PyList_New(0);
+    return order;
+}
+
+static int
+order_append(graph_task *t)
+{
+    PyObject *o = order_list();
+    if (o == NULL)
+        return -1;
+    t->seq = PyList_GET_SIZE(o);
+    return PyList_Append(o, (PyObject *)t);
+}
+
+Py_ssize_t
+graph_mark(void)
+{
+    return order ? PyList_GET_SIZE(order) : 0;
+}
+
 /* Raise a task's exception (its own instance, so `except` and `raise` behave as in plain
- * Python; the worker traceback hangs on it). */
+ * Python; the worker traceback hangs on it) and remember which task raised it. */
 static void
 raise_task_error(graph_task *t)
 {
-    PyErr_SetObject((PyObject *)Py_TYPE(t->error), t->error);
+    t->reported = 1;
+    if (raised == NULL)
+        raised = PyDict_New();
+    if (raised != NULL && t->seq >= 0 && PyDict_GetItem(raised, t->error) == NULL) {
+        PyObject *seq = PyLong_FromSsize_t(t->seq);
+        if (seq == NULL || PyDict_SetItem(raised, t->error, seq) < 0)
+            PyErr_Clear();
+        Py_XDECREF(seq);
+    }
+    PyObject *tb = PyException_GetTraceback(t->error);
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(t->error)), Py_NewRef(t->error), tb);
 }
 
-/* The earliest failed task in order[0:stop], waiting for each in turn; NULL if none. */
 static graph_task *
-first_failure(PyObject *order, Py_ssize_t start, Py_ssize_t stop, int *err)
+order_item(Py_ssize_t k)
 {
-    *err = 0;
-    for (Py_ssize_t i = start; i < stop && i < PyList_GET_SIZE(order); i++) {
-        graph_task *t = (graph_task *)PyList_GET_ITEM(order, i);
+    return (graph_task *)PyList_GET_ITEM(order, k);
+}
+
+/* Wait for order[resolved_upto:stop]; raise the first failure not raised before. */
+int
+graph_force_before(Py_ssize_t stop)
+{
+    if (order == NULL)
+        return 0;
+    Py_ssize_t k = resolved_upto;
+    while (k < stop && k < PyList_GET_SIZE(order)) {
+        graph_task *t = order_item(k);
         Py_INCREF(t);
         if (wait_finished(t) < 0) {
             Py_DECREF(t);
-            *err = 1;
-            return NULL;
+            return -1;
+        }
+        k++;
+        if (t->state == TASK_FAILED && !t->reported) {
+            resolved_upto = k;
+            raise_task_error(t);
+            Py_DECREF(t);
+            return -1;
         }
         Py_DECREF(t);
-        if (t->state == TASK_FAILED)
-            return t;
     }
-    return NULL;
+    if (k > resolved_upto)
+        resolved_upto = k;
+    return 0;
+}
+
+/* Wait for every task submitted since mark; raise the first failure (an earlier one first). */
+int
+graph_force_since(Py_ssize_t mark)
+{
+    if (order == NULL)
+        return 0;
+    for (Py_ssize_t k = mark > resolved_upto ? mark : resolved_upto;
+         k < PyList_GET_SIZE(order); k++) {
+        graph_task *t = order_item(k);
+        Py_INCREF(t);
+        if (wait_finished(t) < 0) {
+            Py_DECREF(t);
+            return -1;
+        }
+        if (t->state == TASK_FAILED && !t->reported) {
+            if (graph_force_before(t->seq) == 0)
+                raise_task_error(t);
+            Py_DECREF(t);
+            return -1;
+        }
+        Py_DECREF(t);
+    }
+    return 0;
+}
+
+/* Submission index of the task whose failure exc is, or -1. */
+static Py_ssize_t
+raised_by(PyObject *exc)
+{
+    if (raised == NULL || exc == NULL)
+        return -1;
+    PyObject *seq = PyDict_GetItem(raised, exc);
+    return seq ? PyLong_AsSsize_t(seq) : -1;
+}
+
+PyObject *
+graph_enter_handler(PyObject *exc, Py_ssize_t mark)
+{
+    Py_ssize_t cut = graph_mark(), k = raised_by(exc);
+    if (k >= 0) {
+        if (k < mark) {
+            /* Failed before the region began: not this handler's business. */
+            PyObject *tb = PyException_GetTraceback(exc);
+            PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), Py_NewRef(exc), tb);
+            return NULL;
+        }
+        cut = k;
+    }
+    PyObject *result = Py_NewRef(exc);
+    Py_ssize_t from = mark > resolved_upto ? mark : resolved_upto;
+    for (Py_ssize_t i = from; i < cut && order && i < PyList_GET_SIZE(order); i++) {
+        graph_task *t = order_item(i);
+        Py_INCREF(t);
+        if (wait_finished(t) < 0) {
+            Py_DECREF(t);
+            Py_DECREF(result);
+            return NULL;
+        }
+        if (t->state == TASK_FAILED && !t->reported) {
+            /* An earlier call of the region failed first: its exception is the one caught. */
+            raise_task_error(t);
+            PyErr_Clear();
+            Py_SETREF(result, Py_NewRef(t->error));
+            cut = i;
+            Py_DECREF(t);
+            break;
+        }
+        Py_DECREF(t);
+    }
+    /* Plain Python never made the calls after the failing one: their failures never count. */
+    for (Py_ssize_t i = cut + 1; order && i < PyList_GET_SIZE(order); i++)
+        order_item(i)->reported = 1;
+    return result;
+}
+
+/* End of a top-level scheduled call that started at mark: forget order[mark:]. */
+void
+graph_order_truncate(Py_ssize_t mark)
+{
+    if (order == NULL || mark >= PyList_GET_SIZE(order))
+        goto forget_raised;
+    for (Py_ssize_t i = mark; i < PyList_GET_SIZE(order); i++)
+        order_item(i)->seq = -1;
+    PyObject *exc = PyErr_GetRaisedException();
+    PyList_SetSlice(order, mark, PyList_GET_SIZE(order), NULL);
+    PyErr_SetRaisedException(exc);
+    if (resolved_upto > mark)
+        resolved_upto = mark;
+forget_raised:
+    if (mark == 0 && raised != NULL)
+        PyDict_Clear(raised);
+}
+
+Py_ssize_t
+graph_raised_by(PyObject *exc)
+{
+    return raised_by(exc);
 }
 
 static PyObject *
@@ -858,16 +1004,10 @@ task_force_value(graph_task *t)
         if (wait_finished(t) < 0)
             return NULL;
         if (t->state == TASK_FAILED) {
-            graph_task *first = t;
-            if (t->order != NULL && t->seq >= 0) {
-                int err;
-                graph_task *earlier = first_failure(t->order, 0, t->seq, &err);
-                if (err)
-                    return NULL;
-                if (earlier)
-                    first = earlier;
-            }
-            raise_task_error(first);
+            /* An earlier call that failed is the one plain Python raised. */
+            if (t->seq >= 0 && graph_force_before(t->seq) < 0)
+                return NULL;
+            raise_task_error(t);
             return NULL;
         }
     }
@@ -888,20 +1028,6 @@ PyObject *
 graph_wait(graph_task *t)
 {
     return task_force_value(t);
-}
-
-int
-graph_wait_range(PyObject *order, Py_ssize_t start, Py_ssize_t stop)
-{
-    int err;
-    graph_task *failed = first_failure(order, start, stop, &err);
-    if (err)
-        return -1;
-    if (failed) {
-        raise_task_error(failed);
-        return -1;
-    }
-    return 0;
 }
 
 void

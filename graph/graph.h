@@ -23,16 +23,22 @@ extern Py_ssize_t graph_live_tasks;
 PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads);
 
 /* Wait for a task and return its value (new reference), or raise the exception plain Python
- * would have raised first: the earliest failure among tasks submitted before it in `order`. */
+ * would have raised first: the earliest failure among the tasks submitted before it. */
 PyObject *graph_wait(graph_task *t);
 
-/* Force every task in order[start:stop] (a list of tasks in submission order), raising the first
- * failure. 0 or -1. */
-int graph_wait_range(PyObject *order, Py_ssize_t start, Py_ssize_t stop);
-
-/* Position of a task in its submission-order list (set by trace through graph_set_seq). */
-Py_ssize_t graph_task_seq(graph_task *t);
-void graph_set_seq(graph_task *t, PyObject *order, Py_ssize_t seq);
+/* The submission order of this thread's tasks (a mark is a position in it). A failure is raised
+ * once by the range waits below; forcing its task's value raises it again. 0 or -1. */
+Py_ssize_t graph_mark(void);
+int graph_force_since(Py_ssize_t mark);     /* tasks from mark on; an earlier failure first */
+int graph_force_before(Py_ssize_t mark);    /* tasks before mark */
+/* At the entry of the handler of a try/with region entered at mark, reached with exc: the
+ * exception the handler must see (the region's first failure, new reference), cancelling the
+ * tasks plain Python never called; NULL + exception if exc belongs to an earlier task. */
+PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark);
+/* Index of the task whose failure exc is, or -1. */
+Py_ssize_t graph_raised_by(PyObject *exc);
+/* A top-level scheduled call that began at mark has ended: forget its part of the order. */
+void graph_order_truncate(Py_ssize_t mark);
 int graph_task_finished(graph_task *t);
 
 /* Take in finished tasks without waiting (cheap when nothing finished). 0 or -1. */

@@ -93,8 +93,6 @@ submit_task(PyObject *fn, PyObject *self, PyObject *const *args, Py_ssize_t narg
                 goto done;
     }
     task = graph_submit(fn, argtuple, kwargs, threads);
-    if (task && trace_record(task) < 0)
-        Py_CLEAR(task);
 done:
     Py_DECREF(argtuple);
     Py_XDECREF(kwargs);
@@ -335,7 +333,7 @@ done:
 static PyObject *
 helper_mark(PyObject *module, PyObject *unused)
 {
-    return PyLong_FromSsize_t(trace_mark());
+    return PyLong_FromSsize_t(graph_mark());
 }
 
 static PyObject *
@@ -344,7 +342,7 @@ helper_force_since(PyObject *module, PyObject *mark)
     Py_ssize_t m = PyLong_AsSsize_t(mark);
     if (m == -1 && PyErr_Occurred())
         return NULL;
-    return trace_force_since(m) < 0 ? NULL : Py_NewRef(Py_None);
+    return graph_force_since(m) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
 static PyObject *
@@ -353,7 +351,21 @@ helper_force_before(PyObject *module, PyObject *mark)
     Py_ssize_t m = PyLong_AsSsize_t(mark);
     if (m == -1 && PyErr_Occurred())
         return NULL;
-    return trace_force_before(m) < 0 ? NULL : Py_NewRef(Py_None);
+    return graph_force_before(m) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* enter_handler(exc, mark) -> the exception the handler of a region entered at mark sees. */
+static PyObject *
+helper_enter_handler(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "enter_handler(exc, mark)");
+        return NULL;
+    }
+    Py_ssize_t m = PyLong_AsSsize_t(argv[1]);
+    if (m == -1 && PyErr_Occurred())
+        return NULL;
+    return graph_enter_handler(argv[0], m);
 }
 
 static PyMethodDef dispatch_methods[] = {
@@ -371,6 +383,8 @@ static PyMethodDef dispatch_methods[] = {
      "force_since(mark): wait for every task submitted since mark; raise the first failure."},
     {"force_before", helper_force_before, METH_O,
      "force_before(mark): wait for every task submitted before mark; raise the first failure."},
+    {"enter_handler", (PyCFunction)(void (*)(void))helper_enter_handler, METH_FASTCALL,
+     "enter_handler(exc, mark): the exception a handler entered at mark must see."},
     {NULL},
 };
 

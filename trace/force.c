@@ -3,53 +3,6 @@
  * that decides which failure plain Python would have raised first. */
 #include "trace/internal.h"
 
-/* Tasks of this thread in submission order. Scheduled calls nest: each top-level call is a
- * session owning order[start:]. */
-static _Thread_local PyObject *thread_order;
-
-static PyObject *
-order_list(void)
-{
-    if (thread_order == NULL)
-        thread_order = PyList_New(0);
-    return thread_order;
-}
-
-int
-trace_record(PyObject *task)
-{
-    PyObject *order = order_list();
-    if (order == NULL)
-        return -1;
-    graph_set_seq((graph_task *)task, order, PyList_GET_SIZE(order));
-    return PyList_Append(order, task);
-}
-
-Py_ssize_t
-trace_mark(void)
-{
-    PyObject *order = order_list();
-    return order ? PyList_GET_SIZE(order) : 0;
-}
-
-int
-trace_force_since(Py_ssize_t mark)
-{
-    PyObject *order = order_list();
-    if (order == NULL)
-        return -1;
-    return graph_wait_range(order, mark, PyList_GET_SIZE(order));
-}
-
-int
-trace_force_before(Py_ssize_t mark)
-{
-    PyObject *order = order_list();
-    if (order == NULL)
-        return -1;
-    return graph_wait_range(order, 0, mark);
-}
-
 PyObject *
 trace_force(PyObject *x)
 {
@@ -177,64 +130,41 @@ Py_ssize_t
 trace_session_begin(void)
 {
     graph_session_enter();
-    return trace_mark();
-}
-
-/* Forget order[start:]: the tasks stay alive where the user keeps them, but no longer point
- * into the list. */
-static void
-order_truncate(Py_ssize_t start)
-{
-    PyObject *order = thread_order;
-    if (order == NULL || start >= PyList_GET_SIZE(order))
-        return;
-    for (Py_ssize_t i = start; i < PyList_GET_SIZE(order); i++)
-        graph_set_seq((graph_task *)PyList_GET_ITEM(order, i), NULL, -1);
-    PyObject *exc = PyErr_GetRaisedException();
-    PyList_SetSlice(order, start, PyList_GET_SIZE(order), NULL);
-    PyErr_SetRaisedException(exc);
-}
-
-static PyObject *session_finish(Py_ssize_t start, PyObject *result);
-
-PyObject *
-trace_session_end(Py_ssize_t start, PyObject *result)
-{
-    result = session_finish(start, result);
-    graph_session_exit();
-    return result;
+    return graph_mark();
 }
 
 static PyObject *
 session_finish(Py_ssize_t start, PyObject *result)
 {
-    PyObject *order = order_list();
-    if (order == NULL) {
-        Py_XDECREF(result);
-        return NULL;
-    }
     if (result == NULL) {
-        /* The call raised. A task that failed earlier would have raised first in plain Python,
-         * so wait for them, unless the user interrupted us. */
-        if (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
-            PyObject *exc = PyErr_GetRaisedException();
-            if (graph_wait_range(order, start, PyList_GET_SIZE(order)) == 0)
-                PyErr_SetRaisedException(exc);
-            else
-                Py_XDECREF(exc);
-        }
-        else
+        /* The call raised. A task that failed before that point would have raised first in
+         * plain Python, so wait for those, unless the user interrupted us. */
+        if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
             graph_cancel_all();
-        order_truncate(start);
+            return NULL;
+        }
+        PyObject *exc = PyErr_GetRaisedException();
+        Py_ssize_t k = graph_raised_by(exc);
+        if (graph_force_before(k >= 0 ? k : graph_mark()) == 0)
+            PyErr_SetRaisedException(exc);
+        else
+            Py_XDECREF(exc);
         return NULL;
     }
-    if (graph_wait_range(order, start, PyList_GET_SIZE(order)) < 0) {
+    if (graph_force_since(start) < 0 || graph_force_before(graph_mark()) < 0) {
         Py_DECREF(result);
-        order_truncate(start);
         return NULL;
     }
     PyObject *value = trace_force_deep(result);
     Py_DECREF(result);
-    order_truncate(start);
     return value;
+}
+
+PyObject *
+trace_session_end(Py_ssize_t start, PyObject *result)
+{
+    result = session_finish(start, result);
+    graph_order_truncate(start);
+    graph_session_exit();
+    return result;
 }

@@ -45,11 +45,7 @@ PyObject *trace_rewritten(PyObject *code, trace_codeinfo *info);
 PyObject *trace_force(PyObject *x);
 PyObject *trace_force_deep(PyObject *x);
 
-/* force.c: the tasks of this thread in submission order, and the scheduled calls running. */
-int trace_record(PyObject *task);                 /* append a new task to the order */
-Py_ssize_t trace_mark(void);
-int trace_force_since(Py_ssize_t mark);
-int trace_force_before(Py_ssize_t mark);
+/* force.c: top-level scheduled calls. */
 Py_ssize_t trace_session_begin(void);             /* returns the session's start mark */
 /* End a top-level scheduled call: on success force everything it submitted (first failure wins)
  * and deep-force result; on error wait too, unless interrupted, so an earlier task failure wins.
