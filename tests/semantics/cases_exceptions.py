@@ -305,3 +305,100 @@ def return_inside_finally_overrides(x):
         return fail(x)
     finally:
         return "finally wins"
+
+
+@case([1, 2, 3])
+@pydron.schedule
+def comprehension_inside_try(xs):
+    # 3.12 inlines comprehensions with compiler-made exception regions: not a user try.
+    try:
+        rs = [fail_if(x, 2) for x in xs]
+        ok = False
+    except TaskError as e:
+        rs = str(e)
+        ok = True
+    return rs, ok, [square(x) for x in xs]
+
+
+@case([1, 2, 3])
+@pydron.schedule
+def genexpr_inside_try(xs):
+    try:
+        return sum(fail_if(x, 3) for x in xs)
+    except TaskError as e:
+        return f"caught {e}"
+
+
+@case([1, 2, 3, 4, 5])
+@pydron.schedule
+def break_and_continue_through_finally(xs):
+    log = []
+    for x in xs:
+        try:
+            r = square(x)
+            if r == 4:
+                continue
+            if r > 10:
+                break
+            log.append(r)
+        finally:
+            log.append(f"finally {x}")
+    return log
+
+
+@case([1, 2, 3])
+@pydron.schedule
+def return_inside_with(xs):
+    with Tracked("returning"):
+        rs = [double(x) for x in xs]
+        return rs, add(rs[0], rs[1])
+
+
+@case([1, 2, 3, 4])
+@pydron.schedule
+def generator_with_try_inside(xs):
+    def checked():
+        for x in xs:
+            try:
+                yield fail_if(x, 3)
+            except TaskError as e:
+                yield f"skipped: {e}"
+
+    return list(checked())
+
+
+@case(2)
+@pydron.schedule
+def nested_try_in_handler(x):
+    try:
+        fail(x, "outer")
+    except TaskError as outer:
+        try:
+            r = fail_sub(x)
+        except SubTaskError as inner:
+            return f"{outer} / {inner}", isinstance(inner.__context__, TaskError)
+    return None
+
+
+@case(3, raises=TaskError)
+@pydron.schedule
+def failure_inside_nested_scheduled(x):
+    return add(scheduled_may_fail(x), 1)
+
+
+@pydron.schedule
+def scheduled_may_fail(x):
+    r = square(x)
+    return fail_if(r, 9)
+
+
+@case([2, 3, 4])
+@pydron.schedule
+def nested_scheduled_failure_caught(xs):
+    out = []
+    for x in xs:
+        try:
+            out.append(scheduled_may_fail(x))
+        except TaskError as e:
+            out.append(str(e))
+    return out
