@@ -9,7 +9,10 @@
 #include "pydron_compat.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <signal.h>
+#include <sys/syscall.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -100,19 +103,39 @@ static const char helpers_source[] =
 "    return e\n"
 "def pickle_function(fn):\n"
 "    import cloudpickle\n"
-"    return cloudpickle.dumps(fn, protocol=5)\n"
+"    code = getattr(fn, '__code__', None)\n"
+"    return cloudpickle.dumps((fn, getattr(code, 'co_filename', None)), protocol=5)\n"
+"def unpack_function(shipped):\n"
+"    # cloudpickle ships code by value with co_filename '<dynamic-code>': put the real file back,\n"
+"    # so worker tracebacks name it (and the master can show its source lines).\n"
+"    fn, filename = shipped\n"
+"    code = getattr(fn, '__code__', None)\n"
+"    if filename and code is not None and code.co_filename != filename:\n"
+"        import types\n"
+"        def fix(c):\n"
+"            consts = tuple(fix(k) if isinstance(k, types.CodeType) else k for k in c.co_consts)\n"
+"            return c.replace(co_filename=filename, co_consts=consts)\n"
+"        try:\n"
+"            fn.__code__ = fix(code)\n"
+"        except Exception:\n"
+"            pass\n"
+"    return fn\n"
 "def pickle_exception(exc, fn):\n"
 "    try:\n"
 "        from tblib import pickling_support\n"
 "        pickling_support.install(exc)\n"
 "    except Exception:\n"
 "        pass\n"
-"    try:\n"
-"        data = pickle.dumps(exc, protocol=5)\n"
-"        if type(pickle.loads(data)) is type(exc):\n"
-"            return data\n"
-"    except Exception:\n"
-"        pass\n"
+"    import cloudpickle\n"
+"    # By reference first; classes the worker got by value (defined in __main__, or after\n"
+"    # enable()) go back by value with cloudpickle, which maps them to the master's own class.\n"
+"    for dumps in (pickle.dumps, cloudpickle.dumps):\n"
+"        try:\n"
+"            data = dumps(exc, protocol=5)\n"
+"            if type(pickle.loads(data)) is type(exc):\n"
+"                return data\n"
+"        except Exception:\n"
+"            pass\n"
 "    tb = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__))\n"
 "    err = RuntimeError(f'{typename(exc)}: {exc}\\n(raised in {qualname(fn)}() on a pydron worker; '\n"
 "                       f'the exception could not be pickled back)\\n\\nWorker traceback:\\n{tb}')\n"
@@ -877,6 +900,9 @@ static struct {
 } M;
 
 static wake_word local_master_word;    /* when no pool runs (thread pool only) */
+/* Threads asleep in exec_poll (GIL released) on the shared master word: while there are any,
+ * shutdown must not unmap the word under them (a daemon thread at interpreter exit). */
+static _Atomic int sleepers;
 static _Atomic uint32_t notifications;
 
 static wake_word *master_word(void)
@@ -1475,8 +1501,10 @@ int exec_poll(double timeout_s, exec_result_fn on_result, void *ctx)
                 wake_cancel(w);
             } else {
                 int64_t ns = (int64_t)((left < 0.05 ? left : 0.05) * 1e9);
+                atomic_fetch_add(&sleepers, 1);
                 Py_BEGIN_ALLOW_THREADS
                 wake_wait(w, seen, ns);
+                atomic_fetch_sub(&sleepers, 1);
                 Py_END_ALLOW_THREADS
             }
         }
@@ -1648,8 +1676,16 @@ static void shutdown_internal(int with_python)
     M.outstanding = 0;
     if (with_python)
         fn_table_clear();
-    munmap(M.ctl, M.ctl_size);
     exec__shared = NULL;
+    /* Wake sleepers (they see the pool gone); if one is still inside, leave the control region
+     * mapped: it is anonymous memory, gone with the process, and a few pages at most. */
+    wake_word *w = &((exec_shared *)M.ctl)->master;
+    atomic_fetch_add(&w->seq, 1);
+    syscall(SYS_futex, &w->seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    for (int k = 0; k < 100 && atomic_load(&sleepers) > 0; k++)
+        usleep(1000);
+    if (atomic_load(&sleepers) == 0)
+        munmap(M.ctl, M.ctl_size);
     if (atomic_load(&live_arena_refs) == 0)
         munmap(M.arena_mem, M.arena_size);   /* else an array still views it: leave it mapped */
     exec__arena = NULL;

@@ -403,8 +403,11 @@ static void define_function(ring *in, const char *rec)
 {
     uint64_t fn_id = ((const uint64_t *)rec)[0];
     size_t used;
-    PyObject *fn = exec__wire_decode(rec + 8, &used, NULL);
+    PyObject *shipped = exec__wire_decode(rec + 8, &used, NULL);
     ring_pop(in);
+    PyObject *unpack = shipped ? exec__helper("unpack_function") : NULL;
+    PyObject *fn = unpack ? PyObject_CallOneArg(unpack, shipped) : NULL;
+    Py_XDECREF(shipped);
     int failed = fn == NULL;
     if (failed)
         fn = PyErr_GetRaisedException();

@@ -204,3 +204,39 @@ def test_exit_with_tasks_in_flight(tmp_path, how):
     (r,) = reports
     assert r["forkserver"] in r["pids"] and all(w in r["pids"] for w in r["workers"])
     assert len(r["pids"]) == 3
+
+
+def test_main_module_classes_and_tracebacks(tmp_path):
+    """Functions, exception classes and result classes of __main__, defined after the pool
+    started, travel by value and come back as the master's own classes; the worker traceback
+    names the script and line."""
+    rc, reports, err = run_scenario("""
+        import traceback
+        _core._exec_start(2)
+
+        class CalibrationError(Exception):
+            pass
+
+        class Point:
+            def __init__(self, x):
+                self.x = x
+
+        def calibrate(i):
+            if i == 2:
+                raise CalibrationError(f"frame {i} is saturated")
+            return Point(i)
+
+        r = _core._exec_map(calibrate, [(0,), (1,)])
+        try:
+            _core._exec_map(calibrate, [(2,)])
+        except CalibrationError as e:
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            report(points=[type(p) is Point and p.x for p in r], caught=str(e), tb=tb,
+                   pids=descendants())
+        check_clean_after_shutdown()
+    """, tmp_path)
+    assert rc == 0, err
+    (r,) = reports
+    assert r["points"] == [0, 1] and r["caught"] == "frame 2 is saturated"
+    assert "scenario.py" in r["tb"] and "in calibrate" in r["tb"]
+    assert 'raise CalibrationError(f"frame {i} is saturated")' in r["tb"]
