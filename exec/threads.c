@@ -107,6 +107,7 @@ static struct {
     uint64_t ffi_calls, python_calls, helper_ids;
     native_site *sites[SITE_BUCKETS];
     Py_ssize_t nsites;
+    int draining;                  /* drains in progress (on_result may re-enter exec) */
 } pool = {
     .mu = PTHREAD_MUTEX_INITIALIZER,
     .work_cv = PTHREAD_COND_INITIALIZER,
@@ -1155,6 +1156,7 @@ exec__threads_drain(exec_result_fn on_result, void *ctx)
     pthread_mutex_unlock(&pool.mu);
 
     int handed = 0;
+    pool.draining++;
     while (list != NULL) {
         thread_job *job = list;
         list = job->next;
@@ -1179,10 +1181,12 @@ exec__threads_drain(exec_result_fn on_result, void *ctx)
                     pool.done_tail = last;
                 pthread_mutex_unlock(&pool.mu);
             }
+            pool.draining--;
             return -1;
         }
         handed++;
     }
+    pool.draining--;
     return handed;
 }
 
@@ -1235,6 +1239,7 @@ exec__threads_shutdown(void)
     thread_job *queued = pool.queue_head, *done = pool.done_head;
     pool.queue_head = pool.queue_tail = pool.done_head = pool.done_tail = NULL;
     pool.queued = 0;
+    pool.generation++;   /* a drain in progress below us drops what it still holds */
     pool.threads = NULL;
     pool.nthreads = pool.idle = pool.stopping = 0;
     pool.max_threads = 0;
@@ -1246,6 +1251,8 @@ exec__threads_shutdown(void)
     pool.outstanding = 0;
     job_free_list(queued);
     job_free_list(done);
+    if (pool.draining)
+        return;   /* a drain below us still reads its jobs' sites: the next shutdown frees them */
     for (int b = 0; b < SITE_BUCKETS; b++) {
         native_site *s = pool.sites[b];
         pool.sites[b] = NULL;
@@ -1417,9 +1424,15 @@ threads_submit(PyObject *self, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+typedef struct {
+    PyObject *list;       /* results collected */
+    PyObject *callback;   /* or handed to callback(task_id, failed, object), borrowed */
+} drain_ctx;
+
 static int
-drain_to_list(void *ctx, exec_result *r)
+drain_to_python(void *ctx, exec_result *r)
 {
+    drain_ctx *d = ctx;
     PyObject *obj = r->object != NULL ? r->object : Py_NewRef(Py_None);
     if (r->blob != NULL)
         exec_blob_decref(r->blob);
@@ -1427,23 +1440,38 @@ drain_to_list(void *ctx, exec_result *r)
                                    r->failed ? Py_True : Py_False, obj);
     if (item == NULL)
         return -1;
-    int rc = PyList_Append((PyObject *)ctx, item);
+    int rc;
+    if (d->callback != NULL) {
+        PyObject *res = PyObject_Call(d->callback, item, NULL);
+        rc = res == NULL ? -1 : 0;
+        Py_XDECREF(res);
+    }
+    else {
+        rc = PyList_Append(d->list, item);
+    }
     Py_DECREF(item);
     return rc;
 }
 
-/* _threads_drain() -> [(task_id, failed, result or exception)]: exec__threads_drain, no wait. */
+/* _threads_drain(callback=None) -> [(task_id, failed, result or exception)]: one
+ * exec__threads_drain, no wait. With callback, each result goes to callback(task_id, failed,
+ * object) from inside the drain instead (as exec_poll's on_result, which may re-enter). */
 static PyObject *
-threads_drain(PyObject *self, PyObject *unused)
+threads_drain(PyObject *self, PyObject *args)
 {
-    PyObject *list = PyList_New(0);
-    if (list == NULL)
+    drain_ctx d = {NULL, NULL};
+    if (!PyArg_ParseTuple(args, "|O:_threads_drain", &d.callback))
         return NULL;
-    if (exec__threads_drain(drain_to_list, list) < 0) {
-        Py_DECREF(list);
+    if (d.callback == Py_None)
+        d.callback = NULL;
+    d.list = PyList_New(0);
+    if (d.list == NULL)
+        return NULL;
+    if (exec__threads_drain(drain_to_python, &d) < 0) {
+        Py_DECREF(d.list);
         return NULL;
     }
-    return list;
+    return d.list;
 }
 
 static PyObject *
@@ -1459,11 +1487,14 @@ threads_stats(PyObject *self, PyObject *unused)
     check_forked();
     pthread_mutex_lock(&pool.mu);
     int nthreads = pool.nthreads, max_threads = pool.max_threads, idle = pool.idle;
-    Py_ssize_t queued = pool.queued;
+    Py_ssize_t queued = pool.queued, finished = 0;
+    for (thread_job *j = pool.done_head; j != NULL; j = j->next)
+        finished++;
     pthread_mutex_unlock(&pool.mu);
-    return Py_BuildValue("{s:i,s:i,s:i,s:n,s:n,s:K,s:K,s:n}", "threads", nthreads,
+    return Py_BuildValue("{s:i,s:i,s:i,s:n,s:n,s:n,s:K,s:K,s:n}", "threads", nthreads,
                          "max_threads", max_threads == 0 ? default_pool_size() : max_threads,
-                         "idle", idle, "queued", queued, "outstanding", pool.outstanding,
+                         "idle", idle, "queued", queued, "finished", finished,
+                         "outstanding", pool.outstanding,
                          "ffi_calls", (unsigned long long)pool.ffi_calls,
                          "python_calls", (unsigned long long)pool.python_calls,
                          "cif_cache", pool.nsites);
@@ -1487,8 +1518,8 @@ static PyMethodDef threads_methods[] = {
      "_threads_map(fn, arglist, kwargs=None, return_exceptions=False) -> list (tests only)"},
     {"_threads_submit", (PyCFunction)(void (*)(void))threads_submit, METH_VARARGS | METH_KEYWORDS,
      "_threads_submit(task_id, fn, args=(), kwargs=None) (tests only)"},
-    {"_threads_drain", threads_drain, METH_NOARGS,
-     "_threads_drain() -> [(task_id, failed, object)] (tests only)"},
+    {"_threads_drain", threads_drain, METH_VARARGS,
+     "_threads_drain(callback=None) -> [(task_id, failed, object)] (tests only)"},
     {"_threads_cancel_all", threads_cancel_all, METH_NOARGS, "Forget queued and running tasks."},
     {"_threads_stats", threads_stats, METH_NOARGS, "Thread pool counters (tests only)."},
     {"_threads_shutdown", threads_shutdown, METH_NOARGS, "Join the pool's threads."},

@@ -424,6 +424,14 @@ def test_shutdown_twice_then_reuse():
     assert _core._threads_stats()["threads"] >= 1
 
 
+def wait_finished(n, timeout=60.0):
+    """Until n finished tasks wait in the completion list (not drained yet)."""
+    deadline = time.monotonic() + timeout
+    while _core._threads_stats()["finished"] < n:
+        assert time.monotonic() < deadline, _core._threads_stats()
+        time.sleep(0.001)
+
+
 def drain_until(task_ids, timeout=60.0):
     """Poll _threads_drain (as exec_poll does) until every id in task_ids came back."""
     got = {}
@@ -464,6 +472,61 @@ def test_cancel_all_forgets_queued_and_running(lib):
     _core._threads_submit(200, sleep, (0, 9))
     assert drain_until([200]) == {200: (False, 9)}
     assert _core._threads_drain() == []
+
+
+def test_reentrant_drain_callbacks(lib):
+    """on_result may submit more work (the graph dispatches dependents from it), drain again, or
+    shut the pool down; the drain in progress stays consistent."""
+    sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
+    seen = {}
+
+    def on_result(task_id, failed, obj):
+        seen[task_id] = obj
+        if task_id < 310:                       # each first-generation result submits a child
+            _core._threads_submit(task_id + 100, sleep, (0, obj * 10))
+        for inner in _core._threads_drain():    # nested drain
+            seen[inner[0]] = inner[2]
+
+    for i in range(6):
+        _core._threads_submit(300 + i, sleep, (1000, i))
+    deadline = time.monotonic() + 60
+    while len(seen) < 12:
+        _core._threads_drain(on_result)
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.001)
+    assert seen == {**{300 + i: i for i in range(6)}, **{400 + i: 10 * i for i in range(6)}}
+    assert _core._threads_stats()["outstanding"] == 0
+
+    # A shutdown from inside the callback: what the drain still holds is dropped, not reported.
+    for i in range(6):
+        _core._threads_submit(500 + i, sleep, (0, i))
+    wait_finished(6)
+    calls = []
+
+    def shut_down(task_id, failed, obj):
+        calls.append(task_id)
+        _core._threads_shutdown()
+
+    _core._threads_drain(shut_down)
+    assert len(calls) == 1   # the other five were dropped by the shutdown
+    assert _core._threads_drain() == []
+    assert _core._threads_stats()["outstanding"] == 0
+    assert pool_map(sleep, [(0, 1)]) == [1]
+
+    # An exception in the callback stops the drain; the rest are handed over next time.
+    for i in range(4):
+        _core._threads_submit(600 + i, sleep, (0, i))
+    wait_finished(4)
+
+    def fail(task_id, failed, obj):
+        raise CalibrationError("callback")
+
+    with pytest.raises(CalibrationError):
+        _core._threads_drain(fail)
+    assert _core._threads_stats()["outstanding"] == 3
+    left = {t for t, _, _ in _core._threads_drain()}
+    assert len(left) == 3 and left <= {600, 601, 602, 603}
+    assert _core._threads_stats()["outstanding"] == 0
 
 
 FORK_SCRIPT = textwrap.dedent("""
