@@ -769,8 +769,8 @@ class _Rewriter:
         sb, lb = b
         if len(sa) != len(sb):
             raise RewriteError("inconsistent stack depths (%d vs %d)" % (len(sa), len(sb)))
-        st = tuple(_join_slot(x, y) for x, y in zip(sa, sb)) if sa != sb else sa
-        lc = tuple(max(x, y) for x, y in zip(la, lb)) if la != lb else la
+        st = tuple(map(_join_slot, sa, sb)) if sa != sb else sa
+        lc = tuple(map(max, la, lb)) if la != lb else la
         return (st, lc)
 
     # -- emission ----------------------------------------------------------------------
