@@ -500,9 +500,11 @@ instance_simple_code(PyObject *obj)
 }
 
 /* A pointer-carrying ctypes instance (array: its address; pointer, function pointer, c_void_p,
- * c_char_p, c_wchar_p: the pointer it holds), as ctypes' ConvParam passes it. */
+ * c_char_p, c_wchar_p: the pointer it holds), as ctypes' ConvParam passes it. Without
+ * `any_void_p`, a c_void_p instance is refused (c_void_p.from_param of a subclass takes only
+ * its own instances, which the caller has already handled). */
 static int
-convert_cdata_pointer(PyObject *obj, void **out)
+convert_cdata_pointer(PyObject *obj, int any_void_p, void **out)
 {
     if (is_instance_of(obj, ctypes_array)) {
         void *addr = cdata_address(obj, NULL);
@@ -514,7 +516,7 @@ convert_cdata_pointer(PyObject *obj, void **out)
     char code = 0;
     if (!is_instance_of(obj, ctypes_pointer) && !is_instance_of(obj, ctypes_cfuncptr)) {
         code = instance_simple_code(obj);
-        if (code != 'P' && code != 'z' && code != 'Z')
+        if (!(code == 'z' || code == 'Z' || (code == 'P' && any_void_p)))
             return CONV_FALLBACK;
     }
     return cdata_pointer_value(obj, out) < 0 ? CONV_ERROR : CONV_OK;
@@ -559,7 +561,7 @@ convert_from_param_result(thread_job *job, PyObject *value, void **out)
             break;    /* ConvParam passes a C int here: leave that to ctypes */
         if (is_instance_of(value, ctypes_array) || is_instance_of(value, ctypes_pointer)
             || is_instance_of(value, ctypes_cfuncptr) || is_instance_of(value, ctypes_simple)) {
-            int rc = convert_cdata_pointer(value, out);
+            int rc = convert_cdata_pointer(value, 1, out);
             Py_DECREF(value);
             return rc;
         }
@@ -700,7 +702,7 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
             v->p = PyBytes_AS_STRING(arg);   /* the job's args tuple keeps the bytes alive */
             return CONV_OK;
         }
-        return convert_cdata_pointer(arg, &v->p);
+        return convert_cdata_pointer(arg, 0, &v->p);
     case 'z':
         if (arg == Py_None) {
             v->p = NULL;
@@ -711,7 +713,7 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
             return CONV_OK;
         }
         if (is_sequence_of(arg, ctypes_c_char, 1))
-            return convert_cdata_pointer(arg, &v->p);
+            return convert_cdata_pointer(arg, 0, &v->p);
         return CONV_FALLBACK;
     case '*':
         if (arg == Py_None) {
@@ -723,7 +725,7 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
             return v->p == NULL ? CONV_ERROR : CONV_OK;
         }
         if (is_sequence_of(arg, slot->pointee, 0))
-            return convert_cdata_pointer(arg, &v->p);
+            return convert_cdata_pointer(arg, 0, &v->p);
         return CONV_FALLBACK;
     default:
         return CONV_FALLBACK;

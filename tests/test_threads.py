@@ -256,6 +256,15 @@ def test_strings_and_void_pointers(lib):
     arr = (ctypes.c_int * 4)()
     check_same_as_ctypes(ident, [(None,), (0,), (12345,), (ctypes.c_void_p(99),), (arr,),
                                  (ctypes.pointer(ctypes.c_int(1)),)])
+    # A c_void_p subclass as argtype takes its own instances, not plain c_void_p ones.
+    class Handle(ctypes.c_void_p):
+        pass
+    ident_h = declare(lib.identity_ptr, [Handle], ctypes.c_void_p)
+    check_same_as_ctypes(ident_h, [(Handle(7),), (9,), (None,), (ctypes.c_char_p(b"x"),)])
+    with pytest.raises(ctypes.ArgumentError) as direct:
+        ident_h(ctypes.c_void_p(5))
+    got = pool_map(ident_h, [(ctypes.c_void_p(5),)], return_exceptions=True)[0]
+    assert type(got) is ctypes.ArgumentError and str(got) == str(direct.value)
     # bytes pass a pointer to their data, exactly as ctypes does.
     data = b"xyz"
     assert pool_map(ident, [(data,)]) == [ident(data)]
