@@ -118,6 +118,7 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 /* ctypes' base classes, looked up once (new references kept for the life of the process). */
 static PyObject *ctypes_cfuncptr, *ctypes_simple, *ctypes_pointer, *ctypes_array, *ctypes_c_char;
+static PyObject *ctypes_c_char_p, *ctypes_c_char_p_from_param;
 /* Attribute names looked up on every ctypes call, interned once. */
 static PyObject *str_errcheck, *str_argtypes, *str_restype, *str_flags, *str_as_parameter;
 
@@ -204,25 +205,27 @@ load_ctypes(void)
     PyObject *mod = PyImport_ImportModule("ctypes");
     if (mod == NULL)
         return -1;
-    PyObject *funcptr = PyObject_GetAttrString(mod, "_CFuncPtr");
-    PyObject *simple = PyObject_GetAttrString(mod, "_SimpleCData");
-    PyObject *pointer = PyObject_GetAttrString(mod, "_Pointer");
-    PyObject *array = PyObject_GetAttrString(mod, "Array");
-    PyObject *c_char = PyObject_GetAttrString(mod, "c_char");
+    static const char *names[] = {"_SimpleCData", "_Pointer", "Array", "c_char", "c_char_p",
+                                  "_CFuncPtr"};
+    PyObject *found[6] = {NULL};
+    int ok = 1;
+    for (int i = 0; i < 6 && ok; i++)
+        ok = (found[i] = PyObject_GetAttrString(mod, names[i])) != NULL;
     Py_DECREF(mod);
-    if (!funcptr || !simple || !pointer || !array || !c_char) {
-        Py_XDECREF(funcptr);
-        Py_XDECREF(simple);
-        Py_XDECREF(pointer);
-        Py_XDECREF(array);
-        Py_XDECREF(c_char);
+    /* ctypes makes POINTER(c_char) take c_char_p's from_param: recognised to convert alike. */
+    PyObject *from_param = ok ? PyObject_GetAttrString(found[4], "from_param") : NULL;
+    if (from_param == NULL) {
+        for (int i = 0; i < 6; i++)
+            Py_XDECREF(found[i]);
         return -1;
     }
-    ctypes_simple = simple;
-    ctypes_pointer = pointer;
-    ctypes_array = array;
-    ctypes_c_char = c_char;
-    ctypes_cfuncptr = funcptr;
+    ctypes_simple = found[0];
+    ctypes_pointer = found[1];
+    ctypes_array = found[2];
+    ctypes_c_char = found[3];
+    ctypes_c_char_p = found[4];
+    ctypes_c_char_p_from_param = from_param;
+    ctypes_cfuncptr = found[5];   /* last: it marks the whole set as loaded */
     return 0;
 }
 
@@ -294,6 +297,23 @@ overrides_from_param(PyTypeObject *type, PyTypeObject *stop)
         PyObject *found = PyDict_GetItemString(dict, "from_param");   /* borrowed */
         if (found != NULL)
             return 1;
+    }
+    return 0;
+}
+
+/* Is type's from_param (first found along its MRO) ctypes' c_char_p.from_param?
+ * 1, 0, or -1 with an exception. */
+static int
+takes_char_p_from_param(PyTypeObject *type)
+{
+    PyObject *mro = type->tp_mro;
+    if (mro == NULL || !PyTuple_Check(mro))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(mro); i++) {
+        PyObject *dict = ((PyTypeObject *)PyTuple_GET_ITEM(mro, i))->tp_dict;
+        PyObject *found = dict != NULL ? PyDict_GetItemString(dict, "from_param") : NULL;
+        if (found != NULL)
+            return PyObject_RichCompareBool(found, ctypes_c_char_p_from_param, Py_EQ);
     }
     return 0;
 }
@@ -380,6 +400,16 @@ classify_type(PyObject *type, int is_result, native_slot *slot)
         int custom = overrides_from_param(tp, (PyTypeObject *)ctypes_pointer);
         if (custom < 0)
             return -1;
+        if (custom && !is_result) {
+            int as_char_p = takes_char_p_from_param(tp);
+            if (as_char_p < 0)
+                return -1;
+            if (as_char_p) {   /* POINTER(c_char): converted exactly as c_char_p */
+                slot->code = 'z';
+                slot->ffi = &ffi_type_pointer;
+                return 1;
+            }
+        }
         slot->code = '*';
         slot->ffi = &ffi_type_pointer;
         slot->custom_from_param = (char)custom;
@@ -625,7 +655,7 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
         return CONV_OK;
     }
     if (is_instance_of(arg, ctypes_simple) && slot->code != 'P' && slot->code != 'z'
-        && slot->code != '*')
+        && slot->code != '*' && slot->code != '?')
         return CONV_FALLBACK;   /* another ctypes type: ctypes raises, or uses _as_parameter_ */
 
     unsigned long long m;
@@ -647,11 +677,15 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
         default: v->Q = m; break;
         }
         return CONV_OK;
-    case '?':
-        if (!(PyLong_Check(arg) || PyFloat_Check(arg) || arg == Py_None))
+    case '?': {
+        int truth = PyObject_IsTrue(arg);   /* ctypes takes any object's truth */
+        if (truth < 0) {
+            PyErr_Clear();
             return CONV_FALLBACK;
-        v->B = (unsigned char)PyObject_IsTrue(arg);
+        }
+        v->B = (unsigned char)truth;
         return CONV_OK;
+    }
     case 'c':
         if (PyBytes_Check(arg) && PyBytes_GET_SIZE(arg) == 1) {
             v->b = PyBytes_AS_STRING(arg)[0];
@@ -670,9 +704,7 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
         }
         return CONV_FALLBACK;
     case 'f': case 'd': case 'g': {
-        if (!(PyFloat_Check(arg) || PyLong_Check(arg)))
-            return CONV_FALLBACK;
-        double d = PyFloat_AsDouble(arg);
+        double d = PyFloat_AsDouble(arg);   /* as ctypes: __float__, else __index__ */
         if (d == -1.0 && PyErr_Occurred()) {
             PyErr_Clear();
             return CONV_FALLBACK;
@@ -691,11 +723,13 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
             return CONV_OK;
         }
         if (PyLong_Check(arg)) {
-            v->p = PyLong_AsVoidPtr(arg);
-            if (v->p == NULL && PyErr_Occurred()) {
+            /* ctypes masks an int into a pointer (2**64 + 1 is 1, -1 is all ones). */
+            unsigned long long m = PyLong_AsUnsignedLongLongMask(arg);
+            if (m == (unsigned long long)-1 && PyErr_Occurred()) {
                 PyErr_Clear();
                 return CONV_FALLBACK;
             }
+            v->p = (void *)(uintptr_t)m;
             return CONV_OK;
         }
         if (PyBytes_Check(arg)) {
@@ -712,7 +746,7 @@ convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native
             v->p = PyBytes_AS_STRING(arg);
             return CONV_OK;
         }
-        if (is_sequence_of(arg, ctypes_c_char, 1))
+        if (is_sequence_of(arg, ctypes_c_char, 1) || is_instance_of(arg, ctypes_c_char_p))
             return convert_cdata_pointer(arg, 0, &v->p);
         return CONV_FALLBACK;
     case '*':

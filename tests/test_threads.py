@@ -77,6 +77,14 @@ const char *greeting(int which) { return which ? "hello" : NULL; }
 void *identity_ptr(void *p) { return p; }
 long double half_ld(long double x) { return x / 2; }
 short first_short(const short *xs) { return xs[0]; }
+
+#define IDENTITY(name, T) T id_##name(T x) { return x; }
+IDENTITY(byte, signed char) IDENTITY(ubyte, unsigned char) IDENTITY(short, short)
+IDENTITY(ushort, unsigned short) IDENTITY(int, int) IDENTITY(uint, unsigned int)
+IDENTITY(long, long) IDENTITY(ulong, unsigned long) IDENTITY(longlong, long long)
+IDENTITY(ulonglong, unsigned long long) IDENTITY(float, float) IDENTITY(double, double)
+IDENTITY(longdouble, long double) IDENTITY(bool, _Bool) IDENTITY(char, char)
+IDENTITY(ptr, void *)
 """
 
 
@@ -300,6 +308,57 @@ def test_pointers_and_numpy_buffers(lib):
     shorts = np.array([-7, 8], dtype=np.int16)
     first = declare(lib.first_short, [ctypes.POINTER(ctypes.c_short)], ctypes.c_short)
     check_same_as_ctypes(first, [(shorts.ctypes.data_as(ctypes.POINTER(ctypes.c_short)),)])
+
+
+IDENTITY_TYPES = {
+    "byte": ctypes.c_byte, "ubyte": ctypes.c_ubyte, "short": ctypes.c_short,
+    "ushort": ctypes.c_ushort, "int": ctypes.c_int, "uint": ctypes.c_uint, "long": ctypes.c_long,
+    "ulong": ctypes.c_ulong, "longlong": ctypes.c_longlong, "ulonglong": ctypes.c_ulonglong,
+    "float": ctypes.c_float, "double": ctypes.c_double, "longdouble": ctypes.c_longdouble,
+    "bool": ctypes.c_bool, "char": ctypes.c_char,
+}
+
+
+def test_every_type_and_value_agrees_with_ctypes(lib):
+    """Every simple and pointer argtype against a zoo of values: the pool gives what ctypes
+    gives, value or error (type and message), whichever of its two paths it takes."""
+    keep = [ctypes.c_int(3), ctypes.c_double(1.5), (ctypes.c_int * 2)(4, 5),
+            (ctypes.c_double * 2)(), ctypes.create_string_buffer(b"buf"), ctypes.c_char(b"q")]
+    values = [0, 1, -1, 127, 128, 255, 256, -129, 2**31, -(2**31) - 1, 2**63, 2**64 + 1, -(2**70),
+              True, False, 0.0, -2.5, 1e300, float("nan"), None, b"", b"x", b"long bytes", "s",
+              np.int16(-3), np.uint64(2**63 + 5), np.float32(0.25), np.float64(7.5),
+              ctypes.c_int(9), ctypes.c_long(-9), ctypes.c_double(2.25), ctypes.c_float(0.5),
+              ctypes.c_bool(True), ctypes.c_void_p(1234), ctypes.c_void_p(None),
+              ctypes.c_char_p(b"cp"), ctypes.pointer(keep[0]), ctypes.pointer(keep[1]),
+              ctypes.byref(keep[0]), object(), [1], *keep]
+    pointer_types = {"void*": ctypes.c_void_p, "char*": ctypes.c_char_p,
+                     "int*": ctypes.POINTER(ctypes.c_int), "double*": ctypes.POINTER(ctypes.c_double),
+                     "char[]": ctypes.POINTER(ctypes.c_char)}
+    cases = [(getattr(lib, "id_" + name), t, t) for name, t in IDENTITY_TYPES.items()]
+    # Pointers come back as addresses, so the same object must give the same address.
+    cases += [(lib.id_ptr, t, ctypes.c_void_p) for t in pointer_types.values()]
+    mismatches, fast, accepted = [], 0, 0
+    for fn, argtype, restype in cases:
+        declare(fn, [argtype], restype)
+        expected = []
+        for v in values:
+            try:
+                expected.append(("ok", fn(v)))
+            except Exception as exc:  # noqa: BLE001 - the error is part of what must agree
+                expected.append(("error", type(exc), str(exc)))
+        before = ffi_calls()
+        got = []
+        for g in pool_map(fn, [(v,) for v in values], return_exceptions=True):
+            got.append(("error", type(g), str(g)) if isinstance(g, BaseException) else ("ok", g))
+        fast += ffi_calls() - before
+        accepted += sum(e[0] == "ok" for e in expected)
+        for v, e, g in zip(values, expected, got):
+            same = e == g or (e[0] == g[0] == "ok" and e[1] != e[1] and g[1] != g[1])   # nan
+            if not same or (e[0] == "ok" and type(e[1]) is not type(g[1])):
+                mismatches.append((argtype.__name__, repr(v), e, g))
+    assert not mismatches, mismatches
+    print(f"{accepted} calls accepted by ctypes, {fast} through libffi")
+    assert fast >= accepted * 0.9    # what ctypes accepts nearly all takes the libffi path
 
 
 def test_signatures_ctypes_must_handle_fall_back(lib):
