@@ -78,6 +78,14 @@ void *identity_ptr(void *p) { return p; }
 long double half_ld(long double x) { return x / 2; }
 short first_short(const short *xs) { return xs[0]; }
 
+/* More arguments than registers, mixed classes: some travel on the stack. */
+double mix(int a, double b, long c, float d, char e, double f, short g, double h, long long i,
+           double j, double k, double l, int m, unsigned char n, double o)
+{
+    return a + 2 * b + 3 * c + 4 * d + 5 * e + 6 * f + 7 * g + 8 * h + 9 * i + 10 * j + 11 * k
+           + 12 * l + 13 * m + 14 * n + 15 * o;
+}
+
 #define IDENTITY(name, T) T id_##name(T x) { return x; }
 IDENTITY(byte, signed char) IDENTITY(ubyte, unsigned char) IDENTITY(short, short)
 IDENTITY(ushort, unsigned short) IDENTITY(int, int) IDENTITY(uint, unsigned int)
@@ -248,6 +256,16 @@ def test_integer_masking_and_small_types(lib):
     check_same_as_ctypes(half, [(3.0,), (1e300,)])
     sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
     check_same_as_ctypes(sleep, [(1000, i) for i in range(20)])
+
+
+def test_stack_arguments(lib):
+    c = ctypes
+    mix = declare(lib.mix, [c.c_int, c.c_double, c.c_long, c.c_float, c.c_char, c.c_double,
+                            c.c_short, c.c_double, c.c_longlong, c.c_double, c.c_double,
+                            c.c_double, c.c_int, c.c_ubyte, c.c_double], c.c_double)
+    rows = [(k, 1.5 * k, -k, 0.25, b"a", 2.0, 3, 4.0, 2**40 + k, 5.0, 6.0, 7.0, -k, 200, 0.125)
+            for k in range(8)]
+    check_same_as_ctypes(mix, rows)
 
 
 def test_strings_and_void_pointers(lib):
