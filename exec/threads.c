@@ -978,15 +978,20 @@ worker_main(void *unused)
             run_python_call(job);
 
         pthread_mutex_lock(&pool.mu);
+        /* The master takes the whole list at once, so only the first completion after a drain
+         * needs to wake anyone: later ones are picked up with it. */
+        int first = pool.done_head == NULL;
         if (pool.done_tail != NULL)
             pool.done_tail->next = job;
         else
             pool.done_head = job;
         pool.done_tail = job;
-        pthread_cond_broadcast(&pool.done_cv);
-        pthread_mutex_unlock(&pool.mu);
-        exec__notify_master();
-        pthread_mutex_lock(&pool.mu);
+        if (first) {
+            pthread_cond_broadcast(&pool.done_cv);
+            pthread_mutex_unlock(&pool.mu);
+            exec__notify_master();
+            pthread_mutex_lock(&pool.mu);
+        }
     }
     pthread_mutex_unlock(&pool.mu);
 
@@ -1032,7 +1037,8 @@ register_atfork(void)
     pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
 }
 
-/* Also catches a fork that bypassed pthread_atfork (a raw clone). */
+/* Also catches a fork that bypassed pthread_atfork (a raw clone); a system call, so only on the
+ * cold paths (cancel, shutdown, stats): submit and drain rely on the atfork handler. */
 static void
 check_forked(void)
 {
@@ -1099,7 +1105,6 @@ exec_submit_thread(uint64_t task_id, PyObject *fn, PyObject *args, PyObject *kwa
     if (load_ctypes() < 0)
         return -1;
     pthread_once(&atfork_once, register_atfork);
-    check_forked();
 
     thread_job *job = job_new(task_id, PyTuple_GET_SIZE(args));
     if (job == NULL) {
@@ -1144,8 +1149,8 @@ exec_submit_thread(uint64_t task_id, PyObject *fn, PyObject *args, PyObject *kwa
             pool.queue_tail = j;
         pool.queued--;
     }
-    else {
-        pthread_cond_signal(&pool.work_cv);
+    else if (pool.idle > 0) {
+        pthread_cond_signal(&pool.work_cv);   /* busy workers look at the queue before waiting */
     }
     pthread_mutex_unlock(&pool.mu);
     if (rc < 0) {
@@ -1185,7 +1190,6 @@ job_result(thread_job *job, exec_result *r)
 int
 exec__threads_drain(exec_result_fn on_result, void *ctx)
 {
-    check_forked();
     pthread_mutex_lock(&pool.mu);
     thread_job *list = pool.done_head;
     pool.done_head = pool.done_tail = NULL;
@@ -1229,7 +1233,6 @@ exec__threads_drain(exec_result_fn on_result, void *ctx)
 Py_ssize_t
 exec__threads_outstanding(void)
 {
-    check_forked();
     return pool.outstanding;
 }
 
