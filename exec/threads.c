@@ -108,6 +108,7 @@ static struct {
     native_site *sites[SITE_BUCKETS];
     Py_ssize_t nsites;
     int draining;                  /* drains in progress (on_result may re-enter exec) */
+    int closed;                    /* interpreter exit: no more tasks */
 } pool = {
     .mu = PTHREAD_MUTEX_INITIALIZER,
     .work_cv = PTHREAD_COND_INITIALIZER,
@@ -1102,6 +1103,11 @@ exec_submit_thread(uint64_t task_id, PyObject *fn, PyObject *args, PyObject *kwa
         PyErr_SetString(PyExc_TypeError, "exec_submit_thread: kwargs must be a dict");
         return -1;
     }
+    if (pool.closed) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "pydron: cannot run thread tasks after interpreter shutdown began");
+        return -1;
+    }
     if (load_ctypes() < 0)
         return -1;
     pthread_once(&atfork_once, register_atfork);
@@ -1546,6 +1552,16 @@ threads_shutdown(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Registered with atexit: join the workers while the interpreter is whole, and refuse work from
+ * then on (a daemon thread may still submit; its task would start during finalization). */
+static PyObject *
+threads_atexit(PyObject *self, PyObject *unused)
+{
+    pool.closed = 1;
+    exec__threads_shutdown();
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 threads_ffi_version(PyObject *self, PyObject *unused)
 {
@@ -1566,13 +1582,16 @@ static PyMethodDef threads_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyMethodDef threads_atexit_def = {
+    "_threads_atexit", threads_atexit, METH_NOARGS, "Join the pool and close it for good."};
+
 int
 exec__threads_module_init(PyObject *m)
 {
     if (PyModule_AddFunctions(m, threads_methods) < 0)
         return -1;
     /* Join the workers before the interpreter goes away (exec_shutdown may do it first). */
-    PyObject *shutdown = PyObject_GetAttrString(m, "_threads_shutdown");
+    PyObject *shutdown = PyCFunction_New(&threads_atexit_def, NULL);
     if (shutdown == NULL)
         return -1;
     PyObject *atexit = PyImport_ImportModule("atexit");

@@ -654,23 +654,34 @@ def test_forked_child_gets_its_own_threads(native_lib):
 
 
 EXIT_SCRIPT = textwrap.dedent("""
-    import ctypes, sys, time
+    import atexit, ctypes, sys, threading, time
+
+    def submit_late():
+        # Registered before pydron's import, so it runs after the pool's atexit hook (LIFO):
+        # submitting then is refused (a new worker would start during finalization).
+        try:
+            _core._threads_submit(1, sleep, (0, 1))
+        except RuntimeError as exc:
+            print("late submit refused:", exc, flush=True)
+
+    atexit.register(submit_late)
     from pydron import _core
     lib = ctypes.CDLL(sys.argv[1])
     sleep = lib.sleep_then_return
     sleep.argtypes = [ctypes.c_long, ctypes.c_long]
     sleep.restype = ctypes.c_long
+
     def busy(x):
         time.sleep(0.05)
         return x
+
     assert _core._threads_map(busy, list(range(8))) == list(range(8))
     assert _core._threads_map(sleep, [(1000, 1)]) == [1]
     # Exit while a daemon thread waits for a native call still running: the atexit hook joins
     # the workers, and the waiting thread dies with the interpreter.
-    import threading
     threading.Thread(target=_core._threads_map, args=(sleep, [(300000, 2)]), daemon=True).start()
     time.sleep(0.05)
-    print("exit ok")
+    print("exit ok", flush=True)
 """)
 
 
@@ -678,6 +689,8 @@ def test_interpreter_exit_with_live_pool(native_lib):
     proc = run_python(EXIT_SCRIPT, native_lib)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "exit ok" in proc.stdout
+    assert "late submit refused: pydron: cannot run thread tasks after interpreter shutdown" \
+        in proc.stdout, proc.stdout + proc.stderr
 
 
 FUNCTIONAL_SCRIPT = textwrap.dedent("""
