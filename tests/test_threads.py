@@ -570,8 +570,7 @@ def test_reentrant_drain_callbacks(lib):
         seen[task_id] = obj
         if task_id < 310:                       # each first-generation result submits a child
             _core._threads_submit(task_id + 100, sleep, (0, obj * 10))
-        for inner in _core._threads_drain():    # nested drain
-            seen[inner[0]] = inner[2]
+        _core._threads_drain(on_result)         # nested drain, same rules
 
     for i in range(6):
         _core._threads_submit(300 + i, sleep, (1000, i))
