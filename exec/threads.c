@@ -1266,6 +1266,11 @@ exec__threads_shutdown(void)
         return;   /* a task cannot wait for its own thread; the master's shutdown will */
     check_forked();
     pthread_mutex_lock(&pool.mu);
+    if (pool.stopping) {
+        /* Another thread is joining (it released the GIL to do so): it finishes the job. */
+        pthread_mutex_unlock(&pool.mu);
+        return;
+    }
     pool.stopping = 1;
     pthread_cond_broadcast(&pool.work_cv);
     pthread_t *threads = pool.threads;

@@ -614,6 +614,21 @@ def test_reentrant_drain_callbacks(lib):
     assert _core._threads_stats()["outstanding"] == 0
 
 
+def test_concurrent_shutdowns(lib):
+    sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
+    for i in range(4):
+        _core._threads_submit(700 + i, sleep, (50000, i))
+    threads = [threading.Thread(target=_core._threads_shutdown) for _ in range(4)]
+    for t in threads:
+        t.start()
+    _core._threads_shutdown()
+    for t in threads:
+        t.join()
+    _core._threads_shutdown()
+    assert _core._threads_stats()["threads"] == 0
+    assert pool_map(sleep, [(0, 3)]) == [3]
+
+
 FORK_SCRIPT = textwrap.dedent("""
     import ctypes, math, os, sys, time
     from pydron import _core
