@@ -162,16 +162,25 @@ def run_system(system, ns, log) -> tuple[dict, list[dict]]:
         env["PYDRON_DISABLE"] = "1"
     env["PYDRON_PROGRESS"] = "0"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "pydron.bench.child", json.dumps(spec)],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=ns.timeout)
-        failure = None if proc.returncode == 0 else f"exited with status {proc.returncode}"
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        failure = f"timed out after {ns.timeout:g} s"
+    # stderr to a file, not a pipe: a peer's stray worker processes may hold a pipe open
+    # long after the child itself is gone.
+    with tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen([sys.executable, "-m", "pydron.bench.child", json.dumps(spec)],
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=errfile, start_new_session=True)
+        try:
+            proc.wait(timeout=ns.timeout)
+            failure = (None if proc.returncode == 0
+                       else f"exited with status {proc.returncode}")
+        except subprocess.TimeoutExpired:
+            failure = f"timed out after {ns.timeout:g} s"
+        try:                        # the child and whatever it left behind in its group
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        errfile.seek(0)
+        err = errfile.read()
     records = []
     with open(out.name) as f:
         for line in f:
@@ -188,7 +197,7 @@ def run_system(system, ns, log) -> tuple[dict, list[dict]]:
     if failure:
         tail = (err or b"").decode(errors="replace").strip().splitlines()[-1:]
         msg = failure + (f": {tail[0][:200]}" if tail else "")
-        sysrec.setdefault("error", msg)
+        sysrec["status"], sysrec["error"] = "failed", msg
     done = {r["workload"] for r in results}
     for name in ns.workloads:
         if name not in done:
