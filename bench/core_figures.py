@@ -83,7 +83,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description="pydron's core figures against its peers")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--json", default="bench/results/core_figures.json")
+    p.add_argument("--json", default=str(Path(__file__).resolve().parent / "results" /
+                                         "core_figures.json"))
     p.add_argument("--quick", action="store_true", help="smaller sizes (not the figures)")
     args = p.parse_args()
 
