@@ -933,8 +933,14 @@ raised_by(PyObject *exc)
     return seq ? PyLong_AsSsize_t(seq) : -1;
 }
 
+Py_ssize_t
+graph_task_seq(graph_task *t)
+{
+    return t->seq;
+}
+
 PyObject *
-graph_enter_handler(PyObject *exc, Py_ssize_t mark)
+graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp)
 {
     Py_ssize_t cut = graph_mark(), k = raised_by(exc);
     if (k >= 0) {
@@ -970,6 +976,7 @@ graph_enter_handler(PyObject *exc, Py_ssize_t mark)
     /* Plain Python never made the calls after the failing one: their failures never count. */
     for (Py_ssize_t i = cut + 1; order && i < PyList_GET_SIZE(order); i++)
         order_item(i)->reported = 1;
+    *cutp = cut;
     return result;
 }
 

@@ -33,8 +33,11 @@ int graph_force_since(Py_ssize_t mark);     /* tasks from mark on; an earlier fa
 int graph_force_before(Py_ssize_t mark);    /* tasks before mark */
 /* At the entry of the handler of a try/with region entered at mark, reached with exc: the
  * exception the handler must see (the region's first failure, new reference), cancelling the
- * tasks plain Python never called; NULL + exception if exc belongs to an earlier task. */
-PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark);
+ * tasks plain Python never called (from *cut on); NULL + exception if exc belongs to an
+ * earlier task. */
+PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cut);
+/* Position of a task in the submission order, -1 once its top-level call has ended. */
+Py_ssize_t graph_task_seq(graph_task *t);
 /* Index of the task whose failure exc is, or -1. */
 Py_ssize_t graph_raised_by(PyObject *exc);
 /* A top-level scheduled call that began at mark has ended: forget its part of the order. */

@@ -74,6 +74,7 @@ def functional(fn=None, *, executor: str = "processes"):
         inner = _target(f, "functional")
         if not _killed() and _core is not None:
             _core._mark(inner, _FUNCTIONAL, executor == "threads")
+            inner.__pydron_kind__ = "functional"   # read by the pure-Python reference runtime
         return f
 
     return mark if fn is None else mark(fn)
@@ -84,6 +85,7 @@ def schedule(fn):
     inner = _target(fn, "schedule")
     if not _killed() and _core is not None:
         _core._mark(inner, _SCHEDULED)
+        inner.__pydron_kind__ = "scheduled"
         _scheduled.add(inner)
         if _core._is_enabled() and not _enabled_hook:
             _core._intercept(inner, True)

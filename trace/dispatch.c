@@ -175,6 +175,11 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 result = call_forced(callable, args, nargs, kwnames);
                 goto done;
             }
+            if (nargs == 1 && (graph_is_task(args[0]) || PyList_CheckExact(args[0])) &&
+                trace_note_move(owner) < 0) {
+                result = NULL;
+                goto done;
+            }
             result = PyObject_Vectorcall(callable, args, nargs, NULL);
             goto done;
         }
@@ -182,6 +187,11 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
             kwnames == NULL) {
             PyObject *index = trace_force_deep(args[0]);
             if (index == NULL) {
+                result = NULL;
+                goto done;
+            }
+            if (graph_is_task(args[1]) && trace_note_move(owner) < 0) {
+                Py_DECREF(index);
                 result = NULL;
                 goto done;
             }
@@ -316,8 +326,11 @@ helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     key = trace_force_deep(argv[2]);
     if (key == NULL)
         goto done;
-    if (PyList_CheckExact(container) || PyDict_CheckExact(container))
+    if (PyList_CheckExact(container) || PyDict_CheckExact(container)) {
         value = Py_NewRef(argv[0]);
+        if (graph_is_task(value) && trace_note_move(container) < 0)
+            goto done;
+    }
     else
         value = trace_force_deep(argv[0]);
     if (value == NULL)
@@ -365,7 +378,11 @@ helper_enter_handler(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_ssize_t m = PyLong_AsSsize_t(argv[1]);
     if (m == -1 && PyErr_Occurred())
         return NULL;
-    return graph_enter_handler(argv[0], m);
+    Py_ssize_t cut;
+    PyObject *exc = graph_enter_handler(argv[0], m, &cut);
+    if (exc != NULL && trace_undo_moves(cut) < 0)
+        Py_CLEAR(exc);
+    return exc;
 }
 
 static PyMethodDef dispatch_methods[] = {

@@ -126,15 +126,68 @@ trace_force_deep(PyObject *x)
     return Py_NewRef(x);
 }
 
-Py_ssize_t
-trace_session_begin(void)
+/* Containers a pending was moved into during this thread's sessions (strong references). */
+static _Thread_local PyObject *moved_into;
+
+int
+trace_note_move(PyObject *container)
+{
+    if (moved_into == NULL && (moved_into = PyList_New(0)) == NULL)
+        return -1;
+    Py_ssize_t n = PyList_GET_SIZE(moved_into);
+    if (n && PyList_GET_ITEM(moved_into, n - 1) == container)
+        return 0;
+    return PyList_Append(moved_into, container);
+}
+
+static int
+is_undone(PyObject *v, Py_ssize_t cut)
+{
+    return graph_is_task(v) && graph_task_seq((graph_task *)v) >= cut;
+}
+
+int
+trace_undo_moves(Py_ssize_t cut)
+{
+    if (moved_into == NULL)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(moved_into); i++) {
+        PyObject *c = PyList_GET_ITEM(moved_into, i);
+        if (PyList_CheckExact(c)) {
+            for (Py_ssize_t j = PyList_GET_SIZE(c) - 1; j >= 0; j--)
+                if (is_undone(PyList_GET_ITEM(c, j), cut) &&
+                    PyList_SetSlice(c, j, j + 1, NULL) < 0)
+                    return -1;
+        }
+        else if (PyDict_CheckExact(c)) {
+            PyObject *k, *v, *doomed = PyList_New(0);
+            Py_ssize_t pos = 0;
+            if (doomed == NULL)
+                return -1;
+            while (PyDict_Next(c, &pos, &k, &v))
+                if (is_undone(v, cut) && PyList_Append(doomed, k) < 0) {
+                    Py_DECREF(doomed);
+                    return -1;
+                }
+            for (Py_ssize_t j = 0; j < PyList_GET_SIZE(doomed); j++)
+                if (PyDict_DelItem(c, PyList_GET_ITEM(doomed, j)) < 0)
+                    PyErr_Clear();
+            Py_DECREF(doomed);
+        }
+    }
+    return 0;
+}
+
+void
+trace_session_begin(trace_session *s)
 {
     graph_session_enter();
-    return graph_mark();
+    s->order = graph_mark();
+    s->moved = moved_into ? PyList_GET_SIZE(moved_into) : 0;
 }
 
 static PyObject *
-session_finish(Py_ssize_t start, PyObject *result)
+session_finish(trace_session *s, PyObject *result)
 {
     if (result == NULL) {
         /* The call raised. A task that failed before that point would have raised first in
@@ -151,9 +204,19 @@ session_finish(Py_ssize_t start, PyObject *result)
             Py_XDECREF(exc);
         return NULL;
     }
-    if (graph_force_since(start) < 0 || graph_force_before(graph_mark()) < 0) {
+    if (graph_force_since(s->order) < 0 || graph_force_before(graph_mark()) < 0) {
         Py_DECREF(result);
         return NULL;
+    }
+    /* Pendings moved into lists reachable from objects (box.items.append(f(x))) get their
+     * values too: no pending outlives the call. */
+    for (Py_ssize_t i = s->moved; moved_into && i < PyList_GET_SIZE(moved_into); i++) {
+        PyObject *v = trace_force_deep(PyList_GET_ITEM(moved_into, i));
+        if (v == NULL) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        Py_DECREF(v);
     }
     PyObject *value = trace_force_deep(result);
     Py_DECREF(result);
@@ -161,10 +224,15 @@ session_finish(Py_ssize_t start, PyObject *result)
 }
 
 PyObject *
-trace_session_end(Py_ssize_t start, PyObject *result)
+trace_session_end(trace_session *s, PyObject *result)
 {
-    result = session_finish(start, result);
-    graph_order_truncate(start);
+    result = session_finish(s, result);
+    if (moved_into && s->moved < PyList_GET_SIZE(moved_into)) {
+        PyObject *exc = PyErr_GetRaisedException();
+        PyList_SetSlice(moved_into, s->moved, PyList_GET_SIZE(moved_into), NULL);
+        PyErr_SetRaisedException(exc);
+    }
+    graph_order_truncate(s->order);
     graph_session_exit();
     return result;
 }

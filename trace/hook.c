@@ -153,9 +153,10 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
         release_frame(ts, frame);
         return NULL;
     }
-    Py_ssize_t start = trace_session_begin();
+    trace_session session;
+    trace_session_begin(&session);
     PyObject *result = call_with_frame_args(frame, rewritten);
-    result = trace_session_end(start, result);
+    result = trace_session_end(&session, result);
     release_frame(ts, frame);
     return result;
 }
@@ -211,9 +212,10 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
             return NULL;
         return _PyFunction_Vectorcall(func, args, nargsf, kwnames);
     }
-    Py_ssize_t start = trace_session_begin();
+    trace_session session;
+    trace_session_begin(&session);
     PyObject *result = trace_call_rewritten(func, rewritten, args, nargsf, kwnames);
-    return trace_session_end(start, result);
+    return trace_session_end(&session, result);
 }
 
 #if PY_VERSION_HEX < 0x030C0000

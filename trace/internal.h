@@ -45,12 +45,22 @@ PyObject *trace_rewritten(PyObject *code, trace_codeinfo *info);
 PyObject *trace_force(PyObject *x);
 PyObject *trace_force_deep(PyObject *x);
 
-/* force.c: top-level scheduled calls. */
-Py_ssize_t trace_session_begin(void);             /* returns the session's start mark */
+/* force.c: top-level scheduled calls (sessions). */
+typedef struct {
+    Py_ssize_t order;        /* graph_mark() at the start */
+    Py_ssize_t moved;        /* length of the moved-into log at the start */
+} trace_session;
+void trace_session_begin(trace_session *s);
 /* End a top-level scheduled call: on success force everything it submitted (first failure wins)
- * and deep-force result; on error wait too, unless interrupted, so an earlier task failure wins.
- * Steals result (may be NULL with an exception set); returns the final result or NULL. */
-PyObject *trace_session_end(Py_ssize_t start, PyObject *result);
+ * and deep-force result and every container a pending was moved into; on error wait too, unless
+ * interrupted, so an earlier task failure wins. Steals result (may be NULL with an exception
+ * set); returns the final result or NULL. */
+PyObject *trace_session_end(trace_session *s, PyObject *result);
+/* A pending value was moved into an exact list or dict (list.append, d[k] = v, ...). */
+int trace_note_move(PyObject *container);
+/* A try region's handler was entered: calls from submission index cut on never happened in
+ * plain Python, so their pending values are taken back out of the containers they moved into. */
+int trace_undo_moves(Py_ssize_t cut);
 
 /* dispatch.c: run a scheduled function's rewritten code nested in the current trace. */
 PyObject *trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,
