@@ -860,8 +860,9 @@ raise_task_error(graph_task *t)
             PyErr_Clear();
         Py_XDECREF(seq);
     }
-    PyObject *tb = PyException_GetTraceback(t->error);
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(t->error)), Py_NewRef(t->error), tb);
+    /* SetObject, not Restore: chains __context__ to an exception being handled, as a raise in
+     * plain Python would; the worker traceback already on the exception is kept. */
+    PyErr_SetObject((PyObject *)Py_TYPE(t->error), t->error);
 }
 
 static graph_task *
@@ -946,8 +947,7 @@ graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp)
     if (k >= 0) {
         if (k < mark) {
             /* Failed before the region began: not this handler's business. */
-            PyObject *tb = PyException_GetTraceback(exc);
-            PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), Py_NewRef(exc), tb);
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
             return NULL;
         }
         cut = k;

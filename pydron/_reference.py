@@ -78,6 +78,7 @@ class ReferenceRuntime:
         self._lock = threading.Lock()
         self._resolved_upto = 0  # every task before this index is resolved and reported
         self._functions = {}
+        self._moved = []  # containers a pending was moved into by a helper
         self._raised = {}  # id(exception) -> (exception, seq of the first task that raised it)
         #: number of outstanding tasks each time a pending is forced for the first time
         self.outstanding_at_force = []
@@ -216,6 +217,28 @@ class ReferenceRuntime:
         if k > self._resolved_upto:
             self._resolved_upto = k
 
+    def _note_move(self, container):
+        moved = self._moved
+        if not moved or moved[-1] is not container:
+            moved.append(container)
+
+    def _undo_moves(self, cut):
+        """Take back the pendings of tasks from `cut` on out of the containers they were moved
+        into: plain Python never made those calls, so never stored their results."""
+        def undone(v):
+            return type(v) is Pending and v.seq >= cut
+        seen = set()
+        for c in self._moved:
+            if id(c) in seen:
+                continue
+            seen.add(id(c))
+            if type(c) is list:
+                if any(undone(v) for v in c):
+                    c[:] = [v for v in c if not undone(v)]
+            elif type(c) is dict:
+                for k in [k for k, v in c.items() if undone(v)]:
+                    del c[k]
+
     def enter_handler(self, exc, mark):
         """At the entry of the handler of a try/with region entered at `mark`, reached with
         `exc`: the region stopped at its first failure, so return the failure of the first
@@ -240,6 +263,7 @@ class ReferenceRuntime:
                 break
         for k in range(cut + 1, len(tasks)):
             tasks[k].reported = True  # cancelled: a failure of theirs is never raised
+        self._undo_moves(cut)
         return result
 
     def store_subscr(self, value, container, key):
@@ -248,6 +272,7 @@ class ReferenceRuntime:
         t = type(container)
         if t is list or (t is dict and "__builtins__" not in container):
             container[key] = value
+            self._note_move(container)
         else:
             container[key] = self.force_deep(value)
 
@@ -281,6 +306,8 @@ class ReferenceRuntime:
             if kinds is not None and not kwargs:
                 args = [self.force_deep(a) if k == "D" else self.force(a) if k == "S" else a
                         for a, k in zip(args, kinds)]
+                if "-" in kinds or fn.__name__ == "extend":
+                    self._note_move(owner)
                 return fn(*args)
             if fn is len and len(args) == 1 and not kwargs:
                 a = self.force(args[0])
@@ -315,16 +342,23 @@ class ReferenceRuntime:
         ok, _ = _rewrite.is_rewritable(getattr(fn, "__code__", None))
         if not ok:
             return fn(*args, **kwargs)
-        start = self.mark()
+        start, moved = self.mark(), len(self._moved)
         try:
-            result = self._rewritten(fn)(*args, **kwargs)
-        except BaseException as e:
-            # plain Python would have raised an earlier task's failure before this one
-            self.force_before(self._failed_task_seq(e))
-            raise
-        self.force_since(start)
-        self.force_before(self.mark())
-        return self.force_deep(result)
+            try:
+                result = self._rewritten(fn)(*args, **kwargs)
+            except BaseException as e:
+                # plain Python would have raised an earlier task's failure before this one
+                self.force_before(self._failed_task_seq(e))
+                raise
+            self.force_since(start)
+            self.force_before(self.mark())
+            # pendings moved into containers reachable from objects (box.items.append(f(x)))
+            # get their values too: no pending outlives the run
+            for c in self._moved[moved:]:
+                self.force_deep(c)
+            return self.force_deep(result)
+        finally:
+            del self._moved[moved:]
 
     def close(self):
         if self._executor is not None:

@@ -189,3 +189,29 @@ def list_mutation_methods(n):
 def dict_of_results_views(n):
     d = {label(i): square(i) for i in range(n)}
     return list(d.keys()), list(d.values()), sorted(d.items()), {**d, "z": identity(1)}
+
+
+@case([1, 2, 3])
+@pydron.schedule
+def argument_mutated_after_call(xs):
+    # A task sees its arguments as they were at the call, whatever happens to them afterwards.
+    ready = list(xs)
+    s1 = total(ready)                        # arguments all known: may be sent at once
+    ready.append(100)
+    waiting = [double(x) for x in xs]
+    s2 = total(waiting)                      # waits for its dependencies before it can be sent
+    waiting.append(1000)
+    waiting[0] = -50
+    d = {"a": square(2)}
+    m = make_dict("k", d["a"])
+    d["a"] = 0
+    return s1, s2, ready, waiting, m
+
+
+@case([1, 2, 3])
+@pydron.schedule
+def own_result_appended_to_argument(xs):
+    out = [square(x) for x in xs]
+    out.append(total(out))                   # the list the task reads now holds its own result
+    out.append(total(out))
+    return out

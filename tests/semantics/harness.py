@@ -23,7 +23,7 @@ import pydron
 from .registry import Case, load_all
 
 WORKERS = 2
-MODES = ("plain", "reference", "pydron")
+MODES = ("plain", "reference", "reference-threads", "pydron")
 
 
 @dataclasses.dataclass
@@ -133,14 +133,46 @@ def run_pydron(case: Case) -> Outcome:
     return outcome
 
 
-def run_reference(case: Case) -> Outcome:
+def _kind_of(fn) -> int:
+    """0 plain, 1 functional, 2 scheduled: the mark pydron's decorators left on fn's code."""
+    from pydron import _core
+    if isinstance(fn, types.MethodType):
+        fn = fn.__func__
+    if not isinstance(fn, types.FunctionType):
+        return 0
+    try:
+        return _core._kind(fn)
+    except Exception:  # noqa: BLE001 — anything _kind refuses is not marked
+        return 0
+
+
+def reference_marks_known() -> bool:
+    """The reference runtime learns which calls are functional from the C core's marks."""
+    try:
+        from pydron import _core
+    except ImportError:
+        return False
+    return hasattr(_core, "_kind")
+
+
+def run_reference(case: Case, threads: int = 0) -> Outcome:
+    """Through pydron._reference: the same rewrite, Python helpers, tasks deferred until forced
+    (threads=0) or run on a thread pool."""
     from pydron._reference import ReferenceRuntime
     args, kwargs = case.fresh_arguments()
     with pydron_disabled():
-        return capture(lambda: ReferenceRuntime().run(case.fn, *args, **kwargs))
+        runtime = ReferenceRuntime(is_functional=lambda f: _kind_of(f) == 1,
+                                   is_scheduled=lambda f: _kind_of(f) == 2, threads=threads)
+        try:
+            outcome = capture(lambda: runtime.run(case.fn, *args, **kwargs))
+            outcome.tasks_submitted = runtime.mark()
+        finally:
+            runtime.close()
+    return outcome
 
 
-RUNNERS = {"plain": run_plain, "pydron": run_pydron, "reference": run_reference}
+RUNNERS = {"plain": run_plain, "pydron": run_pydron, "reference": run_reference,
+           "reference-threads": lambda case: run_reference(case, threads=WORKERS)}
 
 
 # --- comparing outcomes --------------------------------------------------------------------------
@@ -256,7 +288,7 @@ def check(case: Case, mode: str, expected: Outcome | None = None) -> list[str]:
     problems = outcome_differences(expected, actual)
     problems += [f"pydron warned: {w}" for w in actual.pydron_warnings]
     if case.submits_tasks and actual.tasks_submitted == 0:
-        problems.append("no task was submitted: the case ran plainly under pydron")
+        problems.append(f"no task was submitted: the case ran plainly in mode {mode}")
     if problems and actual.traceback_text and expected.exc_type is not actual.exc_type:
         problems.append(f"{mode} traceback:\n{actual.traceback_text}")
     return problems
@@ -269,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", dest="keyword", default="")
     options = parser.parse_args(argv)
     modes = options.mode or list(MODES)
-    if "reference" in modes and not reference_available():
-        print("pydron._reference does not exist: skipping the reference mode")
-        modes.remove("reference")
+    for mode in ("reference", "reference-threads"):
+        if mode in modes and not (reference_available() and reference_marks_known()):
+            print(f"pydron._reference or pydron._core._kind is missing: skipping mode {mode}")
+            modes.remove(mode)
     cases = [c for c in load_all() if options.keyword in c.name]
     with pydron_disabled():
         expected = {c.name: run_plain(c) for c in cases}

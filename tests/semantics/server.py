@@ -1,10 +1,11 @@
 """Runs pydron-mode semantics checks in a separate process, so that a crash or hang of the C core
 fails the one test that caused it instead of the whole run.
 
-The client (`CaseServer`) starts `python -m semantics.server RFD WFD` and exchanges length-prefixed
-pickles over two dedicated pipes (stdout stays free for what the cases print). The server computes
-every case's plain outcome once with pydron disabled, then enables pydron with 2 workers and
-answers requests until its input closes. If it dies, the client reports how, with the tail of its
+The client (`CaseServer`) starts `python -m semantics.server RFD WFD ENABLE` and exchanges
+length-prefixed pickles over two dedicated pipes (stdout stays free for what the cases print). The
+server computes every case's plain outcome once with pydron disabled, then (ENABLE=1) enables
+pydron with 2 workers, and answers requests until its input closes. The reference runtime's modes
+use a server that never enables pydron: a deadlock there must not hang the run either. If it dies, the client reports how, with the tail of its
 stderr (faulthandler's stack dump), and the next request starts a fresh server.
 """
 
@@ -76,14 +77,15 @@ def _handle(kind: str, arg, expected: dict, cases: dict):
     raise ValueError(f"unknown request {kind!r}")
 
 
-def serve(rfd: int, wfd: int) -> None:
+def serve(rfd: int, wfd: int, enable: bool) -> None:
     faulthandler.enable()
     from semantics import harness
     from semantics.registry import load_all
     cases = {c.name: c for c in load_all()}
     with harness.pydron_disabled():
         expected = {name: harness.run_plain(c) for name, c in cases.items()}
-    harness.ensure_enabled()
+    if enable:
+        harness.ensure_enabled()
     while True:
         request = _read(rfd)
         if request is None:
@@ -110,8 +112,9 @@ class ServerCrashed(Exception):
 class CaseServer:
     """One server process at a time; restarted after a crash or a timeout."""
 
-    def __init__(self, timeout: float = 120.0):
+    def __init__(self, timeout: float = 120.0, enable: bool = True):
         self.timeout = timeout
+        self.enable = enable
         self.proc = None
 
     def _start(self) -> None:
@@ -120,7 +123,8 @@ class CaseServer:
         self._stderr = tempfile.TemporaryFile()
         tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "semantics.server", str(to_server_r), str(from_server_w)],
+            [sys.executable, "-m", "semantics.server", str(to_server_r), str(from_server_w),
+             "1" if self.enable else "0"],
             pass_fds=(to_server_r, from_server_w), cwd=tests_dir, stdout=subprocess.DEVNULL,
             stderr=self._stderr)
         os.close(to_server_r)
@@ -180,4 +184,4 @@ class CaseServer:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]))
+    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1")
