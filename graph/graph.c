@@ -1022,11 +1022,8 @@ task_force_value(graph_task *t)
         t->value = exec_blob_decode(t->blob);
         if (t->value == NULL)
             return NULL;
-        if (t->dependents == NULL) {
-            /* Nobody downstream needs the encoding: let its arena memory go with the value. */
-            exec_blob_decref(t->blob);
-            t->blob = NULL;
-        }
+        /* The encoding stays: a task submitted later may depend on this one and gets it as it
+         * is (for arrays both views share the arena block, so this costs no memory). */
     }
     return Py_NewRef(t->value);
 }
