@@ -1130,6 +1130,53 @@ static void flush_queue(void)
     }
 }
 
+/* Move a blob's inline pickle bytes into the arena, so that it crosses rings by reference.
+ * 0, or -1 with an exception. */
+static int blob_spill(exec_blob *b)
+{
+    arena *a = exec__arena;
+    uint64_t blk;
+    if (b->data_blk != EXEC_NO_BLOCK)
+        return 0;
+    if (a == NULL || arena_alloc(a, b->len, &blk) < 0) {
+        PyErr_Format(PyExc_MemoryError, "pydron: shared arena full (%zu bytes requested)", b->len);
+        return -1;
+    }
+    memcpy(arena_ptr(a, blk), b->data, b->len);
+    if (b->arena == NULL)
+        atomic_fetch_add(&live_arena_refs, 1);
+    b->arena = a;
+    b->data = arena_ptr(a, blk);
+    b->data_blk = blk;
+    return 0;
+}
+
+/* A TASK record must fit in a ring: while it does not, spill the largest inline blob of the
+ * task to the arena. 0, or -1 with an exception. */
+static int fit_task_record(const exec_task *et)
+{
+    uint32_t max = ring_max_payload(exec__to_worker(0));
+    for (;;) {
+        size_t n = 24 + blob_wire_size(et->args);
+        exec_blob *largest = et->args->data_blk == EXEC_NO_BLOCK ? et->args : NULL;
+        for (Py_ssize_t d = 0; d < et->ndeps; d++) {
+            exec_blob *b = et->deps[d];
+            n += blob_wire_size(b);
+            if (b->data_blk == EXEC_NO_BLOCK && (largest == NULL || b->len > largest->len))
+                largest = b;
+        }
+        if (n <= max)
+            return 0;
+        if (largest == NULL || largest->len < 64) {
+            PyErr_Format(PyExc_ValueError, "pydron: task %llu has too many dependencies (%zd) to ship",
+                         (unsigned long long)et->task_id, et->ndeps);
+            return -1;
+        }
+        if (blob_spill(largest) < 0)
+            return -1;
+    }
+}
+
 int exec_submit(const exec_task *et)
 {
     if (!M.running) {
@@ -1139,14 +1186,8 @@ int exec_submit(const exec_task *et)
     Py_ssize_t fn_id = fn_lookup(et->fn);
     if (fn_id < 0)
         return -1;
-    size_t n = 24 + blob_wire_size(et->args);
-    for (Py_ssize_t d = 0; d < et->ndeps; d++)
-        n += blob_wire_size(et->deps[d]);
-    if (n > ring_max_payload(exec__to_worker(0))) {
-        PyErr_Format(PyExc_ValueError, "pydron: task %llu has too many dependencies (%zd) to ship",
-                     (unsigned long long)et->task_id, et->ndeps);
+    if (fit_task_record(et) < 0)
         return -1;
-    }
     mtask *t = malloc(sizeof(mtask) + et->ndeps * sizeof(exec_blob *));
     if (t == NULL) {
         PyErr_NoMemory();

@@ -26,9 +26,11 @@ void exec__notify_master(void);
 #include <sys/types.h>
 
 #define EXEC_MAX_WORKERS 64
-#define EXEC_RING_BYTES ((size_t)4 << 20)       /* per direction per worker */
+/* Per direction per worker. Small on purpose: records are small (large pickles and buffers
+ * travel through the arena), and a small ring keeps the pages it cycles through few and warm. */
+#define EXEC_RING_BYTES ((size_t)256 << 10)
 #define EXEC_OOB_MIN ((size_t)64 << 10)         /* out-of-band buffers this large go to the arena */
-#define EXEC_INLINE_MAX ((size_t)64 << 10)      /* larger pickle bytes go to the arena too */
+#define EXEC_INLINE_MAX ((size_t)16 << 10)      /* larger pickle bytes go to the arena too */
 #define EXEC_NO_BLOCK UINT64_MAX
 
 enum { EXEC_REC_DEFINE = 1, EXEC_REC_TASK = 2, EXEC_REC_RESULT = 3, EXEC_REC_ERROR = 4 };

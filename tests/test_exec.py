@@ -286,3 +286,20 @@ def test_local_functions_as_results_and_arguments():
     assert _core._exec_map(apply, [(adder, 2), (lambda v: v * 10, 3)]) == [7, 30]
     h = _core._exec_submit(make_adder, (100,))
     assert _core._exec_wait(_core._exec_submit(apply, (h, 1))) == 101
+
+
+def count_items(*parts):
+    return sum(len(p) for p in parts)
+
+
+def make_list(n):
+    return list(range(n))
+
+
+def test_many_medium_dependencies_spill_to_arena():
+    # 40 dependencies of ~10 KiB pickles each are too much for one ring record inline: they are
+    # moved into the arena and sent by reference.
+    hs = [_core._exec_submit(make_list, (3000,)) for _ in range(40)]
+    assert _core._exec_wait(_core._exec_submit(count_items, tuple(hs))) == 40 * 3000
+    big = [list(range(20000))] * 3                   # inline pickles over the inline maximum
+    assert _core._exec_map(count_items, [tuple(big)]) == [60000]
