@@ -684,6 +684,15 @@ static PyObject *decode_bytes(arena *a, const char *data, size_t len, const exec
                               uint32_t nbufs, PyObject *persistent_load)
 {
     PyObject *result = NULL, *holders = NULL, *unpickler = NULL, *file = NULL;
+    if (nbufs == 0 && persistent_load == NULL && len <= 4096) {
+        /* Small and self-contained (most results): a bytes copy is cheaper than a view. */
+        PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+        if (bytes == NULL)
+            return NULL;
+        result = PyObject_CallOneArg(pickle_loads, bytes);
+        Py_DECREF(bytes);
+        return result;
+    }
     PyObject *mv = PyMemoryView_FromMemory((char *)data, (Py_ssize_t)len, PyBUF_READ);
     if (mv == NULL)
         return NULL;
@@ -1533,7 +1542,7 @@ int exec_poll(double timeout_s, exec_result_fn on_result, void *ctx)
             return 0;
         /* Spin a little: a result is often microseconds away. */
         int ready = 0;
-        for (int k = 0; k < 2000 && !(ready = anything_ready(notes)); k++)
+        for (int k = 0; k < 200 && !(ready = anything_ready(notes)); k++)
             __builtin_ia32_pause();
         if (!ready) {
             wake_word *w = master_word();
