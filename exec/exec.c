@@ -853,6 +853,28 @@ done:
     return b;
 }
 
+exec_blob *exec_encode_value(PyObject *value)
+{
+    exec_codec *c = master_codec;
+    int temporary = 0;
+    if (c == NULL || c->busy) {
+        c = exec__codec_new();
+        if (c == NULL)
+            return NULL;
+        temporary = 1;
+    }
+    const char *data;
+    size_t len;
+    exec_buf *bufs;
+    uint32_t nbufs;
+    exec_blob *b = NULL;
+    if (exec__codec_dump(c, value, NULL, NULL, &data, &len, &bufs, &nbufs) == 0)
+        b = blob_new(data, len, bufs, nbufs);
+    if (temporary)
+        codec_discard(c);
+    return b;
+}
+
 /* ------------------------------------------------------------------ master state */
 
 typedef struct mtask {
@@ -1195,6 +1217,15 @@ int exec_submit(const exec_task *et)
     Py_ssize_t fn_id = fn_lookup(et->fn);
     if (fn_id < 0)
         return -1;
+    int missing = et->args == NULL || (et->ndeps > 0 && et->deps == NULL);
+    for (Py_ssize_t d = 0; !missing && d < et->ndeps; d++)
+        missing = et->deps[d] == NULL;
+    if (missing) {
+        PyErr_Format(PyExc_SystemError, "pydron: exec_submit(task %llu): arguments or a dependency "
+                     "is not a blob (encode thread results with exec_encode_value)",
+                     (unsigned long long)et->task_id);
+        return -1;
+    }
     if (fit_task_record(et) < 0)
         return -1;
     mtask *t = malloc(sizeof(mtask) + et->ndeps * sizeof(exec_blob *));

@@ -31,6 +31,10 @@ typedef Py_ssize_t (*exec_dep_fn)(void *ctx, PyObject *obj);
 exec_blob *exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs,
                             exec_dep_fn dep, void *ctx);
 
+/* Encode one value as a blob (e.g. a thread-pool result that a process task depends on: deps
+ * must all be blobs). A new blob, or NULL with an exception. */
+exec_blob *exec_encode_value(PyObject *value);
+
 typedef struct {
     uint64_t task_id;
     PyObject *fn;          /* borrowed; shipped to each worker once (by name, else by value) */
