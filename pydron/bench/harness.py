@@ -87,6 +87,8 @@ def parse_args(argv):
                    help="skip scale sizes expected to take longer than this")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="give up on a system after this long")
+    p.add_argument("--table", choices=("rich", "plain", "markdown"), default="rich",
+                   help="table style (rich when installed, else plain)")
     p.add_argument("--list", action="store_true", help="list workloads and systems")
     ns = p.parse_args(argv)
     ns.workloads = _names(ns.workloads, list(WORKLOADS), "workload")
@@ -304,15 +306,24 @@ def table_rows(results, notes=None):
     return header, rows
 
 
-def print_table(results, systems, file=sys.stdout):
+def print_table(results, systems, file=sys.stdout, style="rich"):
     notes: list[str] = []
-    header, rows = table_rows(results, notes)
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is not None:
+    absent = {s["system"] for s in systems if s["status"] == "skipped"}
+    header, rows = table_rows([r for r in results if r["system"] not in absent], notes)
+    Console = None
+    if style == "rich":
+        try:
+            from rich.console import Console
+            from rich.table import Table
+        except ImportError:
+            pass
+    if style == "markdown":
+        print("| " + " | ".join(header) + " |", file=file)
+        print("|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
+              file=file)
+        for row in rows:
+            print("| " + " | ".join(row) + " |", file=file)
+    elif Console is not None:
         t = Table(title="pydron bench", show_lines=False)
         for i, h in enumerate(header):
             t.add_column(h, justify="left" if i < 2 else "right",
@@ -385,7 +396,7 @@ def main(argv=None) -> int:
                 SYSTEMS.index(r["system"]))
     results.sort(key=sort_key)
     summarise(results)
-    print_table(results, systems)
+    print_table(results, systems, style=ns.table)
     doc = {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
            "command": ["pydron", "bench"] + list(sys.argv[1:] if argv is None else argv),
            "quick": ns.quick, "repeat": ns.repeat, "workers": ns.workers,
