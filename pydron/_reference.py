@@ -34,7 +34,7 @@ class Pending:
     """The result of a functional call that has not been forced yet."""
 
     __slots__ = ("seq", "fn", "args", "kwargs", "future", "state", "value", "exc", "tb",
-                 "reported")
+                 "reported", "undone")
 
     def __init__(self, seq, fn, args, kwargs):
         self.seq, self.fn, self.args, self.kwargs = seq, fn, args, kwargs
@@ -42,6 +42,7 @@ class Pending:
         self.state = 0  # 0 outstanding, 1 value, 2 failed
         self.value = self.exc = self.tb = None
         self.reported = False
+        self.undone = False  # a call plain Python never completed (its region was aborted)
 
     def __repr__(self):
         return "<pydron Pending #%d %s>" % (self.seq, getattr(self.fn, "__qualname__", self.fn))
@@ -85,7 +86,22 @@ class ReferenceRuntime:
         self.submitted = 0
 
     # -- tasks ------------------------------------------------------------------------
+    @classmethod
+    def _snapshot(cls, v):
+        """A task sees its arguments as they were at the call: copy exact containers (the
+        pendings inside stay, they are filled in when the task runs)."""
+        t = type(v)
+        if t is list:
+            return [cls._snapshot(x) for x in v]
+        if t is tuple:
+            return tuple(cls._snapshot(x) for x in v)
+        if t is dict:
+            return {k: cls._snapshot(x) for k, x in v.items()}
+        return v
+
     def _submit(self, fn, args, kwargs):
+        args = [self._snapshot(a) for a in args]
+        kwargs = {k: self._snapshot(a) for k, a in kwargs.items()}
         p = Pending(len(self._tasks), fn, args, kwargs)
         self._tasks.append(p)
         self.submitted += 1
@@ -263,8 +279,24 @@ class ReferenceRuntime:
                 break
         for k in range(cut + 1, len(tasks)):
             tasks[k].reported = True  # cancelled: a failure of theirs is never raised
+        for k in range(cut, len(tasks)):
+            tasks[k].undone = True
         self._undo_moves(cut)
         return result
+
+    def undo(self, current, saved):
+        """At a handler: a local assigned in the aborted region goes back to `saved` if it
+        holds (directly, or in a container built there) a call plain Python never completed."""
+        t = type(current)
+        if t is Pending:
+            return saved if current.undone else current
+        if (t is list or t is tuple) and current is not saved:
+            if any(type(v) is Pending and v.undone for v in current):
+                return saved
+        elif t is dict and current is not saved:
+            if any(type(v) is Pending and v.undone for v in current.values()):
+                return saved
+        return current
 
     def store_subscr(self, value, container, key):
         key = self.force_deep(key)
@@ -306,7 +338,7 @@ class ReferenceRuntime:
             if kinds is not None and not kwargs:
                 args = [self.force_deep(a) if k == "D" else self.force(a) if k == "S" else a
                         for a, k in zip(args, kinds)]
-                if "-" in kinds or fn.__name__ == "extend":
+                if fn.__name__ in ("append", "extend", "insert", "setdefault"):
                     self._note_move(owner)
                 return fn(*args)
             if fn is len and len(args) == 1 and not kwargs:

@@ -316,6 +316,8 @@ class _Rewriter:
     def __init__(self, code, rt, role):
         self.code, self.rt, self.role = code, rt, role
         self.enter_handler = getattr(rt, "enter_handler", None)
+        self.undo = getattr(rt, "undo", None)
+        self.restore = {}
 
     # -- decomposition ------------------------------------------------------------
     def _decompose(self):
@@ -431,14 +433,17 @@ class _Rewriter:
     # -- data flow -------------------------------------------------------------------
     def _initial_state(self):
         loc = [0] * self.nvars
+        unbound = [1] * self.nvars
         code = self.code
         nargs = code.co_argcount + code.co_kwonlyargcount
         nargs += bool(code.co_flags & 0x04) + bool(code.co_flags & 0x08)
         for k in range(nargs):
             loc[k] = 2
+            unbound[k] = 0
         if self.role == "comprehension" and self.nvars and code.co_varnames[0] == ".0":
             loc[0] = 1
-        return ((), tuple(loc))
+        # (stack slots, level of each local, 1 if the local may be unbound)
+        return ((), tuple(loc), tuple(unbound))
 
     def _plan(self, i, state):
         ins = self.instrs[i]
@@ -562,7 +567,7 @@ class _Rewriter:
         """States after instruction i: {successor index: state}."""
         ins = self.instrs[i]
         name = ins.name
-        stack, loc = list(state[0]), list(state[1])
+        stack, loc, unb = list(state[0]), list(state[1]), list(state[2])
         vindex = self.vindex
         # forcing
         for depth, kind, wb in plan.forces:
@@ -570,6 +575,7 @@ class _Rewriter:
             stack[-depth] = (lvl, stack[-depth][1])
             if wb is not None and wb in vindex:
                 loc[vindex[wb]] = lvl
+                unb[vindex[wb]] = 0
         action = plan.action
         barrier = name not in PURE
         pushes = None
@@ -580,15 +586,16 @@ class _Rewriter:
         for tgt, jumped in succ:
             st = list(stack)
             lc = loc if len(succ) == 1 else list(loc)
-            self._effect(ins, name, st, lc, jumped, action, plan)
+            ub = unb if len(succ) == 1 else list(unb)
+            self._effect(ins, name, st, lc, ub, jumped, action, plan)
             if barrier:
                 st = [(1, o) if l == 0 and o not in ("NULL", "MAYBE_NULL") and not (
                     type(o) is tuple and o[0] == "const") else (l, o) for l, o in st]
                 lc = [1 if v == 0 else v for v in lc]
-            results[tgt] = (tuple(st), tuple(lc))
+            results[tgt] = (tuple(st), tuple(lc), tuple(ub))
         return results
 
-    def _effect(self, ins, name, st, lc, jumped, action, plan):
+    def _effect(self, ins, name, st, lc, ub, jumped, action, plan):
         vindex = self.vindex
 
         def kill(var):
@@ -596,10 +603,11 @@ class _Rewriter:
                 if o == ("fast", var):
                     st[k] = (l, None)
 
-        def store(var, lvl):
+        def store(var, lvl, cleared=0):
             kill(var)
             if var in vindex:
                 lc[vindex[var]] = lvl
+                ub[vindex[var]] = cleared
 
         if name == "SWAP":
             a = ins.arg
@@ -616,7 +624,7 @@ class _Rewriter:
             return
         if name == "LOAD_FAST_AND_CLEAR":
             st.append((lc[vindex[ins.arg]] if ins.arg in vindex else 2, None))
-            store(ins.arg, 0)
+            store(ins.arg, 0, 1)
             return
         if name == "LOAD_FAST_LOAD_FAST":
             for v in ins.arg:
@@ -636,7 +644,7 @@ class _Rewriter:
             store(b, st.pop()[0])
             return
         if name == "DELETE_FAST":
-            store(ins.arg, 0)
+            store(ins.arg, 0, 1)
             return
         if name == "PUSH_NULL":
             st.append(_NULL)
@@ -750,7 +758,7 @@ class _Rewriter:
                 depth = e.depth if isinstance(e.depth, int) else 0
                 hstack = [(2, None)] * depth + ([(0, None)] if e.lasti else []) + [(1, None)]
                 outs.setdefault(h, None)
-                hs = (tuple(hstack), st[1])
+                hs = (tuple(hstack), st[1], st[2])
                 prev = outs[h]
                 outs[h] = hs if prev is None else self._join(prev, hs)
             for tgt, s in outs.items():
@@ -765,13 +773,14 @@ class _Rewriter:
 
     @staticmethod
     def _join(a, b):
-        sa, la = a
-        sb, lb = b
+        sa, la, ua = a
+        sb, lb, ub = b
         if len(sa) != len(sb):
             raise RewriteError("inconsistent stack depths (%d vs %d)" % (len(sa), len(sb)))
         st = tuple(map(_join_slot, sa, sb)) if sa != sb else sa
         lc = tuple(map(max, la, lb)) if la != lb else la
-        return (st, lc)
+        uc = tuple(map(max, ua, ub)) if ua != ub else ua
+        return (st, lc, uc)
 
     # -- emission ----------------------------------------------------------------------
     def _force_code(self, forces, loc):
@@ -816,6 +825,8 @@ class _Rewriter:
             out.append(Instr("PRECALL", 0, location=loc))
         out.append(Instr("CALL", 0, location=loc))
         out.append(Instr("STORE_FAST", self.marks[region], location=loc))
+        for var, save in self.restore.get(region, ()):
+            out += [Instr("LOAD_FAST", var, location=loc), Instr("STORE_FAST", save, location=loc)]
         return out
 
     def _since_seq(self, region, loc):
@@ -854,7 +865,28 @@ class _Rewriter:
             out += self._mark_seq(r, self.instrs[dst].location)
         return out
 
+    def _plan_restores(self):
+        """Locals assigned inside a user region and bound at its handler: saved when the region
+        is entered, given back at the handler if what they hold is a call plain Python never
+        completed (`r = f(x)` where f failed leaves r as it was)."""
+        if self.undo is None or self.enter_handler is None:
+            return
+        stores = {lab: set() for lab in self.marks}
+        for i, x in enumerate(self.instrs):
+            if x.name in ("STORE_FAST", "STORE_FAST_STORE_FAST", "STORE_FAST_LOAD_FAST"):
+                names = x.arg if x.name == "STORE_FAST_STORE_FAST" else (
+                    x.arg[:1] if x.name == "STORE_FAST_LOAD_FAST" else (x.arg,))
+                for r in self._U(i):
+                    stores[r].update(n for n in names if type(n) is str and n in self.vindex)
+        for k, (lab, mark) in enumerate(self.marks.items()):
+            st = self.states[self.label_pos[lab]]
+            if st is None:
+                continue
+            self.restore[lab] = [(n, ".pydron_save%d_%s" % (k, n)) for n in sorted(stores[lab])
+                                 if not st[2][self.vindex[n]]]
+
     def _emit(self):
+        self._plan_restores()
         rt = self.rt
         ins = self.instrs
         n = len(ins)
@@ -900,6 +932,13 @@ class _Rewriter:
                     if HAS_PRECALL:
                         seq.append(Instr("PRECALL", 1, location=loc))
                     seq.append(Instr("CALL", 1, location=loc))
+                    for var, save in self.restore.get(region, ()):
+                        seq += [Instr("LOAD_CONST", self.undo, location=loc),
+                                Instr("LOAD_FAST", var, location=loc),
+                                Instr("LOAD_FAST", save, location=loc)]
+                        if HAS_PRECALL:
+                            seq.append(Instr("PRECALL", 1, location=loc))
+                        seq += [Instr("CALL", 1, location=loc), Instr("STORE_FAST", var, location=loc)]
                     for y in seq:
                         items.append((y, ctx))
             plan = self.plans[i]
