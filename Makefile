@@ -9,7 +9,7 @@ PIP_PACKAGES := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil \
                 joblib "dask[distributed]" matplotlib rich scikit-build-core
 
 # Other interpreters on the machine also run the semantics and rewrite tests (CPython 3.12, 3.13).
-EXTRA_PYTHONS := $(foreach v,3.12 3.13,$(shell command -v python$(v) 2>/dev/null))
+EXTRA_PYTHONS := $(foreach v,3.12 3.13,$(shell tools/find-python.sh $(v)))
 EXTRA_PIP := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil
 
 .PHONY: setup build demo test test-versions asan valgrind bench clean
