@@ -192,7 +192,31 @@ typedef struct {
     uint64_t blk;
     char *ptr;
     Py_ssize_t len;
+    int held;                 /* index in the worker slot's held table, or -1 */
 } ArenaBufferObject;
+
+int exec__worker_slot = -1;
+
+/* In a worker, note the reference in the slot's held table (see exec_slot.held). */
+static int held_register(uint64_t blk)
+{
+    if (!exec__in_worker_flag || exec__shared == NULL)
+        return -1;
+    _Atomic uint64_t *held = exec__shared->slots[exec__worker_slot].held;
+    for (int i = 0; i < EXEC_HELD_MAX; i++) {
+        if (atomic_load_explicit(&held[i], memory_order_relaxed) == 0) {
+            atomic_store(&held[i], blk + 1);
+            return i;
+        }
+    }
+    return -1;                /* table full: only a death would leak it */
+}
+
+static void held_unregister(int i)
+{
+    if (i >= 0 && exec__shared)
+        atomic_store(&exec__shared->slots[exec__worker_slot].held[i], 0);
+}
 
 static int arena_buffer_getbuffer(ArenaBufferObject *self, Py_buffer *view, int flags)
 {
@@ -202,6 +226,7 @@ static int arena_buffer_getbuffer(ArenaBufferObject *self, Py_buffer *view, int 
 static void arena_buffer_dealloc(ArenaBufferObject *self)
 {
     if (self->arena) {
+        held_unregister(self->held);
         arena_decref(self->arena, self->blk);
         atomic_fetch_sub(&live_arena_refs, 1);
     }
@@ -238,6 +263,7 @@ PyObject *exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t 
     self->blk = blk;
     self->ptr = arena_ptr(a, off);
     self->len = (Py_ssize_t)len;
+    self->held = held_register(blk);
     return (PyObject *)self;
 }
 
@@ -1413,6 +1439,11 @@ static int handle_death(int i, exec_result_fn on_result, void *ctx)
         return -1;
     uint64_t blamed = atomic_load(&sh->running_task);
     atomic_store(&sh->running_task, 0);
+    for (int k = 0; k < EXEC_HELD_MAX; k++) {
+        uint64_t h = atomic_exchange(&sh->held[k], 0);
+        if (h)
+            arena_decref(exec__arena, h - 1);   /* the dead worker's arrays */
+    }
     ring_reset(exec__to_worker(i));
     ring_reset(exec__to_master(i));
     s->spawned = 0;

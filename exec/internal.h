@@ -32,6 +32,8 @@ void exec__notify_master(void);
 #define EXEC_OOB_MIN ((size_t)64 << 10)         /* out-of-band buffers this large go to the arena */
 #define EXEC_INLINE_MAX ((size_t)16 << 10)      /* larger pickle bytes go to the arena too */
 #define EXEC_NO_BLOCK UINT64_MAX
+#define EXEC_HELD_MAX 1024
+extern int exec__worker_slot;                   /* in a worker: its slot */
 
 enum { EXEC_REC_DEFINE = 1, EXEC_REC_TASK = 2, EXEC_REC_RESULT = 3, EXEC_REC_ERROR = 4 };
 
@@ -44,6 +46,10 @@ typedef struct {
     uint32_t pad;
     _Atomic uint64_t running_task;     /* 0: none */
     uint64_t to_worker_off, to_master_off;   /* rings, as offsets from exec__shared */
+    /* Arena blocks the worker holds references on (its ArenaBuffer objects), as block + 1, so
+     * that the master can drop them when the worker dies. Registered after the incref and
+     * unregistered before the decref: a death in between leaks a reference, never frees early. */
+    _Atomic uint64_t held[EXEC_HELD_MAX];
 } exec_slot;
 
 typedef struct {

@@ -468,14 +468,23 @@ static void worker_main(int slot)
     sigprocmask(SIG_SETMASK, &none, NULL);
     if (getppid() == 1)
         _exit(0);
-    signal(SIGINT, SIG_IGN);      /* Ctrl-C is handled by the master, which cancels */
-    signal(SIGCHLD, SIG_DFL);
+    /* Handlers installed in the master (Python's, faulthandler's) do not belong here: a crash
+     * is reported by the master, and Ctrl-C is handled by the master, which cancels. */
+    for (int sig = 1; sig < NSIG; sig++) {
+        struct sigaction sa;
+        if (sig == SIGKILL || sig == SIGSTOP || sigaction(sig, NULL, &sa) != 0)
+            continue;
+        if (sa.sa_handler != SIG_IGN && sa.sa_handler != SIG_DFL)
+            signal(sig, SIG_DFL);
+    }
+    signal(SIGINT, SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
     char name[16];
     snprintf(name, sizeof name, "pydron-w%d", slot & 0xff);
     prctl(PR_SET_NAME, name);
-    exec__in_worker_flag = 1;
     my_slot = slot;
+    exec__worker_slot = slot;
+    exec__in_worker_flag = 1;
     atomic_store(&exec__shared->slots[slot].pid, getpid());
     codec = exec__codec_new();
     if (codec == NULL)

@@ -240,3 +240,39 @@ def test_main_module_classes_and_tracebacks(tmp_path):
     assert r["points"] == [0, 1] and r["caught"] == "frame 2 is saturated"
     assert "scenario.py" in r["tb"] and "in calibrate" in r["tb"]
     assert 'raise CalibrationError(f"frame {i} is saturated")' in r["tb"]
+
+
+def test_dead_workers_arrays_are_released(tmp_path):
+    """A worker killed while its task holds arena arrays (its arguments) does not leak them: the
+    master drops the dead worker's references. Ctrl-C style cancellation too."""
+    rc, reports, err = run_scenario("""
+        def hold_and_die(a, marker):
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return float(a[0])
+
+        def hold_forever(a):
+            time.sleep(60)
+
+        _core._exec_start(2)
+        base = _core._exec_info()["arena_used_pages"]
+        a = np.ones(1 << 21)                       # 16 MiB, 256 pages
+        got = _core._exec_map(hold_and_die, [(a, os.path.abspath("m"))])
+        after_death = _core._exec_info()["arena_used_pages"]
+        hs = [_core._exec_submit(hold_forever, (a,)) for _ in range(2)]
+        time.sleep(0.5)
+        _core._exec_cancel_all()
+        del hs
+        deadline = time.time() + 10
+        while time.time() < deadline and _core._exec_info()["arena_used_pages"] != base:
+            _core._exec_map(abs, [(1,)])           # lets the master see the deaths
+            time.sleep(0.05)
+        report(got=got, base=base, after_death=after_death,
+               after_cancel=_core._exec_info()["arena_used_pages"], pids=descendants())
+        check_clean_after_shutdown()
+    """, tmp_path)
+    assert rc == 0, err
+    (r,) = reports
+    assert r["got"] == [1.0]
+    assert r["after_death"] == r["base"] and r["after_cancel"] == r["base"]
