@@ -999,6 +999,42 @@ def c_while_in_try(n):
     return i
 
 
+def c_assignment_undone(x):
+    r = "unset"
+    items = []
+    d = {}
+    try:
+        r = fail(x)
+        items.append(r)
+        d["k"] = sq(x)
+    except ValueError:
+        pass
+    return r, items, d
+
+
+def c_container_assignment_undone(x):
+    t = None
+    lst = [0]
+    try:
+        lst = [sq(x), fail(x)]
+        t = (fail(x), 1)
+    except ValueError:
+        pass
+    return t, lst
+
+
+def c_undone_in_loop(xs):
+    last = None
+    done = []
+    for x in xs:
+        try:
+            last = fail(x)
+            done.append(last)
+        except ValueError:
+            continue
+    return last, done
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -1083,6 +1119,9 @@ CASES = [
     (c_slice_ops, ([1, 2, 3, 4],)),
     (c_loop_in_try, ([1, 2, 3, 4],)), (c_loop_in_try, ([1, 2],)),
     (c_while_in_try, (5,)), (c_while_in_try, (2,)),
+    (c_assignment_undone, (3,)), (c_assignment_undone, (2,)),
+    (c_container_assignment_undone, (3,)), (c_container_assignment_undone, (2,)),
+    (c_undone_in_loop, ([1, 2, 3],)), (c_undone_in_loop, ([3, 1, 3],)),
 ]
 
 
