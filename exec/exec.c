@@ -908,6 +908,7 @@ typedef struct mtask {
     uint64_t id;
     uint32_t fn_id;
     int kills;
+    double est_ns;             /* expected run time when dispatched */
     PyObject *fn;              /* strong */
     PyObject *error;           /* WorkerLostError once given up on */
     exec_blob *args;           /* owned */
@@ -918,6 +919,7 @@ typedef struct mtask {
 typedef struct {
     mtask *head, *tail;        /* written to the worker's ring, result not yet read: ring order */
     Py_ssize_t count;
+    double queued_ns;          /* expected run time of the tasks in flight */
     int spawned;               /* the fork server was asked for a worker and it has not died */
     int killing;               /* SIGKILLed by exec_cancel_all: its death is expected */
     int disabled;              /* died too often without running anything */
@@ -930,9 +932,16 @@ typedef struct {
 typedef struct {
     PyObject *fn;
     exec_blob *blob;
+    double est_ns;             /* moving average of its run time on workers; < 0: not yet known */
 } fn_entry;
 
-#define EXEC_MAX_INFLIGHT 256      /* per worker; the rest waits in the master's queue */
+/* A worker gets tasks while it has fewer than EXEC_MIN_INFLIGHT, or while the expected run time
+ * of what it has stays under EXEC_QUEUE_NS (and EXEC_MAX_INFLIGHT): tiny tasks stream in
+ * hundreds, long ones stay in the master's queue and go to whichever worker frees up first. */
+#define EXEC_MAX_INFLIGHT 256
+#define EXEC_MIN_INFLIGHT 2
+#define EXEC_QUEUE_NS 50e6
+#define EXEC_UNKNOWN_NS 1e6
 #define EXEC_MAX_KILLS 3
 
 static struct {
@@ -1043,6 +1052,7 @@ static Py_ssize_t fn_lookup(PyObject *fn)
     Py_ssize_t id = M.nfns++;
     M.fns[id].fn = Py_NewRef(fn);
     M.fns[id].blob = b;
+    M.fns[id].est_ns = -1;
     if (hashable) {
         PyObject *v = PyLong_FromSsize_t(id);
         if (v == NULL || PyDict_SetItem(M.fn_ids, fn, v) < 0) {
@@ -1107,14 +1117,16 @@ static void start_workers(void)
         spawn_worker(i);
 }
 
-/* Least-outstanding live worker with room, or -1. */
-static int pick_slot(void)
+/* Least-outstanding live worker with room for a task expected to run est_ns, or -1. */
+static int pick_slot(double est_ns)
 {
     int best = -1;
     for (int k = 0; k < M.nworkers; k++) {
         int i = (M.rr + k) % M.nworkers;
         mslot *s = &M.slots[i];
         if (!s->spawned || s->killing || s->disabled || s->count >= EXEC_MAX_INFLIGHT)
+            continue;
+        if (s->count >= EXEC_MIN_INFLIGHT && s->queued_ns + est_ns > EXEC_QUEUE_NS)
             continue;
         if (best < 0 || s->count < M.slots[best].count)
             best = i;
@@ -1127,7 +1139,9 @@ static int pick_slot(void)
  * 0, or -1 when no worker has room now (t stays the caller's). */
 static int dispatch(mtask *t)
 {
-    int i = pick_slot();
+    double est = M.fns[t->fn_id].est_ns;
+    t->est_ns = est < 0 ? EXEC_UNKNOWN_NS : est;
+    int i = pick_slot(t->est_ns);
     if (i < 0)
         return -1;
     mslot *s = &M.slots[i];
@@ -1171,6 +1185,7 @@ static int dispatch(mtask *t)
         s->head = t;
     s->tail = t;
     s->count++;
+    s->queued_ns += t->est_ns;
     return 0;
 }
 
@@ -1334,7 +1349,7 @@ static int drain_slot(int i, int discard, exec_result_fn on_result, void *ctx)
     uint32_t kind, len;
     char *p;
     while ((p = ring_peek(r, &kind, &len)) != NULL) {
-        uint64_t task_id = ((uint64_t *)p)[0];
+        uint64_t task_id = ((uint64_t *)p)[0], elapsed_ns = ((uint64_t *)p)[1];
         size_t used;
         exec_blob *blob = blob_from_wire(p + 16, &used);
         ring_pop(r);
@@ -1349,7 +1364,12 @@ static int drain_slot(int i, int discard, exec_result_fn on_result, void *ctx)
         if (s->head == NULL)
             s->tail = NULL;
         s->count--;
+        s->queued_ns = s->count ? s->queued_ns - t->est_ns : 0;
         s->idle_deaths = 0;
+        if (kind == EXEC_REC_RESULT) {
+            fn_entry *f = &M.fns[t->fn_id];
+            f->est_ns = f->est_ns < 0 ? (double)elapsed_ns : 0.7 * f->est_ns + 0.3 * (double)elapsed_ns;
+        }
         PyObject *exc = NULL;
         if (kind == EXEC_REC_ERROR) {
             exc = decode_error(blob);
@@ -1474,6 +1494,7 @@ static int handle_death(int i, exec_result_fn on_result, void *ctx)
         s->disabled = 1;    /* dies without running anything: do not fork it forever */
     s->head = s->tail = NULL;
     s->count = 0;
+    s->queued_ns = 0;
     s->killing = 0;
     requeue_front(keep_head, keep_tail);
     if (M.running)
@@ -1657,6 +1678,7 @@ void exec_cancel_all(void)
         free_task_list(s->head, 1);
         s->head = s->tail = NULL;
         s->count = 0;
+        s->queued_ns = 0;
     }
     PyErr_SetRaisedException(pending_exc);
 }
