@@ -123,6 +123,8 @@ INTROSPECT_GLOBALS = frozenset({"super", "locals", "vars", "dir", "globals", "ev
                                 "breakpoint"})
 INTROSPECT_ATTRS = frozenset({"_getframe", "currentframe", "_getframemodulename"})
 
+BINARY_ADD = 0
+BINARY_INPLACE_ADD = 13
 INTRINSIC_LIST_TO_TUPLE = 6
 INTRINSIC_STOPITERATION_ERROR = 3
 INTRINSIC_UNARY_POSITIVE = 5
@@ -442,8 +444,9 @@ class _Rewriter:
             unbound[k] = 0
         if self.role == "comprehension" and self.nvars and code.co_varnames[0] == ".0":
             loc[0] = 1
-        # (stack slots, level of each local, 1 if the local may be unbound)
-        return ((), tuple(loc), tuple(unbound))
+        # (stack slots, level of each local, 1 if the local may be unbound, exact type of
+        # each local when known: "list", "tuple" or None)
+        return ((), tuple(loc), tuple(unbound), (None,) * self.nvars)
 
     def _plan(self, i, state):
         ins = self.instrs[i]
@@ -485,6 +488,14 @@ class _Rewriter:
         if name == "STORE_SUBSCR":
             want(2, "S")
             return _Plan(forces, "store_subscr")
+        if name == "BINARY_OP" and int(ins.arg) in (BINARY_ADD, BINARY_INPLACE_ADD) and n >= 2:
+            left = self._slot_kind(stack[-2], state[3])
+            right = self._slot_kind(stack[-1], state[3])
+            if left is not None and left == right:
+                return _Plan(forces, "concat", left)  # list/tuple concatenation: a move
+            if left == "list" and int(ins.arg) == BINARY_INPLACE_ADD:
+                want(1, "S")  # list += iterable extends the list: the items are moved
+                return _Plan(forces, "concat", left)
         if name == "LOAD_METHOD" or (name == "LOAD_ATTR" and PY >= (3, 12) and ins.arg[0]):
             want(1, "S")
             return _Plan(forces, "method_load")
@@ -555,7 +566,8 @@ class _Rewriter:
         # method form [callable, self, args]: a comprehension/genexpr body or __exit__
         org = first[1]
         if type(org) is tuple and org[0] == "func":
-            return _Plan(forces, "direct")
+            kind = "list" if org[1] is not None and org[1].co_name == "<listcomp>" else None
+            return _Plan(forces, "direct_comp", kind)
         if null_slot[1] == "MAYBE_NULL":
             raise RewriteError("call site with an unknown stack layout")
         want(first_d, "S")
@@ -567,7 +579,7 @@ class _Rewriter:
         """States after instruction i: {successor index: state}."""
         ins = self.instrs[i]
         name = ins.name
-        stack, loc, unb = list(state[0]), list(state[1]), list(state[2])
+        stack, loc, unb, knd = list(state[0]), list(state[1]), list(state[2]), list(state[3])
         vindex = self.vindex
         # forcing
         for depth, kind, wb in plan.forces:
@@ -587,15 +599,29 @@ class _Rewriter:
             st = list(stack)
             lc = loc if len(succ) == 1 else list(loc)
             ub = unb if len(succ) == 1 else list(unb)
-            self._effect(ins, name, st, lc, ub, jumped, action, plan)
+            kd = knd if len(succ) == 1 else list(knd)
+            self._effect(ins, name, st, lc, ub, kd, jumped, action, plan)
             if barrier:
                 st = [(1, o) if l == 0 and o not in ("NULL", "MAYBE_NULL") and not (
                     type(o) is tuple and o[0] == "const") else (l, o) for l, o in st]
                 lc = [1 if v == 0 else v for v in lc]
-            results[tgt] = (tuple(st), tuple(lc), tuple(ub))
+            results[tgt] = (tuple(st), tuple(lc), tuple(ub), tuple(kd))
         return results
 
-    def _effect(self, ins, name, st, lc, ub, jumped, action, plan):
+    def _slot_kind(self, slot, knd):
+        """Exact type of a stack slot's value when the analysis knows it."""
+        o = slot[1]
+        if type(o) is tuple:
+            if o[0] == "kind":
+                return o[1]
+            if o[0] == "fast":
+                k = self.vindex.get(o[1])
+                return None if k is None else knd[k]
+            if o[0] == "const" and type(o[1]) is tuple:
+                return "tuple"
+        return None
+
+    def _effect(self, ins, name, st, lc, ub, kd, jumped, action, plan):
         vindex = self.vindex
 
         def kill(var):
@@ -603,11 +629,14 @@ class _Rewriter:
                 if o == ("fast", var):
                     st[k] = (l, None)
 
-        def store(var, lvl, cleared=0):
+        def store(var, slot, cleared=0):
+            kind = self._slot_kind(slot, kd) if slot is not None else None
             kill(var)
             if var in vindex:
-                lc[vindex[var]] = lvl
-                ub[vindex[var]] = cleared
+                k = vindex[var]
+                lc[k] = slot[0] if slot is not None else 0
+                ub[k] = cleared
+                kd[k] = kind
 
         if name == "SWAP":
             a = ins.arg
@@ -624,27 +653,27 @@ class _Rewriter:
             return
         if name == "LOAD_FAST_AND_CLEAR":
             st.append((lc[vindex[ins.arg]] if ins.arg in vindex else 2, None))
-            store(ins.arg, 0, 1)
+            store(ins.arg, None, 1)
             return
         if name == "LOAD_FAST_LOAD_FAST":
             for v in ins.arg:
                 st.append((lc[vindex[v]] if v in vindex else 2, ("fast", v)))
             return
         if name in ("STORE_FAST", "STORE_FAST_MAYBE_NULL"):
-            store(ins.arg, st.pop()[0])
+            store(ins.arg, st.pop())
             return
         if name == "STORE_FAST_LOAD_FAST":
             a, b = ins.arg
-            store(a, st.pop()[0])
+            store(a, st.pop())
             st.append((lc[vindex[b]] if b in vindex else 2, ("fast", b)))
             return
         if name == "STORE_FAST_STORE_FAST":
             a, b = ins.arg
-            store(a, st.pop()[0])
-            store(b, st.pop()[0])
+            store(a, st.pop())
+            store(b, st.pop())
             return
         if name == "DELETE_FAST":
-            store(ins.arg, 0, 1)
+            store(ins.arg, None, 1)
             return
         if name == "PUSH_NULL":
             st.append(_NULL)
@@ -704,9 +733,14 @@ class _Rewriter:
             del st[-_pops(ins):]
             st.append((2, None))
             return
-        if action == "direct":
+        if action == "direct" or action == "direct_comp":
             del st[-_pops(ins):]
-            st.append((1, None))
+            st.append((1, ("kind", plan.extra) if action == "direct_comp" and plan.extra
+                       else None))
+            return
+        if action == "concat":
+            del st[-2:]
+            st.append((1, ("kind", plan.extra)))
             return
         pops = _pops(ins)
         net = ins.stack_effect(jump=jumped)
@@ -724,7 +758,12 @@ class _Rewriter:
             return
         if name in ("BUILD_TUPLE", "BUILD_LIST", "BUILD_SET", "BUILD_MAP",
                     "BUILD_CONST_KEY_MAP", "LIST_TO_TUPLE"):
-            st.append((1, None))
+            kind = ("list" if name == "BUILD_LIST" else
+                    "tuple" if name in ("BUILD_TUPLE", "LIST_TO_TUPLE") else None)
+            st.append((1, ("kind", kind) if kind else None))
+            return
+        if name == "CALL_INTRINSIC_1" and int(ins.arg) == INTRINSIC_LIST_TO_TUPLE:
+            st.append((1, ("kind", "tuple")))  # (its operand is popped above)
             return
         if name in VALUE_RESULT:
             lvl = 0
@@ -758,7 +797,7 @@ class _Rewriter:
                 depth = e.depth if isinstance(e.depth, int) else 0
                 hstack = [(2, None)] * depth + ([(0, None)] if e.lasti else []) + [(1, None)]
                 outs.setdefault(h, None)
-                hs = (tuple(hstack), st[1], st[2])
+                hs = (tuple(hstack), st[1], st[2], st[3])
                 prev = outs[h]
                 outs[h] = hs if prev is None else self._join(prev, hs)
             for tgt, s in outs.items():
@@ -773,14 +812,15 @@ class _Rewriter:
 
     @staticmethod
     def _join(a, b):
-        sa, la, ua = a
-        sb, lb, ub = b
+        sa, la, ua, ka = a
+        sb, lb, ub, kb = b
         if len(sa) != len(sb):
             raise RewriteError("inconsistent stack depths (%d vs %d)" % (len(sa), len(sb)))
         st = tuple(map(_join_slot, sa, sb)) if sa != sb else sa
         lc = tuple(map(max, la, lb)) if la != lb else la
         uc = tuple(map(max, ua, ub)) if ua != ub else ua
-        return (st, lc, uc)
+        kc = tuple(x if x == y else None for x, y in zip(ka, kb)) if ka != kb else ka
+        return (st, lc, uc, kc)
 
     # -- emission ----------------------------------------------------------------------
     def _force_code(self, forces, loc):

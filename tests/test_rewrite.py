@@ -1262,9 +1262,19 @@ def p_try_in_loop():
     return r
 
 
+def p_concat():
+    a = [sq(x) for x in range(3)]
+    b = [sq(x) for x in range(3, 5)]
+    c = a + b
+    c += [sq(5)]
+    c += (sq(6),)
+    t = (sq(7),) + (sq(8),)
+    return c, t
+
+
 def test_fanout_outstanding():
     for fn, n in ((p_fanout, 8), (p_fanout_loop, 8), (p_dict_fanout, 6), (p_chain_then_fan, 8),
-                  (p_try_region, 5), (p_while_in_try, 6), (p_for_in_try, 7)):
+                  (p_try_region, 5), (p_while_in_try, 6), (p_for_in_try, 7), (p_concat, 9)):
         rt = ReferenceRuntime()
         assert _same(rt.run(fn), fn())
         assert rt.submitted == n, fn
