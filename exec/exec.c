@@ -609,7 +609,8 @@ static exec_blob *blob_new(const char *data, size_t len, const exec_buf *bufs, u
     b->len = len;
     b->nbufs = nbufs;
     b->data_blk = EXEC_NO_BLOCK;
-    memcpy(b->bufs, bufs, nbufs * sizeof(exec_buf));
+    if (nbufs)
+        memcpy(b->bufs, bufs, nbufs * sizeof(exec_buf));
     if (in_arena && arena_alloc(a, len, &b->data_blk) == 0) {
         b->data = arena_ptr(a, b->data_blk);
         memcpy((char *)b->data, data, len);
@@ -700,7 +701,8 @@ size_t exec__wire_write(void *dst, const char *data, size_t len, const exec_buf 
         w->data_off = w->data_blk;
         memcpy(arena_ptr(exec__arena, w->data_blk), data, len);
     }
-    memcpy(w + 1, bufs, nbufs * sizeof(exec_buf));
+    if (nbufs)
+        memcpy(w + 1, bufs, nbufs * sizeof(exec_buf));
     return exec__wire_size(len, nbufs, inline_data);
 }
 
