@@ -3,6 +3,7 @@
 exception (type and message) and printed output. Also: parallelism structure, forcing cost,
 tracebacks, and rewrite time."""
 
+import io
 import json
 import math
 import struct
@@ -13,6 +14,7 @@ import types
 
 import numpy as np
 import pytest
+import re._parser as re_parser
 
 from pydron import _rewrite
 from pydron._reference import Pending, ReferenceRuntime
@@ -1503,7 +1505,86 @@ def _stdlib_work():
         lambda: tokenize.untokenize(list(tokenize.generate_tokens(
             io.StringIO("x = 1 + 2\n").readline))),
         lambda: os.path.join("a", "b", "/c", "d"),
+        _argparse_work, _json_py_decoder, _pickle_py, _configparser_work, _email_work,
+        lambda: repr(re_parser.parse(r"(?P<x>a|b)+\d{2,3}[^c-e]*?(?=z)(?:q|r)")),
+        _dataclass_enum_work, _html_parser_work,
     ]
+
+
+def _argparse_work():
+    import argparse
+    import contextlib
+    p = argparse.ArgumentParser(prog="x")
+    p.add_argument("--n", type=int, default=3)
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("go").add_argument("-v", action="count", default=0)
+    a = p.parse_args(["--n", "5", "go", "-v"])
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            p.parse_args(["--n", "zz"])
+        except SystemExit as e:
+            code = e.code
+    return vars(a), p.format_help(), code
+
+
+def _json_py_decoder():
+    import json.decoder
+    import json.scanner
+    d = json.decoder.JSONDecoder()
+    d.parse_string = json.decoder.py_scanstring
+    d.scan_once = json.scanner.py_make_scanner(d)
+    return d.decode('{"a": [1, 2.5, "x\\u00e9", {"b": null, "c": true}], "d": -3e2}')
+
+
+def _pickle_py():
+    import pickle
+    b = io.BytesIO()
+    pickle._Pickler(b, 2).dump({"a": [1, (2, 3)], "b": "x" * 3, "c": {4, 5}})
+    return pickle._loads(b.getvalue())
+
+
+def _configparser_work():
+    import configparser
+    c = configparser.ConfigParser()
+    c.read_string("[a]\nx = 1\ny = %(x)s2\n[b]\nz: 3\n")
+    return {sec: dict(c[sec]) for sec in c.sections()}
+
+
+def _email_work():
+    import email.parser
+    m = email.parser.Parser().parsestr("From: a@b\nTo: c@d\nSubject: hi\n\nbody\n")
+    return m["Subject"], m.get_payload()
+
+
+def _dataclass_enum_work():
+    import dataclasses
+    import enum
+
+    @dataclasses.dataclass(order=True)
+    class P:
+        x: int
+        y: list = dataclasses.field(default_factory=list)
+
+    class Color(enum.Enum):
+        RED = 1
+        GREEN = 2
+
+    return repr(sorted([P(2), P(1, [3])])), dataclasses.astuple(P(1, [2])), Color(2).name
+
+
+def _html_parser_work():
+    import html.parser
+    out = []
+
+    class Collect(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            out.append((tag, attrs))
+
+        def handle_data(self, data):
+            out.append(data)
+
+    Collect().feed("<p class='x'>hi<b>there</b></p>")
+    return out
 
 
 @pytest.mark.parametrize("index", range(len(_stdlib_work())))
