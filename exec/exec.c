@@ -1699,6 +1699,8 @@ static void atexit_shutdown(void) { shutdown_internal(0); }
 
 int exec_start(int nworkers)
 {
+    if (exec__in_worker_flag)
+        return 0;             /* a worker never runs a pool of its own: calls run plainly there */
     if (nworkers <= 0) {
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         nworkers = n > 0 ? (int)n : 1;

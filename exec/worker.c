@@ -228,6 +228,8 @@ static void wait_for_records(ring *in)
             return;
         __builtin_ia32_pause();
     }
+    /* Going to sleep: what tasks printed should not wait in a buffer for a SIGKILL. */
+    flush_std_streams();
     uint32_t seen = wake_prepare(&in->readable);
     if (!ring_empty(in)) {
         wake_cancel(&in->readable);

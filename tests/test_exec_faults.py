@@ -276,3 +276,24 @@ def test_dead_workers_arrays_are_released(tmp_path):
     (r,) = reports
     assert r["got"] == [1.0]
     assert r["after_death"] == r["base"] and r["after_cancel"] == r["base"]
+
+
+def test_worker_prints_reach_stdout(tmp_path):
+    """Output printed by tasks is flushed when the worker goes idle, not lost in its buffer when
+    the worker is killed at shutdown."""
+    script = tmp_path / "prints.py"
+    script.write_text(textwrap.dedent("""
+        from pydron import _core
+        def shout(i):
+            print(f"task says {i}")
+            return i
+        _core._exec_start(2)
+        assert _core._exec_map(shout, [(i,) for i in range(5)]) == list(range(5))
+        import time; time.sleep(0.3)
+        _core._exec_shutdown()
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    # Two workers share the pipe: lines may interleave, but every one is there.
+    assert all(out.stdout.count(f"task says {i}") == 1 for i in range(5)), out.stdout
