@@ -7,6 +7,7 @@ thread pool), whose results are `Pending` objects until forced.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import sys
 import threading
@@ -331,6 +332,15 @@ class ReferenceRuntime:
                 fn = fn.__func__
             if isinstance(fn, types.FunctionType) and _rewrite.is_rewritable(fn.__code__)[0]:
                 return self._rewritten(fn)(*args, **kwargs)
+        if fn is builtins.__build_class__ and args and isinstance(args[0], types.FunctionType):
+            # a class body (not rewritten) reads the scheduled code's cells as they are
+            for cell in args[0].__closure__ or ():
+                try:
+                    v = cell.cell_contents
+                except ValueError:
+                    continue
+                if type(v) in (Pending, list, tuple, dict):
+                    cell.cell_contents = self.force_deep(v)
         t = type(fn)
         if t is _BuiltinMethod:
             owner = fn.__self__

@@ -727,8 +727,9 @@ def c_class_closure(x):
 
     class A:
         z = y
+        w = y is None
 
-    return A.z + 1
+    return A.z + 1, A.w, A.z is None
 
 
 def c_return_in_with(x):
