@@ -3,6 +3,33 @@
 `rewrite(code, rt)` returns a copy of `code` in which every call site goes through `rt.call` /
 `rt.call_ex`, every consuming instruction first forces the operands that may be pending, and every
 user try/with region is awaited before it is left. The PyPI package `bytecode` does the assembly.
+
+Helpers, looked up once as attributes of `rt` and loaded with LOAD_CONST:
+  call(callable, args, kwnames)   every call site; the last len(kwnames) args are keyword values
+  call_ex(callable, args, kwargs) f(*args, **kwargs); args any iterable, kwargs a mapping or None
+  force(x), force_deep(x)         shallow / deep (exact lists, tuples, dicts, in place)
+  store_subscr(value, c, key)     c[key] = value
+  mark(), force_since(m), force_before(m)   try/with regions (see below)
+  enter_handler(exc, mark) -> exc  optional: at a user handler's entry, the exception it must
+                                  see (the region's first failure), later tasks cancelled
+  undo(current, saved) -> value   optional (needs enter_handler): a local assigned in the
+                                  aborted region gets `saved` back if `current` is (or directly
+                                  holds) a call plain Python never completed
+Region protocol: entering a user try/with region stores mark() in a hidden local (and saves the
+locals the region assigns); every normal exit (fall-through, jump, return) calls force_since;
+the handler's entry calls force_before(mark) for each enclosing region, outermost first, each in
+the exception context of its own try statement, then enter_handler and undo.
+
+Roles of code objects: "scheduled" (top level; its return value is not forced), "function"
+(lambdas and inner functions: the return value is forced deep), "generator" (each yielded value
+and the return value are forced deep), "comprehension" (3.11 list/set/dict comprehension bodies:
+the result is a move). Class bodies, their methods and async code are left as they are.
+
+Values are tracked by the analysis with a level: 0 no pending anywhere inside (until something
+that may run rewritten code, e.g. a call or a loop step, could move one into it), 1 not pending
+itself, 2 maybe pending. Only operands whose level requires it are forced; a forced local is
+written back, so it is forced once. Exact list/tuple types of locals are tracked for
+concatenation, which is a move.
 """
 
 from __future__ import annotations
