@@ -255,3 +255,5 @@ void arena_set_trim_threshold(arena *a, size_t trim_bytes)
     a->trim_pages = trim_bytes / ARENA_PAGE;
     arena_unlock(a);
 }
+
+void arena__lock_for_test(arena *a) { arena_lock(a); }

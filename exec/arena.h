@@ -38,5 +38,8 @@ typedef struct {
 } arena_stats;
 void arena_get_stats(arena *a, arena_stats *s);
 void arena_set_trim_threshold(arena *a, size_t trim_bytes);
+/* Tests only: take the allocator's lock and keep it (a process that then dies must not wedge
+ * the others: the lock is robust). */
+void arena__lock_for_test(arena *a);
 
 #endif

@@ -131,11 +131,29 @@ static void test_across_fork(void)
     CHECK(arena_decref(a, shared) == 1 && used(a) == 0);
 }
 
+/* A process dying while it holds the allocator's lock does not block the others. */
+static void test_owner_died(void)
+{
+    arena *a = new_arena(16 * ARENA_PAGE);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        arena__lock_for_test(a);
+        _exit(0);
+    }
+    int status;
+    CHECK(waitpid(pid, &status, 0) == pid);
+    uint64_t b;
+    CHECK(arena_alloc(a, 1, &b) == 0);
+    CHECK(arena_decref(a, b) == 1 && used(a) == 0);
+}
+
 int main(void)
 {
     test_alloc_free_coalesce();
     test_refcounts_and_trim();
     test_across_fork();
+    test_owner_died();
     printf("test_arena: ok\n");
     return 0;
 }
