@@ -1336,6 +1336,27 @@ def k_len_loop(n):
     return r
 
 
+@functional
+def slow(x):
+    time.sleep(0.2)
+    return x
+
+
+def p_slow_fanout(n):
+    return sum([slow(x) for x in range(n)])
+
+
+def test_tasks_really_overlap():
+    rt = ReferenceRuntime(threads=4)
+    try:
+        t0 = time.perf_counter()
+        assert rt.run(p_slow_fanout, 4) == 6
+        elapsed = time.perf_counter() - t0
+    finally:
+        rt.close()
+    assert elapsed < 0.6, elapsed  # 0.8 s one after the other
+
+
 def test_try_in_loop_waits_per_iteration():
     """A try region is awaited before it is left: one outstanding task at each exit."""
     rt = ReferenceRuntime()
