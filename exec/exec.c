@@ -10,6 +10,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <pthread.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <sys/syscall.h>
@@ -24,6 +25,12 @@
 exec_shared *exec__shared;
 arena *exec__arena;
 int exec__in_worker_flag;
+int exec__internal_fork;
+
+/* Bumped in every child process at fork: arena references held by objects the child inherited
+ * were counted once, for the parent's copies, so only objects made in this process (same
+ * generation) drop theirs. */
+static unsigned fork_generation;
 
 int exec_in_worker(void) { return exec__in_worker_flag; }
 
@@ -193,6 +200,7 @@ typedef struct {
     char *ptr;
     Py_ssize_t len;
     int held;                 /* index in the worker slot's held table, or -1 */
+    unsigned generation;      /* fork_generation when made */
 } ArenaBufferObject;
 
 int exec__worker_slot = -1;
@@ -225,7 +233,7 @@ static int arena_buffer_getbuffer(ArenaBufferObject *self, Py_buffer *view, int 
 
 static void arena_buffer_dealloc(ArenaBufferObject *self)
 {
-    if (self->arena) {
+    if (self->arena && self->generation == fork_generation) {
         held_unregister(self->held);
         arena_decref(self->arena, self->blk);
         atomic_fetch_sub(&live_arena_refs, 1);
@@ -264,6 +272,7 @@ PyObject *exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t 
     self->ptr = arena_ptr(a, off);
     self->len = (Py_ssize_t)len;
     self->held = held_register(blk);
+    self->generation = fork_generation;
     return (PyObject *)self;
 }
 
@@ -557,6 +566,7 @@ int exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx,
 
 struct exec_blob {
     _Atomic Py_ssize_t refcnt;
+    unsigned generation;   /* fork_generation when made (see ArenaBufferObject) */
     arena *arena;          /* set when the blob holds arena references */
     const char *data;      /* pickle bytes: inline after bufs, or inside arena block data_blk */
     size_t len;
@@ -574,7 +584,7 @@ void exec_blob_decref(exec_blob *b)
 {
     if (b == NULL || atomic_fetch_sub_explicit(&b->refcnt, 1, memory_order_acq_rel) != 1)
         return;
-    if (b->arena) {
+    if (b->arena && b->generation == fork_generation) {
         exec__bufs_release(b->arena, b->bufs, b->nbufs);
         if (b->data_blk != EXEC_NO_BLOCK)
             arena_decref(b->arena, b->data_blk);
@@ -606,6 +616,7 @@ static exec_blob *blob_new(const char *data, size_t len, const exec_buf *bufs, u
         return NULL;
     }
     atomic_init(&b->refcnt, 1);
+    b->generation = fork_generation;
     b->len = len;
     b->nbufs = nbufs;
     b->data_blk = EXEC_NO_BLOCK;
@@ -647,6 +658,7 @@ static exec_blob *blob_from_wire(const void *src, size_t *consumed)
         return NULL;
     }
     atomic_init(&b->refcnt, 1);
+    b->generation = fork_generation;
     b->len = w->len;
     b->nbufs = w->nbufs;
     b->data_blk = w->data_blk;
@@ -962,6 +974,7 @@ static struct {
     uint32_t seen_deaths;
     int rr;
     int polling;
+    int forgotten;                     /* a fork of user code dropped the parent's pool */
     PyObject *fn_ids;                  /* dict fn -> index into fns */
     fn_entry *fns;
     uint32_t nfns, fns_cap;
@@ -1697,6 +1710,25 @@ static size_t physical_memory(void)
 
 static void atexit_shutdown(void) { shutdown_internal(0); }
 
+/* In a child forked by user code (os.fork, multiprocessing), the pool is the parent's: forget it
+ * without touching it (no QUIT, no kill, no unmap), so the child's exit cannot stop it and its
+ * tasks cannot land in the parent's rings. The child may start a pool of its own. */
+static void atfork_child(void)
+{
+    fork_generation++;
+    if (exec__internal_fork || !M.running)
+        return;
+    if (M.fs_sock >= 0)
+        close(M.fs_sock);
+    M.running = 0;
+    M.forgotten = 1;               /* the Python-side tables are reset by the next exec_start */
+    M.q_head = M.q_tail = M.failed_head = M.failed_tail = NULL;
+    memset(M.slots, 0, sizeof(M.slots));
+    M.outstanding = 0;
+    exec__shared = NULL;
+    exec__arena = NULL;
+}
+
 int exec_start(int nworkers)
 {
     if (exec__in_worker_flag)
@@ -1714,6 +1746,12 @@ int exec_start(int nworkers)
     }
     if (master_codec == NULL && (master_codec = exec__codec_new()) == NULL)
         return -1;
+    if (M.forgotten) {             /* function blobs may point into the parent's arena */
+        M.nfns = 0;
+        if (M.fn_ids)
+            PyDict_Clear(M.fn_ids);
+        M.forgotten = 0;
+    }
     if (M.fn_ids == NULL && (M.fn_ids = PyDict_New()) == NULL)
         return -1;
 
@@ -2201,6 +2239,9 @@ int exec_module_init(PyObject *module)
     str_persistent_load = PyUnicode_InternFromString("persistent_load");
     str_load = PyUnicode_InternFromString("load");
     kw_buffers = str_buffers ? PyTuple_Pack(1, str_buffers) : NULL;
+    static int atfork_registered;
+    if (!atfork_registered && pthread_atfork(NULL, NULL, atfork_child) == 0)
+        atfork_registered = 1;
     pending_handles = PyDict_New();
     if (!pickle_loads || !pickle_dumps || !pickle_Unpickler || !pickle_Pickler || !io_BytesIO || !kw_buffers ||
         !str_persistent_load || !str_load || !pending_handles)

@@ -62,6 +62,9 @@ typedef struct {
 extern exec_shared *exec__shared;
 extern arena *exec__arena;
 extern int exec__in_worker_flag;
+/* Set by worker.c around its own fork() calls (fork server, workers), so that exec's at-fork
+ * handler tells them from a fork by user code (which must leave the pool alone). */
+extern int exec__internal_fork;
 
 static inline ring *exec__to_worker(int i)
 {

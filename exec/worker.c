@@ -57,7 +57,9 @@ pid_t exec__forkserver_start(int *sock)
     flush_std_streams();
     pid_t master = getpid();
     PyOS_BeforeFork();
+    exec__internal_fork = 1;
     pid_t pid = fork();
+    exec__internal_fork = 0;
     if (pid == 0) {
         PyOS_AfterFork_Child();
         close(sv[0]);
@@ -102,7 +104,9 @@ static void fs_spawn(int slot)
     if (slot < 0 || slot >= exec__shared->nslots || worker_pids[slot] > 0)
         return;
     PyOS_BeforeFork();
+    exec__internal_fork = 1;
     pid_t pid = fork();
+    exec__internal_fork = 0;
     if (pid == 0) {
         PyOS_AfterFork_Child();
         worker_main(slot);

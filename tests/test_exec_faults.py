@@ -297,3 +297,35 @@ def test_worker_prints_reach_stdout(tmp_path):
     assert out.returncode == 0, out.stderr
     # Two workers share the pipe: lines may interleave, but every one is there.
     assert all(out.stdout.count(f"task says {i}") == 1 for i in range(5)), out.stdout
+
+
+def test_user_fork_leaves_the_pool_alone(tmp_path):
+    """A child forked by user code (os.fork, multiprocessing) inherits arrays viewing the arena
+    and the pool's state; its exit must neither stop the parent's pool nor free the parent's
+    blocks, and it can start a pool of its own."""
+    rc, reports, err = run_scenario("""
+        def double(a):
+            return a * 2
+
+        _core._exec_start(2)
+        (r,) = _core._exec_map(double, [(np.ones(1 << 18),)])
+        used = _core._exec_info()["arena_used_pages"]
+        pid = os.fork()
+        if pid == 0:
+            ok = float(r.sum()) == 2.0 * (1 << 18)
+            del r                                   # must not free the parent's block
+            import gc; gc.collect()
+            child_was_running = _core._exec_info()["running"]
+            _core._exec_start(1)                    # a pool of its own
+            child_pool = _core._exec_map(abs, [(-5,)]) == [5] and not child_was_running
+            _core._exec_shutdown()
+            os._exit(0 if ok and child_pool else 1)
+        _, status = os.waitpid(pid, 0)
+        report(child_status=status, used_same=_core._exec_info()["arena_used_pages"] == used,
+               still_correct=float(r.sum()) == 2.0 * (1 << 18),
+               pool_works=_core._exec_map(double, [(3,)]) == [6], pids=descendants())
+        check_clean_after_shutdown()
+    """, tmp_path)
+    assert rc == 0, err
+    (r,) = reports
+    assert r == dict(r, child_status=0, used_same=True, still_correct=True, pool_works=True)
