@@ -49,11 +49,20 @@ UNDECORATED = """
         values = [inc(i) for i in range(n)]
         return sum(values), ",".join(str(v) for v in values[:5])
 
+    counter = 0
+
+    def bump():
+        global counter
+        counter += 1
+
     total = 0
     for i in range(4):
         total += i
-    print("result", main(int(sys.argv[1]) if len(sys.argv) > 1 else 10), total)
-    print("scaled", Scaler().scale(7), inc.__name__, __name__)
+        bump()
+    if __name__ == "__main__":
+        print("result", main(int(sys.argv[1]) if len(sys.argv) > 1 else 10), total)
+        print("scaled", Scaler().scale(7), inc.__name__, __name__, counter,
+              sorted(k for k in globals() if not k.startswith("__")))
 """
 
 
