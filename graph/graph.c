@@ -32,6 +32,7 @@ struct graph_task {
     PyObject *error;          /* exception instance when failed */
     Py_ssize_t seq;           /* position in this thread's submission order, -1 once gone */
     int reported;             /* its failure was raised once: range waits skip it */
+    int undone;               /* a handler was entered before plain Python finished this call */
 };
 
 PyTypeObject *graph_task_type;
@@ -478,6 +479,7 @@ task_new(PyObject *fn, int threads)
     t->error = NULL;
     t->seq = -1;
     t->reported = 0;
+    t->undone = 0;
     graph_live_tasks++;
     PyObject_GC_Track(t);
     return t;
@@ -940,6 +942,24 @@ graph_task_seq(graph_task *t)
     return t->seq;
 }
 
+int
+graph_task_undone(graph_task *t)
+{
+    return t->undone;
+}
+
+int
+graph_handler_guard(PyObject *exc, Py_ssize_t mark)
+{
+    Py_ssize_t k = raised_by(exc);
+    if (k >= 0 && k < mark) {
+        /* The failure of a task submitted before the region: it belongs to an outer try. */
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        return -1;
+    }
+    return graph_force_before(mark);
+}
+
 PyObject *
 graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp)
 {
@@ -974,8 +994,11 @@ graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp)
         Py_DECREF(t);
     }
     /* Plain Python never made the calls after the failing one: their failures never count. */
-    for (Py_ssize_t i = cut + 1; order && i < PyList_GET_SIZE(order); i++)
-        order_item(i)->reported = 1;
+    for (Py_ssize_t i = cut; order && i < PyList_GET_SIZE(order); i++) {
+        order_item(i)->undone = 1;
+        if (i > cut)
+            order_item(i)->reported = 1;
+    }
     *cutp = cut;
     return result;
 }

@@ -36,6 +36,11 @@ int graph_force_before(Py_ssize_t mark);    /* tasks before mark */
  * tasks plain Python never called (from *cut on); NULL + exception if exc belongs to an
  * earlier task. */
 PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cut);
+/* At a handler's entry, for an enclosing region entered at mark: re-raise exc if it is the
+ * failure of a task submitted before mark (it belongs to an outer try), else force_before. */
+int graph_handler_guard(PyObject *exc, Py_ssize_t mark);
+/* Whether a handler was entered before plain Python would have finished this call. */
+int graph_task_undone(graph_task *t);
 /* Position of a task in the submission order, -1 once its top-level call has ended. */
 Py_ssize_t graph_task_seq(graph_task *t);
 /* Index of the task whose failure exc is, or -1. */

@@ -385,6 +385,52 @@ helper_enter_handler(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return exc;
 }
 
+/* handler_guard(exc, mark) */
+static PyObject *
+helper_handler_guard(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "handler_guard(exc, mark)");
+        return NULL;
+    }
+    Py_ssize_t m = PyLong_AsSsize_t(argv[1]);
+    if (m == -1 && PyErr_Occurred())
+        return NULL;
+    return graph_handler_guard(argv[0], m) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static int
+is_undone(PyObject *v)
+{
+    return graph_is_task(v) && graph_task_undone((graph_task *)v);
+}
+
+/* undo(current, saved): a local assigned in an aborted try region gets its old value back if it
+ * holds (directly, or in a container built there) a call plain Python never completed. */
+static PyObject *
+helper_undo(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 2) {
+        PyErr_SetString(PyExc_TypeError, "undo(current, saved)");
+        return NULL;
+    }
+    PyObject *current = argv[0], *saved = argv[1];
+    int back = is_undone(current);
+    if (!back && current != saved) {
+        if (PyList_CheckExact(current) || PyTuple_CheckExact(current)) {
+            for (Py_ssize_t i = 0; !back && i < PySequence_Fast_GET_SIZE(current); i++)
+                back = is_undone(PySequence_Fast_GET_ITEM(current, i));
+        }
+        else if (PyDict_CheckExact(current)) {
+            PyObject *k, *v;
+            Py_ssize_t pos = 0;
+            while (!back && PyDict_Next(current, &pos, &k, &v))
+                back = is_undone(v);
+        }
+    }
+    return Py_NewRef(back ? saved : current);
+}
+
 static PyMethodDef dispatch_methods[] = {
     {"call", (PyCFunction)(void (*)(void))helper_call, METH_FASTCALL,
      "call(callable, args, kwnames=None): a call site of scheduled code."},
@@ -402,6 +448,10 @@ static PyMethodDef dispatch_methods[] = {
      "force_before(mark): wait for every task submitted before mark; raise the first failure."},
     {"enter_handler", (PyCFunction)(void (*)(void))helper_enter_handler, METH_FASTCALL,
      "enter_handler(exc, mark): the exception a handler entered at mark must see."},
+    {"handler_guard", (PyCFunction)(void (*)(void))helper_handler_guard, METH_FASTCALL,
+     "handler_guard(exc, mark): at a handler's entry, for an enclosing region."},
+    {"undo", (PyCFunction)(void (*)(void))helper_undo, METH_FASTCALL,
+     "undo(current, saved): a local's value after its try region was aborted."},
     {NULL},
 };
 
