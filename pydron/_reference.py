@@ -256,6 +256,14 @@ class ReferenceRuntime:
                 for k in [k for k, v in c.items() if undone(v)]:
                     del c[k]
 
+    def handler_guard(self, exc, mark):
+        """At a handler's entry, for each enclosing region (outermost first) in the context
+        of its try statement: a failure of a task submitted before `mark` belongs there."""
+        raised = self._raised.get(id(exc))
+        if raised is not None and raised[0] is exc and raised[1] < mark:
+            raise exc.with_traceback(self._tasks[raised[1]].tb)
+        self.force_before(mark)
+
     def enter_handler(self, exc, mark):
         """At the entry of the handler of a try/with region entered at `mark`, reached with
         `exc`: the region stopped at its first failure, so return the failure of the first

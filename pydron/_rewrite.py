@@ -12,6 +12,9 @@ Helpers, looked up once as attributes of `rt` and loaded with LOAD_CONST:
   mark(), force_since(m), force_before(m)   try/with regions (see below)
   enter_handler(exc, mark) -> exc  optional: at a user handler's entry, the exception it must
                                   see (the region's first failure), later tasks cancelled
+  handler_guard(exc, mark)        optional, used instead of force_before at handler entries:
+                                  re-raise exc if it is the failure of a task submitted before
+                                  mark (it belongs to an outer try), then force_before(mark)
   undo(current, saved) -> value   optional (needs enter_handler): a local assigned in the
                                   aborted region gets `saved` back if `current` is (or directly
                                   holds) a call plain Python never completed
@@ -346,6 +349,7 @@ class _Rewriter:
         self.code, self.rt, self.role = code, rt, role
         self.enter_handler = getattr(rt, "enter_handler", None)
         self.undo = getattr(rt, "undo", None)
+        self.handler_guard = getattr(rt, "handler_guard", None)
         self.restore = {}
 
     # -- decomposition ------------------------------------------------------------
@@ -901,8 +905,17 @@ class _Rewriter:
                                [Instr("LOAD_FAST", self.marks[region], location=loc)], loc)
 
     def _before_seq(self, region, loc):
-        return self._helper_on(self.rt.force_before,
-                               [Instr("LOAD_FAST", self.marks[region], location=loc)], loc)
+        if self.handler_guard is None:
+            return self._helper_on(self.rt.force_before,
+                                   [Instr("LOAD_FAST", self.marks[region], location=loc)], loc)
+        # handler_guard(exc, mark): [guard, exc, mark] -> guard(exc, mark), exc left below
+        out = [Instr("COPY", 1, location=loc), Instr("LOAD_CONST", self.handler_guard, location=loc),
+               Instr("SWAP", 2, location=loc),
+               Instr("LOAD_FAST", self.marks[region], location=loc)]
+        if HAS_PRECALL:
+            out.append(Instr("PRECALL", 1, location=loc))
+        out += [Instr("CALL", 1, location=loc), Instr("POP_TOP", location=loc)]
+        return out
 
     def _under_swaps(self, loc, deep):
         """[.., X, a, b, H] -> [.., H, X?, a, b] style: bring H under the 3 operands."""

@@ -1038,6 +1038,61 @@ def c_undone_in_loop(xs):
     return last, done
 
 
+def c_arg_cell(x, y=2):
+    def g():
+        return x + sq(y)
+
+    x = sq(x)
+    return g(), (lambda: y)()
+
+
+def c_three_levels(a, b, c):
+    out = []
+    p = fail(a)
+    try:
+        q = fail(b)
+        try:
+            r = fail(c)
+            try:
+                out.append(boom("deep"))
+            except KeyError as e:
+                out.append("k1 %s" % e)
+            out.append(r + 1)
+        except ValueError as e:
+            out.append("v2 %s" % e)
+        out.append(q + 1)
+    except ValueError as e:
+        out.append("v3 %s" % e)
+    out.append(p + 1)
+    return out
+
+
+def c_with_in_generator(xs):
+    rec = Recorder()
+
+    def gen():
+        for x in xs:
+            with rec:
+                yield sq(x)
+
+    return list(gen()), rec.log
+
+
+def c_finally_return_pending(x):
+    try:
+        return sq(x)
+    finally:
+        print("cleanup")
+
+
+def c_handler_uses_pending(x):
+    before = sq(x)
+    try:
+        boom()
+    except KeyError:
+        return before + 1
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -1125,6 +1180,12 @@ CASES = [
     (c_assignment_undone, (3,)), (c_assignment_undone, (2,)),
     (c_container_assignment_undone, (3,)), (c_container_assignment_undone, (2,)),
     (c_undone_in_loop, ([1, 2, 3],)), (c_undone_in_loop, ([3, 1, 3],)),
+    (c_arg_cell, (3,)),
+    (c_three_levels, (1, 2, 4)), (c_three_levels, (1, 2, 3)), (c_three_levels, (1, 3, 4)),
+    (c_three_levels, (3, 1, 2)), (c_three_levels, (1, 3, 3)),
+    (c_with_in_generator, ([1, 2],)),
+    (c_finally_return_pending, (3,)),
+    (c_handler_uses_pending, (3,)),
 ]
 
 
