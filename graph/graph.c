@@ -568,8 +568,19 @@ task_dispatch(graph_task *t)
             PyErr_NoMemory();
             goto failed;
         }
-        for (Py_ssize_t i = 0; i < n; i++)
-            deps[i] = ((graph_task *)PyTuple_GET_ITEM(t->deps, i))->blob;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            graph_task *d = (graph_task *)PyTuple_GET_ITEM(t->deps, i);
+            if (d->blob == NULL) {
+                /* A thread task's result is an object: encode it once for the workers. */
+                d->blob = exec_encode_value(d->value);
+                if (d->blob == NULL) {
+                    if (deps != small)
+                        PyMem_Free(deps);
+                    goto failed;
+                }
+            }
+            deps[i] = d->blob;
+        }
         exec_task et = {.task_id = t->id, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n};
         int rc = exec_submit(&et);
         if (deps != small)

@@ -769,9 +769,6 @@ MIXED_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(reason="graph/graph.c task_dispatch hands exec_submit a NULL blob for a "
-                          "dependency computed on the thread pool (its result is an object): "
-                          "the child segfaults", strict=False)
 def test_process_task_reading_a_thread_task_result():
     plain = run_python(MIXED_SCRIPT, env_extra={"PYDRON_DISABLE": "1"})
     assert plain.returncode == 0, plain.stdout + plain.stderr
