@@ -46,6 +46,7 @@ static void flush_std_streams(void)
 }
 
 static void forkserver_main(int sock, pid_t master) __attribute__((noreturn));
+static int fs_gc_was_enabled;
 
 pid_t exec__forkserver_start(int *sock)
 {
@@ -61,6 +62,9 @@ pid_t exec__forkserver_start(int *sock)
     pid_t pid = fork();
     exec__internal_fork = 0;
     if (pid == 0) {
+        /* No collection in the fork server: finalizers of the master's objects must not run
+         * there (workers get the collector back). */
+        fs_gc_was_enabled = PyGC_Disable();
         PyOS_AfterFork_Child();
         close(sv[0]);
         forkserver_main(sv[1], master);
@@ -103,15 +107,18 @@ static void fs_spawn(int slot)
 {
     if (slot < 0 || slot >= exec__shared->nslots || worker_pids[slot] > 0)
         return;
-    PyOS_BeforeFork();
+    /* No PyOS_BeforeFork/AfterFork_Parent here: the fork server is single-threaded and must run
+     * no Python code at all (at-fork hooks, or a garbage collection they would trigger, would run
+     * finalizers of objects copied from the master). The child re-initialises as os.fork does. */
     exec__internal_fork = 1;
     pid_t pid = fork();
     exec__internal_fork = 0;
     if (pid == 0) {
         PyOS_AfterFork_Child();
+        if (fs_gc_was_enabled)
+            PyGC_Enable();
         worker_main(slot);
     }
-    PyOS_AfterFork_Parent();
     if (pid < 0) {
         /* Report it as a death, so the master sees the slot failing instead of waiting. */
         exec_slot *s = &exec__shared->slots[slot];
