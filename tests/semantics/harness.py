@@ -1,8 +1,9 @@
 """Runs semantics cases plainly, under pydron, and through the pure-Python reference runtime, and
 compares what each run returned, raised and printed.
 
-`cd tests && python -m semantics.harness [--mode plain|pydron|reference ...] [-k SUBSTRING]` runs
-the corpus outside pytest (e.g. under another Python version) and exits 1 on any difference.
+`cd tests && python -m semantics.harness [--mode MODE ...] [-k SUBSTRING]` runs the corpus outside
+pytest, in this process (no crash or hang isolation: test_semantics.py has that), and exits 1 on
+any difference.
 """
 
 from __future__ import annotations
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             problems = check(c, mode, expected[c.name])
             failures += bool(problems)
             status = "ok" if not problems else "FAIL"
-            print(f"{status:4} {mode:9} {c.name}")
+            print(f"{status:4} {mode:17} {c.name}", flush=True)
             for p in problems:
                 print("      " + p.replace("\n", "\n      "))
     if pydron.is_enabled():
