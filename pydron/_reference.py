@@ -35,7 +35,7 @@ class Pending:
     """The result of a functional call that has not been forced yet."""
 
     __slots__ = ("seq", "fn", "args", "kwargs", "future", "state", "value", "exc", "tb",
-                 "reported", "undone")
+                 "reported", "undone", "prev")
 
     def __init__(self, seq, fn, args, kwargs):
         self.seq, self.fn, self.args, self.kwargs = seq, fn, args, kwargs
@@ -44,6 +44,7 @@ class Pending:
         self.value = self.exc = self.tb = None
         self.reported = False
         self.undone = False  # a call plain Python never completed (its region was aborted)
+        self.prev = None  # local name -> the value that local held before this was stored
 
     def __repr__(self):
         return "<pydron Pending #%d %s>" % (self.seq, getattr(self.fn, "__qualname__", self.fn))
@@ -81,7 +82,8 @@ class ReferenceRuntime:
         self._resolved_upto = 0  # every task before this index is resolved and reported
         self._functions = {}
         self._moved = []  # containers a pending was moved into by a helper
-        self._raised = {}  # id(exception) -> (exception, seq of the first task that raised it)
+        self._raised = {}
+        self._horizon = {}  # id(exception) -> (exception, submission count when first handled)  # id(exception) -> (exception, seq of the first task that raised it)
         #: number of outstanding tasks each time a pending is forced for the first time
         self.outstanding_at_force = []
         self.submitted = 0
@@ -239,11 +241,11 @@ class ReferenceRuntime:
         if not moved or moved[-1] is not container:
             moved.append(container)
 
-    def _undo_moves(self, cut):
+    def _undo_moves(self, cut, horizon):
         """Take back the pendings of tasks from `cut` on out of the containers they were moved
         into: plain Python never made those calls, so never stored their results."""
         def undone(v):
-            return type(v) is Pending and v.seq >= cut
+            return type(v) is Pending and cut <= v.seq < horizon
         seen = set()
         for c in self._moved:
             if id(c) in seen:
@@ -270,13 +272,17 @@ class ReferenceRuntime:
         task since `mark` that failed before `exc` was raised (or `exc`), and cancel the
         tasks submitted after that point (plain Python never ran them)."""
         tasks = self._tasks
-        cut = len(tasks)
+        # the calls made before the exception first reached a handler are the ones plain
+        # Python may not have made; handlers and finally blocks on its way made theirs
+        seen = self._horizon.get(id(exc))
+        horizon = seen[1] if seen is not None and seen[0] is exc else len(tasks)
+        cut = horizon
         raised = self._raised.get(id(exc))
         if raised is not None and raised[0] is exc:
             k = raised[1]
             if k < mark:  # failed before the region began: not this handler's business
                 raise exc.with_traceback(tasks[k].tb)
-            cut = k
+            cut = min(k, horizon)
         result = exc
         for k in range(max(mark, self._resolved_upto), cut):
             p = self._resolve(tasks[k])
@@ -286,19 +292,35 @@ class ReferenceRuntime:
                 result = p.exc.with_traceback(p.tb)
                 cut = k
                 break
-        for k in range(cut + 1, len(tasks)):
+        for k in range(cut + 1, horizon):
             tasks[k].reported = True  # cancelled: a failure of theirs is never raised
-        for k in range(cut, len(tasks)):
+        for k in range(cut, horizon):
             tasks[k].undone = True
-        self._undo_moves(cut)
+        self._undo_moves(cut, horizon)
+        self._horizon[id(exc)] = (exc, horizon)
+        self._horizon[id(result)] = (result, horizon)
         return result
 
-    def undo(self, current, saved):
-        """At a handler: a local assigned in the aborted region goes back to `saved` if it
-        holds (directly, or in a container built there) a call plain Python never completed."""
+    def log_store(self, new, old, name):
+        if type(new) is Pending:
+            if new.prev is None:
+                new.prev = {}
+            new.prev[name] = old
+        return new
+
+    def undo(self, current, saved, name):
+        """At a handler: a local assigned in the aborted region gets back the value it held
+        before the calls plain Python never completed (following log_store's record, else
+        `saved`, its value at the region's entry); a container built there that directly
+        holds such a call gives way to `saved` too."""
+        while type(current) is Pending and current.undone:
+            prev = current.prev
+            if prev is None or name not in prev:
+                return saved
+            current = prev[name]
         t = type(current)
         if t is Pending:
-            return saved if current.undone else current
+            return current
         if (t is list or t is tuple) and current is not saved:
             if any(type(v) is Pending and v.undone for v in current):
                 return saved
@@ -409,6 +431,10 @@ class ReferenceRuntime:
             return self.force_deep(result)
         finally:
             del self._moved[moved:]
+            # tasks left over by a run that raised are abandoned: never raised by a later run
+            for p in self._tasks[start:]:
+                p.reported = True
+            self._resolved_upto = max(self._resolved_upto, len(self._tasks))
 
     def close(self):
         if self._executor is not None:

@@ -15,9 +15,12 @@ Helpers, looked up once as attributes of `rt` and loaded with LOAD_CONST:
   handler_guard(exc, mark)        optional, used instead of force_before at handler entries:
                                   re-raise exc if it is the failure of a task submitted before
                                   mark (it belongs to an outer try), then force_before(mark)
-  undo(current, saved) -> value   optional (needs enter_handler): a local assigned in the
-                                  aborted region gets `saved` back if `current` is (or directly
-                                  holds) a call plain Python never completed
+  undo(current, saved, name)      optional (needs enter_handler): a local `name` assigned in
+                                  the aborted region gets back the value it held before the
+                                  first call plain Python never completed (`saved`: its value
+                                  when the region was entered, if nothing better is known)
+  log_store(new, old, name) -> new  optional (with undo): in a region, a store of a maybe
+                                  pending value into local `name` that held `old`
 Region protocol: entering a user try/with region stores mark() in a hidden local (and saves the
 locals the region assigns); every normal exit (fall-through, jump, return) calls force_since;
 the handler's entry calls force_before(mark) for each enclosing region, outermost first, each in
@@ -156,6 +159,7 @@ INTROSPECT_ATTRS = frozenset({"_getframe", "currentframe", "_getframemodulename"
 BINARY_ADD = 0
 BINARY_INPLACE_ADD = 13
 INTRINSIC_LIST_TO_TUPLE = 6
+_STORES = frozenset({"STORE_FAST", "STORE_FAST_LOAD_FAST", "STORE_FAST_STORE_FAST"})
 INTRINSIC_STOPITERATION_ERROR = 3
 INTRINSIC_UNARY_POSITIVE = 5
 
@@ -349,6 +353,9 @@ class _Rewriter:
         self.code, self.rt, self.role = code, rt, role
         self.enter_handler = getattr(rt, "enter_handler", None)
         self.undo = getattr(rt, "undo", None)
+        self.log_store = getattr(rt, "log_store", None)
+        self.restore_names = {}
+        self.logged = set()
         self.handler_guard = getattr(rt, "handler_guard", None)
         self.restore = {}
 
@@ -964,6 +971,53 @@ class _Rewriter:
                 continue
             self.restore[lab] = [(n, ".pydron_save%d_%s" % (k, n)) for n in sorted(stores[lab])
                                  if not st[2][self.vindex[n]]]
+            self.restore_names[lab] = {n for n, _ in self.restore[lab]}
+        if self.log_store is not None:
+            self.logged = set().union(*self.restore_names.values()) if self.restore_names else set()
+
+    def _logged_names(self, i):
+        """Locals stored by instruction i whose stores are logged: restorable in an enclosing
+        region, bound before the store, and the stored value may be pending."""
+        if not self.logged:
+            return ()
+        x = self.instrs[i]
+        names = x.arg if x.name == "STORE_FAST_STORE_FAST" else (
+            x.arg[:1] if x.name == "STORE_FAST_LOAD_FAST" else (x.arg,))
+        st = self.states[i]
+        if st is None:
+            return ()
+        out = []
+        for depth, n in enumerate(names, 1):
+            k = self.vindex.get(n) if type(n) is str else None
+            if (k is not None and n in self.logged and not st[2][k]
+                    and st[0][-depth][0] >= 2 and any(n in self.restore_names.get(r, ())
+                                                       for r in self._U(i))):
+                out.append(n)
+        return out
+
+    def _logged_store(self, i, x, loc):
+        """STORE_FAST x as x = log_store(value, x, "x"): the value x held before a pending is
+        remembered with it, for undo at a handler."""
+        logged = self._logged_names(i)
+        if x.name == "STORE_FAST":
+            stores, then = [x.arg], None
+        elif x.name == "STORE_FAST_LOAD_FAST":
+            stores, then = [x.arg[0]], x.arg[1]
+        else:
+            stores, then = list(x.arg), None
+        out = []
+        for n in stores:
+            if n in logged:
+                out += [Instr("LOAD_CONST", self.log_store, location=loc),
+                        Instr("SWAP", 2, location=loc), Instr("LOAD_FAST", n, location=loc),
+                        Instr("LOAD_CONST", n, location=loc)]
+                if HAS_PRECALL:
+                    out.append(Instr("PRECALL", 2, location=loc))
+                out.append(Instr("CALL", 2, location=loc))
+            out.append(Instr("STORE_FAST", n, location=loc))
+        if then is not None:
+            out.append(Instr("LOAD_FAST", then, location=loc))
+        return out
 
     def _emit(self):
         self._plan_restores()
@@ -1015,10 +1069,11 @@ class _Rewriter:
                     for var, save in self.restore.get(region, ()):
                         seq += [Instr("LOAD_CONST", self.undo, location=loc),
                                 Instr("LOAD_FAST", var, location=loc),
-                                Instr("LOAD_FAST", save, location=loc)]
+                                Instr("LOAD_FAST", save, location=loc),
+                                Instr("LOAD_CONST", var, location=loc)]
                         if HAS_PRECALL:
-                            seq.append(Instr("PRECALL", 1, location=loc))
-                        seq += [Instr("CALL", 1, location=loc), Instr("STORE_FAST", var, location=loc)]
+                            seq.append(Instr("PRECALL", 2, location=loc))
+                        seq += [Instr("CALL", 2, location=loc), Instr("STORE_FAST", var, location=loc)]
                     for y in seq:
                         items.append((y, ctx))
             plan = self.plans[i]
@@ -1078,6 +1133,8 @@ class _Rewriter:
             elif action == "direct" and plan.extra:
                 out.append(x)
                 out += self._apply_seq(strip_hidden, loc)
+            elif name in _STORES and self._logged_names(i):
+                out += self._logged_store(i, x, loc)
             elif x.has_jump():
                 tgt = self.label_pos[x.arg]
                 code = self._edge_code(i, tgt) if tgt < n else []
