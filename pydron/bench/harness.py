@@ -297,7 +297,7 @@ def table_rows(results, notes=None):
             reason = r.get("error") or ""
             status = (r["status"].upper() if r["status"] in ("wrong", "failed")
                       else r["status"])
-            if notes is not None and reason and r["status"] != "skipped":
+            if notes is not None and reason:
                 if reason not in notes:
                     notes.append(reason)
                 status, reason = f"{status} [{notes.index(reason) + 1}]", ""
