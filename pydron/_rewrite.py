@@ -1038,8 +1038,12 @@ class _Rewriter:
                 if ins[i].name == "CALL_KW":
                     drop.add(i - 1)
         handler_starts = {}
+        cleanup_region = {}  # label of a user handler's cleanup handler -> the region
         for lab in self.marks:
             handler_starts[self.label_pos[lab]] = lab
+            ce = self.entries[self.label_pos[lab]]
+            if ce is not None:
+                cleanup_region[ce.label] = lab
         moved = set()
         after_exit = {}  # index of a loop's END_FOR (3.13: its POP_TOP) -> (exit code, entry)
         first_resume = next((k for k, x in enumerate(ins) if x.name == "RESUME"), None)
@@ -1101,6 +1105,10 @@ class _Rewriter:
             U = self._U(i)
             if name in ("RETURN_VALUE", "RETURN_CONST") and U:
                 out += self._since_seq(U[-1], loc)
+            if name == "RERAISE" and e is not None and e.label in cleanup_region:
+                # leaving a handler or finally block with the exception in flight: a call
+                # that failed in the block replaces it, as it would have in plain Python
+                out += self._since_seq(cleanup_region[e.label], loc)
             if action == "call":
                 argc, kwnames, _ = plan.extra
                 out += [Instr("BUILD_TUPLE", argc, location=loc),
