@@ -264,3 +264,35 @@ def test_console_script(tmp_path):
     assert "CPython" in out.stdout
     out = run(CONSOLE, "bench", "--workloads", "nope", cwd=tmp_path)
     one_line_error(out, "nope")
+
+
+# --- configuration resolution, in process ------------------------------------------------
+
+def test_config_precedence_and_file_search(tmp_path):
+    from pydron import config
+    script_dir, cwd = tmp_path / "scripts", tmp_path / "cwd"
+    script_dir.mkdir()
+    cwd.mkdir()
+    (script_dir / "pyproject.toml").write_text('[project]\nname = "x"\n')   # no [tool.pydron]
+    (cwd / "pydron.toml").write_text('workers = 4\ndisable = true\nschedule = ["m.main"]\n')
+    cfg = config.resolve({}, search_dirs=[script_dir, cwd], environ={})
+    assert cfg.file == cwd / "pydron.toml"
+    assert (cfg.workers, cfg.disable, cfg.schedule) == (4, True, ["m.main"])
+    assert cfg.source("progress") == "default"
+    cfg = config.resolve({"workers": "3"}, search_dirs=[script_dir, cwd],
+                         environ={"PYDRON_WORKERS": "2", "PYDRON_DISABLE": "0"})
+    assert (cfg.workers, cfg.source("workers")) == (3, "command line --workers")
+    assert (cfg.disable, cfg.source("disable")) == (False, "environment PYDRON_DISABLE")
+    (script_dir / "pyproject.toml").write_text('[tool.pydron]\nfunctional = ["f"]\n')
+    cfg = config.resolve({}, search_dirs=[script_dir, cwd], environ={})
+    assert cfg.functional == ["f"] and cfg.workers == config.default_workers()
+    for bad in ({"PYDRON_PROGRESS": "maybe"}, {"PYDRON_WORKERS": "1.5"},
+                {"PYDRON_BACKEND": "mars"}):
+        with pytest.raises(config.ConfigError) as err:
+            config.resolve({}, search_dirs=[cwd], environ=bad)
+        assert "\n" not in str(err.value) and next(iter(bad)) in str(err.value)
+    (cwd / "pydron.toml").write_text('functional = "f, g"\n')
+    assert config.resolve({}, search_dirs=[cwd], environ={}).functional == ["f", "g"]
+    (cwd / "pydron.toml").write_text('functional = [1, 2]\n')
+    with pytest.raises(config.ConfigError, match="functional"):
+        config.resolve({}, search_dirs=[cwd], environ={})
