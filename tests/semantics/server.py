@@ -116,6 +116,8 @@ class CaseServer:
         self.timeout = timeout
         self.enable = enable
         self.proc = None
+        self.answered = False        # has the current server answered anything yet?
+        self.broken = None           # why a server could not even start (then: fail fast)
 
     def _start(self) -> None:
         to_server_r, self._to_server = os.pipe()
@@ -146,8 +148,11 @@ class CaseServer:
         self.proc = None
 
     def request(self, kind: str, arg, timeout: float | None = None):
+        if self.broken:
+            raise ServerCrashed(f"the case server cannot start (first attempt):\n{self.broken}")
         if self.proc is None:
             self._start()
+            self.answered = False
         startup = 60.0                    # the first request also waits for the plain outcomes
         deadline = time.monotonic() + (timeout or self.timeout) + startup
         try:
@@ -167,7 +172,10 @@ class CaseServer:
             tail = self._stderr_tail()
             self._discard()
             how = f"signal {-code}" if code < 0 else f"exit status {code}"
+            if not self.answered and code > 0:
+                self.broken = tail          # e.g. the C core does not import: same every time
             raise ServerCrashed(f"the process running the case died ({how}); stderr:\n{tail}")
+        self.answered = True
         status, value = reply
         if status == "error":
             raise ServerCrashed(f"the case server raised:\n{value}")
