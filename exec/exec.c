@@ -1787,6 +1787,9 @@ int exec_start(int nworkers)
         munmap(ctl, ctl_size);
         return -1;
     }
+    /* A crashing worker must not dump tens of GiB of shared memory into a core file. */
+    madvise(ctl, ctl_size, MADV_DONTDUMP);
+    madvise(mem, want, MADV_DONTDUMP);
     exec__shared = sh;
     exec__arena = arena_create(mem, want);
     M.ctl = ctl;
