@@ -104,7 +104,7 @@ def main() -> int:
     harness.summarise(results)
     fig = {(r["workload"], r["system"]): r for r in results}
 
-    from pydron.bench.workloads import WORKLOADS as W
+    from pydron.bench.catalog import WORKLOADS as W
     params = {w: (W[w].quick if args.quick else W[w].params) for w in WORKLOADS}
     n_tiny = params["tiny"]["n"]
     big = f"{params['numpy-large']['count']}x{params['numpy-large']['mb']}MB"

@@ -12,7 +12,7 @@ import pytest
 
 from pydron.bench import harness
 from pydron.bench.peers import SYSTEMS
-from pydron.bench.workloads import WORKLOADS
+from pydron.bench.catalog import WORKLOADS
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent

@@ -92,11 +92,11 @@ def _runner(system, workers, timeline):
             if hasattr(pydron, "is_enabled") and not pydron.is_enabled():
                 raise RuntimeError("pydron.enable() did not enable pydron "
                                    "(PYDRON_DISABLE set?)")
-            return (lambda w, args: w.program(*args)), pydron.disable
-        return (lambda w, args: w.program(*args)), (lambda: None)
+            return (lambda w, args: w.functions()[0](*args)), pydron.disable
+        return (lambda w, args: w.functions()[0](*args)), (lambda: None)
     from .peers import start_peer
     peer = start_peer(system, workers)
-    return (lambda w, args: w.peer(peer, *args)), peer.close
+    return (lambda w, args: w.functions()[1](peer, *args)), peer.close
 
 
 def _error_text(exc: BaseException) -> str:
@@ -107,7 +107,7 @@ def _error_text(exc: BaseException) -> str:
 
 
 def run(spec: dict, emit) -> None:
-    from .workloads import WORKLOADS
+    from .catalog import WORKLOADS
     system, workers, repeat = spec["system"], spec["workers"], spec["repeat"]
     t0 = time.perf_counter()
     try:
@@ -116,8 +116,15 @@ def run(spec: dict, emit) -> None:
         emit({"event": "system", "system": system, "status": "failed",
               "error": _error_text(exc)})
         return
-    emit({"event": "system", "system": system, "status": "ok",
-          "startup_s": time.perf_counter() - t0})
+    record = {"event": "system", "system": system, "status": "ok",
+              "startup_s": time.perf_counter() - t0}
+    if system == "pydron":
+        try:
+            from pydron import _core
+            record["versions"] = {str(k): str(v) for k, v in _core.versions().items()}
+        except Exception:
+            pass
+    emit(record)
     budget = spec.get("budget_s")
     try:
         for name in spec["workloads"]:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .peers import PEERS, SYSTEMS, availability
-from .workloads import WORKLOADS
+from .catalog import WORKLOADS
 
 SCHEMA = "pydron-bench/1"
 
@@ -141,12 +141,7 @@ def machine() -> dict:
             versions[mod] = version(mod)
         except Exception:
             pass
-    try:
-        from pydron import _core
-        versions.update({f"pydron-core {k}": str(v) for k, v in _core.versions().items()})
-    except Exception:
-        pass
-    info["versions"] = versions
+    info["versions"] = versions        # the pydron child adds the core's own
     return info
 
 
@@ -389,6 +384,10 @@ def main(argv=None) -> int:
         print(f" {sysrec['wall_s']:.1f} s" + ("" if sysrec["status"] == "ok"
                                               else f" ({sysrec.get('error')})"),
               file=sys.stderr)
+    machine_info = machine()
+    for s in systems:
+        for k, v in (s.get("versions") or {}).items():
+            machine_info["versions"][f"pydron core: {k}"] = v
     order = {n: i for i, n in enumerate(ns.workloads)}
     def sort_key(r):
         n = r.get("params", {}).get("n") if WORKLOADS[r["workload"]].sizes else 0
@@ -400,7 +399,7 @@ def main(argv=None) -> int:
     doc = {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
            "command": ["pydron", "bench"] + list(sys.argv[1:] if argv is None else argv),
            "quick": ns.quick, "repeat": ns.repeat, "workers": ns.workers,
-           "machine": machine(),
+           "machine": machine_info,
            "workloads": {n: {"description": WORKLOADS[n].description,
                              "params": WORKLOADS[n].quick if ns.quick
                              else WORKLOADS[n].params}
