@@ -33,6 +33,7 @@ struct graph_task {
     Py_ssize_t seq;           /* position in this thread's submission order, -1 once gone */
     int reported;             /* its failure was raised once: range waits skip it */
     int undone;               /* a handler was entered before plain Python finished this call */
+    PyObject *prev;           /* {local name: value it held before this result was stored} */
 };
 
 PyTypeObject *graph_task_type;
@@ -143,6 +144,7 @@ task_traverse(graph_task *t, visitproc visit, void *arg)
     Py_VISIT(t->dependents);
     Py_VISIT(t->value);
     Py_VISIT(t->error);
+    Py_VISIT(t->prev);
     return 0;
 }
 
@@ -155,6 +157,7 @@ task_clear(graph_task *t)
     Py_CLEAR(t->dependents);
     Py_CLEAR(t->value);
     Py_CLEAR(t->error);
+    Py_CLEAR(t->prev);
     return 0;
 }
 
@@ -480,6 +483,7 @@ task_new(PyObject *fn, int threads)
     t->seq = -1;
     t->reported = 0;
     t->undone = 0;
+    t->prev = NULL;
     graph_live_tasks++;
     PyObject_GC_Track(t);
     return t;
@@ -960,6 +964,20 @@ graph_task_undone(graph_task *t)
 }
 
 int
+graph_task_log_store(graph_task *t, PyObject *name, PyObject *old)
+{
+    if (t->prev == NULL && (t->prev = PyDict_New()) == NULL)
+        return -1;
+    return PyDict_SetItem(t->prev, name, old);
+}
+
+PyObject *
+graph_task_prev(graph_task *t, PyObject *name)
+{
+    return t->prev ? PyDict_GetItem(t->prev, name) : NULL;
+}
+
+int
 graph_handler_guard(PyObject *exc, Py_ssize_t mark)
 {
     Py_ssize_t k = raised_by(exc);
@@ -971,17 +989,40 @@ graph_handler_guard(PyObject *exc, Py_ssize_t mark)
     return graph_force_before(mark);
 }
 
-PyObject *
-graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp)
+/* {exception: submission index}: how far the order reached when exc first met a handler. */
+static _Thread_local PyObject *horizons;
+
+static void
+set_horizon(PyObject *exc, Py_ssize_t horizon)
 {
-    Py_ssize_t cut = graph_mark(), k = raised_by(exc);
+    if (horizons == NULL && (horizons = PyDict_New()) == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    PyObject *h = PyLong_FromSsize_t(horizon);
+    if (h == NULL || PyDict_SetItem(horizons, exc, h) < 0)
+        PyErr_Clear();
+    Py_XDECREF(h);
+}
+
+PyObject *
+graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp, Py_ssize_t *horizonp)
+{
+    /* The calls made before the exception first reached a handler are the ones plain Python
+     * may not have made; handlers and finally blocks on its way made theirs. */
+    Py_ssize_t horizon = graph_mark();
+    PyObject *seen = horizons ? PyDict_GetItem(horizons, exc) : NULL;
+    if (seen)
+        horizon = PyLong_AsSsize_t(seen);
+    Py_ssize_t cut = horizon, k = raised_by(exc);
     if (k >= 0) {
         if (k < mark) {
             /* Failed before the region began: not this handler's business. */
             PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
             return NULL;
         }
-        cut = k;
+        if (k < cut)
+            cut = k;
     }
     PyObject *result = Py_NewRef(exc);
     Py_ssize_t from = mark > resolved_upto ? mark : resolved_upto;
@@ -1004,13 +1045,16 @@ graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp)
         }
         Py_DECREF(t);
     }
-    /* Plain Python never made the calls after the failing one: their failures never count. */
-    for (Py_ssize_t i = cut; order && i < PyList_GET_SIZE(order); i++) {
+    /* Plain Python never completed the calls from cut on: their failures never count. */
+    for (Py_ssize_t i = cut; order && i < horizon && i < PyList_GET_SIZE(order); i++) {
         order_item(i)->undone = 1;
         if (i > cut)
             order_item(i)->reported = 1;
     }
+    set_horizon(exc, horizon);
+    set_horizon(result, horizon);
     *cutp = cut;
+    *horizonp = horizon;
     return result;
 }
 
@@ -1030,6 +1074,8 @@ graph_order_truncate(Py_ssize_t mark)
 forget_raised:
     if (mark == 0 && raised != NULL)
         PyDict_Clear(raised);
+    if (mark == 0 && horizons != NULL)
+        PyDict_Clear(horizons);
 }
 
 Py_ssize_t

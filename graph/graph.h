@@ -33,14 +33,19 @@ int graph_force_since(Py_ssize_t mark);     /* tasks from mark on; an earlier fa
 int graph_force_before(Py_ssize_t mark);    /* tasks before mark */
 /* At the entry of the handler of a try/with region entered at mark, reached with exc: the
  * exception the handler must see (the region's first failure, new reference), cancelling the
- * tasks plain Python never called (from *cut on); NULL + exception if exc belongs to an
- * earlier task. */
-PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cut);
+ * tasks plain Python never completed (*cut <= index < *horizon); NULL + exception if exc
+ * belongs to an earlier task. */
+PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cut,
+                              Py_ssize_t *horizon);
 /* At a handler's entry, for an enclosing region entered at mark: re-raise exc if it is the
  * failure of a task submitted before mark (it belongs to an outer try), else force_before. */
 int graph_handler_guard(PyObject *exc, Py_ssize_t mark);
 /* Whether a handler was entered before plain Python would have finished this call. */
 int graph_task_undone(graph_task *t);
+/* Local `name` held `old` before this task's result was stored into it (for undo). 0 or -1. */
+int graph_task_log_store(graph_task *t, PyObject *name, PyObject *old);
+/* What log_store recorded for name (borrowed), or NULL. */
+PyObject *graph_task_prev(graph_task *t, PyObject *name);
 /* Position of a task in the submission order, -1 once its top-level call has ended. */
 Py_ssize_t graph_task_seq(graph_task *t);
 /* Index of the task whose failure exc is, or -1. */

@@ -378,9 +378,9 @@ helper_enter_handler(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     Py_ssize_t m = PyLong_AsSsize_t(argv[1]);
     if (m == -1 && PyErr_Occurred())
         return NULL;
-    Py_ssize_t cut;
-    PyObject *exc = graph_enter_handler(argv[0], m, &cut);
-    if (exc != NULL && trace_undo_moves(cut) < 0)
+    Py_ssize_t cut, horizon;
+    PyObject *exc = graph_enter_handler(argv[0], m, &cut, &horizon);
+    if (exc != NULL && trace_undo_moves(cut, horizon) < 0)
         Py_CLEAR(exc);
     return exc;
 }
@@ -405,18 +405,40 @@ is_undone(PyObject *v)
     return graph_is_task(v) && graph_task_undone((graph_task *)v);
 }
 
-/* undo(current, saved): a local assigned in an aborted try region gets its old value back if it
- * holds (directly, or in a container built there) a call plain Python never completed. */
+/* log_store(new, old, name) -> new: in a try region, local `name` held `old` before a maybe
+ * pending value was stored into it. */
+static PyObject *
+helper_log_store(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 3) {
+        PyErr_SetString(PyExc_TypeError, "log_store(new, old, name)");
+        return NULL;
+    }
+    if (graph_is_task(argv[0]) && graph_task_log_store((graph_task *)argv[0], argv[2], argv[1]) < 0)
+        return NULL;
+    return Py_NewRef(argv[0]);
+}
+
+/* undo(current, saved, name): at a handler, local `name` assigned in the aborted region gets
+ * back the value it held before the calls plain Python never completed (following log_store's
+ * record, else saved, its value at the region's entry); a container built there that directly
+ * holds such a call gives way to saved too. */
 static PyObject *
 helper_undo(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
 {
-    if (argc != 2) {
-        PyErr_SetString(PyExc_TypeError, "undo(current, saved)");
+    if (argc != 3) {
+        PyErr_SetString(PyExc_TypeError, "undo(current, saved, name)");
         return NULL;
     }
-    PyObject *current = argv[0], *saved = argv[1];
-    int back = is_undone(current);
-    if (!back && current != saved) {
+    PyObject *current = argv[0], *saved = argv[1], *name = argv[2];
+    while (is_undone(current)) {
+        PyObject *prev = graph_task_prev((graph_task *)current, name);
+        if (prev == NULL)
+            return Py_NewRef(saved);
+        current = prev;
+    }
+    int back = 0;
+    if (!graph_is_task(current) && current != saved) {
         if (PyList_CheckExact(current) || PyTuple_CheckExact(current)) {
             for (Py_ssize_t i = 0; !back && i < PySequence_Fast_GET_SIZE(current); i++)
                 back = is_undone(PySequence_Fast_GET_ITEM(current, i));
@@ -451,7 +473,9 @@ static PyMethodDef dispatch_methods[] = {
     {"handler_guard", (PyCFunction)(void (*)(void))helper_handler_guard, METH_FASTCALL,
      "handler_guard(exc, mark): at a handler's entry, for an enclosing region."},
     {"undo", (PyCFunction)(void (*)(void))helper_undo, METH_FASTCALL,
-     "undo(current, saved): a local's value after its try region was aborted."},
+     "undo(current, saved, name): a local's value after its try region was aborted."},
+    {"log_store", (PyCFunction)(void (*)(void))helper_log_store, METH_FASTCALL,
+     "log_store(new, old, name): record a local's value before a pending was stored in it."},
     {NULL},
 };
 

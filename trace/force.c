@@ -141,13 +141,16 @@ trace_note_move(PyObject *container)
 }
 
 static int
-is_undone(PyObject *v, Py_ssize_t cut)
+is_undone(PyObject *v, Py_ssize_t cut, Py_ssize_t horizon)
 {
-    return graph_is_task(v) && graph_task_seq((graph_task *)v) >= cut;
+    if (!graph_is_task(v))
+        return 0;
+    Py_ssize_t seq = graph_task_seq((graph_task *)v);
+    return cut <= seq && seq < horizon;
 }
 
 int
-trace_undo_moves(Py_ssize_t cut)
+trace_undo_moves(Py_ssize_t cut, Py_ssize_t horizon)
 {
     if (moved_into == NULL)
         return 0;
@@ -155,7 +158,7 @@ trace_undo_moves(Py_ssize_t cut)
         PyObject *c = PyList_GET_ITEM(moved_into, i);
         if (PyList_CheckExact(c)) {
             for (Py_ssize_t j = PyList_GET_SIZE(c) - 1; j >= 0; j--)
-                if (is_undone(PyList_GET_ITEM(c, j), cut) &&
+                if (is_undone(PyList_GET_ITEM(c, j), cut, horizon) &&
                     PyList_SetSlice(c, j, j + 1, NULL) < 0)
                     return -1;
         }
@@ -165,7 +168,7 @@ trace_undo_moves(Py_ssize_t cut)
             if (doomed == NULL)
                 return -1;
             while (PyDict_Next(c, &pos, &k, &v))
-                if (is_undone(v, cut) && PyList_Append(doomed, k) < 0) {
+                if (is_undone(v, cut, horizon) && PyList_Append(doomed, k) < 0) {
                     Py_DECREF(doomed);
                     return -1;
                 }

@@ -195,6 +195,35 @@ trace_hook_installed(void)
 
 PyTypeObject *trace_function_twin;
 
+/* The interpreter's own vectorcall of Python functions (not exported by 3.13): read once from a
+ * function object nobody has touched. */
+static vectorcallfunc function_vectorcall;
+
+int
+trace_hook_init(void)
+{
+    PyObject *builtins = PyEval_GetBuiltins();
+    PyObject *globals = PyDict_New();
+    if (globals == NULL)
+        return -1;
+    if (PyDict_SetItemString(globals, "__builtins__", builtins) < 0) {
+        Py_DECREF(globals);
+        return -1;
+    }
+    PyObject *r = PyRun_String("def probe(): pass", Py_file_input, globals, globals);
+    PyObject *probe = r ? PyDict_GetItemString(globals, "probe") : NULL;
+    if (probe != NULL)
+        function_vectorcall = ((PyFunctionObject *)probe)->vectorcall;
+    Py_XDECREF(r);
+    Py_DECREF(globals);
+    if (function_vectorcall == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "pydron: no vectorcall on Python functions");
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- vectorcall interception ------------------------------------------------------------- */
 
 /* Run a scheduled function called from plain code as a trace session. */
@@ -205,12 +234,12 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
     trace_codeinfo *info = trace_codeinfo_get(code);
     if (!trace_enabled || info == NULL || info->kind != TRACE_SCHEDULED || info->refused ||
         exec_in_worker())
-        return _PyFunction_Vectorcall(func, args, nargsf, kwnames);
+        return function_vectorcall(func, args, nargsf, kwnames);
     PyObject *rewritten = trace_rewritten(code, info);
     if (rewritten == NULL) {
         if (PyErr_Occurred())
             return NULL;
-        return _PyFunction_Vectorcall(func, args, nargsf, kwnames);
+        return function_vectorcall(func, args, nargsf, kwnames);
     }
     trace_session session;
     trace_session_begin(&session);
@@ -278,7 +307,7 @@ trace_intercept(PyObject *func, int on)
     }
     PyFunctionObject *f = (PyFunctionObject *)func;
 #if PY_VERSION_HEX >= 0x030C0000
-    PyFunction_SetVectorcall(f, on ? scheduled_vectorcall : _PyFunction_Vectorcall);
+    PyFunction_SetVectorcall(f, on ? scheduled_vectorcall : function_vectorcall);
 #else
     if (function_reducer == NULL &&
         (function_reducer = PyCFunction_New(&reduce_def, NULL)) == NULL)
@@ -286,7 +315,7 @@ trace_intercept(PyObject *func, int on)
     if (twin_type_ready() < 0)
         return -1;
     Py_SET_TYPE(func, on ? &scheduled_function_type : &PyFunction_Type);
-    f->vectorcall = on ? scheduled_vectorcall : _PyFunction_Vectorcall;
+    f->vectorcall = on ? scheduled_vectorcall : function_vectorcall;
     f->func_version = 0;   /* no CALL specialization was made for the old entry */
 #endif
     return 0;

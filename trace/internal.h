@@ -60,7 +60,7 @@ PyObject *trace_session_end(trace_session *s, PyObject *result);
 int trace_note_move(PyObject *container);
 /* A try region's handler was entered: calls from submission index cut on never happened in
  * plain Python, so their pending values are taken back out of the containers they moved into. */
-int trace_undo_moves(Py_ssize_t cut);
+int trace_undo_moves(Py_ssize_t cut, Py_ssize_t horizon);
 
 /* dispatch.c: run a scheduled function's rewritten code nested in the current trace. */
 PyObject *trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,
@@ -68,6 +68,7 @@ PyObject *trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *
 int trace_dispatch_init(PyObject *module);
 
 /* hook.c */
+int trace_hook_init(void);
 int trace_hook_install(void);
 void trace_hook_remove(void);
 int trace_hook_installed(void);

@@ -229,7 +229,7 @@ PyInit__core(void)
     if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
-    if (graph_module_init(m) < 0 || trace_dispatch_init(m) < 0 || exec_module_init(m) < 0 ||
+    if (graph_module_init(m) < 0 || trace_dispatch_init(m) < 0 || trace_hook_init() < 0 || exec_module_init(m) < 0 ||
         jit_module_init(m) < 0)
         goto error;
     return m;
