@@ -1699,6 +1699,14 @@ def f_key(a):
     return (a * 3) % 50
 
 
+class Suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, ev, tb):
+        return et is KeyError
+
+
 class _ProgramGen:
     """Random scheduled functions. Inside try bodies only calls are assigned or appended (so
     that plain Python and pydron agree exactly; other statements after a failing call may run
@@ -1735,11 +1743,19 @@ class _ProgramGen:
                 self.emit(depth, "out.append(%s)" % self.call())
             elif r < 0.65 and depth < 5:
                 self.try_stmt(depth, budget, in_try)
-            elif r < 0.75 and depth < 5:
+            elif r < 0.72 and depth < 5:
                 self.emit(depth, "for i in range(%d):" % self.rng.randint(1, 3))
                 self.emit(depth + 1, "%s = f_add(%s, i)" % (self.var(), self.arg()))
                 if self.rng.random() < 0.5:
                     self.emit(depth + 1, "out.append(f_key(i))")
+                if self.rng.random() < 0.3:
+                    self.emit(depth + 1, self.rng.choice(["break", "continue"]))
+            elif r < 0.77 and depth < 5:
+                self.emit(depth, "with Suppress():")
+                self.block(depth + 1, True, budget - 1)
+            elif r < 0.79 and in_try:
+                self.emit(depth, "return out, %s" % ", ".join("v%d" % k for k in range(self.nvars)))
+                return
             elif not in_try and r < 0.87:
                 self.emit(depth, "%s = (%s + %s) %% 50" % (self.var(), self.var(), self.arg()))
             elif not in_try and depth < 5:
@@ -1799,7 +1815,7 @@ def test_random_try_programs(seed):
     gen = _ProgramGen(rng)
     for k in range(40):
         src = gen.program("prog")
-        ns = {"f_add": f_add, "f_key": f_key}
+        ns = {"f_add": f_add, "f_key": f_key, "Suppress": Suppress}
         exec(compile(src, "<prog %d/%d>" % (seed, k), "exec"), ns)
         fn = ns["prog"]
         plain = {a: _run_outcome(lambda: fn(a)) for a in (0, 1, 2)}
