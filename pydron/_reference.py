@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import builtins
 import ctypes
-import sys
-import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -70,20 +68,21 @@ def _set_tuple_item(t, i, value):
 
 
 class ReferenceRuntime:
-    """Helpers for rewritten code: call, call_ex, force, force_deep, store_subscr, mark,
-    force_since, force_before; and `run(fn, *args, **kwargs)` for a scheduled function."""
+    """Helpers for rewritten code (call, call_ex, force, force_deep, store_subscr, mark,
+    force_since, force_before, handler_guard, enter_handler, log_store, undo) and
+    `run(fn, *args, **kwargs)` for a scheduled function. `threads=0` runs each task when it
+    is first needed; `threads=n` runs tasks on a pool of n threads as soon as submitted."""
 
     def __init__(self, is_functional=None, is_scheduled=None, threads=0):
         self.is_functional = is_functional or _default_kind("functional")
         self.is_scheduled = is_scheduled or _default_kind("scheduled")
         self._executor = ThreadPoolExecutor(threads) if threads else None
         self._tasks = []
-        self._lock = threading.Lock()
         self._resolved_upto = 0  # every task before this index is resolved and reported
         self._functions = {}
         self._moved = []  # containers a pending was moved into by a helper
-        self._raised = {}
-        self._horizon = {}  # id(exception) -> (exception, submission count when first handled)  # id(exception) -> (exception, seq of the first task that raised it)
+        self._raised = {}  # id(exception) -> (exception, seq of the first task that raised it)
+        self._horizon = {}  # id(exception) -> (exception, submission count when first handled)
         #: number of outstanding tasks each time a pending is forced for the first time
         self.outstanding_at_force = []
         self.submitted = 0

@@ -1,4 +1,6 @@
-"""Bytecode analysis and rewrite of scheduled code objects (DESIGN.md, "Where results are waited for").
+"""Bytecode analysis and rewrite of scheduled code objects.
+
+DESIGN.md, "Where results are waited for", is the specification.
 
 `rewrite(code, rt)` returns a copy of `code` in which every call site goes through `rt.call` /
 `rt.call_ex`, every consuming instruction first forces the operands that may be pending, and every
@@ -112,7 +114,8 @@ SETUP_ANNOTATIONS EXIT_INIT_CHECK CALL CALL_KW CALL_FUNCTION_EX
 
 # Instructions that cannot run rewritten code, hence cannot move a pending into a container:
 # values proved fully forced ("level 0") stay so across them. Everything else is a barrier.
-PURE = NO_FORCE - {"CALL", "CALL_KW", "CALL_FUNCTION_EX", "FOR_ITER", "SEND", "RETURN_GENERATOR"} | {
+PURE = NO_FORCE - {"CALL", "CALL_KW", "CALL_FUNCTION_EX", "FOR_ITER", "SEND",
+                   "RETURN_GENERATOR"} | {
     "BINARY_OP", "COMPARE_OP", "IS_OP", "UNARY_NOT", "UNARY_NEGATIVE", "UNARY_INVERT",
     "UNARY_POSITIVE", "TO_BOOL", "BINARY_SUBSCR", "BINARY_SLICE", "GET_ITER", "LOAD_ATTR",
     "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR", "STORE_GLOBAL", "STORE_NAME", "SET_ADD",
@@ -896,9 +899,11 @@ class _Rewriter:
 
     def _mark_seq(self, region, loc):
         if CALLABLE_FIRST:
-            out = [Instr("LOAD_CONST", self.rt.mark, location=loc), Instr("PUSH_NULL", location=loc)]
+            out = [Instr("LOAD_CONST", self.rt.mark, location=loc),
+                   Instr("PUSH_NULL", location=loc)]
         else:
-            out = [Instr("PUSH_NULL", location=loc), Instr("LOAD_CONST", self.rt.mark, location=loc)]
+            out = [Instr("PUSH_NULL", location=loc),
+                   Instr("LOAD_CONST", self.rt.mark, location=loc)]
         if HAS_PRECALL:
             out.append(Instr("PRECALL", 0, location=loc))
         out.append(Instr("CALL", 0, location=loc))
@@ -916,7 +921,8 @@ class _Rewriter:
             return self._helper_on(self.rt.force_before,
                                    [Instr("LOAD_FAST", self.marks[region], location=loc)], loc)
         # handler_guard(exc, mark): [guard, exc, mark] -> guard(exc, mark), exc left below
-        out = [Instr("COPY", 1, location=loc), Instr("LOAD_CONST", self.handler_guard, location=loc),
+        out = [Instr("COPY", 1, location=loc),
+               Instr("LOAD_CONST", self.handler_guard, location=loc),
                Instr("SWAP", 2, location=loc),
                Instr("LOAD_FAST", self.marks[region], location=loc)]
         if HAS_PRECALL:
@@ -1077,7 +1083,8 @@ class _Rewriter:
                                 Instr("LOAD_CONST", var, location=loc)]
                         if HAS_PRECALL:
                             seq.append(Instr("PRECALL", 2, location=loc))
-                        seq += [Instr("CALL", 2, location=loc), Instr("STORE_FAST", var, location=loc)]
+                        seq += [Instr("CALL", 2, location=loc),
+                                Instr("STORE_FAST", var, location=loc)]
                     for y in seq:
                         items.append((y, ctx))
             plan = self.plans[i]
@@ -1169,7 +1176,8 @@ class _Rewriter:
                 out.append(x)
             if name == "RESUME" and i == first_resume and x.arg == 0:
                 for m in self.marks.values():
-                    out += [Instr("LOAD_CONST", 0, location=loc), Instr("STORE_FAST", m, location=loc)]
+                    out += [Instr("LOAD_CONST", 0, location=loc),
+                            Instr("STORE_FAST", m, location=loc)]
             if not x.is_final() and i + 1 < n and not x.is_uncond_jump():
                 out += self._edge_code(i, i + 1)
             for y in out:
