@@ -306,10 +306,12 @@ def nested_role(code):
 
 
 def strip_hidden(result):
-    """`locals()`/`vars()` seen from rewritten code: without the rewriter's hidden locals."""
+    """`locals()`/`vars()`/`dir()` seen from rewritten code: without the hidden locals."""
     if type(result) is dict:
         for k in [k for k in result if type(k) is str and k.startswith(".pydron_")]:
             del result[k]
+    elif type(result) is list:
+        result[:] = [k for k in result if not (type(k) is str and k.startswith(".pydron_"))]
     return result
 
 
@@ -602,7 +604,7 @@ class _Rewriter:
             want(first_d if CALLABLE_FIRST else second_d, "S")
             for d in range(extra_top + 1, base + 1):
                 want(d, "D")
-            strip = org[1] in ("locals", "vars")
+            strip = org[1] in ("locals", "vars", "dir")
             return _Plan(forces, "direct", strip)
         # method form [callable, self, args]: a comprehension/genexpr body or __exit__
         org = first[1]

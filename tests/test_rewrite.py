@@ -465,9 +465,13 @@ class Derived2(Base):
 
 def c_introspection(x):
     y = sq(x)
+    try:
+        z = sq(y)
+    except ValueError:
+        z = 0
     loc = sorted(locals())
     fr = sys._getframe()
-    return loc, fr.f_code.co_name, sorted(vars())
+    return loc, fr.f_code.co_name, sorted(vars()), dir(), z
 
 
 def c_print(xs):
