@@ -899,7 +899,7 @@ class _Rewriter:
             out.append(Instr("POP_TOP", location=loc))
         return out
 
-    def _mark_seq(self, region, loc):
+    def _mark_seq(self, region, loc, save=True):
         if CALLABLE_FIRST:
             out = [Instr("LOAD_CONST", self.rt.mark, location=loc),
                    Instr("PUSH_NULL", location=loc)]
@@ -910,8 +910,8 @@ class _Rewriter:
             out.append(Instr("PRECALL", 0, location=loc))
         out.append(Instr("CALL", 0, location=loc))
         out.append(Instr("STORE_FAST", self.marks[region], location=loc))
-        for var, save in self.restore.get(region, ()):
-            out += [Instr("LOAD_FAST", var, location=loc), Instr("STORE_FAST", save, location=loc)]
+        for var, saved in self.restore.get(region, ()) if save else ():
+            out += [Instr("LOAD_FAST", var, location=loc), Instr("STORE_FAST", saved, location=loc)]
         return out
 
     def _since_seq(self, region, loc):
@@ -1053,6 +1053,7 @@ class _Rewriter:
             if ce is not None:
                 cleanup_region[ce.label] = lab
         moved = set()
+        remark_after = {}  # index of the RESUME after a yield inside user regions -> regions
         after_exit = {}  # index of a loop's END_FOR (3.13: its POP_TOP) -> (exit code, entry)
         first_resume = next((k for k, x in enumerate(ins) if x.name == "RESUME"), None)
 
@@ -1114,6 +1115,16 @@ class _Rewriter:
             U = self._U(i)
             if name in ("RETURN_VALUE", "RETURN_CONST") and U:
                 out += self._since_seq(U[-1], loc)
+            if name == "YIELD_VALUE" and U:
+                # a generator suspended inside a try: its region's calls are settled before
+                # it yields, and the calls its consumer makes meanwhile are not the region's
+                # (the regions are marked again when it resumes)
+                out += self._since_seq(U[-1], loc)
+                j = i + 1
+                while j < n and ins[j].name != "RESUME":
+                    j += 1
+                if j < n:
+                    remark_after[j] = U
             if name == "RERAISE" and e is not None and e.label in cleanup_region:
                 # leaving a handler or finally block with the exception in flight: a call
                 # that failed in the block replaces it, as it would have in plain Python
@@ -1176,6 +1187,9 @@ class _Rewriter:
                     out.append(x)
             else:
                 out.append(x)
+            if i in remark_after:
+                for r in reversed(remark_after.pop(i)):
+                    out += self._mark_seq(r, loc, save=False)
             if name == "RESUME" and i == first_resume and x.arg == 0:
                 for m in self.marks.values():
                     out += [Instr("LOAD_CONST", 0, location=loc),

@@ -1097,6 +1097,34 @@ def c_handler_uses_pending(x):
         return before + 1
 
 
+def c_gen_region_not_consumers(x):
+    def gen():
+        try:
+            yield 1
+        except ValueError as e:
+            yield "gen caught %s" % e
+        yield "after"
+
+    g = gen()
+    first = next(g)
+    fail(x)  # the consumer's failure is not the generator's to catch
+    second = next(g)
+    return first, second
+
+
+def c_gen_region_own_failure(xs):
+    def gen():
+        for x in xs:
+            try:
+                v = fail(x)
+                yield "got"
+                yield v
+            except ValueError as e:
+                yield "gen caught %s" % e
+
+    return list(gen())
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -1190,6 +1218,8 @@ CASES = [
     (c_with_in_generator, ([1, 2],)),
     (c_finally_return_pending, (3,)),
     (c_handler_uses_pending, (3,)),
+    (c_gen_region_not_consumers, (3,)), (c_gen_region_not_consumers, (2,)),
+    (c_gen_region_own_failure, ([1, 3, 2],)),
 ]
 
 
