@@ -1861,3 +1861,106 @@ def test_random_try_programs(seed):
                     assert ours == plain[a], "a=%d threads=%d\n%s" % (a, threads, src)
             finally:
                 rt.close()
+
+
+# ---------------------------------------------------------------------------------------
+# random programs: results moved through containers and consumed in every way
+# ---------------------------------------------------------------------------------------
+
+@functional
+def f_sq(x):
+    return (x * x + 1) % 97
+
+
+class _ConsumerGen:
+    """Random scheduled functions over ints (i*), lists (l*) and dicts (d*) of call results:
+    whatever is not forced where it must be shows up as a Pending or a wrong value."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.lines = []
+
+    def i(self):
+        return "i%d" % self.rng.randrange(3)
+
+    def l(self):
+        return "l%d" % self.rng.randrange(2)
+
+    def emit(self, depth, line):
+        self.lines.append("    " * depth + line)
+
+    def stmt(self, depth):
+        rng, i, l = self.rng, self.i, self.l
+        choices = [
+            lambda: "%s = f_sq(%s)" % (i(), i()),
+            lambda: "%s = [f_sq(x) for x in range(%d)]" % (l(), rng.randint(1, 4)),
+            lambda: "%s.append(f_sq(%s))" % (l(), i()),
+            lambda: "d0[%s %% 5] = f_sq(%s)" % (i(), i()),
+            lambda: "%s = (%s[%s %% len(%s)] + %s) %% 97 if %s else %s" % (
+                i(), *(lambda a: (a, i(), a, i(), a, i()))(l())),
+            lambda: "%s = len(%s) + len(d0)" % (i(), l()),
+            lambda: "t = (%s, f_sq(%s)); %s, %s = t" % (i(), i(), i(), i()),
+            lambda: "%s = sum(%s) %% 97" % (i(), l()),
+            lambda: "%s = f'{%s}-{%s}'" % ("s0", i(), l()),
+            lambda: "%s = max(d0.values(), default=0)" % i(),
+            lambda: "%s = %s + [%s]" % (l(), l(), i()),
+            lambda: "%s += [f_sq(%d)]" % (l(), rng.randrange(9)),
+            lambda: "%s = d0.get(%s %% 5, 0) + 1" % (i(), i()),
+            lambda: "%s = %s in %s" % ("b0", i(), l()),
+            lambda: "%s = sorted(%s, key=lambda q: -q)" % (l(), l()),
+            lambda: "%s = [v * 2 for v in %s if v %% 2]" % (l(), l()),
+            lambda: "%s = {k: f_sq(v) for k, v in d0.items()}.get(0, %s)" % (i(), i()),
+            lambda: "%s = %s[:2] + %s[-1:]" % (l(), l(), l()),
+            lambda: "%s = %s == %s" % ("b0", l(), l()),
+            lambda: "%s = str(d0)" % "s0",
+        ]
+        r = rng.random()
+        if r < 0.1 and depth < 3:
+            self.emit(depth, "if %s > %d:" % (i(), rng.randrange(97)))
+            self.stmt(depth + 1)
+            self.emit(depth, "else:")
+            self.stmt(depth + 1)
+        elif r < 0.18 and depth < 3:
+            self.emit(depth, "for x in %s[:3]:" % l())
+            self.emit(depth + 1, "%s = (%s + x) %% 97" % (i(), i()))
+            self.stmt(depth + 1)
+        elif r < 0.22 and depth < 3:
+            self.emit(depth, "n = 0")
+            self.emit(depth, "while %s < 60 and n < 4:" % i())
+            self.emit(depth + 1, "n += 1")
+            v = i()
+            self.emit(depth + 1, "%s = f_sq(%s) + 1" % (v, v))
+        else:
+            self.emit(depth, rng.choice(choices)())
+
+    def program(self):
+        self.lines = []
+        self.emit(0, "def prog(a):")
+        self.emit(1, "i0, i1, i2 = a, f_sq(a), 3")
+        self.emit(1, "l0, l1 = [f_sq(a + 1)], [1, f_sq(2)]")
+        self.emit(1, "d0, s0, b0 = {0: f_sq(a)}, '', False")
+        for _ in range(self.rng.randint(4, 12)):
+            self.stmt(1)
+        self.emit(1, "return i0, i1, i2, l0, l1, d0, s0, b0")
+        return "\n".join(self.lines) + "\n"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_consumer_programs(seed):
+    import random
+    gen = _ConsumerGen(random.Random(seed))
+    for k in range(40):
+        src = gen.program()
+        ns = {"f_sq": f_sq}
+        exec(compile(src, "<consumer %d/%d>" % (seed, k), "exec"), ns)
+        fn = ns["prog"]
+        plain = {a: _run_outcome(lambda: fn(a)) for a in (0, 5)}
+        for threads in (0, 2):
+            rt = ReferenceRuntime(threads=threads)
+            try:
+                for a in (0, 5):
+                    ours = _run_outcome(lambda: rt.run(fn, a))
+                    assert ours == plain[a], "a=%d threads=%d\n%s" % (a, threads, src)
+                    assert _no_pending(ours)
+            finally:
+                rt.close()
