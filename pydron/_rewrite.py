@@ -45,7 +45,6 @@ from __future__ import annotations
 import sys
 import types
 
-import bytecode as _bc
 from bytecode import Bytecode, Instr, Label, TryBegin, TryEnd
 from bytecode.concrete import _ConvertBytecodeToConcrete
 
@@ -159,6 +158,7 @@ INTROSPECT_GLOBALS = frozenset({"super", "locals", "vars", "dir", "globals", "ev
                                 "breakpoint"})
 INTROSPECT_ATTRS = frozenset({"_getframe", "currentframe", "_getframemodulename"})
 
+EXTRA_STACK = 6  # the most any inserted sequence pushes above the original stack (rt.call: 3)
 BINARY_ADD = 0
 BINARY_INPLACE_ADD = 13
 INTRINSIC_LIST_TO_TUPLE = 6
@@ -1234,11 +1234,12 @@ class _Rewriter:
             out.append(TryEnd(cur_tb))
         bc = Bytecode(out)
         bc._copy_attr_from(self.orig)
-        cfg = _bc.ControlFlowGraph.from_bytecode(bc)
-        stacksize = cfg.compute_stacksize(check_pre_and_post=False,
-                                          compute_exception_stack_depths=False)
-        bc2 = cfg.to_bytecode()
-        conv = _ConvertBytecodeToConcrete(bc2)
+        # Every inserted sequence leaves the stack as it found it and goes at most
+        # EXTRA_STACK items above what the original code had there, so the stack size is
+        # known without bytecode's own computation (whose estimate of a handler's entry
+        # depth is thrown off by the handler-entry code, which runs deeper than its entry).
+        stacksize = self.code.co_stacksize + EXTRA_STACK
+        conv = _ConvertBytecodeToConcrete(bc)
         for v in self.code.co_varnames:
             conv.add_varname(v)
         concrete = conv.to_concrete_bytecode(compute_exception_stack_depths=False)
