@@ -21,6 +21,8 @@ $(VENV)/.ready:
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_PACKAGES)
 	echo "$(CURDIR)" > $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pydron-dev.pth
+	printf '#!%s\nimport sys\nfrom pydron.cli import main\nsys.exit(main())\n' "$(abspath $(PY))" > $(VENV)/bin/pydron
+	chmod +x $(VENV)/bin/pydron
 	touch $@
 
 # Build the extension in place (pydron/_core*.so) so the virtualenv imports this checkout.
@@ -28,7 +30,8 @@ build: $(VENV)/.ready
 	cmake -S . -B $(BUILD) -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
 	      -DPYDRON_C_TESTS=ON -DPYDRON_SANITIZE=$(SANITIZE) >/dev/null
 	cmake --build $(BUILD) -j2
-	cp $(BUILD)/_core*.so pydron/
+	@# replace, never overwrite, the library: running processes keep the one they mapped
+	@for so in $(BUILD)/_core*.so; do cp $$so pydron/.core.new && mv -f pydron/.core.new pydron/$$(basename $$so); done
 
 SANITIZE ?= OFF
 
@@ -48,7 +51,8 @@ test-versions:
 	    echo "$(CURDIR)" > $$($$venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pydron-dev.pth && \
 	    touch $$venv/.ready; fi; \
 	  cmake -S . -B build/py$$v -DPython_EXECUTABLE=$(CURDIR)/$$venv/bin/python -DCMAKE_BUILD_TYPE=Release >/dev/null; \
-	  cmake --build build/py$$v -j2 >/dev/null; cp build/py$$v/_core*.so pydron/; \
+	  cmake --build build/py$$v -j2 >/dev/null; \
+	  for so in build/py$$v/_core*.so; do cp $$so pydron/.core.new && mv -f pydron/.core.new pydron/$$(basename $$so); done; \
 	  echo "== semantics and rewrite tests under $$($$venv/bin/python -V)"; \
 	  $$venv/bin/python -m pytest -q tests/test_semantics.py tests/test_rewrite.py tests/test_api.py; \
 	done
@@ -62,7 +66,8 @@ asan:
 	$(MAKE) build
 
 bench: setup
-	$(PY) -m pydron bench
+	mkdir -p bench/results
+	$(PY) -m pydron bench --json bench/results/bench.json --plot bench/results/bench.png
 
 clean:
 	rm -rf build pydron/_core*.so
