@@ -1125,6 +1125,22 @@ def c_gen_region_own_failure(xs):
     return list(gen())
 
 
+def c_with_loop_then_try(xs):
+    # once made the assembler's stack-size estimate fail (3.11)
+    out = []
+    with Suppress():
+        with Suppress():
+            for x in xs:
+                v = sq(x)
+    try:
+        for x in xs:
+            out.append(sq(x))
+            break
+    except Exception:
+        out.append("e")
+    return out, v
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -1220,6 +1236,7 @@ CASES = [
     (c_handler_uses_pending, (3,)),
     (c_gen_region_not_consumers, (3,)), (c_gen_region_not_consumers, (2,)),
     (c_gen_region_own_failure, ([1, 3, 2],)),
+    (c_with_loop_then_try, ([1, 2],)),
 ]
 
 
