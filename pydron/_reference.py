@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import ctypes
 import types
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 from . import _rewrite
@@ -360,7 +361,9 @@ class ReferenceRuntime:
                 args = (fn.__self__,) + tuple(args)
                 fn = fn.__func__
             if isinstance(fn, types.FunctionType) and _rewrite.is_rewritable(fn.__code__)[0]:
-                return self._rewritten(fn)(*args, **kwargs)
+                f = self._rewritten(fn)
+                if f is not fn:
+                    return f(*args, **kwargs)
         if fn is builtins.__build_class__ and args and isinstance(args[0], types.FunctionType):
             # a class body (not rewritten) reads the scheduled code's cells as they are
             for cell in args[0].__closure__ or ():
@@ -393,9 +396,17 @@ class ReferenceRuntime:
 
     # -- running a scheduled function ------------------------------------------------------
     def _rewritten(self, fn):
+        """fn with rewritten code; fn itself if the rewriter refused it (it then runs plainly,
+        its arguments forced like any other callee's)."""
         f = self._functions.get(fn)
         if f is None:
-            code = _rewrite.rewrite(fn.__code__, self)
+            try:
+                code = _rewrite.rewrite(fn.__code__, self)
+            except _rewrite.RewriteError as e:
+                warnings.warn("pydron: %s runs plainly: %s" % (fn.__qualname__, e),
+                              RuntimeWarning, stacklevel=2)
+                self._functions[fn] = fn
+                return fn
             f = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
                                    fn.__closure__)
             f.__kwdefaults__ = fn.__kwdefaults__

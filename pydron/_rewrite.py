@@ -932,12 +932,10 @@ class _Rewriter:
         out += [Instr("CALL", 1, location=loc), Instr("POP_TOP", location=loc)]
         return out
 
-    def _under_swaps(self, loc, deep):
-        """[.., X, a, b, H] -> [.., H, X?, a, b] style: bring H under the 3 operands."""
-        if CALLABLE_FIRST and deep:
-            seq = (5, 3, 2)
-        else:
-            seq = (4, 3, 2)
+    def _under_swaps(self, loc):
+        """A call site [NULL, c, a, k, H] (3.13: [c, NULL, a, k, H]) -> [NULL, H, c, a, k]
+        (3.13: [H, NULL, c, a, k]): the helper H called with c, a, k."""
+        seq = (5, 3, 2) if CALLABLE_FIRST else (4, 3, 2)
         return [Instr("SWAP", k, location=loc) for k in seq]
 
     def _call3(self, loc):
@@ -1134,12 +1132,12 @@ class _Rewriter:
                 out += [Instr("BUILD_TUPLE", argc, location=loc),
                         Instr("LOAD_CONST", kwnames, location=loc),
                         Instr("LOAD_CONST", rt.call, location=loc)]
-                out += self._under_swaps(loc, True) + self._call3(loc)
+                out += self._under_swaps(loc) + self._call3(loc)
             elif action == "call_ex":
                 if not x.arg & 1:
                     out.append(Instr("LOAD_CONST", None, location=loc))
                 out.append(Instr("LOAD_CONST", rt.call_ex, location=loc))
-                out += self._under_swaps(loc, True) + self._call3(loc)
+                out += self._under_swaps(loc) + self._call3(loc)
             elif action == "store_subscr":
                 out.append(Instr("LOAD_CONST", rt.store_subscr, location=loc))
                 out += [Instr("SWAP", k, location=loc) for k in (4, 3, 2)]

@@ -1981,3 +1981,22 @@ def test_random_consumer_programs(seed):
                     assert _no_pending(ours)
             finally:
                 rt.close()
+
+
+def test_refused_rewrite_runs_plainly(monkeypatch):
+    real = _rewrite._Rewriter._run
+
+    def refuse(self):
+        if self.code is s_helper.__code__:
+            raise _rewrite.RewriteError("refused for the test")
+        return real(self)
+
+    monkeypatch.setattr(_rewrite._Rewriter, "_run", refuse)
+    rt = ReferenceRuntime()
+    try:
+        with pytest.warns(RuntimeWarning, match="s_helper runs plainly"):
+            assert rt.run(c_nested_scheduled, [1, 2, 3]) == c_nested_scheduled([1, 2, 3])
+        with pytest.warns(RuntimeWarning, match="refused for the test"):
+            assert ReferenceRuntime().run(s_helper, [2]) == [4]
+    finally:
+        rt.close()
