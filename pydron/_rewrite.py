@@ -321,6 +321,7 @@ def strip_hidden(result):
 
 # A stack slot is (level, origin). level: 0 = no pending anywhere inside (until a barrier),
 # 1 = not pending itself, 2 = may be pending. origin: None, "NULL", "MAYBE_NULL",
+# ("cleared", maybe_unbound) (3.12+ LOAD_FAST_AND_CLEAR),
 # ("fast", name), ("global", name), ("attr", name), ("code", co), ("func", co), ("const", v).
 _NULL = (0, "NULL")
 
@@ -350,6 +351,8 @@ def _join_slot(a, b):
     nullish = ("NULL", "MAYBE_NULL")
     if oa in nullish or ob in nullish:
         return (max(la, lb), "MAYBE_NULL")
+    if type(oa) is tuple and type(ob) is tuple and oa[0] == ob[0] == "cleared":
+        return (max(la, lb), ("cleared", max(oa[1], ob[1])))
     return (max(la, lb), None)
 
 
@@ -695,7 +698,10 @@ class _Rewriter:
             st.append((lc[vindex[ins.arg]] if ins.arg in vindex else 2, ("fast", ins.arg)))
             return
         if name == "LOAD_FAST_AND_CLEAR":
-            st.append((lc[vindex[ins.arg]] if ins.arg in vindex else 2, None))
+            # 3.12+ inlined comprehension: the saved value may be NULL (unbound), and so may
+            # the local be again once STORE_FAST puts it back
+            k = vindex.get(ins.arg)
+            st.append((lc[k] if k is not None else 2, ("cleared", ub[k] if k is not None else 1)))
             store(ins.arg, None, 1)
             return
         if name == "LOAD_FAST_LOAD_FAST":
@@ -703,7 +709,9 @@ class _Rewriter:
                 st.append((lc[vindex[v]] if v in vindex else 2, ("fast", v)))
             return
         if name in ("STORE_FAST", "STORE_FAST_MAYBE_NULL"):
-            store(ins.arg, st.pop())
+            slot = st.pop()
+            o = slot[1]
+            store(ins.arg, slot, o[1] if type(o) is tuple and o[0] == "cleared" else 0)
             return
         if name == "STORE_FAST_LOAD_FAST":
             a, b = ins.arg

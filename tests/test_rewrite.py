@@ -1141,6 +1141,29 @@ def c_with_loop_then_try(xs):
     return out, v
 
 
+def c_comp_var_in_try(xs):
+    x = "outer"
+    r = "unset"
+    try:
+        r = [sq(x) for x in xs]
+        v = fail(3)
+    except ValueError:
+        pass
+    return x, r
+
+
+def c_comp_var_unbound_in_try(xs):
+    r = "unset"
+    try:
+        r = [sq(y) for y in xs] + [fail(y) for y in xs]
+    except ValueError:
+        pass
+    try:
+        return r, y  # noqa: F821 - unbound in plain Python too (3.12+: the same name)
+    except NameError as e:
+        return r, type(e).__name__
+
+
 CASES = [
     (c_loop_append, (range(6),)),
     (c_listcomp, ([1, 2, 3],)),
@@ -1237,6 +1260,8 @@ CASES = [
     (c_gen_region_not_consumers, (3,)), (c_gen_region_not_consumers, (2,)),
     (c_gen_region_own_failure, ([1, 3, 2],)),
     (c_with_loop_then_try, ([1, 2],)),
+    (c_comp_var_in_try, ([1, 2],)),
+    (c_comp_var_unbound_in_try, ([1, 3],)),
 ]
 
 
