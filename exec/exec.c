@@ -48,7 +48,7 @@ static _Atomic Py_ssize_t live_arena_refs;
 static PyObject *WorkerLostError;
 static PyObject *helpers;          /* dict: the embedded Python helpers' namespace */
 static PyObject *pickle_loads, *pickle_dumps, *pickle_Unpickler, *pickle_Pickler, *io_BytesIO;
-static PyObject *str_buffers, *str_persistent_load, *str_load, *kw_buffers;
+static PyObject *str_buffers, *str_load_dep, *str_load, *kw_buffers;
 
 /* ------------------------------------------------------------------ embedded Python helpers */
 
@@ -65,6 +65,10 @@ static const char helpers_source[] =
 "    return t.__qualname__ if t.__module__ == 'builtins' else f'{t.__module__}.{t.__qualname__}'\n"
 "class _Dep:\n"
 "    pass\n"
+"class DepUnpickler(pickle.Unpickler):\n"
+"    # persistent_load cannot be set on an Unpickler instance on 3.13: a subclass forwards it.\n"
+"    def persistent_load(self, pid):\n"
+"        return self.load_dep(pid)\n"
 "def describe(x):\n"
 "    t = type(x)\n"
 "    if isinstance(x, _Dep):\n"
@@ -755,11 +759,14 @@ static PyObject *decode_bytes(arena *a, const char *data, size_t len, const exec
     file = PyObject_CallOneArg(io_BytesIO, mv);
     if (file == NULL)
         goto done;
+    PyObject *cls = exec__helper("DepUnpickler");
+    if (cls == NULL)
+        goto done;
     {
         PyObject *args[2] = {file, holders};
-        unpickler = PyObject_Vectorcall(pickle_Unpickler, args, 1, holders ? kw_buffers : NULL);
+        unpickler = PyObject_Vectorcall(cls, args, 1, holders ? kw_buffers : NULL);
     }
-    if (unpickler == NULL || PyObject_SetAttr(unpickler, str_persistent_load, persistent_load) < 0)
+    if (unpickler == NULL || PyObject_SetAttr(unpickler, str_load_dep, persistent_load) < 0)
         goto done;
     result = PyObject_CallMethodNoArgs(unpickler, str_load);
 done:
@@ -768,10 +775,12 @@ done:
     Py_XDECREF(holders);
     if (mv) {
         /* Nothing may keep a view of the ring or the blob past this point. */
+        PyObject *err = result == NULL ? PyErr_GetRaisedException() : NULL;
         PyObject *r = PyObject_CallMethod(mv, "release", NULL);
-        if (r == NULL && result != NULL) {
+        if (r == NULL)
             Py_CLEAR(result);
-        }
+        if (err)
+            PyErr_SetRaisedException(err);   /* the decoding error is the one to report */
         Py_XDECREF(r);
         Py_DECREF(mv);
     }
@@ -2239,7 +2248,7 @@ int exec_module_init(PyObject *module)
     Py_DECREF(pk);
     Py_DECREF(io);
     str_buffers = PyUnicode_InternFromString("buffers");
-    str_persistent_load = PyUnicode_InternFromString("persistent_load");
+    str_load_dep = PyUnicode_InternFromString("load_dep");
     str_load = PyUnicode_InternFromString("load");
     kw_buffers = str_buffers ? PyTuple_Pack(1, str_buffers) : NULL;
     static int atfork_registered;
@@ -2247,7 +2256,7 @@ int exec_module_init(PyObject *module)
         atfork_registered = 1;
     pending_handles = PyDict_New();
     if (!pickle_loads || !pickle_dumps || !pickle_Unpickler || !pickle_Pickler || !io_BytesIO || !kw_buffers ||
-        !str_persistent_load || !str_load || !pending_handles)
+        !str_load_dep || !str_load || !pending_handles)
         return -1;
 
     helpers = PyDict_New();

@@ -107,9 +107,9 @@ static void fs_spawn(int slot)
 {
     if (slot < 0 || slot >= exec__shared->nslots || worker_pids[slot] > 0)
         return;
-    /* No PyOS_BeforeFork/AfterFork_Parent here: the fork server is single-threaded and must run
-     * no Python code at all (at-fork hooks, or a garbage collection they would trigger, would run
-     * finalizers of objects copied from the master). The child re-initialises as os.fork does. */
+    /* As os.fork does (the child's re-initialisation expects the import lock taken here); the
+     * collector stays off in the fork server, so no finalizer of the master's objects runs. */
+    PyOS_BeforeFork();
     exec__internal_fork = 1;
     pid_t pid = fork();
     exec__internal_fork = 0;
@@ -119,6 +119,7 @@ static void fs_spawn(int slot)
             PyGC_Enable();
         worker_main(slot);
     }
+    PyOS_AfterFork_Parent();
     if (pid < 0) {
         /* Report it as a death, so the master sees the slot failing instead of waiting. */
         exec_slot *s = &exec__shared->slots[slot];
