@@ -63,7 +63,7 @@ def run_scenario(body, tmp_path, timeout=120, interrupt_after_line=None):
     script.write_text(PRELUDE + textwrap.dedent(body))
     shm_before = shm_entries()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+        p for p in [os.environ.get("PYTHONPATH"), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] if p))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=str(tmp_path), env=env)
     reports, lines = [], []
@@ -293,7 +293,9 @@ def test_worker_prints_reach_stdout(tmp_path):
         _core._exec_shutdown()
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=60, cwd=str(tmp_path))
+                         timeout=60, cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             p for p in [os.environ.get("PYTHONPATH"), os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__)))] if p)))
     assert out.returncode == 0, out.stderr
     # Two workers share the pipe: lines may interleave, but every one is there.
     assert all(out.stdout.count(f"task says {i}") == 1 for i in range(5)), out.stdout
