@@ -45,7 +45,8 @@ typedef struct {
 
 /* Start the executor with nworkers processes (0 = one per core): forks the fork server now, from
  * the caller, which should still be single-threaded; workers are forked from it on first use.
- * Idempotent while running with the same size. 0, or -1 with an exception. */
+ * Idempotent while running with the same size; another size restarts the pool (do that with no
+ * task outstanding). A no-op inside a worker. 0, or -1 with an exception. */
 int exec_start(int nworkers);
 /* Stop everything: workers and fork server are killed and reaped, the shared memory unmapped.
  * Safe to call twice and at interpreter exit. */
