@@ -230,6 +230,21 @@ static void held_unregister(int i)
         atomic_store(&exec__shared->slots[exec__worker_slot].held[i], 0);
 }
 
+void exec__held_add(uint64_t blk) { held_register(blk); }
+
+void exec__held_drop(uint64_t blk)
+{
+    if (!exec__in_worker_flag || exec__shared == NULL)
+        return;
+    _Atomic uint64_t *held = exec__shared->slots[exec__worker_slot].held;
+    for (int i = 0; i < EXEC_HELD_MAX; i++) {
+        uint64_t want = blk + 1;
+        if (atomic_load_explicit(&held[i], memory_order_relaxed) == want &&
+            atomic_compare_exchange_strong(&held[i], &want, 0))
+            return;
+    }
+}
+
 static int arena_buffer_getbuffer(ArenaBufferObject *self, Py_buffer *view, int flags)
 {
     return PyBuffer_FillInfo(view, (PyObject *)self, self->ptr, self->len, 0, flags);
@@ -1349,11 +1364,22 @@ static PyObject *decode_error(exec_blob *b)
     return r;
 }
 
+/* The slot (1-based) and run time of the result drain_slot is handing over, for timelines. */
+static int drained_worker;
+static uint64_t drained_elapsed_ns;
+static double now_s(void);
+
 /* Hand t's outcome over; consumes t and blob. <0 when on_result failed. */
 static int deliver(mtask *t, int failed, exec_blob *blob, PyObject *object, exec_result_fn on_result,
                    void *ctx)
 {
     exec_result r = {t->id, failed, blob, object};
+    if (drained_worker) {
+        /* The worker's run time; it finished about now (results are drained promptly). */
+        r.worker = drained_worker;
+        r.finished = now_s();
+        r.started = r.finished - drained_elapsed_ns * 1e-9;
+    }
     M.outstanding--;
     task_free(t);
     if (on_result == NULL) {
@@ -1403,7 +1429,11 @@ static int drain_slot(int i, int discard, exec_result_fn on_result, void *ctx)
                 return -1;
         }
         n++;
-        if (deliver(t, kind == EXEC_REC_ERROR, blob, exc, on_result, ctx) < 0)
+        drained_worker = i + 1;
+        drained_elapsed_ns = elapsed_ns;
+        int rc = deliver(t, kind == EXEC_REC_ERROR, blob, exc, on_result, ctx);
+        drained_worker = 0;
+        if (rc < 0)
             return -1;
     }
     return n;

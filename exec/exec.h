@@ -67,6 +67,10 @@ typedef struct {
     int failed;            /* 0: value in blob (process) or object (thread); 1: object is the exception */
     exec_blob *blob;       /* owned reference or NULL */
     PyObject *object;      /* owned reference or NULL */
+    /* For timelines: 1 + the worker slot that ran it (0: unknown or the thread pool), and when
+     * it started and finished there (CLOCK_MONOTONIC seconds, 0 when unknown). */
+    int worker;
+    double started, finished;
 } exec_result;
 
 /* Hand every finished task to on_result (which takes ownership of blob/object) until at least

@@ -34,6 +34,7 @@ struct graph_task {
     int reported;             /* its failure was raised once: range waits skip it */
     int undone;               /* a handler was entered before plain Python finished this call */
     PyObject *prev;           /* {local name: value it held before this result was stored} */
+    double submitted;         /* CLOCK_MONOTONIC seconds, for timelines */
 };
 
 PyTypeObject *graph_task_type;
@@ -47,6 +48,10 @@ static uint64_t n_submitted, n_finished;
 /* pydron.visualize: when not NULL, every task and every real wait is appended here as a tuple
  * ("task", id, qualname, filename, line, dep ids) or ("wait", id, filename, line). */
 static PyObject *recording;
+
+/* pydron.enable(timeline=...): when not NULL, one tuple per finished task:
+ * (qualname, worker, submitted, started, finished, failed); times in CLOCK_MONOTONIC seconds. */
+static PyObject *timeline;
 
 /* Progress of long scheduled calls: progress_fn(done, known) is called at most every 100 ms
  * while this process waits, once a top-level call has run for progress_after seconds. */
@@ -484,6 +489,7 @@ task_new(PyObject *fn, int threads)
     t->reported = 0;
     t->undone = 0;
     t->prev = NULL;
+    t->submitted = timeline ? now_seconds() : 0;
     graph_live_tasks++;
     PyObject_GC_Track(t);
     return t;
@@ -652,6 +658,23 @@ task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
     return rc;
 }
 
+static void
+timeline_record(graph_task *t, exec_result *r)
+{
+    PyObject *qualname = PyObject_GetAttrString(t->fn, "__qualname__");
+    if (qualname == NULL) {
+        PyErr_Clear();
+        qualname = PyObject_Repr(t->fn);
+    }
+    double finished = r->finished > 0 ? r->finished : now_seconds();
+    double started = r->started > 0 ? r->started : t->submitted;
+    PyObject *event = Py_BuildValue("(Nidddi)", qualname, r->worker, t->submitted, started,
+                                    finished, r->failed);
+    if (event == NULL || PyList_Append(timeline, event) < 0)
+        PyErr_Clear();
+    Py_XDECREF(event);
+}
+
 static int
 on_result(void *ctx, exec_result *r)
 {
@@ -670,6 +693,8 @@ on_result(void *ctx, exec_result *r)
     Py_INCREF(t);
     int rc = PyDict_DelItem(inflight, key);
     Py_DECREF(key);
+    if (timeline)
+        timeline_record((graph_task *)t, r);
     if (rc == 0)
         rc = task_finish((graph_task *)t, r->failed, r->blob, r->object);
     Py_DECREF(t);
@@ -1175,7 +1200,32 @@ graph_set_progress(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* _timeline(on) -> the task events recorded since the last _timeline(True) when turning off. */
+static PyObject *
+graph_timeline(PyObject *module, PyObject *on)
+{
+    int enable = PyObject_IsTrue(on);
+    if (enable < 0)
+        return NULL;
+    PyObject *events = timeline ? timeline : PyList_New(0);
+    timeline = enable ? PyList_New(0) : NULL;
+    if (enable && timeline == NULL) {
+        Py_XDECREF(events);
+        return NULL;
+    }
+    return events;
+}
+
+static PyObject *
+graph_clock(PyObject *module, PyObject *unused)
+{
+    return PyFloat_FromDouble(now_seconds());
+}
+
 static PyMethodDef graph_methods[] = {
+    {"_timeline", graph_timeline, METH_O,
+     "_timeline(on): record (qualname, worker, submitted, started, finished, failed) per task."},
+    {"_clock", graph_clock, METH_NOARGS, "The clock of timeline events (CLOCK_MONOTONIC)."},
     {"_record", graph_record, METH_O, "_record(on): record tasks and waits (pydron.visualize)."},
     {"_set_progress", graph_set_progress, METH_VARARGS,
      "_set_progress(fn, after=1.0): report progress of long scheduled calls."},

@@ -138,6 +138,7 @@ def enable(workers: int | None = None, progress: bool = True, timeline: str | No
     core._set_rewrite(_rewrite_code)
     core._enable(workers, mode == "hook")
     _configure_progress(progress)
+    _configure_timeline(timeline)
     _enabled_hook = mode == "hook"
     if not _enabled_hook:
         for f in list(_scheduled):
@@ -149,6 +150,7 @@ def enable(workers: int | None = None, progress: bool = True, timeline: str | No
 
 def disable():
     """Remove the frame hook: every decorated function runs as plain Python again."""
+    _write_timeline()
     if _core is not None:
         if _core._is_enabled() and not _enabled_hook:
             for f in list(_scheduled):
@@ -266,3 +268,68 @@ def visualize(fn, *args, filename: str = "graph.svg", **kwargs):
         os.unlink(tmp_name)
         raise
     return result
+
+
+_timeline_path: str | None = None
+_timeline_origin = 0.0
+
+
+def _configure_timeline(path) -> None:
+    """pydron.enable(timeline="run.json"): record every task; the Chrome trace-event file is
+    written at disable() and at exit."""
+    global _timeline_path, _timeline_origin, _timeline_atexit
+    if path is None:
+        path = os.environ.get("PYDRON_TIMELINE") or None
+    if path is None:
+        return
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"pydron.enable: timeline directory does not exist: {directory!r}")
+    _write_timeline()   # a previous timeline is finished first
+    _timeline_path = path
+    _timeline_origin = _core._clock()
+    _core._timeline(True)
+    if not _timeline_atexit:
+        atexit.register(_write_timeline)
+        _timeline_atexit = True
+
+
+_timeline_atexit = False
+
+
+def timeline_events(records, origin: float, workers: int) -> dict:
+    """Chrome trace-event JSON (Perfetto, chrome://tracing) for timeline records: one lane per
+    worker process, one for the thread pool, a slice per task."""
+    lanes = {0: "threads / unknown"}
+    lanes.update({w: f"worker {w}" for w in range(1, workers + 1)})
+    events = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0,
+               "args": {"name": "pydron"}}]
+    for qualname, worker, submitted, started, finished, failed in records:
+        lanes.setdefault(worker, f"worker {worker}")
+        events.append({
+            "name": qualname, "cat": "failed" if failed else "task", "ph": "X", "pid": 1,
+            "tid": worker, "ts": round((started - origin) * 1e6, 3),
+            "dur": round(max(finished - started, 0.0) * 1e6, 3),
+            "args": {"queued_us": round(max(started - submitted, 0.0) * 1e6, 3),
+                     "failed": bool(failed)},
+        })
+    for tid, name in sorted(lanes.items()):
+        events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": tid,
+                       "args": {"name": name}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def _write_timeline() -> None:
+    global _timeline_path
+    if _timeline_path is None or _core is None:
+        return
+    import json
+    import tempfile
+    path, _timeline_path = _timeline_path, None
+    records = _core._timeline(False)
+    data = timeline_events(records, _timeline_origin, os.cpu_count() or 1)
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as tmp:
+        json.dump(data, tmp)
+    os.replace(tmp.name, path)   # never a half-written file

@@ -98,3 +98,45 @@ def test_progress_bar_on_a_terminal_only():
     os.waitpid(pid, 0)
     text = b"".join(chunks).decode(errors="replace")
     assert "8/8 tasks" in text and "28" in text
+
+
+def test_timeline_is_a_chrome_trace_with_a_lane_per_worker(tmp_path):
+    import json
+    path = tmp_path / "run.json"
+    script = textwrap.dedent(f"""
+        import time, pydron
+        @pydron.functional
+        def slow(x):
+            time.sleep(0.05)
+            if x == 5:
+                raise ValueError("five")
+            return x
+        @pydron.schedule
+        def run(n):
+            out = []
+            for r in [slow(i) for i in range(n)]:
+                try:
+                    out.append(r + 0)
+                except ValueError:
+                    out.append(None)
+            return out
+        pydron.enable(workers=2, timeline={str(path)!r})
+        print(run(8))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    trace = json.loads(path.read_text())      # written at exit
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert sorted(e["name"] for e in slices) == ["slow"] * 8
+    assert {e["tid"] for e in slices} == {1, 2}          # both worker lanes were used
+    assert all(e["dur"] >= 45_000 for e in slices)       # µs: each task slept 50 ms
+    assert [e["cat"] for e in slices].count("failed") == 1
+    names = {e["tid"]: e["args"]["name"] for e in trace["traceEvents"]
+             if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert names[1] == "worker 1" and names[2] == "worker 2"
+
+
+def test_timeline_bad_directory_is_named(tmp_path):
+    with pytest.raises(ValueError, match="timeline directory does not exist"):
+        pydron.enable(workers=2, timeline=str(tmp_path / "missing" / "run.json"))
