@@ -124,6 +124,11 @@ PyObject *exec__pickle_exception(PyObject *exc, PyObject *fn);
 /* The embedded pure-Python helpers (cold paths: error messages, exception pickling). */
 PyObject *exec__helper(const char *name);                /* borrowed */
 
+/* The worker's held table for blocks not owned by an ArenaBuffer (numpy array data allocated
+ * in the arena): register after taking the reference, drop before releasing it. */
+void exec__held_add(uint64_t blk);
+void exec__held_drop(uint64_t blk);
+
 /* Fork server (worker.c). Forks it now; returns its pid and the master's end of the command
  * socket, or -1 with an exception. */
 pid_t exec__forkserver_start(int *sock);

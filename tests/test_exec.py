@@ -303,3 +303,27 @@ def test_many_medium_dependencies_spill_to_arena():
     assert _core._exec_wait(_core._exec_submit(count_items, tuple(hs))) == 40 * 3000
     big = [list(range(20000))] * 3                   # inline pickles over the inline maximum
     assert _core._exec_map(count_items, [tuple(big)]) == [60000]
+
+
+def make_array_with_address(n):
+    a = np.arange(n, dtype=np.float64)
+    return a, a.__array_interface__["data"][0]
+
+
+def zeros_grow_and_sum(n):
+    z = np.zeros(n)                       # calloc path
+    z.resize(2 * n, refcheck=False)       # realloc path
+    z[n:] = 1.0
+    return float(z.sum()), z
+
+
+def test_worker_arrays_allocated_in_arena_sent_without_copy():
+    ((r, address),) = _core._exec_map(make_array_with_address, [(1 << 20,)])
+    assert type(array_owner(r)) is _core.ArenaBuffer
+    assert r.__array_interface__["data"][0] == address          # the worker's own buffer
+    np.testing.assert_array_equal(r, np.arange(1 << 20, dtype=np.float64))
+    ((total, z),) = _core._exec_map(zeros_grow_and_sum, [(1 << 18,)])
+    assert total == float(1 << 18) and z.shape == (1 << 19,) and z[: 1 << 18].sum() == 0.0
+    before = _core._exec_info()["arena_used_pages"]
+    del r, z
+    assert _core._exec_info()["arena_used_pages"] < before
