@@ -1171,20 +1171,27 @@ graph_stats(void)
                          PyDict_GET_SIZE(inflight), "live", graph_live_tasks);
 }
 
-/* _record(on) -> the events recorded since the last _record(True) when turning it off. */
+/* Turn an event log on (a fresh list) or off; returns what it held (new reference). */
 static PyObject *
-graph_record(PyObject *module, PyObject *on)
+swap_event_log(PyObject **log, PyObject *on)
 {
     int enable = PyObject_IsTrue(on);
     if (enable < 0)
         return NULL;
-    PyObject *events = recording ? recording : PyList_New(0);
-    recording = enable ? PyList_New(0) : NULL;
-    if (enable && recording == NULL) {
+    PyObject *events = *log ? *log : PyList_New(0);
+    *log = enable ? PyList_New(0) : NULL;
+    if (enable && *log == NULL) {
         Py_XDECREF(events);
         return NULL;
     }
     return events;
+}
+
+/* _record(on) -> the events recorded since the last _record(True) when turning it off. */
+static PyObject *
+graph_record(PyObject *module, PyObject *on)
+{
+    return swap_event_log(&recording, on);
 }
 
 /* _set_progress(fn | None, after_seconds) */
@@ -1204,16 +1211,7 @@ graph_set_progress(PyObject *module, PyObject *args)
 static PyObject *
 graph_timeline(PyObject *module, PyObject *on)
 {
-    int enable = PyObject_IsTrue(on);
-    if (enable < 0)
-        return NULL;
-    PyObject *events = timeline ? timeline : PyList_New(0);
-    timeline = enable ? PyList_New(0) : NULL;
-    if (enable && timeline == NULL) {
-        Py_XDECREF(events);
-        return NULL;
-    }
-    return events;
+    return swap_event_log(&timeline, on);
 }
 
 static PyObject *
