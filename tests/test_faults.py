@@ -10,14 +10,15 @@ import sys
 import textwrap
 import time
 
-import psutil
 import pytest
+
+psutil = pytest.importorskip("psutil")
 
 SHM = "/dev/shm"
 
 PRELUDE = r'''
 import atexit, json, os, signal, sys, threading, time
-import psutil
+psutil = pytest.importorskip("psutil")
 import pydron
 pydron.enable(workers=2)
 

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytest.importorskip("psutil")   # the measuring script uses it
+
 SCRIPT = r'''
 import gc, json, sys
 import numpy as np

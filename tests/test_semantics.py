@@ -43,7 +43,7 @@ def _disable_at_end():
 @pytest.fixture(scope="session")
 def case_server():
     """Where pydron-mode cases run (pydron enabled, 2 workers)."""
-    server = CaseServer(timeout=120, enable=True)
+    server = CaseServer(timeout=60, enable=True)
     yield server
     server.close()
 

@@ -112,12 +112,15 @@ class ServerCrashed(Exception):
 class CaseServer:
     """One server process at a time; restarted after a crash or a timeout."""
 
+    MAX_HANGS_IN_A_ROW = 3
+
     def __init__(self, timeout: float = 120.0, enable: bool = True):
         self.timeout = timeout
         self.enable = enable
         self.proc = None
         self.answered = False        # has the current server answered anything yet?
         self.broken = None           # why a server could not even start (then: fail fast)
+        self.hangs_in_a_row = 0      # after MAX_HANGS_IN_A_ROW, fail fast too: keeps runs short
 
     def _start(self) -> None:
         to_server_r, self._to_server = os.pipe()
@@ -135,6 +138,22 @@ class CaseServer:
     def _stderr_tail(self) -> str:
         self._stderr.seek(0)
         return self._stderr.read().decode(errors="replace")[-6000:]
+
+    def _kill_server_tree(self) -> None:
+        """The server and the pool it started (workers of a hung core may not notice its death);
+        all of them processes this client started, found through the server's children."""
+        try:
+            import psutil
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except Exception:  # noqa: BLE001 — without psutil, or if it is gone: the server only
+            children = []
+        self.proc.kill()
+        self.proc.wait()
+        for child in children:
+            try:
+                child.kill()
+            except Exception:  # noqa: BLE001 — already gone
+                pass
 
     def _discard(self) -> None:
         for fd in (self._to_server, self._from_server):
@@ -159,12 +178,14 @@ class CaseServer:
             _write(self._to_server, (kind, arg))
             reply = _read(self._from_server, deadline)
         except TimeoutError:
-            self.proc.kill()
-            self.proc.wait()
+            self._kill_server_tree()
             tail = self._stderr_tail()
             self._discard()
-            raise ServerCrashed(f"no answer within {timeout or self.timeout:.0f}s; stderr:\n"
-                                f"{tail}") from None
+            self.hangs_in_a_row += 1
+            message = f"no answer within {timeout or self.timeout:.0f}s; stderr:\n{tail}"
+            if self.hangs_in_a_row >= self.MAX_HANGS_IN_A_ROW:
+                self.broken = f"{self.hangs_in_a_row} cases in a row hung; the last one: {message}"
+            raise ServerCrashed(message) from None
         except BrokenPipeError:
             reply = None
         if reply is None:
@@ -176,6 +197,7 @@ class CaseServer:
                 self.broken = tail          # e.g. the C core does not import: same every time
             raise ServerCrashed(f"the process running the case died ({how}); stderr:\n{tail}")
         self.answered = True
+        self.hangs_in_a_row = 0
         status, value = reply
         if status == "error":
             raise ServerCrashed(f"the case server raised:\n{value}")
