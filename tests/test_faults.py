@@ -18,7 +18,7 @@ SHM = "/dev/shm"
 
 PRELUDE = r'''
 import atexit, json, os, signal, sys, threading, time
-psutil = pytest.importorskip("psutil")
+import psutil
 import pydron
 pydron.enable(workers=2)
 
