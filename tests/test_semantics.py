@@ -149,6 +149,34 @@ def test_nested_scheduled_tasks_overlap(case_server):
     assert b[1] < x["end"], "the outer function waited for the first inner call's task"
 
 
+def test_moves_do_not_wait(case_server):
+    """Locals, lists (append/extend/insert), dicts, tuples, len(), functional and scheduled calls
+    only move a pending result: the scheduled code gets past all of them while the task runs."""
+    pid, thread, result = case_server.request(
+        "call", ("semantics.cases_parallel", "moves_do_not_wait", (0.5,)))
+    moved, n, record, same_record, dependent, aliased = result
+    assert n == 5 and aliased and same_record == record
+    assert record["pid"] != pid and dependent["pid"] != pid
+    assert dependent["start"] >= record["end"], "a dependent task started before its input"
+    assert moved < record["end"], "a move waited for the task to finish"
+
+
+def test_consumption_waits_there(case_server):
+    pid, thread, (before, consumed, record, task_pid) = case_server.request(
+        "call", ("semantics.cases_parallel", "consumption_waits", (0.3,)))
+    assert task_pid == record["pid"] != pid
+    assert before < record["end"] <= consumed
+
+
+def test_scheduled_calls_from_several_threads(case_server):
+    from semantics import cases_parallel
+    with harness.pydron_disabled():
+        expected = cases_parallel.concurrent_callers(4, 10)
+    pid, thread, result = case_server.request(
+        "call", ("semantics.cases_parallel", "concurrent_callers", (4, 10)))
+    assert result == expected
+
+
 def test_parallel_cases_are_sequential_when_disabled():
     """The same functions plainly: everything in this process, one after the other."""
     from semantics import cases_parallel
