@@ -109,3 +109,54 @@ def array_argument_views(arr):
     rows = [halve(arr[i]) for i in range(arr.shape[0])]
     cols = [halve(arr[:, j]) for j in range(arr.shape[1])]
     return np.vstack(rows), np.column_stack(cols), add(arr.T, 1)
+
+
+@pydron.functional
+def big_ramp(n, offset):
+    return np.arange(n, dtype=np.float64) + offset
+
+
+@pydron.functional
+def passthrough_array(a):
+    return a
+
+
+@pydron.functional
+def describe_array(a):
+    # Not the layout flags: a view's strides cannot cross to another process (the task gets a
+    # contiguous copy), an inherent difference, not one a user's result may depend on.
+    return a.shape, a.dtype.str, a.tolist() if a.size < 50 else float(a.sum())
+
+
+@case(200_000)
+@pydron.schedule
+def result_arrays_stay_valid_and_writeable(n):
+    # Results may live in shared memory: later tasks must not overwrite them, and the master may
+    # write into them as into any array it got back from a function.
+    first = big_ramp(n, 0.0)
+    kept = first[:3].copy()
+    later = [big_ramp(n, float(k)) for k in range(1, 6)]
+    sums = [float(a.sum()) for a in later]
+    first[0] = -1.0
+    first *= 2
+    unchanged = bool(np.array_equal(first[1:3], kept[1:3] * 2))
+    return first[:4], unchanged, sums, first.flags.writeable, later[2][:2]
+
+
+@case(np.arange(24.0).reshape(4, 6))
+@pydron.schedule
+def unusual_array_layouts(base):
+    layouts = [
+        base[:, ::2],                              # non-contiguous view
+        np.asfortranarray(base),                   # Fortran order
+        base.astype(">f8"),                        # big-endian
+        np.zeros(0),                               # empty
+        np.array(3.5),                             # 0-d
+        np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "i4"), ("b", "f8")]),   # structured
+        np.array([1, "two", None], dtype=object),  # object array: cannot go out of band
+        base > 10,                                 # bool
+        base.T,                                    # transposed view
+    ]
+    described = [describe_array(a) for a in layouts]
+    echoed = [passthrough_array(a) for a in layouts]
+    return described, echoed, [e.dtype.str for e in echoed], bool(np.isfortran(echoed[1]))

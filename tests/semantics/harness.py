@@ -207,8 +207,12 @@ def value_differences(expected: Any, actual: Any, path: str = "value",
         if expected.dtype != actual.dtype or expected.shape != actual.shape:
             return [f"{path}: array {expected.dtype}{expected.shape} != "
                     f"{actual.dtype}{actual.shape}"]
+        if expected.dtype.kind == "O":
+            return value_differences(expected.tolist(), actual.tolist(), path, memo)
         if not np.array_equal(expected, actual, equal_nan=expected.dtype.kind in "fc"):
             return [f"{path}: array contents differ"]
+        if expected.flags.writeable != actual.flags.writeable:
+            return [f"{path}: writeable {expected.flags.writeable} != {actual.flags.writeable}"]
         return []
     if isinstance(expected, np.generic):
         same = (expected == actual) or (expected != expected and actual != actual)

@@ -202,3 +202,39 @@ def make_adder(n):
 @pydron.functional
 def to_bytes(x):
     return x.to_bytes(4, "little")
+
+
+class RichError(Exception):
+    """An exception whose __init__ does not take its message: plain pickling cannot rebuild it
+    from args alone."""
+
+    def __init__(self, code, detail):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@pydron.functional
+def fail_rich(code):
+    err = RichError(code, "rich detail")
+    err.add_note("a note added in the task")
+    raise err
+
+
+@pydron.functional
+def fail_with_cause(x):
+    try:
+        {}["missing"]
+    except KeyError as inner:
+        raise TaskError(f"outer {x}") from inner
+
+
+@pydron.functional
+def make_tracked(name):
+    from .cases_exceptions import Tracked
+    return Tracked(name)
+
+
+@pydron.functional
+def pick_function(name):
+    return {"double": double, "square": square}[name]
