@@ -9,7 +9,7 @@ import pydron
 
 from .registry import case
 from .tasks import (OtherError, SubTaskError, TaskError, add, divide, double, fail, fail_if,
-                    fail_key, fail_sub, slow_fail, square)
+                    fail_key, fail_sub, slow_fail, square, task_exits, task_interrupts)
 
 
 @case(3)
@@ -402,3 +402,38 @@ def nested_scheduled_failure_caught(xs):
         except TaskError as e:
             out.append(str(e))
     return out
+
+
+@case(1, raises=TaskError)
+@pydron.schedule
+def earlier_task_failure_beats_later_plain_error(x):
+    a = slow_fail(x, 0.2)          # plain Python raises this before reaching the next line
+    b = int("not a number")        # a non-functional error that pydron meets first in time
+    return a, b
+
+
+@case(2, raises=TaskError)
+@pydron.schedule
+def earlier_task_failure_beats_later_raise(x):
+    a = slow_fail(x, 0.2)
+    raise OtherError(f"raised after the call {x}")
+
+
+@case(3)
+@pydron.schedule
+def task_raising_system_exit(x):
+    try:
+        task_exits(x)
+    except SystemExit as e:
+        return "exit", e.code
+    return None
+
+
+@case(4)
+@pydron.schedule
+def task_raising_keyboard_interrupt(x):
+    try:
+        task_interrupts(x)
+    except KeyboardInterrupt as e:
+        return "interrupted", str(e)
+    return None

@@ -238,3 +238,13 @@ def make_tracked(name):
 @pydron.functional
 def pick_function(name):
     return {"double": double, "square": square}[name]
+
+
+@pydron.functional
+def task_exits(code):
+    raise SystemExit(code)
+
+
+@pydron.functional
+def task_interrupts(x):
+    raise KeyboardInterrupt(f"interrupt {x}")
