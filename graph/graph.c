@@ -16,26 +16,44 @@ enum task_state {
     TASK_FAILED,
 };
 
+/* What only some tasks need (dependencies, thread arguments, try-region records, timelines),
+ * allocated on first use: a million tiny independent tasks never pay for it. */
+typedef struct {
+    PyObject *thread_args;    /* thread tasks: (args tuple, kwargs dict or None), until dispatched */
+    PyObject *deps;           /* tuple of tasks (persistent id i = deps[i]), until dispatched */
+    PyObject *dependents;     /* list of tasks waiting for this one, or NULL */
+    PyObject *prev;           /* {local name: value it held before this result was stored} */
+    Py_ssize_t nwaiting;      /* dependencies not finished yet */
+    double submitted;         /* CLOCK_MONOTONIC seconds, for timelines */
+} task_extra;
+
 struct graph_task {
     PyObject_HEAD
     uint64_t id;
-    int state;
-    int threads;
+    uint8_t state;
+    uint8_t threads;
+    uint8_t reported;         /* its failure was raised once: range waits skip it */
+    uint8_t undone;           /* a handler was entered before plain Python finished this call */
     PyObject *fn;
     exec_blob *args;          /* process tasks, until dispatched */
-    PyObject *thread_args;    /* thread tasks: (args tuple, kwargs dict or None), until dispatched */
-    PyObject *deps;           /* tuple of tasks (persistent id i = deps[i]), until dispatched */
-    Py_ssize_t nwaiting;      /* dependencies not finished yet */
-    PyObject *dependents;     /* list of tasks waiting for this one, or NULL */
     exec_blob *blob;          /* encoded result */
-    PyObject *value;          /* decoded result (or thread result) */
-    PyObject *error;          /* exception instance when failed */
+    PyObject *value;          /* decoded result (or thread result); the exception when failed */
     Py_ssize_t seq;           /* position in this thread's submission order, -1 once gone */
-    int reported;             /* its failure was raised once: range waits skip it */
-    int undone;               /* a handler was entered before plain Python finished this call */
-    PyObject *prev;           /* {local name: value it held before this result was stored} */
-    double submitted;         /* CLOCK_MONOTONIC seconds, for timelines */
+    task_extra *extra;
 };
+
+static const task_extra no_extra;
+/* Read access to a task's extra part (all zero when it has none). */
+#define EXTRA(t) ((const task_extra *)((t)->extra ? (t)->extra : &no_extra))
+
+/* Write access: the extra part, allocated if missing; NULL + MemoryError. */
+static task_extra *
+task_extra_of(graph_task *t)
+{
+    if (t->extra == NULL && (t->extra = PyMem_Calloc(1, sizeof(task_extra))) == NULL)
+        PyErr_NoMemory();
+    return t->extra;
+}
 
 PyTypeObject *graph_task_type;
 Py_ssize_t graph_live_tasks;
@@ -144,12 +162,13 @@ static int
 task_traverse(graph_task *t, visitproc visit, void *arg)
 {
     Py_VISIT(t->fn);
-    Py_VISIT(t->thread_args);
-    Py_VISIT(t->deps);
-    Py_VISIT(t->dependents);
     Py_VISIT(t->value);
-    Py_VISIT(t->error);
-    Py_VISIT(t->prev);
+    if (t->extra) {
+        Py_VISIT(t->extra->thread_args);
+        Py_VISIT(t->extra->deps);
+        Py_VISIT(t->extra->dependents);
+        Py_VISIT(t->extra->prev);
+    }
     return 0;
 }
 
@@ -157,12 +176,13 @@ static int
 task_clear(graph_task *t)
 {
     Py_CLEAR(t->fn);
-    Py_CLEAR(t->thread_args);
-    Py_CLEAR(t->deps);
-    Py_CLEAR(t->dependents);
     Py_CLEAR(t->value);
-    Py_CLEAR(t->error);
-    Py_CLEAR(t->prev);
+    if (t->extra) {
+        Py_CLEAR(t->extra->thread_args);
+        Py_CLEAR(t->extra->deps);
+        Py_CLEAR(t->extra->dependents);
+        Py_CLEAR(t->extra->prev);
+    }
     return 0;
 }
 
@@ -175,6 +195,7 @@ task_dealloc(graph_task *t)
         exec_blob_decref(t->args);
     if (t->blob)
         exec_blob_decref(t->blob);
+    PyMem_Free(t->extra);
     graph_live_tasks--;
     PyObject_GC_Del(t);
 }
@@ -478,19 +499,20 @@ task_new(PyObject *fn, int threads)
     t->threads = threads;
     t->fn = Py_NewRef(fn);
     t->args = NULL;
-    t->thread_args = NULL;
-    t->deps = NULL;
-    t->nwaiting = 0;
-    t->dependents = NULL;
     t->blob = NULL;
     t->value = NULL;
-    t->error = NULL;
     t->seq = -1;
     t->reported = 0;
     t->undone = 0;
-    t->prev = NULL;
-    t->submitted = timeline ? now_seconds() : 0;
+    t->extra = NULL;
     graph_live_tasks++;
+    if (timeline) {
+        if (task_extra_of(t) == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        t->extra->submitted = now_seconds();
+    }
     PyObject_GC_Track(t);
     return t;
 }
@@ -559,7 +581,7 @@ static int
 task_dispatch(graph_task *t)
 {
     if (t->threads) {
-        PyObject *call = resolve_copy(t->thread_args, 0);
+        PyObject *call = resolve_copy(t->extra->thread_args, 0);
         if (call == NULL)
             goto failed;
         PyObject *kw = PyTuple_GET_ITEM(call, 1);
@@ -568,10 +590,11 @@ task_dispatch(graph_task *t)
         Py_DECREF(call);
         if (rc < 0)
             goto failed;
-        Py_CLEAR(t->thread_args);
+        Py_CLEAR(t->extra->thread_args);
     }
     else {
-        Py_ssize_t n = t->deps ? PyTuple_GET_SIZE(t->deps) : 0;
+        PyObject *dep_tasks = EXTRA(t)->deps;
+        Py_ssize_t n = dep_tasks ? PyTuple_GET_SIZE(dep_tasks) : 0;
         exec_blob *small[8];
         exec_blob **deps = n <= 8 ? small : PyMem_Malloc(n * sizeof(exec_blob *));
         if (deps == NULL) {
@@ -579,7 +602,7 @@ task_dispatch(graph_task *t)
             goto failed;
         }
         for (Py_ssize_t i = 0; i < n; i++) {
-            graph_task *d = (graph_task *)PyTuple_GET_ITEM(t->deps, i);
+            graph_task *d = (graph_task *)PyTuple_GET_ITEM(dep_tasks, i);
             if (d->blob == NULL) {
                 /* A thread task's result is an object: encode it once for the workers. */
                 d->blob = exec_encode_value(d->value);
@@ -599,7 +622,8 @@ task_dispatch(graph_task *t)
             goto failed;
         exec_blob_decref(t->args);
         t->args = NULL;
-        Py_CLEAR(t->deps);
+        if (t->extra)
+            Py_CLEAR(t->extra->deps);
     }
     PyObject *key = PyLong_FromUnsignedLongLong(t->id);
     if (key == NULL || PyDict_SetItem(inflight, key, (PyObject *)t) < 0) {
@@ -621,24 +645,25 @@ static int
 task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
 {
     t->state = failed ? TASK_FAILED : TASK_DONE;
+    t->value = object;
     if (failed) {
-        t->error = object;
         if (blob)
             exec_blob_decref(blob);
     }
-    else {
+    else
         t->blob = blob;
-        t->value = object;
+    PyObject *dependents = NULL;
+    if (t->extra) {
+        Py_CLEAR(t->extra->thread_args);
+        Py_CLEAR(t->extra->deps);
+        dependents = t->extra->dependents;
+        t->extra->dependents = NULL;
     }
-    Py_CLEAR(t->thread_args);
-    Py_CLEAR(t->deps);
     if (t->args) {
         exec_blob_decref(t->args);
         t->args = NULL;
     }
     n_finished++;
-    PyObject *dependents = t->dependents;
-    t->dependents = NULL;
     int rc = 0;
     if (dependents) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dependents); i++) {
@@ -647,10 +672,10 @@ task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
                 continue;
             if (failed) {
                 /* Plain Python never made this call: the failing one raised first. */
-                if (task_finish(d, 1, NULL, Py_NewRef(t->error)) < 0)
+                if (task_finish(d, 1, NULL, Py_NewRef(t->value)) < 0)
                     rc = -1;
             }
-            else if (--d->nwaiting == 0 && task_dispatch(d) < 0)
+            else if (--d->extra->nwaiting == 0 && task_dispatch(d) < 0)
                 rc = -1;
         }
         Py_DECREF(dependents);
@@ -667,8 +692,9 @@ timeline_record(graph_task *t, exec_result *r)
         qualname = PyObject_Repr(t->fn);
     }
     double finished = r->finished > 0 ? r->finished : now_seconds();
-    double started = r->started > 0 ? r->started : t->submitted;
-    PyObject *event = Py_BuildValue("(Nidddi)", qualname, r->worker, t->submitted, started,
+    double submitted = EXTRA(t)->submitted;
+    double started = r->started > 0 ? r->started : submitted;
+    PyObject *event = Py_BuildValue("(Nidddi)", qualname, r->worker, submitted, started,
                                     finished, r->failed);
     if (event == NULL || PyList_Append(timeline, event) < 0)
         PyErr_Clear();
@@ -769,8 +795,10 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
         goto error;
     n_submitted++;
     if (threads) {
-        t->thread_args = PyTuple_Pack(2, args, kwargs ? kwargs : Py_None);
-        if (t->thread_args == NULL || scan_deps(t->thread_args, &ctx, 0) < 0)
+        if (task_extra_of(t) == NULL)
+            goto error;
+        t->extra->thread_args = PyTuple_Pack(2, args, kwargs ? kwargs : Py_None);
+        if (t->extra->thread_args == NULL || scan_deps(t->extra->thread_args, &ctx, 0) < 0)
             goto error;
     }
     else {
@@ -781,24 +809,25 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
     if (order_append(t) < 0)
         goto error;
     if (ctx.failed_dep) {
-        task_finish(t, 1, NULL, Py_NewRef(ctx.failed_dep->error));
+        task_finish(t, 1, NULL, Py_NewRef(ctx.failed_dep->value));
         goto done;
     }
     Py_ssize_t ndeps = PyList_GET_SIZE(ctx.deps);
     if (ndeps) {
-        t->deps = PyList_AsTuple(ctx.deps);
-        if (t->deps == NULL)
+        if (task_extra_of(t) == NULL || (t->extra->deps = PyList_AsTuple(ctx.deps)) == NULL)
             goto error;
     }
     for (Py_ssize_t i = 0; i < ndeps; i++) {
         graph_task *d = (graph_task *)PyList_GET_ITEM(ctx.deps, i);
         if (graph_task_finished(d))
             continue;
-        if (d->dependents == NULL && (d->dependents = PyList_New(0)) == NULL)
+        if (task_extra_of(d) == NULL)
             goto error;
-        if (PyList_Append(d->dependents, (PyObject *)t) < 0)
+        if (d->extra->dependents == NULL && (d->extra->dependents = PyList_New(0)) == NULL)
             goto error;
-        t->nwaiting++;
+        if (PyList_Append(d->extra->dependents, (PyObject *)t) < 0)
+            goto error;
+        t->extra->nwaiting++;
     }
     if (recording) {
         PyObject *ids = PyTuple_New(ndeps), *filename, *qualname;
@@ -817,7 +846,7 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
         record_event(Py_BuildValue("(sKNOiN)", "task", (unsigned long long)t->id, qualname,
                                    filename, line, ids));
     }
-    if (t->nwaiting == 0 && task_dispatch(t) < 0)
+    if (EXTRA(t)->nwaiting == 0 && task_dispatch(t) < 0)
         goto error;
     /* Take in what finished meanwhile, so dependents start while the caller keeps tracing. */
     if (graph_pump() < 0)
@@ -843,7 +872,7 @@ wait_finished(graph_task *t)
         record_event(Py_BuildValue("(sKOi)", "wait", (unsigned long long)t->id, filename, line));
     }
     while (!graph_task_finished(t)) {
-        if (t->state == TASK_WAITING && t->nwaiting == 0 && task_dispatch(t) < 0)
+        if (t->state == TASK_WAITING && EXTRA(t)->nwaiting == 0 && task_dispatch(t) < 0)
             return -1;
         progress_report(0);
         if (exec_poll(progress_fn ? 0.1 : -1, on_result, NULL) < 0) {
@@ -896,15 +925,15 @@ raise_task_error(graph_task *t)
     t->reported = 1;
     if (raised == NULL)
         raised = PyDict_New();
-    if (raised != NULL && t->seq >= 0 && PyDict_GetItem(raised, t->error) == NULL) {
+    if (raised != NULL && t->seq >= 0 && PyDict_GetItem(raised, t->value) == NULL) {
         PyObject *seq = PyLong_FromSsize_t(t->seq);
-        if (seq == NULL || PyDict_SetItem(raised, t->error, seq) < 0)
+        if (seq == NULL || PyDict_SetItem(raised, t->value, seq) < 0)
             PyErr_Clear();
         Py_XDECREF(seq);
     }
     /* SetObject, not Restore: chains __context__ to an exception being handled, as a raise in
      * plain Python would; the worker traceback already on the exception is kept. */
-    PyErr_SetObject((PyObject *)Py_TYPE(t->error), t->error);
+    PyErr_SetObject((PyObject *)Py_TYPE(t->value), t->value);
 }
 
 static graph_task *
@@ -991,15 +1020,17 @@ graph_task_undone(graph_task *t)
 int
 graph_task_log_store(graph_task *t, PyObject *name, PyObject *old)
 {
-    if (t->prev == NULL && (t->prev = PyDict_New()) == NULL)
+    if (task_extra_of(t) == NULL)
         return -1;
-    return PyDict_SetItem(t->prev, name, old);
+    if (t->extra->prev == NULL && (t->extra->prev = PyDict_New()) == NULL)
+        return -1;
+    return PyDict_SetItem(t->extra->prev, name, old);
 }
 
 PyObject *
 graph_task_prev(graph_task *t, PyObject *name)
 {
-    return t->prev ? PyDict_GetItem(t->prev, name) : NULL;
+    return EXTRA(t)->prev ? PyDict_GetItem(EXTRA(t)->prev, name) : NULL;
 }
 
 int
@@ -1063,7 +1094,7 @@ graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cutp, Py_ssize_t
             /* An earlier call of the region failed first: its exception is the one caught. */
             raise_task_error(t);
             PyErr_Clear();
-            Py_SETREF(result, Py_NewRef(t->error));
+            Py_SETREF(result, Py_NewRef(t->value));
             cut = i;
             Py_DECREF(t);
             break;

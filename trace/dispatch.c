@@ -311,6 +311,15 @@ helper_force_deep(PyObject *module, PyObject *x)
     return trace_force_deep(x);
 }
 
+static int
+is_module_namespace(PyObject *dict)
+{
+    static PyObject *builtins_key;
+    if (builtins_key == NULL && (builtins_key = PyUnicode_InternFromString("__builtins__")) == NULL)
+        PyErr_Clear();
+    return builtins_key && PyDict_GetItem(dict, builtins_key) != NULL;
+}
+
 /* store_subscr(value, container, key): container[key] = value; a move into exact lists/dicts. */
 static PyObject *
 helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
@@ -326,7 +335,10 @@ helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     key = trace_force_deep(argv[2]);
     if (key == NULL)
         goto done;
-    if (PyList_CheckExact(container) || PyDict_CheckExact(container)) {
+    /* A move into a list or dict; not into a module's namespace (globals()[k] = v), which any
+     * plain function may read at once. */
+    if (PyList_CheckExact(container) ||
+        (PyDict_CheckExact(container) && !is_module_namespace(container))) {
         value = Py_NewRef(argv[0]);
         if (graph_is_task(value) && trace_note_move(container) < 0)
             goto done;
