@@ -241,6 +241,31 @@ def test_worker_killed_mid_task_is_replaced_and_task_rerun(tmp_path):
     assert report["again"] == [1, 2, 3, 4]
 
 
+def test_worker_killed_from_outside(tmp_path):
+    """As the OOM killer would: SIGKILL to a worker in the middle of a task it did not cause."""
+    scenario = Scenario(r'''
+        started = sys.argv[1]
+
+        @pydron.functional
+        def steady(i, started):
+            open(os.path.join(started, f"started-{i}-{os.getpid()}"), "w").close()
+            time.sleep(1.5)
+            return i * 3
+
+        @pydron.schedule
+        def run(n):
+            return [steady(i, started) for i in range(n)]
+
+        report(first=run(4), again=incs(3))
+    ''', tmp_path, timeout=60)
+    scenario.wait_for_files("started-", count=1)
+    victim = int(next(f for f in os.listdir(tmp_path) if f.startswith("started-")).split("-")[2])
+    os.kill(victim, signal.SIGKILL)
+    report = scenario.run()
+    assert report["first"] == [0, 3, 6, 9]
+    assert report["again"] == [1, 2, 3]
+
+
 DEATHS = {
     "exit3": ("os._exit(3)", r"\b3\b"),
     "sigkill": ("os.kill(os.getpid(), signal.SIGKILL)", r"SIGKILL|signal 9\b"),
@@ -434,6 +459,36 @@ def test_ctrl_c_cancels_tasks_and_pool_stays_usable(tmp_path, target):
         os.kill(scenario.proc.pid, signal.SIGINT)
     else:
         os.killpg(scenario.proc.pid, signal.SIGINT)
+    report = scenario.run()
+    assert report["outcome"] == "interrupted"
+    assert report["again"] == [1, 2, 3, 4, 5]
+
+
+def test_ctrl_c_while_submitting(tmp_path):
+    """SIGINT lands while the scheduled function is busy submitting thousands of tiny tasks
+    (possibly inside pydron's own code): KeyboardInterrupt, then a usable pool, nothing left."""
+    scenario = Scenario(r'''
+        started = sys.argv[1]
+
+        @pydron.schedule
+        def flood():
+            rs = []
+            for i in range(10 ** 7):
+                rs.append(inc(i))
+                if i == 2000:
+                    open(os.path.join(started, "started-flood"), "w").close()
+            return len(rs)
+
+        try:
+            flood()
+            outcome = "finished"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+        report(outcome=outcome, again=incs(5))
+    ''', tmp_path, timeout=60)
+    scenario.wait_for_files("started-", count=1)
+    time.sleep(0.2)
+    os.killpg(scenario.proc.pid, signal.SIGINT)
     report = scenario.run()
     assert report["outcome"] == "interrupted"
     assert report["again"] == [1, 2, 3, 4, 5]

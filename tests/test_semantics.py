@@ -214,6 +214,7 @@ def test_kill_switch_runs_corpus_plainly(expected_outcomes):
     results = pickle.loads(proc.stdout)
     assert set(results) == set(expected_outcomes)
     problems = []
+    assert not any(enabled for *_, enabled in results.values()), "enabled despite PYDRON_DISABLE"
     for name, (value, exc_type, message, stdout, _) in results.items():
         got = harness.Outcome(value=value, exc_type=exc_type, exc_message=message, stdout=stdout)
         expected = expected_outcomes[name]
