@@ -71,6 +71,13 @@ def functional(fn=None, *, executor: str = "processes"):
                          f"got {executor!r}")
 
     def mark(f):
+        if _is_ctypes_pointer(f):
+            if executor != "threads":
+                raise ValueError("@pydron.functional: a ctypes function pointer runs on threads "
+                                 "(executor=\"threads\"), through libffi with the GIL released")
+            if not _killed() and _core is not None:
+                _core._mark_native(f)
+            return f
         inner = _target(f, "functional")
         if not _killed() and _core is not None:
             _core._mark(inner, _FUNCTIONAL, executor == "threads")
@@ -78,6 +85,12 @@ def functional(fn=None, *, executor: str = "processes"):
         return f
 
     return mark if fn is None else mark(fn)
+
+
+def _is_ctypes_pointer(obj) -> bool:
+    import sys
+    ctypes = sys.modules.get("ctypes")
+    return ctypes is not None and isinstance(obj, ctypes._CFuncPtr)
 
 
 def schedule(fn):

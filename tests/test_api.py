@@ -113,3 +113,30 @@ def test_llvm_jit_compiles_and_runs():
     versions = _core.versions()
     assert set(versions) == {"python", "llvm", "libffi", "xxhash"}
     assert versions["llvm"][0].isdigit() and versions["xxhash"].count(".") == 2
+
+
+def test_ctypes_function_pointer_is_a_functional_thread_task():
+    proc = _run("""
+        import ctypes, ctypes.util, math, pydron
+        libm = ctypes.CDLL(ctypes.util.find_library("m"))
+        cos = libm.cos
+        cos.argtypes = [ctypes.c_double]
+        cos.restype = ctypes.c_double
+        assert pydron.functional(cos, executor="threads") is cos
+        try:
+            pydron.functional(libm.sin, executor="processes")
+        except ValueError as exc:
+            assert "runs on threads" in str(exc)
+        else:
+            raise AssertionError("processes accepted for a ctypes pointer")
+        @pydron.schedule
+        def run(xs):
+            return [cos(x) for x in xs]
+        pydron.enable(workers=2)
+        before = pydron.stats()["submitted"]
+        got = run([0.0, 1.0, 2.0])
+        assert got == [math.cos(0.0), math.cos(1.0), math.cos(2.0)], got
+        print(pydron.stats()["submitted"] - before)
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3"     # each call ran as a task

@@ -8,6 +8,8 @@
 /* Method definitions of list.append/extend/insert, compared by pointer: moves, not reads. */
 static PyMethodDef *list_append_def, *list_extend_def, *list_insert_def;
 static PyObject *builtin_len;
+/* Native callables (ctypes function pointers) marked functional: {id: object}. */
+static PyObject *native_functional;
 
 static PyMethodDef *
 method_def_of(PyObject *obj, const char *name)
@@ -163,6 +165,21 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 PyMem_Free(with_self);
                 goto done;
             }
+        }
+    }
+    if (native_functional && PyDict_GET_SIZE(native_functional) && trace_enabled &&
+        !exec_in_worker()) {
+        /* A ctypes function pointer marked functional: a thread task called through libffi. */
+        PyObject *key = PyLong_FromVoidPtr(callable);
+        int found = key ? PyDict_Contains(native_functional, key) : -1;
+        Py_XDECREF(key);
+        if (found < 0) {
+            result = NULL;
+            goto done;
+        }
+        if (found) {
+            result = submit_task(callable, NULL, args, nargs, kwnames, 1);
+            goto done;
         }
     }
     if (PyCFunction_Check(callable)) {
@@ -465,7 +482,24 @@ helper_undo(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return Py_NewRef(back ? saved : current);
 }
 
+/* _mark_native(fn): a ctypes function pointer becomes a functional thread task when called from
+ * scheduled code (its declared argtypes/restype let libffi call it with the GIL released). */
+static PyObject *
+helper_mark_native(PyObject *module, PyObject *fn)
+{
+    if (native_functional == NULL && (native_functional = PyDict_New()) == NULL)
+        return NULL;
+    PyObject *key = PyLong_FromVoidPtr(fn);
+    if (key == NULL)
+        return NULL;
+    int rc = PyDict_SetItem(native_functional, key, fn);
+    Py_DECREF(key);
+    return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
 static PyMethodDef dispatch_methods[] = {
+    {"_mark_native", helper_mark_native, METH_O,
+     "_mark_native(fn): a ctypes function pointer called from scheduled code is a thread task."},
     {"call", (PyCFunction)(void (*)(void))helper_call, METH_FASTCALL,
      "call(callable, args, kwnames=None): a call site of scheduled code."},
     {"call_ex", (PyCFunction)(void (*)(void))helper_call_ex, METH_FASTCALL,
