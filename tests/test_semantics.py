@@ -200,7 +200,7 @@ for case in load_all():
     args, kwargs = case.fresh_arguments()
     o = harness.capture(lambda: case.fn(*args, **kwargs))
     out[case.name] = (o.value, o.exc_type, o.exc_message, o.stdout, pydron.is_enabled())
-sys.stdout.buffer.write(pickle.dumps(out))
+sys.stdout.buffer.write(pickle.dumps(out, protocol=5))  # 4 makes arrays native-endian
 """
 
 

@@ -28,7 +28,7 @@ _HEADER = struct.Struct("<Q")
 
 
 def _write(fd: int, obj) -> None:
-    data = pickle.dumps(obj)
+    data = pickle.dumps(obj, protocol=5)   # below 5, numpy arrays come back native-endian
     view = memoryview(_HEADER.pack(len(data)) + data)
     while view:
         view = view[os.write(fd, view):]
