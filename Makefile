@@ -65,6 +65,12 @@ asan:
 	$(PY) -m pytest -q -x tests -m "not nosan"
 	$(MAKE) build
 
+# The C core under valgrind memcheck (master and workers): errors and definite leaks whose stack
+# passes through pydron's C code fail the run.
+valgrind: setup
+	tools/install-system-deps.sh valgrind
+	$(PY) tools/valgrind-check.py $(PY) tests/valgrind/smoke.py
+
 bench: setup
 	mkdir -p bench/results
 	$(PY) -m pydron bench --json bench/results/bench.json --plot bench/results/bench.png
