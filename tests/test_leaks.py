@@ -1,6 +1,6 @@
 """Leak check: 10,000 scheduled calls, each submitting a couple of tiny tasks (some failing, some
-carrying a numpy buffer), leave the object count, refcounts and RSS of the master and the workers
-flat. Measured after a warm-up of 10,000 calls; run in a subprocess so nothing else pollutes it."""
+carrying a numpy buffer, some through a nested scheduled call and a thread-executor task), leave the object count, refcounts, open file descriptors, threads and
+RSS of the master and the workers flat. Measured after a warm-up of 10,000 calls; run in a subprocess so nothing else pollutes it."""
 
 import json
 import subprocess
@@ -41,18 +41,30 @@ def add(a, b):
 def buffer_sum(arr, k):
     return float(arr[k])
 
+@pydron.functional(executor="threads")
+def thread_neg(x):
+    return -x
+
+@pydron.schedule
+def nested(b):
+    return add(thread_neg(b), b)            # adds 0, through a thread task and a nested call
+
 @pydron.schedule
 def step(i, shared, offsets, buffer):
     a = inc(i)
     b = add(a, offsets[0])
     if i % 10 == 3:
         b = add(b, buffer_sum(buffer, i % 100))
+    if i % 5 == 1:
+        b = add(b, nested(b))
     return add(b, shared.offset)
 
 def expected(i):
     r = i + 1 + offsets[0]
     if i % 10 == 3:
         r += float(buffer[i % 100])
+    if i % 5 == 1:
+        r += 0
     return r + shared.offset
 
 def calls(start, n):
@@ -73,10 +85,13 @@ def measure():
     workers = {p.pid: rss(p) for p in me.children(recursive=True)}
     return {
         "objects": len(gc.get_objects()),
+        "fds": me.num_fds(),
+        "threads": me.num_threads(),
+        "worker_fds": {p.pid: p.num_fds() for p in me.children(recursive=True)},
         "rss": rss(me),
         "workers": workers,
         "refcounts": [sys.getrefcount(o) for o in (shared, offsets, buffer, step, inc, add,
-                                                    buffer_sum, Shared)],
+                                                    buffer_sum, Shared, nested, thread_neg)],
         "stats": pydron.stats() if hasattr(pydron, "stats") else {},
     }
 
@@ -103,9 +118,16 @@ def test_ten_thousand_scheduled_calls_leave_no_leak(tmp_path):
     before, after = report["before"], report["after"]
 
     assert after["refcounts"] == before["refcounts"], \
-        "refcounts of (shared arg, list arg, array arg, step, inc, add, buffer_sum, class) moved"
+        "refcounts of (shared arg, list arg, array arg, step, inc, add, buffer_sum, class, " \
+        "nested, thread_neg) moved"
     growth = after["objects"] - before["objects"]
     assert growth < 300, f"gc-tracked objects grew by {growth} over 10,000 calls"
+    assert after["fds"] == before["fds"], f"open fds went {before['fds']} -> {after['fds']}"
+    assert after["threads"] == before["threads"], \
+        f"threads went {before['threads']} -> {after['threads']}"
+    for pid, fds in before["worker_fds"].items():
+        if pid in after["worker_fds"]:
+            assert after["worker_fds"][pid] == fds, f"worker {pid} fds {fds} -> {after['worker_fds'][pid]}"
     rss_growth = after["rss"] - before["rss"]
     assert rss_growth < 4 * MB, f"master RSS grew by {rss_growth / MB:.1f} MB"
     for pid, rss_before in before["workers"].items():
