@@ -3,6 +3,7 @@ arguments, *args/**kwargs to functional and scheduled callees, nested and recurs
 functions, generators and lambdas defined inside, scheduled methods with super(), locals() and
 sys._getframe(), a functional staticmethod, the thread executor."""
 
+import functools
 import sys
 
 import pydron
@@ -292,3 +293,68 @@ def call_undecorated_helper(x):
 
     r = square(x)
     return helper(r), helper(x)
+
+
+class Scaler:
+    """A functional instance method: `self` travels with the task, as it was at the call."""
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    @pydron.functional
+    def apply(self, x):
+        return x * self.factor
+
+    @classmethod
+    @pydron.schedule
+    def build_and_apply(cls, factor, xs):
+        s = cls(factor)
+        return [s.apply(x) for x in xs]
+
+
+@case([1, 2, 3])
+@pydron.schedule
+def functional_bound_method(xs):
+    s = Scaler(10)
+    first = [s.apply(x) for x in xs]
+    s.factor = 100                      # after the calls: they saw factor 10
+    second = s.apply(xs[0])
+    return first, second, Scaler.build_and_apply(3, xs)
+
+
+def logged(fn):
+    """A user decorator around a scheduled function."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        print("calling", fn.__name__)
+        result = fn(*args, **kwargs)
+        print("done", fn.__name__)
+        return result
+    return wrapper
+
+
+@logged
+@pydron.schedule
+def wrapped_scheduled(xs):
+    return [square(x) for x in xs]
+
+
+@case([1, 2, 3], known_differences=dict.fromkeys(
+    ("reference", "reference-threads"),
+    "the reference runtime has no frame hook: a scheduled function reached through plain code "
+    "(the decorator's wrapper) runs plainly, so no task is submitted"))
+@pydron.schedule
+def user_decorator_around_scheduled(xs):
+    return wrapped_scheduled(xs), wrapped_scheduled(xs[:1]), wrapped_scheduled.__name__
+
+
+@functools.lru_cache(maxsize=None)
+def cached_plain(x):
+    return x * 7
+
+
+@case([1, 2, 1])
+@pydron.schedule
+def cached_plain_helper_on_results(xs):
+    rs = [square(x) for x in xs]
+    return [cached_plain(r) for r in rs], [cached_plain(x) for x in xs]
