@@ -210,3 +210,19 @@ def compare_instances(x):
     p = make_point(x, x)
     q = make_point(x, x)
     return p == q, p is q, p == Point(2, 2), p != make_point(0, 0)
+
+
+@case(3)
+@pydron.schedule
+def identity_after_in_place_forcing(n):
+    r = make_list(n)
+    lst = [r, r]
+    print(lst)                                   # forces the list's items in place
+    big = identity(10 ** 30)
+    holder = {"k": big, "t": (big,)}
+    text = str(holder)                           # forces the dict (and the tuple) in place
+    s = label(n)
+    pairs = [(s, s)]
+    joined = ",".join(pairs[0])
+    return (lst[0] is r, lst[1] is lst[0], holder["k"] is big, holder["t"][0] is big,
+            id(holder["k"]) == id(big), pairs[0][0] is s, text, joined)
