@@ -82,3 +82,20 @@ def results_to_plain_callbacks(xs):
 def partial_of_functional(xs):
     add_ten = functools.partial(add, 10)
     return [add_ten(x) for x in xs], [double(add_ten(x)) for x in xs]
+
+
+@case([1, 2, 3, 4])
+@pydron.schedule
+def results_used_from_other_threads(xs):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    rs = [square(x) for x in xs]
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(sum(rs)))
+    t.start()
+    t.join()
+    more = [double(x) for x in xs]
+    with ThreadPoolExecutor(2) as ex:
+        bumped = list(ex.map(lambda r: r + 1, more))
+        summed = ex.submit(lambda: sum(more) + rs[0]).result()
+    return seen, bumped, summed, rs
