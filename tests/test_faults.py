@@ -64,7 +64,7 @@ def incs(n):
 class Scenario:
     """One script run in a fresh process group, with the leftover checks done afterwards."""
 
-    def __init__(self, body, tmp_path, timeout=60):
+    def __init__(self, body, tmp_path, timeout=60, extra_args=()):
         self.script = PRELUDE + textwrap.dedent(body)
         self.tmp_path = tmp_path
         self.timeout = timeout
@@ -78,7 +78,7 @@ class Scenario:
         self.stderr_path = tmp_path / "stderr.txt"
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(path), str(tmp_path)], cwd=tmp_path, text=True,
+                [sys.executable, str(path), str(tmp_path), *extra_args], cwd=tmp_path, text=True,
                 stdout=out, stderr=err, start_new_session=True)
         self.seen_children = []
 
@@ -429,10 +429,17 @@ def test_exception_inside_try_except(tmp_path):
 CTRL_C = r'''
     started = sys.argv[1]
 
+    spin = sys.argv[2] == "spin"
+
     @pydron.functional
     def slow_task(i, started):
         open(os.path.join(started, f"started-{i}"), "w").close()
-        time.sleep(60)
+        if spin:                    # CPU-bound, never blocking: cancellation must still stop it
+            end = time.monotonic() + 60
+            while time.monotonic() < end:
+                pass
+        else:
+            time.sleep(60)
         return i
 
     @pydron.schedule
@@ -448,12 +455,13 @@ CTRL_C = r'''
 '''
 
 
+@pytest.mark.parametrize("tasks", ["sleep", "spin"])
 @pytest.mark.parametrize("target", ["process", "process-group"])
-def test_ctrl_c_cancels_tasks_and_pool_stays_usable(tmp_path, target):
+def test_ctrl_c_cancels_tasks_and_pool_stays_usable(tmp_path, target, tasks):
     """SIGINT while a scheduled call waits on 60 s tasks: KeyboardInterrupt reaches the script,
     the tasks are cancelled (the next call, needing the workers, finishes well within the
     timeout), and nothing is left behind. A terminal's Ctrl-C signals the whole group."""
-    scenario = Scenario(CTRL_C, tmp_path, timeout=40)
+    scenario = Scenario(CTRL_C, tmp_path, timeout=40, extra_args=[tasks])
     scenario.wait_for_files("started-", count=2)
     if target == "process":
         os.kill(scenario.proc.pid, signal.SIGINT)
