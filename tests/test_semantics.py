@@ -43,7 +43,15 @@ def _disable_at_end():
 @pytest.fixture(scope="session")
 def case_server():
     """Where pydron-mode cases run (pydron enabled, 2 workers)."""
-    server = CaseServer(timeout=60, enable=True)
+    server = CaseServer(timeout=60, workers=2)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def one_worker_server():
+    """Pydron with a single worker: no task may wait for another queued behind it."""
+    server = CaseServer(timeout=60, workers=1)
     yield server
     server.close()
 
@@ -52,13 +60,15 @@ def case_server():
 def reference_server():
     """Where the reference runtime's cases run: its thread mode can deadlock, which must fail the
     case, not hang the run. The cases are tiny, so a short timeout suffices."""
-    server = CaseServer(timeout=30, enable=False)
+    server = CaseServer(timeout=30, workers=0)
     yield server
     server.close()
 
 
 def _server_for(mode, request):
-    return request.getfixturevalue("case_server" if mode == "pydron" else "reference_server")
+    fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server"}.get(
+        mode, "reference_server")
+    return request.getfixturevalue(fixture)
 
 
 def test_corpus_size():

@@ -24,7 +24,7 @@ import pydron
 from .registry import Case, load_all
 
 WORKERS = 2
-MODES = ("plain", "reference", "reference-threads", "pydron")
+MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker")
 
 
 @dataclasses.dataclass
@@ -172,7 +172,10 @@ def run_reference(case: Case, threads: int = 0) -> Outcome:
     return outcome
 
 
-RUNNERS = {"plain": run_plain, "pydron": run_pydron, "reference": run_reference,
+# "pydron-1worker" is run_pydron in a process that enabled pydron with one worker (the case
+# server does that): a task must never wait for one queued behind it.
+RUNNERS = {"plain": run_plain, "pydron": run_pydron, "pydron-1worker": run_pydron,
+           "reference": run_reference,
            "reference-threads": lambda case: run_reference(case, threads=WORKERS)}
 
 

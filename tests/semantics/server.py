@@ -1,12 +1,13 @@
 """Runs pydron-mode semantics checks in a separate process, so that a crash or hang of the C core
 fails the one test that caused it instead of the whole run.
 
-The client (`CaseServer`) starts `python -m semantics.server RFD WFD ENABLE` and exchanges
+The client (`CaseServer`) starts `python -m semantics.server RFD WFD WORKERS` and exchanges
 length-prefixed pickles over two dedicated pipes (stdout stays free for what the cases print). The
-server computes every case's plain outcome once with pydron disabled, then (ENABLE=1) enables
-pydron with 2 workers, and answers requests until its input closes. The reference runtime's modes
-use a server that never enables pydron: a deadlock there must not hang the run either. If it dies, the client reports how, with the tail of its
-stderr (faulthandler's stack dump), and the next request starts a fresh server.
+server computes every case's plain outcome once with pydron disabled, then (WORKERS > 0) enables
+pydron with that many workers, and answers requests until its input closes. The reference
+runtime's modes use a server that never enables pydron (WORKERS = 0): a deadlock there must not
+hang the run either. If a server dies, the client reports how, with the tail of its stderr
+(faulthandler's stack dump), and the next request starts a fresh server.
 """
 
 from __future__ import annotations
@@ -77,14 +78,17 @@ def _handle(kind: str, arg, expected: dict, cases: dict):
     raise ValueError(f"unknown request {kind!r}")
 
 
-def serve(rfd: int, wfd: int, enable: bool) -> None:
+def serve(rfd: int, wfd: int, workers: int) -> None:
+    """workers=0: pydron stays disabled (reference modes); otherwise enabled with that many."""
     faulthandler.enable()
     from semantics import harness
     from semantics.registry import load_all
+    if workers:
+        harness.WORKERS = workers
     cases = {c.name: c for c in load_all()}
     with harness.pydron_disabled():
         expected = {name: harness.run_plain(c) for name, c in cases.items()}
-    if enable:
+    if workers:
         harness.ensure_enabled()
     while True:
         request = _read(rfd)
@@ -114,9 +118,9 @@ class CaseServer:
 
     MAX_HANGS_IN_A_ROW = 3
 
-    def __init__(self, timeout: float = 120.0, enable: bool = True):
+    def __init__(self, timeout: float = 120.0, workers: int = 2):
         self.timeout = timeout
-        self.enable = enable
+        self.workers = workers
         self.proc = None
         self.answered = False        # has the current server answered anything yet?
         self.broken = None           # why a server could not even start (then: fail fast)
@@ -129,7 +133,7 @@ class CaseServer:
         tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "semantics.server", str(to_server_r), str(from_server_w),
-             "1" if self.enable else "0"],
+             str(self.workers)],
             pass_fds=(to_server_r, from_server_w), cwd=tests_dir, stdout=subprocess.DEVNULL,
             stderr=self._stderr)
         os.close(to_server_r)
@@ -214,4 +218,4 @@ class CaseServer:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1")
+    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
