@@ -280,8 +280,10 @@ def test_task_that_always_kills_its_worker(tmp_path, death):
     report = Scenario(rf'''
         attempts = os.path.join(sys.argv[1], "attempts")
 
+        import numpy as np
+
         @pydron.functional
-        def doomed_task(x, attempts):
+        def doomed_task(x, grid, attempts):
             with open(attempts, "a") as f:
                 f.write("attempt\n")
             {how}
@@ -290,7 +292,7 @@ def test_task_that_always_kills_its_worker(tmp_path, death):
         @pydron.schedule
         def run(x):
             ok = inc(x)
-            return ok, doomed_task(ok, attempts)
+            return ok, doomed_task(ok, np.zeros((3, 4)), attempts)
 
         try:
             run(1)
@@ -307,6 +309,7 @@ def test_task_that_always_kills_its_worker(tmp_path, death):
     assert "doomed_task" in message, message
     import re
     assert re.search(pattern, message), f"the message does not name how the worker died: {message}"
+    assert re.search(r"3\s*[x×,]\s*4", message), f"the message does not give argument shapes: {message}"
     assert report["attempts"] == 3, "a task is retried until it has killed 3 workers"
     assert report["again"] == [1, 2, 3], "the pool is usable afterwards"
 
