@@ -141,16 +141,29 @@ class Scenario:
         children = [tuple(c) for c in report.get("children", [])] + self.seen_children
         alive = _wait_gone(self.proc.pid, children, timeout=10)
         if alive:
-            described = [f"{p.pid} {p.name()} {p.cmdline()[:4]}" for p in alive]
+            described = [_describe(p) for p in alive]
             _kill_tree(self.proc.pid, children)
             pytest.fail(f"processes left behind by the scenario: {described}")
         if not check_shm:
             return
         stale = [path for path in report.get("shm", []) if os.path.exists(path)]
         assert not stale, f"shared memory the scenario used is still there: {stale}"
-        new = _shm_entries() - self.shm_before
-        leaked = sorted(name for name in new if not _in_use_by_anyone(os.path.join(SHM, name)))
+        leaked = self._unused_new_shm()
+        if leaked:
+            time.sleep(1.0)     # another test run's segment in the making is gone or in use by now
+            leaked = self._unused_new_shm()
         assert not leaked, f"new entries in {SHM} that no process uses: {leaked}"
+
+    def _unused_new_shm(self):
+        new = _shm_entries() - self.shm_before
+        return sorted(name for name in new if not _in_use_by_anyone(os.path.join(SHM, name)))
+
+
+def _describe(p):
+    try:
+        return f"{p.pid} {p.name()} {p.cmdline()[:4]}"
+    except psutil.Error:
+        return f"{p.pid} (gone while being described)"
 
 
 def _shm_entries():
