@@ -8,6 +8,7 @@ thread pool), whose results are `Pending` objects until forced.
 from __future__ import annotations
 
 import builtins
+import copy
 import ctypes
 import types
 import warnings
@@ -27,6 +28,7 @@ _MOVE_METHODS = {
     list: {"append": "-", "extend": "S", "insert": "D-", "pop": "D", "copy": "", "clear": ""},
     dict: {"get": "D-", "pop": "D-", "setdefault": "D-", "copy": "", "clear": ""},
 }
+_IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None), range, frozenset})
 _LEN_MOVES = (list, tuple, dict, set, frozenset, str, bytes)
 
 
@@ -100,7 +102,13 @@ class ReferenceRuntime:
             return tuple(cls._snapshot(x) for x in v)
         if t is dict:
             return {k: cls._snapshot(x) for k, x in v.items()}
-        return v
+        if t is Pending or t in _IMMUTABLE:
+            return v
+        # other objects too, as the C core pickles arguments at the call
+        try:
+            return copy.deepcopy(v)
+        except Exception:  # noqa: BLE001 - what cannot be copied is passed as it is
+            return v
 
     def _submit(self, fn, args, kwargs):
         args = [self._snapshot(a) for a in args]
@@ -355,6 +363,10 @@ class ReferenceRuntime:
 
     def _dispatch(self, fn, args, kwargs):
         if self.is_functional(fn):
+            if isinstance(fn, types.MethodType):
+                # the bound instance is an argument too: snapshot it at call time
+                args = (fn.__self__,) + tuple(args)
+                fn = fn.__func__
             return self._submit(fn, args, kwargs)
         if self.is_scheduled(fn):
             if isinstance(fn, types.MethodType):
