@@ -154,6 +154,19 @@ static const char helpers_source[] =
 "        return pickle.dumps(err, protocol=5)\n"
 "    except Exception:\n"
 "        return pickle.dumps(RuntimeError(f'{typename(exc)} raised in a pydron worker'), protocol=5)\n"
+"def restore_builtin_state(exc):\n"
+"    # tblib rebuilds exceptions that carry attributes with __new__, skipping __init__: the\n"
+"    # builtin classes that derive state from their arguments (SystemExit.code, OSError.errno,\n"
+"    # StopIteration.value) get it back by running their own __init__ again.\n"
+"    for cls in type(exc).__mro__:\n"
+"        if cls.__module__ == 'builtins' and cls.__init__ is not BaseException.__init__ \\\n"
+"                and cls is not object and '__init__' in cls.__dict__:\n"
+"            try:\n"
+"                cls.__init__(exc, *exc.args)\n"
+"            except Exception:\n"
+"                pass\n"
+"            break\n"
+"    return exc\n"
 "def undecodable_error(err):\n"
 "    return RuntimeError(f'pydron: a task failed in a worker process, and its exception could not '\n"
 "                        f'be rebuilt here: {type(err).__name__}: {err}')\n";
@@ -1344,8 +1357,13 @@ int exec_submit(const exec_task *et)
 static PyObject *decode_error(exec_blob *b)
 {
     PyObject *exc = exec_blob_decode(b);
-    if (exc != NULL && PyExceptionInstance_Check(exc))
+    if (exc != NULL && PyExceptionInstance_Check(exc)) {
+        PyObject *fixed = call_helper("restore_builtin_state", &exc, 1);
+        if (fixed == NULL)
+            PyErr_Clear();
+        Py_XDECREF(fixed);
         return exc;
+    }
     PyObject *err;
     if (exc) {
         Py_DECREF(exc);
