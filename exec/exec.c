@@ -919,8 +919,12 @@ exec_blob *exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec
     uint32_t nbufs;
     if (call == NULL)
         goto done;
-    if (exec__codec_dump(c, call, dep, ctx, &data, &len, &bufs, &nbufs) < 0)
+    if (exec__codec_dump(c, call, dep, ctx, &data, &len, &bufs, &nbufs) < 0) {
+        /* Ctrl-C (or SystemExit) while pickling is not a pickling problem: let it through. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            goto done;
         b = explain_encode_failure(c, fn, args, kwargs, dep, ctx);
+    }
     else
         b = blob_new(data, len, bufs, nbufs);
 done:
