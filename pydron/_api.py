@@ -31,7 +31,6 @@ else:
 
 _FUNCTIONAL, _SCHEDULED = 1, 2
 _atexit_registered = False
-_produced: "weakref.WeakSet[types.CodeType]" = weakref.WeakSet()
 _scheduled: "weakref.WeakSet[types.FunctionType]" = weakref.WeakSet()
 _enabled_hook = False   # PYDRON_INTERCEPT=hook: enter scheduled code through the PEP 523 hook
 
@@ -108,21 +107,15 @@ def schedule(fn):
 def _rewrite_code(code: types.CodeType):
     """Called by the C core the first time a scheduled code object runs: the rewritten code,
     or None to run it plainly (with the reason logged)."""
-    if code in _produced:
-        return code
     from pydron import _rewrite
 
+    if _rewrite.is_rewritten(code):    # e.g. a scheduled function defined in scheduled code
+        return code
     ok, reason = _rewrite.is_rewritable(code)
     if not ok:
         log.warning("pydron: %s runs plainly: %s", code.co_qualname, reason)
         return None
-    new = _rewrite.rewrite(code, _core)
-    stack = [new]
-    while stack:
-        c = stack.pop()
-        _produced.add(c)
-        stack.extend(k for k in c.co_consts if isinstance(k, types.CodeType))
-    return new
+    return _rewrite.rewrite(code, _core)
 
 
 def enable(workers: int | None = None, progress: bool = True, timeline: str | None = None):
