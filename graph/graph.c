@@ -216,122 +216,22 @@ task_repr(graph_task *t)
 /* The safety net: code the rewrite did not reach still sees the value through these slots. */
 #define FORCED(t) task_force_value((graph_task *)(t))
 
-static PyObject *
-task_getattro(PyObject *self, PyObject *name)
+/* Either operand of a binary slot may be the task: both as values (new references). */
+static int
+force_pair(PyObject *a, PyObject *b, PyObject **va, PyObject **vb)
 {
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return NULL;
-    PyObject *r = PyObject_GetAttr(v, name);
-    Py_DECREF(v);
-    return r;
-}
-
-static PyObject *
-task_str(PyObject *self)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return NULL;
-    PyObject *r = PyObject_Str(v);
-    Py_DECREF(v);
-    return r;
-}
-
-static Py_hash_t
-task_hash(PyObject *self)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
+    *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);
+    if (*va == NULL)
         return -1;
-    Py_hash_t h = PyObject_Hash(v);
-    Py_DECREF(v);
-    return h;
-}
-
-static PyObject *
-task_richcompare(PyObject *a, PyObject *b, int op)
-{
-    PyObject *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);
-    if (va == NULL)
-        return NULL;
-    PyObject *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);
-    if (vb == NULL) {
-        Py_DECREF(va);
-        return NULL;
+    *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);
+    if (*vb == NULL) {
+        Py_CLEAR(*va);
+        return -1;
     }
-    PyObject *r = PyObject_RichCompare(va, vb, op);
-    Py_DECREF(va);
-    Py_DECREF(vb);
-    return r;
+    return 0;
 }
 
-static PyObject *
-task_iter(PyObject *self)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return NULL;
-    PyObject *r = PyObject_GetIter(v);
-    Py_DECREF(v);
-    return r;
-}
-
-static PyObject *
-task_call(PyObject *self, PyObject *args, PyObject *kwargs)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return NULL;
-    PyObject *r = PyObject_Call(v, args, kwargs);
-    Py_DECREF(v);
-    return r;
-}
-
-static int
-task_bool(PyObject *self)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return -1;
-    int r = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return r;
-}
-
-static Py_ssize_t
-task_length(PyObject *self)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return -1;
-    Py_ssize_t r = PyObject_Length(v);
-    Py_DECREF(v);
-    return r;
-}
-
-static PyObject *
-task_subscript(PyObject *self, PyObject *key)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return NULL;
-    PyObject *r = PyObject_GetItem(v, key);
-    Py_DECREF(v);
-    return r;
-}
-
-static int
-task_contains(PyObject *self, PyObject *item)
-{
-    PyObject *v = FORCED(self);
-    if (v == NULL)
-        return -1;
-    int r = PySequence_Contains(v, item);
-    Py_DECREF(v);
-    return r;
-}
-
+/* slot(self) -> call(value), for slots returning an object. */
 #define TASK_UNARY(name, call)                                                                  \
     static PyObject *task_##name(PyObject *self)                                                \
     {                                                                                           \
@@ -342,6 +242,50 @@ task_contains(PyObject *self, PyObject *item)
         Py_DECREF(v);                                                                           \
         return r;                                                                               \
     }
+
+/* slot(self, arg) -> call(value, arg): the argument is not the task. */
+#define TASK_WITH_ARG(name, call)                                                               \
+    static PyObject *task_##name(PyObject *self, PyObject *arg)                                 \
+    {                                                                                           \
+        PyObject *v = FORCED(self);                                                             \
+        if (v == NULL)                                                                          \
+            return NULL;                                                                        \
+        PyObject *r = call(v, arg);                                                             \
+        Py_DECREF(v);                                                                           \
+        return r;                                                                               \
+    }
+
+/* slot(self) -> call(value), for slots returning a C scalar with `err` on failure. */
+#define TASK_SCALAR(name, type, err, call)                                                      \
+    static type task_##name(PyObject *self)                                                     \
+    {                                                                                           \
+        PyObject *v = FORCED(self);                                                             \
+        if (v == NULL)                                                                          \
+            return err;                                                                         \
+        type r = call(v);                                                                       \
+        Py_DECREF(v);                                                                           \
+        return r;                                                                               \
+    }
+
+/* Binary operators: either side may be the task. */
+#define TASK_BINARY(name, call)                                                                 \
+    static PyObject *task_##name(PyObject *a, PyObject *b)                                      \
+    {                                                                                           \
+        PyObject *va, *vb;                                                                      \
+        if (force_pair(a, b, &va, &vb) < 0)                                                     \
+            return NULL;                                                                        \
+        PyObject *r = call(va, vb);                                                             \
+        Py_DECREF(va);                                                                          \
+        Py_DECREF(vb);                                                                          \
+        return r;                                                                               \
+    }
+
+/* The safety net: code the rewrite did not reach still sees the value through these slots. */
+TASK_WITH_ARG(getattro, PyObject_GetAttr)
+TASK_WITH_ARG(subscript, PyObject_GetItem)
+TASK_WITH_ARG(format, PyObject_Format)
+TASK_UNARY(str, PyObject_Str)
+TASK_UNARY(iter, PyObject_GetIter)
 TASK_UNARY(neg, PyNumber_Negative)
 TASK_UNARY(pos, PyNumber_Positive)
 TASK_UNARY(abs, PyNumber_Absolute)
@@ -349,24 +293,9 @@ TASK_UNARY(invert, PyNumber_Invert)
 TASK_UNARY(int, PyNumber_Long)
 TASK_UNARY(float, PyNumber_Float)
 TASK_UNARY(index, PyNumber_Index)
-
-/* Binary operators: either side may be the task. */
-#define TASK_BINARY(name, call)                                                                 \
-    static PyObject *task_##name(PyObject *a, PyObject *b)                                      \
-    {                                                                                           \
-        PyObject *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);                             \
-        if (va == NULL)                                                                         \
-            return NULL;                                                                        \
-        PyObject *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);                             \
-        if (vb == NULL) {                                                                       \
-            Py_DECREF(va);                                                                      \
-            return NULL;                                                                        \
-        }                                                                                       \
-        PyObject *r = call(va, vb);                                                             \
-        Py_DECREF(va);                                                                          \
-        Py_DECREF(vb);                                                                          \
-        return r;                                                                               \
-    }
+TASK_SCALAR(hash, Py_hash_t, -1, PyObject_Hash)
+TASK_SCALAR(bool, int, -1, PyObject_IsTrue)
+TASK_SCALAR(length, Py_ssize_t, -1, PyObject_Length)
 TASK_BINARY(add, PyNumber_Add)
 TASK_BINARY(sub, PyNumber_Subtract)
 TASK_BINARY(mul, PyNumber_Multiply)
@@ -382,16 +311,23 @@ TASK_BINARY(xor, PyNumber_Xor)
 TASK_BINARY(matmul, PyNumber_MatrixMultiply)
 
 static PyObject *
+task_richcompare(PyObject *a, PyObject *b, int op)
+{
+    PyObject *va, *vb;
+    if (force_pair(a, b, &va, &vb) < 0)
+        return NULL;
+    PyObject *r = PyObject_RichCompare(va, vb, op);
+    Py_DECREF(va);
+    Py_DECREF(vb);
+    return r;
+}
+
+static PyObject *
 task_pow(PyObject *a, PyObject *b, PyObject *c)
 {
-    PyObject *va = graph_is_task(a) ? FORCED(a) : Py_NewRef(a);
-    if (va == NULL)
+    PyObject *va, *vb;
+    if (force_pair(a, b, &va, &vb) < 0)
         return NULL;
-    PyObject *vb = graph_is_task(b) ? FORCED(b) : Py_NewRef(b);
-    if (vb == NULL) {
-        Py_DECREF(va);
-        return NULL;
-    }
     PyObject *r = PyNumber_Power(va, vb, c);
     Py_DECREF(va);
     Py_DECREF(vb);
@@ -399,12 +335,23 @@ task_pow(PyObject *a, PyObject *b, PyObject *c)
 }
 
 static PyObject *
-task_format(PyObject *self, PyObject *spec)
+task_call(PyObject *self, PyObject *args, PyObject *kwargs)
 {
     PyObject *v = FORCED(self);
     if (v == NULL)
         return NULL;
-    PyObject *r = PyObject_Format(v, spec);
+    PyObject *r = PyObject_Call(v, args, kwargs);
+    Py_DECREF(v);
+    return r;
+}
+
+static int
+task_contains(PyObject *self, PyObject *item)
+{
+    PyObject *v = FORCED(self);
+    if (v == NULL)
+        return -1;
+    int r = PySequence_Contains(v, item);
     Py_DECREF(v);
     return r;
 }
