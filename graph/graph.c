@@ -474,6 +474,7 @@ graph_task_finished(graph_task *t)
 
 static int task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object);
 static int order_append(graph_task *t);
+static void fail_inflight(PyObject *exc_type, const char *message);
 
 /* Thread tasks get values, not encodings: copy the argument containers, replacing tasks. */
 static PyObject *
@@ -827,6 +828,12 @@ wait_finished(graph_task *t)
                 graph_cancel_all();
             return -1;
         }
+        /* The executor holds nothing any more (shut down at exit under a thread still waiting):
+         * its tasks will never come back. Failing them ends this loop, which would otherwise
+         * spin holding the GIL and keep the interpreter from finalizing. */
+        if (t->state == TASK_QUEUED && exec_outstanding() == 0)
+            fail_inflight(PyExc_RuntimeError,
+                          "pydron: the executor was shut down before this task finished");
     }
     return 0;
 }
@@ -1117,28 +1124,35 @@ graph_wait(graph_task *t)
     return task_force_value(t);
 }
 
-void
-graph_cancel_all(void)
+/* Fail every task handed to exec and not back, with exc_type(message). */
+static void
+fail_inflight(PyObject *exc_type, const char *message)
 {
     PyObject *exc = PyErr_GetRaisedException();
-    exec_cancel_all();
     PyObject *tasks = PyDict_Values(inflight);
     PyDict_Clear(inflight);
     if (tasks != NULL) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(tasks); i++) {
-            graph_task *t = (graph_task *)PyList_GET_ITEM(tasks, i);
-            PyObject *err = PyObject_CallFunction(PyExc_KeyboardInterrupt, "s",
-                                                  "cancelled by Ctrl-C");
+            PyObject *err = PyObject_CallFunction(exc_type, "s", message);
             if (err == NULL) {
                 PyErr_Clear();
                 continue;
             }
-            task_finish(t, 1, NULL, err);
+            task_finish((graph_task *)PyList_GET_ITEM(tasks, i), 1, NULL, err);
         }
         Py_DECREF(tasks);
     }
     PyErr_Clear();
     PyErr_SetRaisedException(exc);
+}
+
+void
+graph_cancel_all(void)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    exec_cancel_all();
+    PyErr_SetRaisedException(exc);
+    fail_inflight(PyExc_KeyboardInterrupt, "cancelled by Ctrl-C");
 }
 
 PyObject *
