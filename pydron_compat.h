@@ -33,6 +33,17 @@ PyErr_SetRaisedException(PyObject *exc)
 }
 #endif
 
+/* An attribute that may be missing: 1 and a new reference, 0 if absent, -1 + exception. */
+static inline int
+compat_lookup_attr(PyObject *obj, PyObject *name, PyObject **result)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyObject_GetOptionalAttr(obj, name, result);
+#else
+    return _PyObject_LookupAttr(obj, name, result);
+#endif
+}
+
 /* Per-code extra slots: underscore names on 3.11, PyUnstable_ names from 3.12. */
 #if PY_VERSION_HEX >= 0x030C0000
 #define compat_code_get_extra PyUnstable_Code_GetExtra

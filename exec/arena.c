@@ -239,6 +239,20 @@ int arena_block_of(arena *a, const void *p, uint64_t *blk, size_t *blk_len)
     return 0;
 }
 
+int arena_block_len(arena *a, uint64_t blk, size_t *blk_len)
+{
+    if (blk < a->data_start || (blk - a->data_start) % ARENA_PAGE != 0)
+        return -1;
+    uint64_t page = page_of(a, blk);
+    if (page >= a->npages || !bit_get(used_map(a), page) || owner(a)[page] != page)
+        return -1;
+    uint32_t n = block_pages(a)[page];
+    if (n == 0 || page + n > a->npages)
+        return -1;
+    *blk_len = (size_t)n * ARENA_PAGE;
+    return 0;
+}
+
 void arena_get_stats(arena *a, arena_stats *s)
 {
     arena_lock(a);

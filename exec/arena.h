@@ -30,6 +30,9 @@ static inline void *arena_ptr(arena *a, uint64_t off) { return (char *)a + off; 
  * 0, or -1 when p is not inside an allocated block of this arena. */
 int arena_block_of(arena *a, const void *p, uint64_t *blk, size_t *blk_len);
 int arena_contains(arena *a, const void *p);
+/* Whether blk is the offset of an allocated block (read from a record another process wrote):
+ * its usable length into *blk_len. 0, or -1 when it is not. */
+int arena_block_len(arena *a, uint64_t blk, size_t *blk_len);
 
 /* Accounting and trimming: freed pages stay resident (re-faulting them costs more than keeping
  * them) until more than trim_bytes of them pile up; then they are returned to the kernel. */

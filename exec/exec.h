@@ -1,7 +1,7 @@
-/* exec/exec.h — the local executor, as the rest of pydron sees it.
- * A fork server forks worker processes; tasks and results cross through shared-memory rings and
- * large buffers through a shared-memory arena (pickle protocol 5, out of band). Tasks marked
- * executor="threads" run on a thread pool in this process instead. Only this header is public. */
+/* exec/exec.h — the executors, as the rest of pydron sees them: one interface for every place a
+ * task can run (worker processes of this machine, threads of this process; a cluster next).
+ * graph/ hands tasks in with exec_submit and takes finished ones out with exec_poll; exec never
+ * calls back into graph. Everything here is called with the GIL held. Only this header is public. */
 #ifndef PYDRON_EXEC_H
 #define PYDRON_EXEC_H
 
@@ -9,14 +9,15 @@
 #include <Python.h>
 #include <stdint.h>
 
-/* An encoded value (pickle bytes plus out-of-band buffers in the arena), reference counted.
- * Result blobs of finished tasks are kept encoded in the master and forwarded as they are to the
- * tasks that depend on them, so intermediate results are never unpickled here unless read. */
+/* ---- values ---------------------------------------------------------------------------------
+ * An encoded value (pickle bytes plus out-of-band buffers in the shared arena), reference
+ * counted. Results of finished tasks stay encoded in the master and are forwarded as they are to
+ * the tasks that depend on them, so intermediate results are never unpickled here unless read. */
 typedef struct exec_blob exec_blob;
 
 void exec_blob_incref(exec_blob *b);
-void exec_blob_decref(exec_blob *b);
-/* Decode a blob into a new reference (arrays view the arena without a copy); NULL + exception. */
+void exec_blob_decref(exec_blob *b);                   /* NULL is allowed */
+/* Decode a blob: a new reference (arrays view the arena without a copy), or NULL + exception. */
 PyObject *exec_blob_decode(exec_blob *b);
 /* Bytes held by the blob (pickle + buffers), for accounting. */
 size_t exec_blob_size(const exec_blob *b);
@@ -27,72 +28,90 @@ typedef Py_ssize_t (*exec_dep_fn)(void *ctx, PyObject *obj);
 
 /* Encode a call's arguments (args tuple, kwargs dict or NULL) at call time, so later writes by the
  * caller cannot change what the task sees. An argument that cannot be pickled raises TypeError
- * naming fn and the argument. Returns a new blob, or NULL with an exception set. */
-exec_blob *exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs,
-                            exec_dep_fn dep, void *ctx);
-
-/* Encode one value as a blob (e.g. a thread-pool result that a process task depends on: deps
- * must all be blobs). A new blob, or NULL with an exception. */
+ * naming fn and the argument. A new blob, or NULL + exception. */
+exec_blob *exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep,
+                            void *ctx);
+/* Encode one value (a thread task's result that a process task depends on). New, or NULL + exc. */
 exec_blob *exec_encode_value(PyObject *value);
 
+/* ---- the executor interface ---------------------------------------------------------------- */
+
+typedef enum {
+    EXEC_PROCESSES = 0,    /* the local pool of forked worker processes */
+    EXEC_THREADS = 1,      /* the thread pool of this process (native work, libffi calls) */
+    EXEC_NKINDS
+} exec_kind;
+
 typedef struct {
-    uint64_t task_id;
-    PyObject *fn;          /* borrowed; shipped to each worker once (by name, else by value) */
-    exec_blob *args;       /* borrowed; from exec_encode_call */
-    exec_blob **deps;      /* borrowed; result blob of dependency i = persistent id i */
+    uint64_t task_id;        /* chosen by the caller, unique among outstanding tasks */
+    PyObject *fn;            /* borrowed; shipped to each worker once (by name, else by value) */
+    exec_blob *args;         /* borrowed; processes: the call, from exec_encode_call */
+    PyObject *call;          /* borrowed; threads: (args tuple, kwargs dict or None), values */
+    exec_blob *const *deps;  /* borrowed; processes: result of dependency i = persistent id i */
     Py_ssize_t ndeps;
 } exec_task;
 
-/* Start the executor with nworkers processes (0 = one per core): forks the fork server now, from
- * the caller, which should still be single-threaded; workers are forked from it on first use.
- * Idempotent while running with the same size; another size restarts the pool (do that with no
- * task outstanding). A no-op inside a worker. 0, or -1 with an exception. */
+/* A finished task as exec_poll hands it over. Exactly one of blob / object is set; both are the
+ * receiver's references. */
+typedef struct {
+    uint64_t task_id;
+    int failed;              /* 0: the value is in blob (processes) or object (threads);
+                                1: object is the exception to raise */
+    exec_blob *blob;
+    PyObject *object;
+    /* For timelines: 1 + the worker slot that ran it (0: unknown or the thread pool), and when it
+     * started and finished there (pydron_now() seconds, 0 when unknown). */
+    int worker;
+    double started, finished;
+} exec_completion;
+
+/* Queue a task on executor `kind`; never blocks (a full ring waits in exec's own queue).
+ * 0, or -1 + exception (the task was not queued). */
+int exec_submit(exec_kind kind, const exec_task *t);
+
+/* Take up to cap finished tasks into out, waiting until at least one finished or timeout_s passed
+ * (0: just look, < 0: no limit while tasks are outstanding). Sleeps with the GIL released.
+ * Dead workers are replaced and their task re-run; after a task killed 3 workers it is handed
+ * over failed with a pydron.WorkerLostError naming the function, the signal and the argument
+ * shapes. Returns the number taken (0: timeout or nothing outstanding), or -1 + exception
+ * (KeyboardInterrupt included: nothing is lost, call again to go on). */
+int exec_poll(double timeout_s, exec_completion *out, int cap);
+
+/* Forget these tasks, wherever they are: queued ones are dropped, running ones are stopped where
+ * that is possible (a worker process running one is killed and replaced; other tasks it held run
+ * again elsewhere) and their results are never handed over. Unknown ids are ignored. */
+void exec_cancel(const uint64_t *ids, Py_ssize_t n);
+
+/* Tasks submitted and not yet handed over by exec_poll. */
+Py_ssize_t exec_outstanding(void);
+
+/* ---- the local process pool ---------------------------------------------------------------- */
+
+/* Start the process pool with nworkers processes (0 = one per core): forks the fork server now,
+ * from the caller, which should still be single-threaded; workers are forked from it on first
+ * use. Idempotent while running with the same size; another size restarts the pool (do that with
+ * no task outstanding). A no-op inside a worker. 0, or -1 + exception. */
 int exec_start(int nworkers);
-/* Stop everything: workers and fork server are killed and reaped, the shared memory unmapped.
- * Safe to call twice and at interpreter exit. */
+/* Stop every executor: workers and fork server are killed and reaped, shared memory unmapped,
+ * the thread pool joined. Safe to call twice and at interpreter exit. */
 void exec_shutdown(void);
 int exec_running(void);
 int exec_nworkers(void);
-
-/* Queue a task for a worker process; never blocks on a full ring (exec keeps its own queue).
- * 0, or -1 with an exception. */
-int exec_submit(const exec_task *t);
-/* Run fn(*args, **kwargs) on the thread pool of this process (arguments hold no pending value).
- * A ctypes function pointer with declared argtypes/restype is called through libffi with the
- * GIL released. 0, or -1 with an exception. */
-int exec_submit_thread(uint64_t task_id, PyObject *fn, PyObject *args, PyObject *kwargs);
-
-typedef struct {
-    uint64_t task_id;
-    int failed;            /* 0: value in blob (process) or object (thread); 1: object is the exception */
-    exec_blob *blob;       /* owned reference or NULL */
-    PyObject *object;      /* owned reference or NULL */
-    /* For timelines: 1 + the worker slot that ran it (0: unknown or the thread pool), and when
-     * it started and finished there (CLOCK_MONOTONIC seconds, 0 when unknown). */
-    int worker;
-    double started, finished;
-} exec_result;
-
-/* Hand every finished task to on_result (which takes ownership of blob/object) until at least
- * one was handed over or timeout_s passed (0: just poll, < 0: no limit). Sleeps with the GIL
- * released. Replaces dead workers and re-runs their task; after a task has killed 3 workers it is
- * reported failed with a pydron.WorkerLostError naming the function, the signal and the argument
- * shapes. Returns the number handed over, or -1 with an exception (KeyboardInterrupt included). */
-typedef int (*exec_result_fn)(void *ctx, exec_result *r);
-int exec_poll(double timeout_s, exec_result_fn on_result, void *ctx);
-
-/* Forget every queued and running task (Ctrl-C): workers running one are killed and replaced,
- * their results are never reported. The pool stays usable. */
-void exec_cancel_all(void);
-
-/* Tasks submitted and not yet handed to on_result. */
-Py_ssize_t exec_outstanding(void);
-
-/* 1 in a worker process (forked by the fork server): pydron must not schedule there, functional
- * calls run as plain calls. */
+/* 1 in a worker process: pydron never schedules there, functional calls run as plain calls. */
 int exec_in_worker(void);
 
-/* Module plumbing: exceptions and types exec defines (WorkerLostError), added to the module. */
+/* ---- module plumbing ------------------------------------------------------------------------ */
+
+/* Options set by pydron.enable() from pydron/config.py (the one place PYDRON_* is read). */
+typedef struct {
+    int thread_workers;      /* threads of the thread pool; 0: one per core */
+    int arena_arrays;        /* workers allocate large numpy arrays in the shared arena */
+} exec_options;
+void exec_configure(const exec_options *o);
+
+/* Statistics for tests and `pydron info` (new reference). */
+PyObject *exec_stats(void);
+/* Exceptions and types exec defines (WorkerLostError, ArenaBuffer), and its test helpers. */
 int exec_module_init(PyObject *module);
 /* Library versions for `pydron info`: libffi. */
 const char *exec_ffi_version(void);

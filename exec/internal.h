@@ -1,44 +1,32 @@
-/* exec/internal.h — shared by the files of exec/ only (the process pool, the thread pool, the ring
- * and arena). Nothing outside exec/ includes it. */
+/* exec/internal.h — shared by the files of exec/ only; nothing outside exec/ includes it.
+ * Names exported between exec's files are exec__*; everything else in a file is static. */
 #ifndef PYDRON_EXEC_INTERNAL_H
 #define PYDRON_EXEC_INTERNAL_H
 
 #include "exec/exec.h"
-
-/* Thread pool (exec/threads.c): completions are kept in a queue until exec_poll drains them. */
-int exec__threads_drain(exec_result_fn on_result, void *ctx);   /* number handed over or -1 */
-Py_ssize_t exec__threads_outstanding(void);
-void exec__threads_shutdown(void);
-/* Forget queued thread tasks now and running ones when they finish (for exec_cancel_all). */
-void exec__threads_cancel_all(void);
-/* Adds the thread pool's private test helpers (_threads_map, _threads_stats, ...) to the module;
- * called from exec_module_init. 0, or -1 with an exception. */
-int exec__threads_module_init(PyObject *m);
-/* Wake a master sleeping in exec_poll (called by the thread pool after queueing a completion). */
-void exec__notify_master(void);
-
-/* ---- Process pool: what exec.c (master side, codec) and worker.c (fork server, worker loop)
- * share. Everything below lives in memory mapped before the fork server is forked, so every
- * process sees it at the same address. */
 #include "exec/arena.h"
 #include "exec/ring.h"
+#include "exec/wire.h"
+#include "pydron_clock.h"
+#include "pydron_compat.h"
 
+#include <stdatomic.h>
 #include <sys/types.h>
 
+/* ---- sizes ------------------------------------------------------------------------------------ */
 #define EXEC_MAX_WORKERS 64
 /* Per direction per worker. Small on purpose: records are small (large pickles and buffers
  * travel through the arena), and a small ring keeps the pages it cycles through few and warm. */
 #define EXEC_RING_BYTES ((size_t)256 << 10)
 #define EXEC_OOB_MIN ((size_t)64 << 10)         /* out-of-band buffers this large go to the arena */
 #define EXEC_INLINE_MAX ((size_t)16 << 10)      /* larger pickle bytes go to the arena too */
-#define EXEC_NO_BLOCK UINT64_MAX
 #define EXEC_HELD_MAX 1024
-extern int exec__worker_slot;                   /* in a worker: its slot */
 
-enum { EXEC_REC_DEFINE = 1, EXEC_REC_TASK = 2, EXEC_REC_RESULT = 3, EXEC_REC_ERROR = 4 };
+/* ---- the shared control block (executor.c maps it, pool.c formats it) --------------------------
+ * Mapped before the fork server is forked, so every pydron process sees it at the same address. */
 
-/* One worker slot, in shared memory. The fork server writes pid and the death fields; the worker
- * writes running_task before it runs a task so that a death is blamed on the right one. */
+/* One worker slot. The fork server writes pid and the death fields; the worker writes
+ * running_task before it runs a task so that a death is blamed on the right one. */
 typedef struct {
     _Atomic int32_t pid;
     _Atomic int32_t death_status;      /* waitpid status of the last death */
@@ -53,7 +41,8 @@ typedef struct {
 } exec_slot;
 
 typedef struct {
-    wake_word master;                  /* the master sleeps here; workers and the fork server bump it */
+    wake_word master;                  /* the master sleeps here; workers and threads bump it */
+    uint32_t wire_version;             /* WIRE_VERSION of the master that made the block */
     _Atomic uint32_t deaths;           /* sum of the slots' deaths */
     int32_t nslots;
     exec_slot slots[EXEC_MAX_WORKERS];
@@ -61,80 +50,178 @@ typedef struct {
 
 extern exec_shared *exec__shared;
 extern arena *exec__arena;
-extern int exec__in_worker_flag;
-/* Set by worker.c around its own fork() calls (fork server, workers), so that exec's at-fork
- * handler tells them from a fork by user code (which must leave the pool alone). */
-extern int exec__internal_fork;
+extern exec_options exec__options;
 
-static inline ring *exec__to_worker(int i)
+static inline ring *
+exec__to_worker(int i)
 {
     return (ring *)((char *)exec__shared + exec__shared->slots[i].to_worker_off);
 }
-static inline ring *exec__to_master(int i)
+
+static inline ring *
+exec__to_master(int i)
 {
     return (ring *)((char *)exec__shared + exec__shared->slots[i].to_master_off);
 }
 
-/* An out-of-band buffer: a reference on arena block blk, the bytes at offset off, len long. */
-typedef struct {
-    uint64_t blk, off, len;
-} exec_buf;
+/* ---- processes (executor.c) ------------------------------------------------------------------- */
+extern int exec__in_worker_flag;
+extern int exec__worker_slot;                   /* in a worker: its slot */
+/* Set by forkserver.c around its own fork() calls, so that the at-fork handlers tell them from a
+ * fork by user code (which must leave the pool alone). */
+extern int exec__internal_fork;
+/* Bumped in every child at fork: arena references held by objects the child inherited were
+ * counted once, for the parent's copies, so only objects made in this generation drop theirs. */
+extern unsigned exec__fork_generation;
+/* ArenaBuffer objects and blobs alive that hold arena references: the arena is unmapped at
+ * shutdown only when none is left (an array may outlive the executor). */
+extern _Atomic Py_ssize_t exec__live_arena_refs;
 
-/* A blob as it crosses a ring: this header, nbufs exec_buf, then (data_blk == EXEC_NO_BLOCK) the
- * pickle bytes padded to 8, else the pickle bytes are at data_off in arena block data_blk. */
+/* ---- executors (executor.c) -------------------------------------------------------------------
+ * What every executor provides; executor.c multiplexes them behind exec.h. All with the GIL. */
 typedef struct {
-    uint64_t len, data_blk, data_off;
-    uint32_t nbufs, pad;
-} exec_wire;
+    const char *name;
+    int (*submit)(const exec_task *t);                 /* 0, or -1 + exception */
+    /* Move what finished into the completion queue (exec__complete): the number moved, or -1 +
+     * exception. Never calls anything outside exec. */
+    int (*collect)(void);
+    /* Whether collect would find something (cheap: called while spinning, GIL held). */
+    int (*ready)(void);
+    /* After a sleep that found nothing: make sure the executor is alive (0, or -1 + exc). */
+    int (*check)(void);
+    void (*cancel)(const uint64_t *ids, Py_ssize_t n);
+    Py_ssize_t (*outstanding)(void);
+    /* Stop; with_python: the interpreter is alive and Python references may be dropped. */
+    void (*shutdown)(int with_python);
+} exec_backend;
 
-/* Pickling with out-of-band buffers placed in the arena (exec.c). A codec is a Python object
- * (its methods are the pickler's write, persistent_id and buffer_callback); it keeps one pickler
- * for reuse. On success the bytes are in data and len, the buffers in bufs and nbufs (their
- * references are the caller's: pass them on or release them with exec__bufs_release). */
+extern const exec_backend exec__process_backend;   /* pool.c */
+extern const exec_backend exec__thread_backend;    /* threads.c */
+
+/* Append a finished task to the completion queue (takes the blob/object references). 0, or -1 +
+ * MemoryError (the references are then dropped). */
+int exec__complete(const exec_completion *c);
+/* The word the master sleeps on: in the shared control block while the pool runs, else local. */
+void exec__set_master_word(wake_word *w);
+void exec__notify_master(void);
+/* Wake every thread asleep in exec_poll and wait briefly for them to leave the master word:
+ * 1 when none is left (its memory may then be unmapped). */
+int exec__wake_sleepers(void);
+
+/* Sorted copy of ids for exec__id_in (cancel lists can be long). NULL + MemoryError. */
+uint64_t *exec__sorted_ids(const uint64_t *ids, Py_ssize_t n);
+int exec__id_in(const uint64_t *sorted, Py_ssize_t n, uint64_t id);
+
+/* ---- blobs and arena buffers (blob.c) ---------------------------------------------------------- */
+struct exec_blob {
+    _Atomic Py_ssize_t refcnt;
+    unsigned generation;   /* exec__fork_generation when made */
+    arena *arena;          /* set when the blob holds arena references */
+    const char *data;      /* pickle bytes: inline after bufs, or inside arena block data_blk */
+    size_t len;
+    uint64_t data_blk;
+    uint32_t nbufs;
+    wire_buf bufs[];
+};
+
+/* A blob from pickle bytes and buffers (stealing the buffers' references). Bytes longer than
+ * EXEC_INLINE_MAX go into the arena now, so the blob can cross any ring by reference. New blob,
+ * or NULL + exception (the buffers' references are then dropped). */
+exec_blob *exec__blob_new(const char *data, size_t len, const wire_buf *bufs, uint32_t nbufs);
+/* A blob from a checked wire view (stealing the references the record carried). New blob, or
+ * NULL + MemoryError (the references are then dropped). */
+exec_blob *exec__blob_from_view(const wire_blob_view *v);
+/* Wire form of a blob for a master-to-worker record; the references stay the blob's (the master
+ * keeps it until the task is back, and the worker takes its own). */
+size_t exec__blob_wire_size(const exec_blob *b);
+size_t exec__blob_wire_write(void *dst, const exec_blob *b);
+/* Move a blob's inline bytes into the arena, so it crosses rings by reference. 0, or -1 + exc. */
+int exec__blob_spill(exec_blob *b);
+/* A new ArenaBuffer over [off, off + len) of arena block blk, holding its own reference. */
+PyObject *exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t len);
+/* The blob's buffers as a tuple of ArenaBuffer (cold paths: error messages). New reference. */
+PyObject *exec__blob_buffers(exec_blob *b);
+void exec__bufs_release(arena *a, const wire_buf *bufs, uint32_t n);
+/* In a worker: the held table for blocks not owned by an ArenaBuffer (numpy data in the arena).
+ * Register after taking the reference, drop before releasing it. */
+void exec__held_add(uint64_t blk);
+void exec__held_drop(uint64_t blk);
+int exec__blob_module_init(PyObject *module);
+
+/* ---- pickling (codec.c) ----------------------------------------------------------------------- */
+/* A codec is a Python object (its methods are the pickler's write, persistent_id and
+ * buffer_callback) keeping its picklers for reuse. On success the bytes are in *data / *len and
+ * the out-of-band buffers in *bufs / *nbufs (their references are the caller's: pass them on or
+ * release them with exec__bufs_release); valid until the next dump. */
 typedef struct exec_codec exec_codec;
 exec_codec *exec__codec_new(void);                       /* new reference, NULL + exception */
 int exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx,
-                     const char **data, size_t *len, exec_buf **bufs, uint32_t *nbufs);
-void exec__codec_reset(exec_codec *c);                   /* drop the output of the last dump */
-/* The codec's persistent_load (a new reference to a bound method) resolving persistent id i to
- * deps[i]; deps is kept by the codec until the next call (pass NULL to drop it). */
-PyObject *exec__codec_loader(exec_codec *c, PyObject *deps);
-void exec__bufs_release(arena *a, const exec_buf *bufs, uint32_t n);
-
-/* Size of the wire form of (len bytes, nbufs buffers) when the bytes travel inline. */
-static inline size_t exec__wire_size(size_t len, uint32_t nbufs, int inline_data)
-{
-    return sizeof(exec_wire) + nbufs * sizeof(exec_buf) + (inline_data ? RING_ALIGN(len) : 0);
-}
-/* Write pickle bytes + buffers in wire form at dst (the buffers' references go with it); bytes
- * longer than EXEC_INLINE_MAX are copied into a new arena block. Returns bytes written, or 0 if
- * the arena is full (nothing then changed hands). */
-size_t exec__wire_write(void *dst, const char *data, size_t len, const exec_buf *bufs,
-                        uint32_t nbufs, int inline_data);
-/* Decode a wire blob in place: new reference, NULL + exception. The arena buffers are wrapped
- * in ArenaBuffer objects that take their own references (the wire's stay with the caller). When
- * persistent_load is given, persistent ids are resolved through it. *consumed: wire bytes. */
-PyObject *exec__wire_decode(const void *src, size_t *consumed, PyObject *persistent_load);
-/* A new reference to an ArenaBuffer over [off, off+len) of arena block blk (takes a new
- * reference on the block). */
-PyObject *exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t len);
-/* Bytes of an exception, pickled with its traceback (tblib); never fails for a real exception
- * (falls back to an equivalent RuntimeError). New reference or NULL + exception. */
+                     const char **data, size_t *len, wire_buf **bufs, uint32_t *nbufs);
+void exec__codec_reset(exec_codec *c);                   /* forget the output of the last dump */
+/* Decode a checked blob in place: new reference, NULL + exception. Its arena buffers are wrapped
+ * in ArenaBuffer objects that take their own references (the view's stay with the caller).
+ * deps: values of persistent ids 0..n-1, or NULL. */
+PyObject *exec__decode_view(const wire_blob_view *v, PyObject *deps);
+/* Pickled exc with its traceback (tblib); never fails for a real exception (falls back to an
+ * equivalent RuntimeError). New bytes, or NULL + exception. */
 PyObject *exec__pickle_exception(PyObject *exc, PyObject *fn);
-/* The embedded pure-Python helpers (cold paths: error messages, exception pickling). */
-PyObject *exec__helper(const char *name);                /* borrowed */
+/* The exception a failed task's blob holds, rebuilt as the worker raised it. New reference;
+ * never NULL (an undecodable one becomes a RuntimeError saying so). */
+PyObject *exec__decode_error(exec_blob *b);
+/* Call helper `name` of pydron/_exec_helpers.py (cold paths): new reference, NULL + exception. */
+PyObject *exec__call_helper(const char *name, PyObject *const *args, size_t nargs);
+/* Set the exception returned by helper `name` (for errors built in Python). Always -1. */
+int exec__raise_from_helper(const char *name, PyObject *const *args, size_t nargs);
+int exec__codec_module_init(PyObject *module);
+/* Import pydron._exec_helpers now, before forking, so workers inherit it. 0, or -1 + exc. */
+int exec__codec_preload(void);
 
-/* The worker's held table for blocks not owned by an ArenaBuffer (numpy array data allocated
- * in the arena): register after taking the reference, drop before releasing it. */
-void exec__held_add(uint64_t blk);
-void exec__held_drop(uint64_t blk);
+/* ---- shipping functions (functions.c) --------------------------------------------------------- */
+/* The id of fn, shipping-ready (by reference when workers can import it, else by value through
+ * cloudpickle). -1 + TypeError naming fn. */
+Py_ssize_t exec__fn_id(PyObject *fn);
+exec_blob *exec__fn_blob(uint32_t fn_id);                /* borrowed */
+PyObject *exec__fn_object(uint32_t fn_id);               /* borrowed */
+/* Moving average of the function's run time on workers (ns); < 0 while unknown. */
+double exec__fn_estimate(uint32_t fn_id);
+void exec__fn_observe(uint32_t fn_id, uint64_t elapsed_ns);
+Py_ssize_t exec__fn_count(void);
+void exec__fn_table_clear(int with_python);
 
-/* Fork server (worker.c). Forks it now; returns its pid and the master's end of the command
- * socket, or -1 with an exception. */
+/* ---- fork server (forkserver.c) --------------------------------------------------------------- */
+/* Fork it now; its pid and the master's end of the command socket, or -1 + exception. */
 pid_t exec__forkserver_start(int *sock);
-/* Ask the fork server for a worker in slot i (0, or -1 with errno). */
-int exec__forkserver_spawn(int sock, int slot);
-/* Ask the fork server to kill its workers and exit. */
+int exec__forkserver_spawn(int sock, int slot);          /* 0, or -1 with errno */
 void exec__forkserver_quit(int sock);
+/* Flush Python's and C's buffered output (before a fork, before a worker sleeps). */
+void exec__flush_std_streams(void);
+
+/* ---- worker processes (worker.c, np_arena.c) -------------------------------------------------- */
+void exec__worker_main(int slot) __attribute__((noreturn));
+/* In a worker: allocate large numpy arrays in the arena once numpy is imported. */
+void exec__install_array_allocator(void);
+
+/* ---- thread pool (threads.c) and native calls (ffi.c) ----------------------------------------- */
+typedef struct native_site native_site;
+typedef struct thread_job thread_job;
+/* How thread job `job` will call fn(*args, **kwargs): through libffi (job->site set) when fn is
+ * a ctypes function pointer with a declared signature of plain C types, else as a Python call.
+ * 0, or -1 + exception (bad arguments for the declared signature). */
+int exec__ffi_prepare(thread_job *job, PyObject *fn, PyObject *args, PyObject *kwargs);
+/* The result of a finished libffi call as a Python object (new reference), or NULL + exc. */
+PyObject *exec__ffi_result(thread_job *job);
+void exec__ffi_call(thread_job *job);                    /* GIL released */
+void exec__ffi_clear_sites(void);
+int exec__ffi_load_ctypes(void);
+PyObject *exec__ffi_stats(void);
+
+/* ---- test helpers (testing.c) ----------------------------------------------------------------- */
+int exec__testing_module_init(PyObject *module);
+/* Pool state for tests and `pydron info`: pids, arena accounting (new reference). */
+PyObject *exec__pool_info(void);
+PyObject *exec__threads_info(void);
+/* Interpreter exit: join the pool's threads and refuse further thread tasks. */
+void exec__threads_close(void);
+void exec__cancel_all(void);
 
 #endif

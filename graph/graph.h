@@ -1,6 +1,8 @@
-/* graph/graph.h — the task graph: the pending results that trace/ hands out, their data
- * dependencies, dispatch of ready tasks to exec/, and routing of results back.
- * A task *is* its pending value: a graph_task object stands in the user's locals and lists. */
+/* graph/graph.h — the task graph, as trace/ sees it: the pending values handed to user code
+ * (a task *is* its pending value: a graph_task stands in the user's locals and lists), their
+ * data dependencies, dispatch of ready tasks to exec/, results coming back, the program order
+ * that decides which failure plain Python would raise first, and what was recorded for the user
+ * (visualize, timeline, progress). Everything here is called with the GIL held. */
 #ifndef PYDRON_GRAPH_H
 #define PYDRON_GRAPH_H
 
@@ -17,56 +19,53 @@ extern PyTypeObject *graph_task_type;
  * skip walking containers altogether. */
 extern Py_ssize_t graph_live_tasks;
 
+/* ---- tasks (tasks.c) ------------------------------------------------------------------------- */
+
 /* Record a call of functional fn(*args, **kwargs) as a task and dispatch it as soon as its
  * dependencies (tasks found inside args, lists, tuples, dicts) are done. `threads` runs it on
- * the in-process thread pool. Returns a new reference to the task, or NULL + exception. */
+ * the thread pool. A new reference to the task, or NULL + exception. */
 PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads);
-
 /* Wait for a task and return its value (new reference), or raise the exception plain Python
  * would have raised first: the earliest failure among the tasks submitted before it. */
 PyObject *graph_wait(graph_task *t);
+int graph_task_finished(graph_task *t);
+/* Take in finished tasks without waiting (cheap when nothing is in flight). 0, or -1 + exc. */
+int graph_pump(void);
+/* Ctrl-C in this thread: cancel the unfinished tasks of its scheduled call (they fail with
+ * KeyboardInterrupt if forced later); other threads' calls go on. */
+void graph_cancel_mine(void);
 
-/* The submission order of this thread's tasks (a mark is a position in it). A failure is raised
- * once by the range waits below; forcing its task's value raises it again. 0 or -1. */
+/* ---- program order, try regions, the undo log (order.c) ------------------------------------- */
+
+/* The position in this thread's submission order (a mark). */
 Py_ssize_t graph_mark(void);
 int graph_force_since(Py_ssize_t mark);     /* tasks from mark on; an earlier failure first */
-int graph_force_before(Py_ssize_t mark);    /* tasks before mark */
-/* At the entry of the handler of a try/with region entered at mark, reached with exc: the
- * exception the handler must see (the region's first failure, new reference), cancelling the
- * tasks plain Python never completed (*cut <= index < *horizon); NULL + exception if exc
- * belongs to an earlier task. */
-PyObject *graph_enter_handler(PyObject *exc, Py_ssize_t mark, Py_ssize_t *cut,
-                              Py_ssize_t *horizon);
-/* At a handler's entry, for an enclosing region entered at mark: re-raise exc if it is the
- * failure of a task submitted before mark (it belongs to an outer try), else force_before. */
-int graph_handler_guard(PyObject *exc, Py_ssize_t mark);
-/* Whether a handler was entered before plain Python would have finished this call. */
-int graph_task_undone(graph_task *t);
-/* Local `name` held `old` before this task's result was stored into it (for undo). 0 or -1. */
-int graph_task_log_store(graph_task *t, PyObject *name, PyObject *old);
-/* What log_store recorded for name (borrowed), or NULL. */
-PyObject *graph_task_prev(graph_task *t, PyObject *name);
-/* Position of a task in the submission order, -1 once its top-level call has ended. */
-Py_ssize_t graph_task_seq(graph_task *t);
-/* Index of the task whose failure exc is, or -1. */
+int graph_force_before(Py_ssize_t mark);    /* tasks before mark; 0, or -1 + the failure */
+/* Index of the task whose failure exc is, or -1 (exc was not raised by a task). */
 Py_ssize_t graph_raised_by(PyObject *exc);
 /* A top-level scheduled call that began at mark has ended: forget its part of the order. */
 void graph_order_truncate(Py_ssize_t mark);
-int graph_task_finished(graph_task *t);
+/* A pending value was moved into an exact list or dict (list.append, d[k] = v, ...): the
+ * container is logged, to be forced when the call ends and undone when a handler is entered
+ * for calls plain Python never completed. 0, or -1 + exception. */
+int graph_note_move(PyObject *container);
+Py_ssize_t graph_moves_mark(void);
+Py_ssize_t graph_moves_count(void);
+PyObject *graph_moved_container(Py_ssize_t i);       /* borrowed */
+void graph_moves_truncate(Py_ssize_t mark);
 
-/* Take in finished tasks without waiting (cheap when nothing finished). 0 or -1. */
-int graph_pump(void);
-/* Cancel every outstanding task (Ctrl-C): they fail with KeyboardInterrupt if forced later. */
-void graph_cancel_all(void);
+/* ---- what the user sees (observe.c) ----------------------------------------------------------- */
 
-/* A top-level scheduled call starts / ends (for progress reports of long calls). */
-void graph_session_enter(void);
+/* A top-level scheduled call of the function named name (borrowed, may be NULL) starts / ends
+ * (progress reports, wait reports). */
+void graph_session_enter(PyObject *name);
 void graph_session_exit(void);
-
-/* Statistics for tests and tools: submitted, finished, outstanding counts. */
+/* Counters for tests and tools: submitted, finished, in flight, live pending values. */
 PyObject *graph_stats(void);
 
-/* XXH3 key of a byte string (cache keys, function ids). */
+/* ---- keys (keys.c) ---------------------------------------------------------------------------- */
+
+/* XXH3 64-bit key of a byte string. */
 uint64_t graph_key(const void *data, size_t len, uint64_t seed);
 
 int graph_module_init(PyObject *module);

@@ -560,57 +560,55 @@ def test_cancel_all_forgets_queued_and_running(lib):
     assert _core._threads_drain() == []
 
 
-def test_reentrant_drain_callbacks(lib):
-    """on_result may submit more work (the graph dispatches dependents from it), drain again, or
-    shut the pool down; the drain in progress stays consistent."""
+def test_completions_are_handed_out_after_exec_returns(lib):
+    """Results come out of one completion queue: the caller acts on them (submits dependents,
+    shuts the pool down) after exec_poll returned, never from inside it."""
     sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
     seen = {}
-
-    def on_result(task_id, failed, obj):
-        seen[task_id] = obj
-        if task_id < 310:                       # each first-generation result submits a child
-            _core._threads_submit(task_id + 100, sleep, (0, obj * 10))
-        _core._threads_drain(on_result)         # nested drain, same rules
-
     for i in range(6):
         _core._threads_submit(300 + i, sleep, (1000, i))
     deadline = time.monotonic() + 60
     while len(seen) < 12:
-        _core._threads_drain(on_result)
+        for task_id, failed, obj in _core._threads_drain():
+            assert not failed
+            seen[task_id] = obj
+            if task_id < 310:                    # each first-generation result submits a child
+                _core._threads_submit(task_id + 100, sleep, (0, obj * 10))
         assert time.monotonic() < deadline, seen
         time.sleep(0.001)
     assert seen == {**{300 + i: i for i in range(6)}, **{400 + i: 10 * i for i in range(6)}}
     assert _core._threads_stats()["outstanding"] == 0
 
-    # A shutdown from inside the callback: what the drain still holds is dropped, not reported.
+    # A shutdown between two drains: finished, undrained results are dropped, not reported.
     for i in range(6):
         _core._threads_submit(500 + i, sleep, (0, i))
     wait_finished(6)
-    calls = []
-
-    def shut_down(task_id, failed, obj):
-        calls.append(task_id)
-        _core._threads_shutdown()
-
-    _core._threads_drain(shut_down)
-    assert len(calls) == 1   # the other five were dropped by the shutdown
+    _core._threads_shutdown()
     assert _core._threads_drain() == []
     assert _core._threads_stats()["outstanding"] == 0
     assert pool_map(sleep, [(0, 1)]) == [1]
 
-    # An exception in the callback stops the drain; the rest are handed over next time.
-    for i in range(4):
-        _core._threads_submit(600 + i, sleep, (0, i))
-    wait_finished(4)
 
-    def fail(task_id, failed, obj):
-        raise CalibrationError("callback")
-
-    with pytest.raises(CalibrationError):
-        _core._threads_drain(fail)
-    assert _core._threads_stats()["outstanding"] == 3
-    left = {t for t, _, _ in _core._threads_drain()}
-    assert len(left) == 3 and left <= {600, 601, 602, 603}
+def test_cancel_by_id_drops_only_those(lib):
+    """exec_cancel forgets the tasks named, queued, running or finished but not collected; the
+    others are handed over as usual."""
+    sleep = declare(lib.sleep_then_return, [ctypes.c_long, ctypes.c_long], ctypes.c_long)
+    n = _core._threads_stats()["max_threads"] + 4
+    for i in range(n):
+        _core._threads_submit(800 + i, sleep, (20000, i))
+    cancelled = {800 + i for i in range(0, n, 2)}
+    _core._threads_cancel(sorted(cancelled))
+    kept = {800 + i for i in range(1, n, 2)}
+    got = drain_until(kept)
+    assert set(got) == kept and all(got[t] == (False, t - 800) for t in kept)
+    time.sleep(0.2)                              # running cancelled ones finish: never reported
+    assert _core._threads_drain() == []
+    assert _core._threads_stats()["outstanding"] == 0
+    # Cancelling after they finished, before they were collected, also drops them.
+    _core._threads_submit(900, sleep, (0, 9))
+    wait_finished(1)
+    _core._threads_cancel([900, 12345])          # an unknown id is ignored
+    assert _core._threads_drain() == []
     assert _core._threads_stats()["outstanding"] == 0
 
 

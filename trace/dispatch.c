@@ -193,7 +193,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 goto done;
             }
             if (nargs == 1 && (graph_is_task(args[0]) || PyList_CheckExact(args[0])) &&
-                trace_note_move(owner) < 0) {
+                graph_note_move(owner) < 0) {
                 result = NULL;
                 goto done;
             }
@@ -207,7 +207,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 result = NULL;
                 goto done;
             }
-            if (graph_is_task(args[1]) && trace_note_move(owner) < 0) {
+            if (graph_is_task(args[1]) && graph_note_move(owner) < 0) {
                 Py_DECREF(index);
                 result = NULL;
                 goto done;
@@ -357,7 +357,7 @@ helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     if (PyList_CheckExact(container) ||
         (PyDict_CheckExact(container) && !is_module_namespace(container))) {
         value = Py_NewRef(argv[0]);
-        if (graph_is_task(value) && trace_note_move(container) < 0)
+        if (graph_is_task(value) && graph_note_move(container) < 0)
             goto done;
     }
     else
@@ -370,116 +370,6 @@ done:
     Py_XDECREF(key);
     Py_XDECREF(value);
     return rc < 0 ? NULL : Py_NewRef(Py_None);
-}
-
-static PyObject *
-helper_mark(PyObject *module, PyObject *unused)
-{
-    return PyLong_FromSsize_t(graph_mark());
-}
-
-static PyObject *
-helper_force_since(PyObject *module, PyObject *mark)
-{
-    Py_ssize_t m = PyLong_AsSsize_t(mark);
-    if (m == -1 && PyErr_Occurred())
-        return NULL;
-    return graph_force_since(m) < 0 ? NULL : Py_NewRef(Py_None);
-}
-
-static PyObject *
-helper_force_before(PyObject *module, PyObject *mark)
-{
-    Py_ssize_t m = PyLong_AsSsize_t(mark);
-    if (m == -1 && PyErr_Occurred())
-        return NULL;
-    return graph_force_before(m) < 0 ? NULL : Py_NewRef(Py_None);
-}
-
-/* enter_handler(exc, mark) -> the exception the handler of a region entered at mark sees. */
-static PyObject *
-helper_enter_handler(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
-{
-    if (argc != 2) {
-        PyErr_SetString(PyExc_TypeError, "enter_handler(exc, mark)");
-        return NULL;
-    }
-    Py_ssize_t m = PyLong_AsSsize_t(argv[1]);
-    if (m == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t cut, horizon;
-    PyObject *exc = graph_enter_handler(argv[0], m, &cut, &horizon);
-    if (exc != NULL && trace_undo_moves(cut, horizon) < 0)
-        Py_CLEAR(exc);
-    return exc;
-}
-
-/* handler_guard(exc, mark) */
-static PyObject *
-helper_handler_guard(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
-{
-    if (argc != 2) {
-        PyErr_SetString(PyExc_TypeError, "handler_guard(exc, mark)");
-        return NULL;
-    }
-    Py_ssize_t m = PyLong_AsSsize_t(argv[1]);
-    if (m == -1 && PyErr_Occurred())
-        return NULL;
-    return graph_handler_guard(argv[0], m) < 0 ? NULL : Py_NewRef(Py_None);
-}
-
-static int
-is_undone(PyObject *v)
-{
-    return graph_is_task(v) && graph_task_undone((graph_task *)v);
-}
-
-/* log_store(new, old, name) -> new: in a try region, local `name` held `old` before a maybe
- * pending value was stored into it. */
-static PyObject *
-helper_log_store(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
-{
-    if (argc != 3) {
-        PyErr_SetString(PyExc_TypeError, "log_store(new, old, name)");
-        return NULL;
-    }
-    if (graph_is_task(argv[0]) && graph_task_log_store((graph_task *)argv[0], argv[2], argv[1]) < 0)
-        return NULL;
-    return Py_NewRef(argv[0]);
-}
-
-/* undo(current, saved, name): at a handler, local `name` assigned in the aborted region gets
- * back the value it held before the calls plain Python never completed (following log_store's
- * record, else saved, its value at the region's entry); a container built there that directly
- * holds such a call gives way to saved too. */
-static PyObject *
-helper_undo(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
-{
-    if (argc != 3) {
-        PyErr_SetString(PyExc_TypeError, "undo(current, saved, name)");
-        return NULL;
-    }
-    PyObject *current = argv[0], *saved = argv[1], *name = argv[2];
-    while (is_undone(current)) {
-        PyObject *prev = graph_task_prev((graph_task *)current, name);
-        if (prev == NULL)
-            return Py_NewRef(saved);
-        current = prev;
-    }
-    int back = 0;
-    if (!graph_is_task(current) && current != saved) {
-        if (PyList_CheckExact(current) || PyTuple_CheckExact(current)) {
-            for (Py_ssize_t i = 0; !back && i < PySequence_Fast_GET_SIZE(current); i++)
-                back = is_undone(PySequence_Fast_GET_ITEM(current, i));
-        }
-        else if (PyDict_CheckExact(current)) {
-            PyObject *k, *v;
-            Py_ssize_t pos = 0;
-            while (!back && PyDict_Next(current, &pos, &k, &v))
-                back = is_undone(v);
-        }
-    }
-    return Py_NewRef(back ? saved : current);
 }
 
 /* _mark_native(fn): a ctypes function pointer becomes a functional thread task when called from
@@ -509,19 +399,6 @@ static PyMethodDef dispatch_methods[] = {
      "force_deep(x): force x and every pending inside its lists, tuples and dicts, in place."},
     {"store_subscr", (PyCFunction)(void (*)(void))helper_store_subscr, METH_FASTCALL,
      "store_subscr(value, container, key): container[key] = value."},
-    {"mark", helper_mark, METH_NOARGS, "mark(): the current position in the submission order."},
-    {"force_since", helper_force_since, METH_O,
-     "force_since(mark): wait for every task submitted since mark; raise the first failure."},
-    {"force_before", helper_force_before, METH_O,
-     "force_before(mark): wait for every task submitted before mark; raise the first failure."},
-    {"enter_handler", (PyCFunction)(void (*)(void))helper_enter_handler, METH_FASTCALL,
-     "enter_handler(exc, mark): the exception a handler entered at mark must see."},
-    {"handler_guard", (PyCFunction)(void (*)(void))helper_handler_guard, METH_FASTCALL,
-     "handler_guard(exc, mark): at a handler's entry, for an enclosing region."},
-    {"undo", (PyCFunction)(void (*)(void))helper_undo, METH_FASTCALL,
-     "undo(current, saved, name): a local's value after its try region was aborted."},
-    {"log_store", (PyCFunction)(void (*)(void))helper_log_store, METH_FASTCALL,
-     "log_store(new, old, name): record a local's value before a pending was stored in it."},
     {NULL},
 };
 

@@ -1,6 +1,8 @@
 /* trace/force.c — where pending results turn into values: shallow and deep forcing (in place,
- * so aliasing and identity stay as plain Python had them), and the per-thread submission order
- * that decides which failure plain Python would have raised first. */
+ * so aliasing and identity stay as plain Python had them), and the end of a top-level scheduled
+ * call (a session), where everything it started is waited for.
+ * Thread and GIL model: GIL held; a wait releases it inside exec_poll, and another thread may
+ * change a container meanwhile (the in-place replacement checks the slot still holds the task). */
 #include "trace/internal.h"
 
 PyObject *
@@ -126,67 +128,12 @@ trace_force_deep(PyObject *x)
     return Py_NewRef(x);
 }
 
-/* Containers a pending was moved into during this thread's sessions (strong references). */
-static _Thread_local PyObject *moved_into;
-
-int
-trace_note_move(PyObject *container)
-{
-    if (moved_into == NULL && (moved_into = PyList_New(0)) == NULL)
-        return -1;
-    Py_ssize_t n = PyList_GET_SIZE(moved_into);
-    if (n && PyList_GET_ITEM(moved_into, n - 1) == container)
-        return 0;
-    return PyList_Append(moved_into, container);
-}
-
-static int
-is_undone(PyObject *v, Py_ssize_t cut, Py_ssize_t horizon)
-{
-    if (!graph_is_task(v))
-        return 0;
-    Py_ssize_t seq = graph_task_seq((graph_task *)v);
-    return cut <= seq && seq < horizon;
-}
-
-int
-trace_undo_moves(Py_ssize_t cut, Py_ssize_t horizon)
-{
-    if (moved_into == NULL)
-        return 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(moved_into); i++) {
-        PyObject *c = PyList_GET_ITEM(moved_into, i);
-        if (PyList_CheckExact(c)) {
-            for (Py_ssize_t j = PyList_GET_SIZE(c) - 1; j >= 0; j--)
-                if (is_undone(PyList_GET_ITEM(c, j), cut, horizon) &&
-                    PyList_SetSlice(c, j, j + 1, NULL) < 0)
-                    return -1;
-        }
-        else if (PyDict_CheckExact(c)) {
-            PyObject *k, *v, *doomed = PyList_New(0);
-            Py_ssize_t pos = 0;
-            if (doomed == NULL)
-                return -1;
-            while (PyDict_Next(c, &pos, &k, &v))
-                if (is_undone(v, cut, horizon) && PyList_Append(doomed, k) < 0) {
-                    Py_DECREF(doomed);
-                    return -1;
-                }
-            for (Py_ssize_t j = 0; j < PyList_GET_SIZE(doomed); j++)
-                if (PyDict_DelItem(c, PyList_GET_ITEM(doomed, j)) < 0)
-                    PyErr_Clear();
-            Py_DECREF(doomed);
-        }
-    }
-    return 0;
-}
-
 void
-trace_session_begin(trace_session *s)
+trace_session_begin(trace_session *s, PyObject *name)
 {
-    graph_session_enter();
+    graph_session_enter(name);
     s->order = graph_mark();
-    s->moved = moved_into ? PyList_GET_SIZE(moved_into) : 0;
+    s->moved = graph_moves_mark();
 }
 
 static PyObject *
@@ -195,12 +142,15 @@ session_finish(trace_session *s, PyObject *result)
     if (result == NULL) {
         /* The call raised. A task that failed before that point would have raised first in
          * plain Python, so wait for those, unless the user interrupted us. */
-        if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) {
-            graph_cancel_all();
-            return NULL;
-        }
         PyObject *exc = PyErr_GetRaisedException();
         Py_ssize_t k = graph_raised_by(exc);
+        if (k < 0 && PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
+            /* Ctrl-C in this thread (not a task that raised KeyboardInterrupt itself): what
+             * this call started is cancelled; other threads' calls go on. */
+            PyErr_SetRaisedException(exc);
+            graph_cancel_mine();
+            return NULL;
+        }
         if (graph_force_before(k >= 0 ? k : graph_mark()) == 0)
             PyErr_SetRaisedException(exc);
         else
@@ -213,8 +163,8 @@ session_finish(trace_session *s, PyObject *result)
     }
     /* Pendings moved into lists reachable from objects (box.items.append(f(x))) get their
      * values too: no pending outlives the call. */
-    for (Py_ssize_t i = s->moved; moved_into && i < PyList_GET_SIZE(moved_into); i++) {
-        PyObject *v = trace_force_deep(PyList_GET_ITEM(moved_into, i));
+    for (Py_ssize_t i = s->moved; i < graph_moves_count(); i++) {
+        PyObject *v = trace_force_deep(graph_moved_container(i));
         if (v == NULL) {
             Py_DECREF(result);
             return NULL;
@@ -230,11 +180,7 @@ PyObject *
 trace_session_end(trace_session *s, PyObject *result)
 {
     result = session_finish(s, result);
-    if (moved_into && s->moved < PyList_GET_SIZE(moved_into)) {
-        PyObject *exc = PyErr_GetRaisedException();
-        PyList_SetSlice(moved_into, s->moved, PyList_GET_SIZE(moved_into), NULL);
-        PyErr_SetRaisedException(exc);
-    }
+    graph_moves_truncate(s->moved);
     graph_order_truncate(s->order);
     graph_session_exit();
     return result;

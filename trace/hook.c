@@ -154,7 +154,7 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
         return NULL;
     }
     trace_session session;
-    trace_session_begin(&session);
+    trace_session_begin(&session, co->co_qualname);
     PyObject *result = call_with_frame_args(frame, rewritten);
     result = trace_session_end(&session, result);
     release_frame(ts, frame);
@@ -242,7 +242,7 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
         return function_vectorcall(func, args, nargsf, kwnames);
     }
     trace_session session;
-    trace_session_begin(&session);
+    trace_session_begin(&session, ((PyFunctionObject *)func)->func_qualname);
     PyObject *result = trace_call_rewritten(func, rewritten, args, nargsf, kwnames);
     return trace_session_end(&session, result);
 }

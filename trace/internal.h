@@ -5,10 +5,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include "graph/graph.h"
+#include "exec/exec.h"
 #include "pydron_compat.h"
 
-/* exec/: set in worker processes, where nothing is scheduled (declared in exec/exec.h). */
-int exec_in_worker(void);
 
 /* What the decorators say about a code object; kept in the code object's co_extra slot. */
 enum trace_kind { TRACE_PLAIN = 0, TRACE_FUNCTIONAL = 1, TRACE_SCHEDULED = 2 };
@@ -50,17 +49,12 @@ typedef struct {
     Py_ssize_t order;        /* graph_mark() at the start */
     Py_ssize_t moved;        /* length of the moved-into log at the start */
 } trace_session;
-void trace_session_begin(trace_session *s);
+void trace_session_begin(trace_session *s, PyObject *name);
 /* End a top-level scheduled call: on success force everything it submitted (first failure wins)
  * and deep-force result and every container a pending was moved into; on error wait too, unless
  * interrupted, so an earlier task failure wins. Steals result (may be NULL with an exception
  * set); returns the final result or NULL. */
 PyObject *trace_session_end(trace_session *s, PyObject *result);
-/* A pending value was moved into an exact list or dict (list.append, d[k] = v, ...). */
-int trace_note_move(PyObject *container);
-/* A try region's handler was entered: calls from submission index cut on never happened in
- * plain Python, so their pending values are taken back out of the containers they moved into. */
-int trace_undo_moves(Py_ssize_t cut, Py_ssize_t horizon);
 
 /* dispatch.c: run a scheduled function's rewritten code nested in the current trace. */
 PyObject *trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,

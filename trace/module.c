@@ -183,6 +183,29 @@ core_stats(PyObject *module, PyObject *unused)
     return graph_stats();
 }
 
+/* _configure(options: dict): executor options resolved by pydron/config.py. */
+static PyObject *
+core_configure(PyObject *module, PyObject *options)
+{
+    if (!PyDict_Check(options)) {
+        PyErr_SetString(PyExc_TypeError, "_configure expects a dict of options");
+        return NULL;
+    }
+    exec_options o = {.thread_workers = 0, .arena_arrays = 1};
+    PyObject *v;
+    if ((v = PyDict_GetItemString(options, "thread_workers")) != NULL) {
+        o.thread_workers = PyLong_AsLong(v) ;
+        if (o.thread_workers == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if ((v = PyDict_GetItemString(options, "arena_arrays")) != NULL) {
+        if ((o.arena_arrays = PyObject_IsTrue(v)) < 0)
+            return NULL;
+    }
+    exec_configure(&o);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_versions(PyObject *module, PyObject *unused)
 {
@@ -205,6 +228,7 @@ static PyMethodDef core_methods[] = {
     {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
     {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
     {"_stats", core_stats, METH_NOARGS, "Task counters of this process."},
+    {"_configure", core_configure, METH_O, "_configure(options): executor options."},
     {"versions", core_versions, METH_NOARGS, "Versions of CPython, LLVM, libffi and xxHash."},
     {NULL},
 };

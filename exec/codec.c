@@ -1,0 +1,605 @@
+/* exec/codec.c — pickling values across processes: pickle protocol 5 with out-of-band buffers
+ * placed in the shared arena (so arrays cross without a copy through a pipe), persistent ids
+ * for the results of other tasks, cloudpickle for what plain pickle refuses, and decoding back.
+ * Also the calls into pydron/_exec_helpers.py for the cold paths (error messages).
+ * Thread and GIL model: GIL held throughout; one codec per process is reused, and a codec
+ * re-entered (a __reduce__ that submits) hands the nested dump to a temporary one. */
+#include "exec/internal.h"
+
+#include <string.h>
+
+static PyObject *helpers;          /* the module pydron._exec_helpers */
+static PyObject *pickle_loads, *pickle_dumps, *pickle_Pickler, *io_BytesIO;
+static PyObject *str_buffers, *str_load, *kw_buffers;
+static exec_codec *master_codec;
+
+/* ---- helpers in Python ------------------------------------------------------------------------ */
+
+/* Borrowed reference to helper `name`, NULL + exception. */
+static PyObject *
+helper(const char *name)
+{
+    if (helpers == NULL && (helpers = PyImport_ImportModule("pydron._exec_helpers")) == NULL)
+        return NULL;
+    PyObject *f = PyObject_GetAttrString(helpers, name);
+    Py_XDECREF(f);          /* the module keeps it */
+    return f;
+}
+
+PyObject *
+exec__call_helper(const char *name, PyObject *const *args, size_t nargs)
+{
+    PyObject *f = helper(name);
+    return f ? PyObject_Vectorcall(f, args, nargs, NULL) : NULL;
+}
+
+int
+exec__raise_from_helper(const char *name, PyObject *const *args, size_t nargs)
+{
+    PyObject *exc = exec__call_helper(name, args, nargs);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
+/* ---- the codec object ------------------------------------------------------------------------- */
+
+struct exec_codec {
+    PyObject_HEAD
+    /* Picklers writing into this codec (Pickler(self, 5, buffer_callback=...)), reused: [0] plain,
+     * [1] with persistent ids; [2], [3] the same with cloudpickle's CloudPickler, for what plain
+     * pickle refuses (local functions, lambdas, closures in arguments and results). */
+    PyObject *pickler[4], *dump[4], *clear[4];
+    exec_dep_fn dep;
+    void *dep_ctx;
+    char *out;
+    size_t out_len, out_cap;
+    wire_buf *bufs;
+    uint32_t nbufs, bufs_cap;
+    int busy;
+};
+
+/* Pickler.write: append to the output buffer. */
+static PyObject *
+codec_write(exec_codec *c, PyObject *data)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    size_t need = c->out_len + (size_t)view.len;
+    if (need > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 256;
+        while (cap < need)
+            cap *= 2;
+        char *p = PyMem_RawRealloc(c->out, cap);
+        if (p == NULL) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        c->out = p;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, view.buf, (size_t)view.len);
+    c->out_len = need;
+    Py_ssize_t n = view.len;
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(n);
+}
+
+/* Pickler.persistent_id: the index of a dependency, or None to pickle obj itself. */
+static PyObject *
+codec_persistent_id(exec_codec *c, PyObject *obj)
+{
+    if (c->dep == NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t i = c->dep(c->dep_ctx, obj);
+    if (i == -2)
+        return NULL;
+    if (i < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromSsize_t(i);
+}
+
+/* Pickler buffer_callback: out-of-band buffers of EXEC_OOB_MIN bytes or more go to the arena, by
+ * reference when they are already inside it (a result forwarded), else copied once. Smaller ones
+ * stay in band (returns True), as does everything when the arena is full. */
+static PyObject *
+codec_buffer_callback(exec_codec *c, PyObject *pb)
+{
+    arena *a = exec__arena;
+    if (a == NULL)
+        Py_RETURN_TRUE;
+    Py_buffer view;
+    if (PyObject_GetBuffer(pb, &view, PyBUF_FULL_RO) < 0)
+        return NULL;
+    PyObject *in_band = Py_True;
+    if ((size_t)view.len < EXEC_OOB_MIN || !PyBuffer_IsContiguous(&view, 'A'))
+        goto done;
+    if (c->nbufs == c->bufs_cap) {
+        uint32_t cap = c->bufs_cap ? c->bufs_cap * 2 : 8;
+        wire_buf *b = PyMem_RawRealloc(c->bufs, cap * sizeof(wire_buf));
+        if (b == NULL) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        c->bufs = b;
+        c->bufs_cap = cap;
+    }
+    wire_buf *b = &c->bufs[c->nbufs];
+    size_t blen;
+    uint64_t blk;
+    if (arena_block_of(a, view.buf, &blk, &blen) == 0 &&
+        (char *)view.buf + view.len <= (char *)arena_ptr(a, blk) + blen) {
+        arena_incref(a, blk);                  /* already shared: send a reference */
+        b->blk = blk;
+        b->off = (uint64_t)((char *)view.buf - (char *)a);
+    }
+    else {
+        if (arena_alloc(a, (size_t)view.len, &b->blk) < 0)
+            goto done;                         /* arena full: in band, slower but correct */
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(arena_ptr(a, b->blk), view.buf, (size_t)view.len);
+        Py_END_ALLOW_THREADS
+        b->off = b->blk;
+    }
+    b->len = (uint64_t)view.len;
+    c->nbufs++;
+    in_band = Py_False;
+done:
+    PyBuffer_Release(&view);
+    return Py_NewRef(in_band);
+}
+
+static PyMethodDef codec_methods[] = {
+    {"write", (PyCFunction)codec_write, METH_O, NULL},
+    {"persistent_id", (PyCFunction)codec_persistent_id, METH_O, NULL},
+    {"buffer_callback", (PyCFunction)codec_buffer_callback, METH_O, NULL},
+    {NULL},
+};
+
+static void
+codec_dealloc(exec_codec *c)
+{
+    for (int i = 0; i < 4; i++) {
+        Py_XDECREF(c->pickler[i]);
+        Py_XDECREF(c->dump[i]);
+        Py_XDECREF(c->clear[i]);
+    }
+    PyMem_RawFree(c->out);
+    PyMem_RawFree(c->bufs);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyTypeObject Codec_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pydron._core._ExecCodec",
+    .tp_basicsize = sizeof(exec_codec),
+    .tp_dealloc = (destructor)codec_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = codec_methods,
+};
+
+/* Build reusable pickler `which` (see exec_codec) writing into c. It makes a reference cycle
+ * through the bound methods: codecs live as long as the process, except temporary ones, which
+ * codec_discard breaks. 0, or -1 + exception. */
+static int
+codec_make_pickler(exec_codec *c, int which)
+{
+    int rc = -1;
+    PyObject *cls = pickle_Pickler, *cb = NULL, *kw = NULL, *args = NULL, *p = NULL;
+    if (which >= 2) {
+        PyObject *cloud = PyImport_ImportModule("cloudpickle");
+        cls = cloud ? PyObject_GetAttrString(cloud, "CloudPickler") : NULL;
+        Py_XDECREF(cloud);
+        if (cls == NULL)
+            return -1;
+    }
+    else {
+        Py_INCREF(cls);
+    }
+    cb = PyObject_GetAttrString((PyObject *)c, "buffer_callback");
+    kw = cb ? Py_BuildValue("{s:i,s:O}", "protocol", 5, "buffer_callback", cb) : NULL;
+    args = PyTuple_Pack(1, (PyObject *)c);
+    p = (kw && args) ? PyObject_Call(cls, args, kw) : NULL;
+    if (p == NULL)
+        goto done;
+    if (which & 1) {
+        PyObject *pid = PyObject_GetAttrString((PyObject *)c, "persistent_id");
+        int err = pid == NULL || PyObject_SetAttrString(p, "persistent_id", pid) < 0;
+        Py_XDECREF(pid);
+        if (err)
+            goto done;
+    }
+    c->dump[which] = PyObject_GetAttrString(p, "dump");
+    c->clear[which] = PyObject_GetAttrString(p, "clear_memo");
+    if (c->dump[which] == NULL || c->clear[which] == NULL) {
+        Py_CLEAR(c->dump[which]);
+        Py_CLEAR(c->clear[which]);
+        goto done;
+    }
+    c->pickler[which] = Py_NewRef(p);
+    rc = 0;
+done:
+    Py_DECREF(cls);
+    Py_XDECREF(cb);
+    Py_XDECREF(kw);
+    Py_XDECREF(args);
+    Py_XDECREF(p);
+    return rc;
+}
+
+exec_codec *
+exec__codec_new(void)
+{
+    exec_codec *c = PyObject_New(exec_codec, &Codec_Type);
+    if (c == NULL)
+        return NULL;
+    memset((char *)c + sizeof(PyObject), 0, sizeof(*c) - sizeof(PyObject));
+    return c;
+}
+
+/* Break the codec's cycles and drop it (for temporary codecs). Steals c. */
+static void
+codec_discard(exec_codec *c)
+{
+    for (int i = 0; i < 4; i++) {
+        Py_CLEAR(c->dump[i]);
+        Py_CLEAR(c->clear[i]);
+        Py_CLEAR(c->pickler[i]);
+    }
+    Py_DECREF(c);
+}
+
+void
+exec__codec_reset(exec_codec *c)
+{
+    c->out_len = 0;
+    c->nbufs = 0;
+}
+
+/* One attempt with pickler `which`; 0, or -1 + exception (nothing kept). */
+static int
+codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *ctx)
+{
+    if (c->dump[which] == NULL && codec_make_pickler(c, which) < 0)
+        return -1;
+    c->busy = 1;
+    c->out_len = 0;
+    c->nbufs = 0;
+    c->dep = dep;
+    c->dep_ctx = ctx;
+    PyObject *r = PyObject_CallOneArg(c->dump[which], obj);
+    /* The memo holds references to everything pickled: clear it at once, failure or not. */
+    PyObject *err = r == NULL ? PyErr_GetRaisedException() : NULL;
+    PyObject *cr = PyObject_CallNoArgs(c->clear[which]);
+    c->dep = NULL;
+    c->busy = 0;
+    if (cr == NULL) {
+        Py_CLEAR(r);
+        if (err)
+            PyErr_Clear();
+    }
+    Py_XDECREF(cr);
+    if (err)
+        PyErr_SetRaisedException(err);
+    if (r == NULL) {
+        exec__bufs_release(exec__arena, c->bufs, c->nbufs);
+        exec__codec_reset(c);
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+int
+exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx, const char **data,
+                 size_t *len, wire_buf **bufs, uint32_t *nbufs)
+{
+    int which = dep ? 1 : 0;
+    if (codec_dump_with(c, which, obj, dep, ctx) < 0) {
+        /* Plain pickle refuses local functions and lambdas: cloudpickle sends them by value.
+         * Ctrl-C (or SystemExit) while pickling is not a pickling problem: let it through. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return -1;
+        PyObject *first = PyErr_GetRaisedException();
+        int rc = codec_dump_with(c, which + 2, obj, dep, ctx);
+        Py_DECREF(first);
+        if (rc < 0)
+            return -1;
+    }
+    *data = c->out;
+    *len = c->out_len;
+    *bufs = c->bufs;
+    *nbufs = c->nbufs;
+    return 0;
+}
+
+/* The process's codec (borrowed), or, re-entered from a __reduce__, a temporary one (new, to be
+ * passed to codec_release): *temporary says which. NULL + exception. */
+static exec_codec *
+codec_acquire(int *temporary)
+{
+    *temporary = 0;
+    if (master_codec == NULL && (master_codec = exec__codec_new()) == NULL)
+        return NULL;
+    if (!master_codec->busy)
+        return master_codec;
+    *temporary = 1;
+    return exec__codec_new();
+}
+
+static void
+codec_release(exec_codec *c, int temporary)
+{
+    if (temporary)
+        codec_discard(c);
+}
+
+/* ---- decoding --------------------------------------------------------------------------------- */
+
+/* Unpickle len bytes at data with the given arena buffers (wrapped in ArenaBuffer objects that
+ * take their own references) and persistent ids resolved in deps. New reference, NULL + exc. */
+static PyObject *
+decode_bytes(const char *data, size_t len, const wire_buf *bufs, uint32_t nbufs, PyObject *deps)
+{
+    PyObject *result = NULL, *holders = NULL, *unpickler = NULL, *file = NULL;
+    if (nbufs == 0 && deps == NULL && len <= 4096) {
+        /* Small and self-contained (most results): a bytes copy is cheaper than a view. */
+        PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+        if (bytes == NULL)
+            return NULL;
+        result = PyObject_CallOneArg(pickle_loads, bytes);
+        Py_DECREF(bytes);
+        return result;
+    }
+    PyObject *mv = PyMemoryView_FromMemory((char *)data, (Py_ssize_t)len, PyBUF_READ);
+    if (mv == NULL)
+        return NULL;
+    if (nbufs) {
+        holders = PyTuple_New(nbufs);
+        if (holders == NULL)
+            goto done;
+        for (uint32_t i = 0; i < nbufs; i++) {
+            PyObject *h = exec__arena_buffer_new(exec__arena, bufs[i].blk, bufs[i].off,
+                                                 bufs[i].len);
+            if (h == NULL)
+                goto done;
+            PyTuple_SET_ITEM(holders, i, h);
+        }
+    }
+    if (deps == NULL) {
+        PyObject *args[2] = {mv, holders};
+        result = PyObject_Vectorcall(pickle_loads, args, 1, holders ? kw_buffers : NULL);
+        goto done;
+    }
+    file = PyObject_CallOneArg(io_BytesIO, mv);
+    PyObject *cls = file ? helper("DepUnpickler") : NULL;
+    if (cls == NULL)
+        goto done;
+    {
+        PyObject *args[3] = {file, deps, holders};
+        unpickler = PyObject_Vectorcall(cls, args, 2, holders ? kw_buffers : NULL);
+    }
+    if (unpickler != NULL)
+        result = PyObject_CallMethodNoArgs(unpickler, str_load);
+done:
+    Py_XDECREF(unpickler);
+    Py_XDECREF(file);
+    Py_XDECREF(holders);
+    /* Nothing may keep a view of the ring or the blob past this point. */
+    PyObject *err = result == NULL ? PyErr_GetRaisedException() : NULL;
+    PyObject *r = PyObject_CallMethod(mv, "release", NULL);
+    if (r == NULL)
+        Py_CLEAR(result);
+    if (err)
+        PyErr_SetRaisedException(err);       /* the decoding error is the one to report */
+    Py_XDECREF(r);
+    Py_DECREF(mv);
+    return result;
+}
+
+PyObject *
+exec__decode_view(const wire_blob_view *v, PyObject *deps)
+{
+    return decode_bytes(v->data, v->len, v->bufs, v->nbufs, deps);
+}
+
+PyObject *
+exec_blob_decode(exec_blob *b)
+{
+    return decode_bytes(b->data, b->len, b->bufs, b->nbufs, NULL);
+}
+
+PyObject *
+exec__decode_error(exec_blob *b)
+{
+    PyObject *exc = exec_blob_decode(b);
+    if (exc != NULL && PyExceptionInstance_Check(exc)) {
+        PyObject *fixed = exec__call_helper("restore_builtin_state", &exc, 1);
+        if (fixed == NULL)
+            PyErr_Clear();
+        Py_XDECREF(fixed);
+        return exc;
+    }
+    PyObject *err;
+    if (exc != NULL) {
+        Py_DECREF(exc);
+        PyErr_SetString(PyExc_TypeError, "the worker sent back something that is not an exception");
+    }
+    err = PyErr_GetRaisedException();
+    PyObject *r = err ? exec__call_helper("undecodable_error", &err, 1) : NULL;
+    Py_XDECREF(err);
+    if (r == NULL) {
+        PyErr_Clear();
+        r = PyObject_CallFunction(PyExc_RuntimeError, "s",
+                                  "pydron: a task failed in a worker process");
+        if (r == NULL) {
+            /* Out of memory building the error: a bare RuntimeError instance still says it. */
+            PyErr_Clear();
+            r = Py_NewRef(PyExc_RuntimeError);
+        }
+    }
+    return r;
+}
+
+PyObject *
+exec__pickle_exception(PyObject *exc, PyObject *fn)
+{
+    PyObject *args[2] = {exc, fn ? fn : Py_None};
+    PyObject *data = exec__call_helper("pickle_exception", args, 2);
+    if (data != NULL && PyBytes_Check(data))
+        return data;
+    Py_XDECREF(data);
+    PyErr_Clear();
+    /* Last resort (the helper itself failed): a plain RuntimeError naming the type. */
+    PyObject *err = PyObject_CallFunction(PyExc_RuntimeError, "s",
+                                          "pydron: a task raised an exception that could not be "
+                                          "pickled back from its worker");
+    if (err == NULL)
+        return NULL;
+    data = PyObject_CallOneArg(pickle_dumps, err);
+    Py_DECREF(err);
+    return data;
+}
+
+/* ---- encoding calls --------------------------------------------------------------------------- */
+
+/* Find which argument cannot be pickled and say so; called with the pickling error set.
+ * Always returns NULL with a TypeError set. */
+static exec_blob *
+explain_encode_failure(exec_codec *c, PyObject *fn, PyObject *args, PyObject *kwargs,
+                       exec_dep_fn dep, void *ctx)
+{
+    PyObject *err = PyErr_GetRaisedException();
+    PyObject *where = NULL, *culprit = NULL;
+    const char *d;
+    size_t l;
+    wire_buf *bb;
+    uint32_t nb;
+    Py_ssize_t n = args ? PyTuple_GET_SIZE(args) : 0;
+    for (Py_ssize_t i = 0; i < n && where == NULL; i++) {
+        PyObject *a = PyTuple_GET_ITEM(args, i);
+        if (exec__codec_dump(c, a, dep, ctx, &d, &l, &bb, &nb) < 0) {
+            Py_SETREF(err, PyErr_GetRaisedException());
+            where = PyLong_FromSsize_t(i);
+            culprit = a;
+            if (where == NULL)
+                goto done;
+        }
+        else {
+            exec__bufs_release(exec__arena, bb, nb);
+        }
+    }
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (where == NULL && kwargs && PyDict_Next(kwargs, &pos, &k, &v)) {
+        if (exec__codec_dump(c, v, dep, ctx, &d, &l, &bb, &nb) < 0) {
+            Py_SETREF(err, PyErr_GetRaisedException());
+            where = PyUnicode_FromFormat("argument %R", k);
+            culprit = v;
+            if (where == NULL)
+                goto done;
+        }
+        else {
+            exec__bufs_release(exec__arena, bb, nb);
+        }
+    }
+    exec__codec_reset(c);
+    if (where == NULL) {
+        where = PyUnicode_FromString("the arguments");
+        culprit = args;
+        if (where == NULL)
+            goto done;
+    }
+    if (err == NULL)
+        err = Py_NewRef(Py_None);
+    PyObject *hargs[4] = {fn, where, culprit, err};
+    exec__raise_from_helper("bad_argument", hargs, 4);
+done:
+    Py_XDECREF(where);
+    Py_XDECREF(err);
+    return NULL;
+}
+
+exec_blob *
+exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep, void *ctx)
+{
+    int temporary;
+    exec_codec *c = codec_acquire(&temporary);
+    if (c == NULL)
+        return NULL;
+    exec_blob *b = NULL;
+    PyObject *call = PyTuple_Pack(2, args, kwargs && PyDict_GET_SIZE(kwargs) ? kwargs : Py_None);
+    const char *data;
+    size_t len;
+    wire_buf *bufs;
+    uint32_t nbufs;
+    if (call == NULL)
+        goto done;
+    if (exec__codec_dump(c, call, dep, ctx, &data, &len, &bufs, &nbufs) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_Exception))
+            b = explain_encode_failure(c, fn, args, kwargs, dep, ctx);
+    }
+    else {
+        b = exec__blob_new(data, len, bufs, nbufs);
+    }
+done:
+    Py_XDECREF(call);
+    codec_release(c, temporary);
+    return b;
+}
+
+exec_blob *
+exec_encode_value(PyObject *value)
+{
+    int temporary;
+    exec_codec *c = codec_acquire(&temporary);
+    if (c == NULL)
+        return NULL;
+    const char *data;
+    size_t len;
+    wire_buf *bufs;
+    uint32_t nbufs;
+    exec_blob *b = NULL;
+    if (exec__codec_dump(c, value, NULL, NULL, &data, &len, &bufs, &nbufs) == 0)
+        b = exec__blob_new(data, len, bufs, nbufs);
+    codec_release(c, temporary);
+    return b;
+}
+
+int
+exec__codec_module_init(PyObject *module)
+{
+    if (PyType_Ready(&Codec_Type) < 0)
+        return -1;
+    PyObject *pk = PyImport_ImportModule("_pickle");
+    PyObject *io = PyImport_ImportModule("io");
+    if (pk == NULL || io == NULL) {
+        Py_XDECREF(pk);
+        Py_XDECREF(io);
+        return -1;
+    }
+    pickle_loads = PyObject_GetAttrString(pk, "loads");
+    pickle_dumps = PyObject_GetAttrString(pk, "dumps");
+    pickle_Pickler = PyObject_GetAttrString(pk, "Pickler");
+    io_BytesIO = PyObject_GetAttrString(io, "BytesIO");
+    Py_DECREF(pk);
+    Py_DECREF(io);
+    str_buffers = PyUnicode_InternFromString("buffers");
+    str_load = PyUnicode_InternFromString("load");
+    kw_buffers = str_buffers ? PyTuple_Pack(1, str_buffers) : NULL;
+    if (!pickle_loads || !pickle_dumps || !pickle_Pickler || !io_BytesIO || !kw_buffers ||
+        !str_load)
+        return -1;
+    return 0;
+}
+
+/* Import pydron._exec_helpers now (the master calls this before forking the fork server, so that
+ * every worker has it already). 0, or -1 + exception. */
+int
+exec__codec_preload(void)
+{
+    return helper("qualname") == NULL ? -1 : 0;
+}

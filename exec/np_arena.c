@@ -1,0 +1,135 @@
+/* exec/np_arena.c — in a worker, large numpy arrays are allocated in the shared arena (numpy's
+ * PyDataMem_Handler, NumPy >= 1.22): a result array is then sent by reference, with no copy, and
+ * temporaries reuse warm arena pages instead of fresh mmaps. Small arrays and a full arena fall
+ * back to malloc. pydron.enable(arena_arrays=False) (config `arena_arrays`) turns it off.
+ * Thread and GIL model: numpy calls the allocator from any thread, with or without the GIL; the
+ * arena and the held table are safe for that (atomics and a process-shared lock). */
+#include "exec/internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    void *ctx;
+    void *(*malloc)(void *ctx, size_t size);
+    void *(*calloc)(void *ctx, size_t nelem, size_t elsize);
+    void *(*realloc)(void *ctx, void *ptr, size_t new_size);
+    void (*free)(void *ctx, void *ptr, size_t size);
+} np_allocator;
+
+typedef struct {
+    char name[127];
+    uint8_t version;
+    np_allocator allocator;
+} np_handler;
+
+#define ARRAY_IN_ARENA_MIN ((size_t)256 << 10)
+#define NP_API_SET_HANDLER 304          /* PyDataMem_SetHandler in NumPy's C-API table */
+#define NP_API_FEATURE_VERSION 211      /* PyArray_GetNDArrayCFeatureVersion */
+#define NP_1_22_API_VERSION 0xf
+
+static void *arena_array(size_t size)
+{
+    arena *a = exec__arena;
+    uint64_t blk;
+    if (a == NULL || size < ARRAY_IN_ARENA_MIN || arena_alloc(a, size, &blk) < 0)
+        return NULL;
+    exec__held_add(blk);
+    return arena_ptr(a, blk);
+}
+
+static void np_free(void *ctx, void *ptr, size_t size)
+{
+    arena *a = exec__arena;
+    uint64_t blk;
+    size_t blen;
+    if (ptr && a && arena_contains(a, ptr) && arena_block_of(a, ptr, &blk, &blen) == 0) {
+        exec__held_drop(blk);
+        arena_decref(a, blk);
+        return;
+    }
+    free(ptr);
+}
+
+static void *np_malloc(void *ctx, size_t size)
+{
+    void *p = arena_array(size);
+    return p ? p : malloc(size ? size : 1);
+}
+
+static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
+{
+    if (elsize && nelem > SIZE_MAX / elsize)
+        return NULL;
+    void *p = arena_array(nelem * elsize);
+    if (p) {
+        memset(p, 0, nelem * elsize);   /* reused pages are not zero */
+        return p;
+    }
+    return calloc(nelem ? nelem : 1, elsize ? elsize : 1);
+}
+
+static void *np_realloc(void *ctx, void *ptr, size_t new_size)
+{
+    arena *a = exec__arena;
+    uint64_t blk;
+    size_t blen;
+    if (ptr && a && arena_contains(a, ptr) && arena_block_of(a, ptr, &blk, &blen) == 0) {
+        size_t avail = blen - (size_t)((char *)ptr - (char *)arena_ptr(a, blk));
+        if (new_size <= avail)
+            return ptr;
+        void *q = np_malloc(ctx, new_size);
+        if (q == NULL)
+            return NULL;
+        memcpy(q, ptr, avail);
+        np_free(ctx, ptr, 0);
+        return q;
+    }
+    return realloc(ptr, new_size ? new_size : 1);
+}
+
+static np_handler arena_handler = {
+    "pydron_arena", 1, {NULL, np_malloc, np_calloc, np_realloc, np_free},
+};
+
+static int arrays_state;   /* 0: numpy not seen yet, 1: installed, -1: not possible or off */
+
+/* Install the handler once numpy is imported in this worker (checked between tasks). */
+void
+exec__install_array_allocator(void)
+{
+    if (arrays_state != 0)
+        return;
+    PyObject *modules = PySys_GetObject("modules");   /* borrowed */
+    PyObject *umath = NULL;
+    if (modules) {
+        umath = PyDict_GetItemString(modules, "numpy._core._multiarray_umath");
+        if (umath == NULL)
+            umath = PyDict_GetItemString(modules, "numpy.core._multiarray_umath");
+    }
+    if (umath == NULL)
+        return;                         /* not imported (yet) */
+    arrays_state = -1;
+    if (!exec__options.arena_arrays)
+        return;
+    PyObject *cap = PyObject_GetAttrString(umath, "_ARRAY_API");
+    void **api = cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, NULL) : NULL;
+    Py_XDECREF(cap);
+    if (api == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    unsigned (*feature_version)(void) = (unsigned (*)(void))api[NP_API_FEATURE_VERSION];
+    if (feature_version() < NP_1_22_API_VERSION)
+        return;
+    PyObject *handler = PyCapsule_New(&arena_handler, "mem_handler", NULL);
+    PyObject *(*set_handler)(PyObject *) = (PyObject * (*)(PyObject *)) api[NP_API_SET_HANDLER];
+    PyObject *old = handler ? set_handler(handler) : NULL;
+    Py_XDECREF(handler);
+    if (old == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    Py_DECREF(old);
+    arrays_state = 1;
+}

@@ -1,0 +1,536 @@
+/* graph/tasks.c — the life of a task: submission (its dependencies found while its arguments are
+ * encoded), dispatch to an executor once the engine says it is ready, results taken in from
+ * exec_poll, and the consequences of a finish (dependents dispatched, or failed with the same
+ * exception). Results stay encoded (exec_blob) until somebody reads them, so a chain of tasks
+ * forwards its intermediate values from worker to worker without unpickling them here.
+ * Thread and GIL model: GIL held throughout; exec_poll releases it while it sleeps, so another
+ * thread may submit, take results in or finish tasks meanwhile — every loop here re-reads state
+ * after a poll. Completions are handled only after exec_poll returned: exec never calls back. */
+#include "graph/internal.h"
+
+/* How many completions one poll takes at most. */
+#define POLL_BATCH 64
+/* Dependencies kept on the C stack while a call is encoded; more go to the heap. */
+#define INLINE_DEPS 8
+/* While a progress bar is shown, waits wake up this often to redraw it. */
+#define PROGRESS_POLL_S 0.1
+
+engine *graph__engine;
+
+static struct {
+    uint64_t submitted, finished;
+    Py_ssize_t inflight;           /* tasks the graph holds: waiting or queued */
+} G;
+
+Py_ssize_t
+graph__inflight(void)
+{
+    return G.inflight;
+}
+
+uint64_t
+graph__submitted(void)
+{
+    return G.submitted;
+}
+
+uint64_t
+graph__finished(void)
+{
+    return G.finished;
+}
+
+/* The graph holds a reference on every unfinished task, so a completion always finds its task
+ * (engine_owner) even when the user dropped the pending value. */
+static void
+hold(graph_task *t)
+{
+    Py_INCREF(t);
+    t->held = 1;
+    G.inflight++;
+}
+
+/* Drop the hold (may deallocate t: call last). */
+static void
+release(graph_task *t)
+{
+    if (!t->held)
+        return;
+    t->held = 0;
+    G.inflight--;
+    Py_DECREF(t);
+}
+
+/* ---- dispatch ---------------------------------------------------------------------------------- */
+
+/* Thread tasks get values, not encodings: copy the argument containers, replacing tasks.
+ * New reference, NULL + exception. */
+static PyObject *
+resolve_copy(PyObject *obj, int depth)
+{
+    if (graph_is_task(obj))
+        return graph__task_value((graph_task *)obj);
+    if (depth > 64)
+        return Py_NewRef(obj);
+    if (PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) {
+        int is_tuple = PyTuple_CheckExact(obj);
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+        PyObject *out = is_tuple ? PyTuple_New(n) : PyList_New(n);
+        if (out == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *v = resolve_copy(PySequence_Fast_GET_ITEM(obj, i), depth + 1);
+            if (v == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            if (is_tuple)
+                PyTuple_SET_ITEM(out, i, v);
+            else
+                PyList_SET_ITEM(out, i, v);
+        }
+        return out;
+    }
+    if (PyDict_CheckExact(obj)) {
+        PyObject *out = PyDict_New(), *k, *v;
+        Py_ssize_t pos = 0;
+        if (out == NULL)
+            return NULL;
+        while (PyDict_Next(obj, &pos, &k, &v)) {
+            PyObject *rv = resolve_copy(v, depth + 1);
+            if (rv == NULL || PyDict_SetItem(out, k, rv) < 0) {
+                Py_XDECREF(rv);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(rv);
+        }
+        return out;
+    }
+    return Py_NewRef(obj);
+}
+
+static int
+submit_thread_task(graph_task *t)
+{
+    PyObject *call = resolve_copy(t->extra->call, 0);
+    if (call == NULL)
+        return -1;
+    exec_task et = {.task_id = t->node, .fn = t->fn, .call = call};
+    int rc = exec_submit(EXEC_THREADS, &et);
+    Py_DECREF(call);
+    if (rc == 0)
+        Py_CLEAR(t->extra->call);
+    return rc;
+}
+
+static int
+submit_process_task(graph_task *t)
+{
+    PyObject *dep_tasks = t->extra ? t->extra->deps : NULL;
+    Py_ssize_t n = dep_tasks ? PyTuple_GET_SIZE(dep_tasks) : 0;
+    exec_blob *small[INLINE_DEPS];
+    exec_blob **deps = n <= INLINE_DEPS ? small : PyMem_Malloc(n * sizeof(exec_blob *));
+    if (deps == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    int rc = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        graph_task *d = (graph_task *)PyTuple_GET_ITEM(dep_tasks, i);
+        /* A thread task's result is an object: encode it once for the workers. */
+        if (d->blob == NULL && (d->blob = exec_encode_value(d->value)) == NULL)
+            goto done;
+        deps[i] = d->blob;
+    }
+    exec_task et = {.task_id = t->node, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n};
+    rc = exec_submit(EXEC_PROCESSES, &et);
+    if (rc == 0) {
+        exec_blob_decref(t->args);
+        t->args = NULL;
+        if (t->extra)
+            Py_CLEAR(t->extra->deps);
+    }
+done:
+    if (deps != small)
+        PyMem_Free(deps);
+    return rc;
+}
+
+/* Hand a ready task to its executor. When that fails, the task fails (the error is the task's,
+ * raised where it is read) and 0 is returned: -1 only when even recording that fails. */
+static int
+dispatch(graph_task *t)
+{
+    int rc = t->threads ? submit_thread_task(t) : submit_process_task(t);
+    if (rc == 0) {
+        t->state = TASK_QUEUED;
+        engine_set_running(graph__engine, t->node);
+        return 0;
+    }
+    return graph__task_finish(t, 1, NULL, PyErr_GetRaisedException());
+}
+
+/* ---- finishing --------------------------------------------------------------------------------- */
+
+/* Record a finished task's outcome (stealing blob and object); the engine is told by the
+ * caller. */
+static void
+set_outcome(graph_task *t, int failed, exec_blob *blob, PyObject *object)
+{
+    t->state = failed ? TASK_FAILED : TASK_DONE;
+    Py_XSETREF(t->value, object);
+    if (failed)
+        exec_blob_decref(blob);
+    else
+        t->blob = blob;
+    if (t->extra) {
+        Py_CLEAR(t->extra->call);
+        Py_CLEAR(t->extra->deps);
+    }
+    exec_blob_decref(t->args);
+    t->args = NULL;
+    G.finished++;
+}
+
+int
+graph__task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
+{
+    if (graph_task_finished(t)) {
+        exec_blob_decref(blob);
+        Py_XDECREF(object);
+        return 0;
+    }
+    if (failed && object == NULL) {
+        /* Recording the failure itself failed (out of memory): a bare error still says it. */
+        PyErr_Clear();
+        object = Py_NewRef(PyExc_MemoryError);
+    }
+    set_outcome(t, failed, blob, object);
+    engine_events ev = {0};
+    int rc = engine_finish(graph__engine, t->node, failed, &ev);
+    if (rc < 0)
+        PyErr_NoMemory();
+    /* Plain Python never made the dependents' calls: the failing one raised first. */
+    for (size_t i = 0; i < ev.nfailed; i++) {
+        graph_task *d = engine_owner(graph__engine, ev.failed[i]);
+        if (d == NULL || graph_task_finished(d))
+            continue;
+        set_outcome(d, 1, NULL, Py_NewRef(t->value));
+        release(d);
+    }
+    for (size_t i = 0; i < ev.nready; i++) {
+        graph_task *d = engine_owner(graph__engine, ev.ready[i]);
+        if (d != NULL && d->state == TASK_WAITING && dispatch(d) < 0)
+            rc = -1;
+    }
+    engine_events_free(&ev);
+    release(t);
+    return rc;
+}
+
+/* Take in what exec_poll hands over (timeout_s as exec_poll). The number taken, or -1 + exc;
+ * every completion taken is recorded even when one of them fails to be. */
+static int
+take_completions(double timeout_s)
+{
+    exec_completion out[POLL_BATCH];
+    int n = exec_poll(timeout_s, out, POLL_BATCH);
+    if (n <= 0)
+        return n;
+    PyObject *err = NULL;
+    for (int i = 0; i < n; i++) {
+        exec_completion *c = &out[i];
+        graph_task *t = engine_owner(graph__engine, c->task_id);
+        if (t == NULL || t->state != TASK_QUEUED) {
+            /* A cancelled task's late result: drop it. */
+            exec_blob_decref(c->blob);
+            Py_XDECREF(c->object);
+            continue;
+        }
+        graph__observe_finish(t, c);
+        if (graph__task_finish(t, c->failed, c->blob, c->object) < 0 && err == NULL)
+            err = PyErr_GetRaisedException();
+    }
+    if (err) {
+        PyErr_SetRaisedException(err);
+        return -1;
+    }
+    return n;
+}
+
+int
+graph_pump(void)
+{
+    if (G.inflight == 0)
+        return 0;
+    return take_completions(0) < 0 ? -1 : 0;
+}
+
+/* Fail every unfinished task with exc_type(message) (the executors hold none of them any more). */
+static void
+fail_unfinished(PyObject *exc_type, const char *message)
+{
+    size_t n = engine_unfinished(graph__engine, NULL, 0);
+    if (n == 0)
+        return;
+    engine_handle *ids = PyMem_RawMalloc(n * sizeof(engine_handle));
+    if (ids == NULL)
+        return;
+    n = engine_unfinished(graph__engine, ids, n);
+    PyObject *exc = PyErr_GetRaisedException();
+    for (size_t i = 0; i < n; i++) {
+        graph_task *t = engine_owner(graph__engine, ids[i]);
+        if (t == NULL || graph_task_finished(t))
+            continue;
+        PyObject *err = PyObject_CallFunction(exc_type, "s", message);
+        if (graph__task_finish(t, 1, NULL, err) < 0)
+            PyErr_Clear();
+    }
+    PyMem_RawFree(ids);
+    PyErr_SetRaisedException(exc);
+}
+
+/* ---- submission -------------------------------------------------------------------------------- */
+
+/* Dependencies met while a call's arguments are encoded (persistent id i = deps[i]). */
+typedef struct {
+    graph_task **deps;            /* borrowed: the arguments keep them alive while encoding */
+    Py_ssize_t n, cap;
+    graph_task *inline_deps[INLINE_DEPS];
+} dep_list;
+
+static Py_ssize_t
+collect_dep(void *ctx, PyObject *obj)
+{
+    if (!graph_is_task(obj))
+        return -1;
+    dep_list *l = ctx;
+    graph_task *d = (graph_task *)obj;
+    for (Py_ssize_t i = 0; i < l->n; i++)
+        if (l->deps[i] == d)
+            return i;
+    if (l->n == l->cap) {
+        Py_ssize_t cap = l->cap * 2;
+        graph_task **nd = l->deps == l->inline_deps ? PyMem_Malloc(cap * sizeof(graph_task *))
+                                                    : PyMem_Realloc(l->deps, cap * sizeof(graph_task *));
+        if (nd == NULL) {
+            PyErr_NoMemory();
+            return -2;
+        }
+        if (l->deps == l->inline_deps)
+            memcpy(nd, l->inline_deps, sizeof(l->inline_deps));
+        l->deps = nd;
+        l->cap = cap;
+    }
+    l->deps[l->n] = d;
+    return l->n++;
+}
+
+/* Thread tasks: find the tasks in the arguments without encoding anything. 0, or -1 + exc. */
+static int
+scan_deps(PyObject *obj, dep_list *l, int depth)
+{
+    if (graph_is_task(obj))
+        return collect_dep(l, obj) < -1 ? -1 : 0;
+    if (depth > 64)
+        return 0;
+    if (PyTuple_CheckExact(obj) || PyList_CheckExact(obj)) {
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(obj); i++)
+            if (scan_deps(PySequence_Fast_GET_ITEM(obj, i), l, depth + 1) < 0)
+                return -1;
+    }
+    else if (PyDict_CheckExact(obj)) {
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(obj, &pos, &k, &v))
+            if (scan_deps(v, l, depth + 1) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+/* Make t wait for its dependencies; a failed one fails t at once. Then dispatch it if ready.
+ * 0, or -1 + exception. */
+static int
+wire_dependencies(graph_task *t, dep_list *l)
+{
+    graph_task *failed_dep = NULL;
+    if (l->n) {
+        if (graph__extra(t) == NULL || (t->extra->deps = PyTuple_New(l->n)) == NULL)
+            return -1;
+        for (Py_ssize_t i = 0; i < l->n; i++) {
+            graph_task *d = l->deps[i];
+            d->read = 1;               /* feeding another task is a use of its result */
+            PyTuple_SET_ITEM(t->extra->deps, i, Py_NewRef(d));
+            int rc = engine_depend(graph__engine, t->node, d->node);
+            if (rc < 0) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            if (rc == 2 && failed_dep == NULL)
+                failed_dep = d;
+        }
+    }
+    if (failed_dep)
+        return graph__task_finish(t, 1, NULL, Py_NewRef(failed_dep->value));
+    if (engine_seal(graph__engine, t->node))
+        return dispatch(t);
+    return 0;
+}
+
+PyObject *
+graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
+{
+    dep_list l = {.n = 0, .cap = INLINE_DEPS};
+    l.deps = l.inline_deps;
+    graph_task *t = graph__task_new(fn, threads);
+    if (t == NULL)
+        return NULL;
+    G.submitted++;
+    hold(t);
+    if (threads) {
+        if (graph__extra(t) == NULL)
+            goto error;
+        t->extra->call = PyTuple_Pack(2, args, kwargs ? kwargs : Py_None);
+        if (t->extra->call == NULL || scan_deps(t->extra->call, &l, 0) < 0)
+            goto error;
+    }
+    else {
+        t->args = exec_encode_call(fn, args, kwargs, collect_dep, &l);
+        if (t->args == NULL)
+            goto error;
+    }
+    if (graph__order_append(t) < 0)
+        goto error;
+    graph__observe_submit(t, l.deps, l.n);
+    if (wire_dependencies(t, &l) < 0)
+        goto error;
+    /* Take in what finished meanwhile, so dependents start while the caller keeps tracing. */
+    if (graph_pump() < 0)
+        goto error;
+    if (l.deps != l.inline_deps)
+        PyMem_Free(l.deps);
+    return (PyObject *)t;
+error:
+    if (l.deps != l.inline_deps)
+        PyMem_Free(l.deps);
+    if (!graph_task_finished(t)) {
+        /* Never dispatched: it is no task any more, and its error is raised here, once. */
+        PyObject *exc = PyErr_GetRaisedException();
+        t->reported = 1;
+        set_outcome(t, 1, NULL, Py_NewRef(exc));
+        engine_events ev = {0};
+        engine_finish(graph__engine, t->node, 1, &ev);
+        engine_events_free(&ev);
+        release(t);
+        PyErr_SetRaisedException(exc);
+    }
+    Py_DECREF(t);
+    return NULL;
+}
+
+/* ---- waiting ----------------------------------------------------------------------------------- */
+
+int
+graph__wait_finished(graph_task *t)
+{
+    if (graph_task_finished(t))
+        return 0;
+    double started;
+    graph__observe_wait_begin(t, &started);
+    int rc = 0;
+    Py_INCREF(t);
+    while (!graph_task_finished(t)) {
+        graph__observe_progress(0);
+        if (take_completions(graph__progress_active() ? PROGRESS_POLL_S : -1) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_KeyboardInterrupt))
+                graph_cancel_mine();
+            rc = -1;
+            break;
+        }
+        /* The executors hold nothing any more (shut down at exit under a thread still waiting):
+         * these tasks will never come back. Failing them ends this loop, which would otherwise
+         * spin holding the GIL and keep the interpreter from finalizing. */
+        if (!graph_task_finished(t) && exec_outstanding() == 0)
+            fail_unfinished(PyExc_RuntimeError,
+                            "pydron: the executor was shut down before this task finished");
+    }
+    graph__observe_wait_end(t, started);
+    Py_DECREF(t);
+    return rc;
+}
+
+PyObject *
+graph__task_value(graph_task *t)
+{
+    t->read = 1;
+    if (t->state != TASK_DONE) {
+        if (graph__wait_finished(t) < 0)
+            return NULL;
+        if (t->state == TASK_FAILED) {
+            /* An earlier call that failed is the one plain Python raised. */
+            if (t->seq >= 0 && graph_force_before(t->seq) < 0)
+                return NULL;
+            graph__raise_task_error(t);
+            return NULL;
+        }
+    }
+    if (t->value == NULL) {
+        t->value = exec_blob_decode(t->blob);
+        if (t->value == NULL)
+            return NULL;
+        /* The encoding stays: a task submitted later may depend on this one and gets it as it
+         * is (for arrays both views share the arena block, so this costs no memory). */
+    }
+    return Py_NewRef(t->value);
+}
+
+PyObject *
+graph_wait(graph_task *t)
+{
+    return graph__task_value(t);
+}
+
+void
+graph_cancel_mine(void)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *tasks = graph__order_unfinished();
+    if (tasks == NULL) {
+        PyErr_Clear();
+        PyErr_SetRaisedException(exc);
+        return;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(tasks);
+    uint64_t *ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
+    if (ids != NULL) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            ids[i] = ((graph_task *)PyList_GET_ITEM(tasks, i))->node;
+        exec_cancel(ids, n);
+        PyMem_Free(ids);
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        graph_task *t = (graph_task *)PyList_GET_ITEM(tasks, i);
+        PyObject *err = PyObject_CallFunction(PyExc_KeyboardInterrupt, "s", "cancelled by Ctrl-C");
+        if (graph__task_finish(t, 1, NULL, err) < 0)
+            PyErr_Clear();
+    }
+    graph__observe_cancelled(n);
+    Py_DECREF(tasks);
+    PyErr_Clear();
+    PyErr_SetRaisedException(exc);
+}
+
+int
+graph_module_init(PyObject *module)
+{
+    if (graph__engine == NULL && (graph__engine = engine_new()) == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (graph__pending_init(module) < 0 || graph__order_init(module) < 0 ||
+        graph__observe_init(module) < 0 || graph__keys_init(module) < 0)
+        return -1;
+    return 0;
+}

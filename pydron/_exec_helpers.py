@@ -1,0 +1,180 @@
+"""Cold paths of the executor (exec/ in C), clearer in Python: error messages that describe
+calls and values, exception pickling across processes, shipping functions by value.
+
+Nothing here runs per task on the fast path. The C side imports this module once, in the master
+before the fork server is forked, so workers inherit it already imported; it must not import
+pydron._core at module level (it is imported while _core initialises).
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import traceback
+import types
+
+
+def qualname(fn) -> str:
+    mod = getattr(fn, "__module__", None)
+    q = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+    return f"{mod}.{q}" if mod and mod != "builtins" else q
+
+
+def typename(x) -> str:
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+class DepUnpickler(pickle.Unpickler):
+    """Unpickler resolving persistent ids (dependencies of a task) through `deps`.
+
+    persistent_load cannot be set on an Unpickler instance on 3.13: a subclass forwards it."""
+
+    def __init__(self, file, deps, **kwargs):
+        super().__init__(file, **kwargs)
+        self.deps = deps
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, int) or not 0 <= pid < len(self.deps):
+            raise pickle.UnpicklingError(f"pydron: task refers to dependency {pid!r} it was "
+                                         f"not given ({len(self.deps)} given)")
+        return self.deps[pid]
+
+
+class _Dep:
+    """Stands for the result of another task when describing a call's arguments."""
+
+
+def describe(x) -> str:
+    t = type(x)
+    if isinstance(x, _Dep):
+        return "<result of a task>"
+    if t.__name__ == "ndarray" and hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"ndarray({x.dtype}, {'x'.join(map(str, x.shape)) or 'scalar'})"
+    if isinstance(x, (list, tuple, dict, set, frozenset, str, bytes)):
+        return f"{t.__name__}[{len(x)}]"
+    return typename(x)
+
+
+def describe_call(data, buffers) -> str:
+    """'(ndarray(float64, 100x100), int, <result of a task>)' for an encoded call."""
+
+    class ShapesOnly(pickle.Unpickler):
+        def persistent_load(self, pid):
+            return _Dep()
+
+    args, kwargs = ShapesOnly(io.BytesIO(data), buffers=buffers).load()
+    parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in (kwargs or {}).items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def worker_lost(fn, how, kills, data, buffers):
+    from pydron._core import WorkerLostError
+    try:
+        shapes = describe_call(data, buffers)
+    except Exception as e:
+        shapes = f"(<arguments not decodable: {e!r}>)"
+    return WorkerLostError(f"pydron: task {qualname(fn)}{shapes} killed its worker process "
+                           f"{kills} times (last: {how}); giving up on it")
+
+
+def workers_die_at_start():
+    from pydron._core import WorkerLostError
+    return WorkerLostError("pydron: worker processes die as soon as they start; cannot run tasks")
+
+
+def bad_argument(fn, where, arg, err):
+    if isinstance(where, int):
+        code = getattr(fn, "__code__", None)
+        if code is not None and where < code.co_argcount:
+            where = f"argument {where} ({code.co_varnames[where]!r})"
+        else:
+            where = f"argument {where}"
+    e = TypeError(f"pydron: cannot send {where} of {qualname(fn)}() to a worker process: "
+                  f"{typename(arg)} object cannot be pickled ({type(err).__name__}: {err})")
+    e.__cause__ = err
+    return e
+
+
+def bad_result(fn, result, err):
+    return TypeError(f"pydron: the result of {qualname(fn)}() cannot be sent back from the "
+                     f"worker process: {typename(result)} object cannot be pickled "
+                     f"({type(err).__name__}: {err})")
+
+
+def bad_function(fn, err):
+    e = TypeError(f"pydron: cannot send function {qualname(fn)} to a worker process "
+                  f"(by reference or by value with cloudpickle): {type(err).__name__}: {err}")
+    e.__cause__ = err
+    return e
+
+
+def bad_record(what, detail):
+    return RuntimeError(f"pydron: a worker process wrote a malformed {what} ({detail}); "
+                        f"the worker was replaced")
+
+
+def pickle_function(fn) -> bytes:
+    import cloudpickle
+    code = getattr(fn, "__code__", None)
+    return cloudpickle.dumps((fn, getattr(code, "co_filename", None)), protocol=5)
+
+
+def unpack_function(shipped):
+    """cloudpickle ships code by value with co_filename '<dynamic-code>': put the real file back,
+    so worker tracebacks name it (and the master can show its source lines)."""
+    fn, filename = shipped
+    code = getattr(fn, "__code__", None)
+    if filename and code is not None and code.co_filename != filename:
+        def fix(c):
+            consts = tuple(fix(k) if isinstance(k, types.CodeType) else k for k in c.co_consts)
+            return c.replace(co_filename=filename, co_consts=consts)
+        try:
+            fn.__code__ = fix(code)
+        except Exception:
+            pass
+    return fn
+
+
+def pickle_exception(exc, fn) -> bytes:
+    try:
+        from tblib import pickling_support
+        pickling_support.install(exc)
+    except Exception:
+        pass
+    import cloudpickle
+    # By reference first; classes the worker got by value (defined in __main__, or after
+    # enable()) go back by value with cloudpickle, which maps them to the master's own class.
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        try:
+            data = dumps(exc, protocol=5)
+            if type(pickle.loads(data)) is type(exc):
+                return data
+        except Exception:
+            pass
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    err = RuntimeError(f"{typename(exc)}: {exc}\n(raised in {qualname(fn)}() on a pydron worker; "
+                       f"the exception could not be pickled back)\n\nWorker traceback:\n{tb}")
+    try:
+        return pickle.dumps(err, protocol=5)
+    except Exception:
+        return pickle.dumps(RuntimeError(f"{typename(exc)} raised in a pydron worker"), protocol=5)
+
+
+def restore_builtin_state(exc):
+    """tblib rebuilds exceptions that carry attributes with __new__, skipping __init__: the
+    builtin classes that derive state from their arguments (SystemExit.code, OSError.errno,
+    StopIteration.value) get it back by running their own __init__ again."""
+    for cls in type(exc).__mro__:
+        if cls.__module__ == "builtins" and cls.__init__ is not BaseException.__init__ \
+                and cls is not object and "__init__" in cls.__dict__:
+            try:
+                cls.__init__(exc, *exc.args)
+            except Exception:
+                pass
+            break
+    return exc
+
+
+def undecodable_error(err):
+    return RuntimeError(f"pydron: a task failed in a worker process, and its exception could not "
+                        f"be rebuilt here: {type(err).__name__}: {err}")
