@@ -47,7 +47,8 @@ static inline uint64_t offset_of(arena *a, uint64_t page) { return a->data_start
 
 static size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
 
-static size_t metadata_bytes(uint64_t npages)
+static size_t
+metadata_bytes(uint64_t npages)
 {
     size_t bitmap = round_up((npages + 63) / 64 * 8, 64);
     return round_up(sizeof(arena), 64) + 2 * bitmap + 3 * round_up(npages * 4, 64);
@@ -55,7 +56,8 @@ static size_t metadata_bytes(uint64_t npages)
 
 /* A process that died holding the lock leaves the bitmap as it was between two of our updates
  * at worst (each update is a few stores); mark it consistent and carry on. */
-static void arena_lock(arena *a)
+static void
+arena_lock(arena *a)
 {
     int rc = pthread_mutex_lock(&a->lock);
     if (rc == EOWNERDEAD)
@@ -64,7 +66,8 @@ static void arena_lock(arena *a)
 
 static void arena_unlock(arena *a) { pthread_mutex_unlock(&a->lock); }
 
-arena *arena_create(void *base, size_t size)
+arena *
+arena_create(void *base, size_t size)
 {
     uint64_t npages = size / ARENA_PAGE;
     while (npages > 0 && round_up(metadata_bytes(npages), ARENA_PAGE) + npages * ARENA_PAGE > size)
@@ -98,7 +101,8 @@ arena *arena_create(void *base, size_t size)
 }
 
 /* First run of n free pages at or after `from`, or npages when there is none. */
-static uint64_t find_run(arena *a, uint64_t from, uint64_t n)
+static uint64_t
+find_run(arena *a, uint64_t from, uint64_t n)
 {
     const uint64_t *m = used_map(a);
     uint64_t i = from;
@@ -128,7 +132,8 @@ static uint64_t find_run(arena *a, uint64_t from, uint64_t n)
     return a->npages;
 }
 
-int arena_alloc(arena *a, size_t len, uint64_t *blk)
+int
+arena_alloc(arena *a, size_t len, uint64_t *blk)
 {
     uint64_t n = len == 0 ? 1 : (len + ARENA_PAGE - 1) / ARENA_PAGE;
     if (n > a->npages || n > UINT32_MAX)
@@ -162,7 +167,8 @@ int arena_alloc(arena *a, size_t len, uint64_t *blk)
 }
 
 /* Give free, touched pages back to the kernel (MADV_REMOVE frees shmem pages for real). */
-static void trim_locked(arena *a)
+static void
+trim_locked(arena *a)
 {
     uint64_t *used = used_map(a), *dirty = dirty_map(a);
     uint64_t i = 0;
@@ -183,7 +189,8 @@ static void trim_locked(arena *a)
     a->trims++;
 }
 
-static void free_block(arena *a, uint64_t p)
+static void
+free_block(arena *a, uint64_t p)
 {
     arena_lock(a);
     uint64_t n = block_pages(a)[p];
@@ -200,12 +207,14 @@ static void free_block(arena *a, uint64_t p)
     arena_unlock(a);
 }
 
-void arena_incref(arena *a, uint64_t blk)
+void
+arena_incref(arena *a, uint64_t blk)
 {
     atomic_fetch_add_explicit(&refcnt(a)[page_of(a, blk)], 1, memory_order_relaxed);
 }
 
-int arena_decref(arena *a, uint64_t blk)
+int
+arena_decref(arena *a, uint64_t blk)
 {
     uint64_t p = page_of(a, blk);
     if (atomic_fetch_sub_explicit(&refcnt(a)[p], 1, memory_order_acq_rel) != 1)
@@ -214,19 +223,22 @@ int arena_decref(arena *a, uint64_t blk)
     return 1;
 }
 
-uint32_t arena_refcount(arena *a, uint64_t blk)
+uint32_t
+arena_refcount(arena *a, uint64_t blk)
 {
     return atomic_load_explicit(&refcnt(a)[page_of(a, blk)], memory_order_acquire);
 }
 
-int arena_contains(arena *a, const void *p)
+int
+arena_contains(arena *a, const void *p)
 {
     uintptr_t off = (uintptr_t)p - (uintptr_t)a;
     return (uintptr_t)p >= (uintptr_t)a && off >= a->data_start &&
            off < a->data_start + a->npages * ARENA_PAGE;
 }
 
-int arena_block_of(arena *a, const void *p, uint64_t *blk, size_t *blk_len)
+int
+arena_block_of(arena *a, const void *p, uint64_t *blk, size_t *blk_len)
 {
     if (!arena_contains(a, p))
         return -1;
@@ -239,7 +251,8 @@ int arena_block_of(arena *a, const void *p, uint64_t *blk, size_t *blk_len)
     return 0;
 }
 
-int arena_block_len(arena *a, uint64_t blk, size_t *blk_len)
+int
+arena_block_len(arena *a, uint64_t blk, size_t *blk_len)
 {
     if (blk < a->data_start || (blk - a->data_start) % ARENA_PAGE != 0)
         return -1;
@@ -253,7 +266,8 @@ int arena_block_len(arena *a, uint64_t blk, size_t *blk_len)
     return 0;
 }
 
-void arena_get_stats(arena *a, arena_stats *s)
+void
+arena_get_stats(arena *a, arena_stats *s)
 {
     arena_lock(a);
     s->total_pages = a->npages;
@@ -263,7 +277,8 @@ void arena_get_stats(arena *a, arena_stats *s)
     arena_unlock(a);
 }
 
-void arena_set_trim_threshold(arena *a, size_t trim_bytes)
+void
+arena_set_trim_threshold(arena *a, size_t trim_bytes)
 {
     arena_lock(a);
     a->trim_pages = trim_bytes / ARENA_PAGE;

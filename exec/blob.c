@@ -85,6 +85,7 @@ arena_buffer_dealloc(ArenaBufferObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* New reference. */
 static PyObject *
 arena_buffer_repr(ArenaBufferObject *self)
 {
@@ -160,7 +161,8 @@ exec_blob_size(const exec_blob *b)
     return n;
 }
 
-/* A blob with room for nbufs buffers and, inline, len bytes (refcount 1, no arena yet). */
+/* A blob with room for nbufs buffers and, inline, len bytes (refcount 1, no arena yet).
+ * A new blob (refcount 1, owning nothing yet), or NULL without an exception. */
 static exec_blob *
 blob_alloc(size_t len, uint32_t nbufs, int inline_data)
 {
@@ -178,6 +180,7 @@ blob_alloc(size_t len, uint32_t nbufs, int inline_data)
     return b;
 }
 
+/* The blob takes over the arena references its buffers and data name. */
 static void
 blob_adopt_arena(exec_blob *b)
 {

@@ -61,7 +61,7 @@ struct exec_codec {
     int busy;
 };
 
-/* Pickler.write: append to the output buffer. */
+/* Pickler.write: append to the output buffer. Borrows data; returns a new int. */
 static PyObject *
 codec_write(exec_codec *c, PyObject *data)
 {
@@ -88,7 +88,8 @@ codec_write(exec_codec *c, PyObject *data)
     return PyLong_FromSsize_t(n);
 }
 
-/* Pickler.persistent_id: the index of a dependency, or None to pickle obj itself. */
+/* Pickler.persistent_id: the index of a dependency, or None to pickle obj itself.
+ * Borrows obj; returns a new reference (an int or None). */
 static PyObject *
 codec_persistent_id(exec_codec *c, PyObject *obj)
 {
@@ -259,7 +260,8 @@ exec__codec_reset(exec_codec *c)
     c->nbufs = 0;
 }
 
-/* One attempt with pickler `which`; 0, or -1 + exception (nothing kept). */
+/* One attempt with pickler `which`; 0, or -1 + exception (nothing kept).
+ * Borrows obj; the output stays the codec's. */
 static int
 codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *ctx)
 {
@@ -467,7 +469,8 @@ exec__pickle_exception(PyObject *exc, PyObject *fn)
 /* ---- encoding calls --------------------------------------------------------------------------- */
 
 /* Find which argument cannot be pickled and say so; called with the pickling error set.
- * Always returns NULL with a TypeError set. */
+ * Always returns NULL with a TypeError set.
+ * Borrows everything it is given. */
 static exec_blob *
 explain_encode_failure(exec_codec *c, PyObject *fn, PyObject *args, PyObject *kwargs,
                        exec_dep_fn dep, void *ctx)

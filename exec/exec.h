@@ -15,8 +15,10 @@
  * the tasks that depend on them, so intermediate results are never unpickled here unless read. */
 typedef struct exec_blob exec_blob;
 
+/* Take / drop a reference; any thread, GIL or not (the count is atomic). NULL is allowed in
+ * decref. */
 void exec_blob_incref(exec_blob *b);
-void exec_blob_decref(exec_blob *b);                   /* NULL is allowed */
+void exec_blob_decref(exec_blob *b);
 /* Decode a blob: a new reference (arrays view the arena without a copy), or NULL + exception. */
 PyObject *exec_blob_decode(exec_blob *b);
 /* Bytes held by the blob (pickle + buffers), for accounting. */

@@ -87,7 +87,8 @@ exec__ffi_load_ctypes(void)
     return 0;
 }
 
-/* The start of a ctypes instance's memory (its buffer); NULL + exception if it has none. */
+/* The start of a ctypes instance's memory (its buffer); NULL + exception if it has none.
+ * Borrows obj; the pointer stays valid while obj lives. */
 static void *
 cdata_address(PyObject *obj, Py_ssize_t *len)
 {
@@ -101,7 +102,7 @@ cdata_address(PyObject *obj, Py_ssize_t *len)
     return buf;
 }
 
-/* The pointer a pointer-like ctypes instance holds (first word of its memory). */
+/* The pointer a pointer-like ctypes instance holds (first word of its memory). Borrows obj. */
 static int
 cdata_pointer_value(PyObject *obj, void **out)
 {
@@ -117,6 +118,7 @@ cdata_pointer_value(PyObject *obj, void **out)
     return 0;
 }
 
+/* Borrows both. */
 static int
 is_instance_of(PyObject *obj, PyObject *cls)
 {
@@ -201,7 +203,8 @@ ffi_type_for_code(char code)
 }
 
 /* Fill `slot` for a ctypes type used as an argument (is_result 0) or as the restype.
- * 1: supported, 0: not supported (call through ctypes instead), -1 with an exception. */
+ * 1: supported, 0: not supported (call through ctypes instead), -1 with an exception.
+ * Borrows type; slot->pointee becomes a new reference owned by the slot. */
 static int
 classify_type(PyObject *type, int is_result, native_slot *slot)
 {
@@ -288,6 +291,7 @@ site_free(native_site *site)
     PyMem_RawFree(site);
 }
 
+/* Borrows everything. */
 static int
 site_matches(native_site *site, void *fnaddr, PyObject *restype, PyObject **types, Py_ssize_t n)
 {
@@ -356,6 +360,7 @@ error:
 /* Conversion outcomes: the value is in *out; ctypes must do it (fall back); a real error. */
 enum { CONV_FALLBACK = 0, CONV_OK = 1, CONV_ERROR = -1 };
 
+/* Borrows obj; the job takes a new reference to it. */
 static int
 keep_alive(thread_job *job, PyObject *obj)
 {
@@ -367,7 +372,7 @@ keep_alive(thread_job *job, PyObject *obj)
     return PyList_Append(job->keepalive, obj);
 }
 
-/* The simple type code of a ctypes instance's class, or 0. */
+/* The simple type code of a ctypes instance's class, or 0. Borrows obj. */
 static char
 instance_simple_code(PyObject *obj)
 {
@@ -390,7 +395,8 @@ instance_simple_code(PyObject *obj)
 /* A pointer-carrying ctypes instance (array: its address; pointer, function pointer, c_void_p,
  * c_char_p, c_wchar_p: the pointer it holds), as ctypes' ConvParam passes it. Without
  * `any_void_p`, a c_void_p instance is refused (c_void_p.from_param of a subclass takes only
- * its own instances, which the caller has already handled). */
+ * its own instances, which the caller has already handled).
+ * Borrows obj. */
 static int
 convert_cdata_pointer(PyObject *obj, int any_void_p, void **out)
 {
@@ -410,7 +416,7 @@ convert_cdata_pointer(PyObject *obj, int any_void_p, void **out)
     return cdata_pointer_value(obj, out) < 0 ? CONV_ERROR : CONV_OK;
 }
 
-/* Is obj an array or pointer instance whose item type is a subclass of `of`? */
+/* Is obj an array or pointer instance whose item type is a subclass of `of`? Borrows both. */
 static int
 is_sequence_of(PyObject *obj, PyObject *of, int exact)
 {
@@ -427,7 +433,8 @@ is_sequence_of(PyObject *obj, PyObject *of, int exact)
     return ok;
 }
 
-/* What a custom from_param returned, by ConvParam's rules, for a pointer-sized argument. */
+/* What a custom from_param returned, by ConvParam's rules, for a pointer-sized argument.
+ * Borrows value; what the pointer points into is kept alive by the job. */
 static int
 convert_from_param_result(thread_job *job, PyObject *value, void **out)
 {
@@ -469,7 +476,8 @@ error:
     return CONV_ERROR;
 }
 
-/* A Python int as ctypes masks it into an integer type (it accepts __index__, never float). */
+/* A Python int as ctypes masks it into an integer type (it accepts __index__, never float).
+ * Borrows arg. */
 static int
 convert_masked_int(PyObject *arg, unsigned long long *out)
 {
@@ -485,7 +493,8 @@ convert_masked_int(PyObject *arg, unsigned long long *out)
 }
 
 /* Convert one argument into job->values[i] as ctypes would with argtypes[i]; GIL held. Cases
- * ctypes would reject, or handle in ways not reproduced here, return CONV_FALLBACK. */
+ * ctypes would reject, or handle in ways not reproduced here, return CONV_FALLBACK.
+ * Borrows arg; memory the value points into is kept alive by the job. */
 static int
 convert_argument(thread_job *job, const native_slot *slot, PyObject *arg, native_value *v)
 {

@@ -213,13 +213,13 @@ PyObject *exec__ffi_result(thread_job *job);
 void exec__ffi_call(thread_job *job);                    /* GIL released */
 void exec__ffi_clear_sites(void);
 int exec__ffi_load_ctypes(void);
-PyObject *exec__ffi_stats(void);
+PyObject *exec__ffi_stats(void);                        /* new int: cached signatures */
 
 /* ---- test helpers (testing.c) ----------------------------------------------------------------- */
 int exec__testing_module_init(PyObject *module);
 /* Pool state for tests and `pydron info`: pids, arena accounting (new reference). */
 PyObject *exec__pool_info(void);
-PyObject *exec__threads_info(void);
+PyObject *exec__threads_info(void);                      /* new reference */
 /* Interpreter exit: join the pool's threads and refuse further thread tasks. */
 void exec__threads_close(void);
 void exec__cancel_all(void);

@@ -28,7 +28,8 @@ typedef struct {
 #define NP_API_FEATURE_VERSION 211      /* PyArray_GetNDArrayCFeatureVersion */
 #define NP_1_22_API_VERSION 0xf
 
-static void *arena_array(size_t size)
+static void *
+arena_array(size_t size)
 {
     arena *a = exec__arena;
     uint64_t blk;
@@ -38,7 +39,8 @@ static void *arena_array(size_t size)
     return arena_ptr(a, blk);
 }
 
-static void np_free(void *ctx, void *ptr, size_t size)
+static void
+np_free(void *ctx, void *ptr, size_t size)
 {
     arena *a = exec__arena;
     uint64_t blk;
@@ -51,13 +53,15 @@ static void np_free(void *ctx, void *ptr, size_t size)
     free(ptr);
 }
 
-static void *np_malloc(void *ctx, size_t size)
+static void *
+np_malloc(void *ctx, size_t size)
 {
     void *p = arena_array(size);
     return p ? p : malloc(size ? size : 1);
 }
 
-static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
+static void *
+np_calloc(void *ctx, size_t nelem, size_t elsize)
 {
     if (elsize && nelem > SIZE_MAX / elsize)
         return NULL;
@@ -69,7 +73,8 @@ static void *np_calloc(void *ctx, size_t nelem, size_t elsize)
     return calloc(nelem ? nelem : 1, elsize ? elsize : 1);
 }
 
-static void *np_realloc(void *ctx, void *ptr, size_t new_size)
+static void *
+np_realloc(void *ctx, void *ptr, size_t new_size)
 {
     arena *a = exec__arena;
     uint64_t blk;

@@ -17,12 +17,14 @@
 #define RECORD_HEADER 8u
 
 /* Non-private futexes: the words live in MAP_SHARED memory seen by several processes. */
-static long futex(_Atomic uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
+static long
+futex(_Atomic uint32_t *addr, int op, uint32_t val, const struct timespec *ts)
 {
     return syscall(SYS_futex, (uint32_t *)addr, op, val, ts, NULL, 0);
 }
 
-void wake_notify(wake_word *w)
+void
+wake_notify(wake_word *w)
 {
     atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(&w->waiters, memory_order_relaxed) == 0)
@@ -31,7 +33,8 @@ void wake_notify(wake_word *w)
     futex(&w->seq, FUTEX_WAKE, INT_MAX, NULL);
 }
 
-uint32_t wake_prepare(wake_word *w)
+uint32_t
+wake_prepare(wake_word *w)
 {
     uint32_t seen = atomic_load_explicit(&w->seq, memory_order_seq_cst);
     atomic_fetch_add_explicit(&w->waiters, 1, memory_order_seq_cst);
@@ -39,12 +42,14 @@ uint32_t wake_prepare(wake_word *w)
     return seen;
 }
 
-void wake_cancel(wake_word *w)
+void
+wake_cancel(wake_word *w)
 {
     atomic_fetch_sub_explicit(&w->waiters, 1, memory_order_seq_cst);
 }
 
-int wake_wait(wake_word *w, uint32_t seen, int64_t timeout_ns)
+int
+wake_wait(wake_word *w, uint32_t seen, int64_t timeout_ns)
 {
     struct timespec ts, *tsp = NULL;
     if (timeout_ns >= 0) {
@@ -59,7 +64,8 @@ int wake_wait(wake_word *w, uint32_t seen, int64_t timeout_ns)
     return rc;
 }
 
-ring *ring_init(void *mem, size_t bytes)
+ring *
+ring_init(void *mem, size_t bytes)
 {
     if (bytes < RING_HEADER_SIZE + 64)
         return NULL;
@@ -69,21 +75,24 @@ ring *ring_init(void *mem, size_t bytes)
     return r;
 }
 
-void ring_reset(ring *r)
+void
+ring_reset(ring *r)
 {
     atomic_store(&r->head, 0);
     atomic_store(&r->tail, 0);
     r->reserved_len = 0;
 }
 
-uint32_t ring_max_payload(const ring *r)
+uint32_t
+ring_max_payload(const ring *r)
 {
     /* Half the buffer, so a record always fits after at most one PAD. */
     uint64_t m = r->capacity / 2 - RECORD_HEADER;
     return m > UINT32_MAX ? UINT32_MAX : (uint32_t)m;
 }
 
-void *ring_reserve(ring *r, uint32_t len)
+void *
+ring_reserve(ring *r, uint32_t len)
 {
     if (len > ring_max_payload(r))
         return NULL;
@@ -112,7 +121,8 @@ void *ring_reserve(ring *r, uint32_t len)
     return r->data + pos + RECORD_HEADER;
 }
 
-void ring_commit(ring *r, uint32_t kind)
+void
+ring_commit(ring *r, uint32_t kind)
 {
     uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
     ((uint32_t *)(r->data + r->reserved_pos))[1] = kind;
@@ -120,7 +130,8 @@ void ring_commit(ring *r, uint32_t kind)
     r->reserved_len = 0;
 }
 
-int ring_push(ring *r, uint32_t kind, const void *payload, uint32_t len)
+int
+ring_push(ring *r, uint32_t kind, const void *payload, uint32_t len)
 {
     void *dst = ring_reserve(r, len);
     if (dst == NULL)
@@ -130,7 +141,8 @@ int ring_push(ring *r, uint32_t kind, const void *payload, uint32_t len)
     return 0;
 }
 
-void *ring_peek(ring *r, uint32_t *kind, uint32_t *len)
+void *
+ring_peek(ring *r, uint32_t *kind, uint32_t *len)
 {
     for (;;) {
         uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
@@ -149,7 +161,8 @@ void *ring_peek(ring *r, uint32_t *kind, uint32_t *len)
     }
 }
 
-void ring_pop(ring *r)
+void
+ring_pop(ring *r)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     uint32_t *hdr = (uint32_t *)(r->data + tail % r->capacity);
@@ -157,13 +170,15 @@ void ring_pop(ring *r)
     wake_notify(&r->writable);
 }
 
-int ring_empty(ring *r)
+int
+ring_empty(ring *r)
 {
     return atomic_load_explicit(&r->head, memory_order_acquire) ==
            atomic_load_explicit(&r->tail, memory_order_relaxed);
 }
 
-uint64_t ring_used(ring *r)
+uint64_t
+ring_used(ring *r)
 {
     return atomic_load_explicit(&r->head, memory_order_acquire) -
            atomic_load_explicit(&r->tail, memory_order_acquire);

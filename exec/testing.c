@@ -32,18 +32,21 @@ handle_dealloc(HandleObject *h)
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
+/* New reference. */
 static PyObject *
 handle_get_done(HandleObject *h, void *unused)
 {
     return PyBool_FromLong(h->done);
 }
 
+/* New reference. */
 static PyObject *
 handle_get_id(HandleObject *h, void *unused)
 {
     return PyLong_FromUnsignedLongLong(h->id);
 }
 
+/* New reference. */
 static PyObject *
 handle_get_size(HandleObject *h, void *unused)
 {
@@ -242,6 +245,7 @@ typedef struct {
     PyObject *handles;   /* list, in dependency order */
 } handle_deps;
 
+/* Borrows obj; the handles list takes a new reference. */
 static Py_ssize_t
 handle_dep(void *ctx, PyObject *obj)
 {
@@ -349,7 +353,7 @@ core_exec_wait(PyObject *m, PyObject *arg)
     return exec_blob_decode(h->blob);
 }
 
-/* Submit fn(*a, **kwargs_list[i]) as task id base + i. 0, or -1 + exception. */
+/* Submit fn(*a, **kwargs_list[i]) as task id base + i. 0, or -1 + exception. Borrows fn and a. */
 static int
 submit_one(PyObject *fn, PyObject *a, PyObject *kwlist_obj, Py_ssize_t i, uint64_t base)
 {

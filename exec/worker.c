@@ -148,7 +148,7 @@ send_error(ring *out, uint64_t task_id, PyObject *exc, PyObject *fn)
     Py_DECREF(data);
 }
 
-/* Pickle result into a RESULT record. 0, or -1 + exception (nothing sent). */
+/* Pickle result into a RESULT record. 0, or -1 + exception (nothing sent). Borrows result. */
 static int
 send_result(ring *out, uint64_t task_id, PyObject *result, uint64_t elapsed_ns)
 {
@@ -167,6 +167,7 @@ send_result(ring *out, uint64_t task_id, PyObject *result, uint64_t elapsed_ns)
     return rc;
 }
 
+/* Steals fn. */
 static int
 store_function(uint64_t id, PyObject *fn, int failed)
 {

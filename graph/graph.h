@@ -48,7 +48,7 @@ void graph_order_truncate(Py_ssize_t mark);
 /* A pending value was moved into an exact list or dict (list.append, d[k] = v, ...): the
  * container is logged, to be forced when the call ends and undone when a handler is entered
  * for calls plain Python never completed. 0, or -1 + exception. */
-int graph_note_move(PyObject *container);
+int graph_note_move(PyObject *container);             /* the log takes its own reference */
 Py_ssize_t graph_moves_mark(void);
 Py_ssize_t graph_moves_count(void);
 PyObject *graph_moved_container(Py_ssize_t i);       /* borrowed */
@@ -60,7 +60,8 @@ void graph_moves_truncate(Py_ssize_t mark);
  * (progress reports, wait reports). */
 void graph_session_enter(PyObject *name);
 void graph_session_exit(void);
-/* Counters for tests and tools: submitted, finished, in flight, live pending values. */
+/* Counters for tests and tools: submitted, finished, in flight, live pending values, engine
+ * nodes and bytes. New reference. */
 PyObject *graph_stats(void);
 
 /* ---- keys (keys.c) ---------------------------------------------------------------------------- */

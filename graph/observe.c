@@ -41,7 +41,7 @@ current_location(PyObject **filename, int *line)
     }
 }
 
-/* Append event (stolen) to list; a failure to record never fails the run. */
+/* Append event (stolen) to list; a failure to record never fails the run. Steals event. */
 static void
 record(PyObject *list, PyObject *event)
 {
@@ -117,7 +117,7 @@ report_entry(void)
     return e;
 }
 
-/* entry[key] += amount (a float or an int field). */
+/* entry[key] += amount (a float or an int field). Borrows entry. */
 static void
 add_to(PyObject *entry, const char *key, double amount)
 {

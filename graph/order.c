@@ -47,6 +47,7 @@ graph_mark(void)
     return order ? PyList_GET_SIZE(order) : 0;
 }
 
+/* Borrowed reference (the order list keeps it). */
 static graph_task *
 order_item(Py_ssize_t k)
 {
@@ -163,6 +164,7 @@ graph_order_truncate(Py_ssize_t mark)
 
 /* ---- try regions ----------------------------------------------------------------------------- */
 
+/* Borrows exc; the horizons dict takes its own reference. */
 static void
 set_horizon(PyObject *exc, Py_ssize_t horizon)
 {
@@ -274,6 +276,7 @@ graph_moves_truncate(Py_ssize_t mark)
     PyErr_SetRaisedException(exc);
 }
 
+/* Borrows v. */
 static int
 in_cut(PyObject *v, Py_ssize_t cut, Py_ssize_t horizon)
 {
@@ -315,6 +318,7 @@ undo_moves(Py_ssize_t cut, Py_ssize_t horizon)
     return 0;
 }
 
+/* Borrows v. */
 static int
 is_undone(PyObject *v)
 {
@@ -323,6 +327,7 @@ is_undone(PyObject *v)
 
 /* ---- helpers loaded by rewritten code ----------------------------------------------------------- */
 
+/* Borrows obj. */
 static int
 mark_arg(PyObject *obj, Py_ssize_t *m)
 {

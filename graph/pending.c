@@ -58,6 +58,7 @@ task_dealloc(graph_task *t)
     PyObject_GC_Del(t);
 }
 
+/* New reference. */
 static PyObject *
 task_repr(graph_task *t)
 {
@@ -167,6 +168,7 @@ TASK_BINARY(or, PyNumber_Or)
 TASK_BINARY(xor, PyNumber_Xor)
 TASK_BINARY(matmul, PyNumber_MatrixMultiply)
 
+/* Borrows a and b (either may be the task); new reference. */
 static PyObject *
 task_richcompare(PyObject *a, PyObject *b, int op)
 {
@@ -179,6 +181,7 @@ task_richcompare(PyObject *a, PyObject *b, int op)
     return r;
 }
 
+/* Borrows its operands; new reference. */
 static PyObject *
 task_pow(PyObject *a, PyObject *b, PyObject *c)
 {

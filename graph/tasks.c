@@ -267,7 +267,8 @@ graph_pump(void)
     return take_completions(0) < 0 ? -1 : 0;
 }
 
-/* Fail every unfinished task with exc_type(message) (the executors hold none of them any more). */
+/* Fail every unfinished task with exc_type(message) (the executors hold none of them any more).
+ * Borrows exc_type; each task gets a new exception instance. */
 static void
 fail_unfinished(PyObject *exc_type, const char *message)
 {
@@ -300,6 +301,7 @@ typedef struct {
     graph_task *inline_deps[INLINE_DEPS];
 } dep_list;
 
+/* Borrows obj (the list keeps a borrowed pointer: the arguments hold it). */
 static Py_ssize_t
 collect_dep(void *ctx, PyObject *obj)
 {
@@ -327,7 +329,8 @@ collect_dep(void *ctx, PyObject *obj)
     return l->n++;
 }
 
-/* Thread tasks: find the tasks in the arguments without encoding anything. 0, or -1 + exc. */
+/* Thread tasks: find the tasks in the arguments without encoding anything. 0, or -1 + exc.
+ * Borrows obj. */
 static int
 scan_deps(PyObject *obj, dep_list *l, int depth)
 {

@@ -8,9 +8,11 @@
 /* Method definitions of list.append/extend/insert, compared by pointer: moves, not reads. */
 static PyMethodDef *list_append_def, *list_extend_def, *list_insert_def;
 static PyObject *builtin_len;
+static PyObject *str_builtins;     /* "__builtins__": a module namespace holds it */
 /* Native callables (ctypes function pointers) marked functional: {id: object}. */
 static PyObject *native_functional;
 
+/* Borrows obj; the definition is static memory of the type. */
 static PyMethodDef *
 method_def_of(PyObject *obj, const char *name)
 {
@@ -19,6 +21,9 @@ method_def_of(PyObject *obj, const char *name)
         return NULL;
     PyMethodDef *def = PyCFunction_Check(m) ? ((PyCFunctionObject *)m)->m_ml : NULL;
     Py_DECREF(m);
+    if (def == NULL)
+        PyErr_Format(PyExc_SystemError, "pydron: %s.%s is not a builtin method",
+                     Py_TYPE(obj)->tp_name, name);
     return def;
 }
 
@@ -27,7 +32,7 @@ static int
 force_args(PyObject *const *args, Py_ssize_t n, PyObject **out)
 {
     for (Py_ssize_t i = 0; i < n; i++) {
-        out[i] = trace_force_deep(args[i]);
+        out[i] = trace__force_deep(args[i]);
         if (out[i] == NULL) {
             while (i--)
                 Py_DECREF(out[i]);
@@ -37,7 +42,8 @@ force_args(PyObject *const *args, Py_ssize_t n, PyObject **out)
     return 0;
 }
 
-/* Call callable with its arguments forced: what a non-functional callee sees. */
+/* Call callable with its arguments forced: what a non-functional callee sees.
+ * Borrows its arguments; returns a new reference. */
 static PyObject *
 call_forced(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -56,7 +62,7 @@ call_forced(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObjec
         PyObject *self = PyCFunction_GET_SELF(callable);
         if (self && (PyList_CheckExact(self) || PyDict_CheckExact(self) ||
                      PyTuple_CheckExact(self))) {
-            PyObject *s = trace_force_deep(self);
+            PyObject *s = trace__force_deep(self);
             if (s == NULL)
                 goto done;
             Py_DECREF(s);
@@ -71,7 +77,8 @@ done:
     return result;
 }
 
-/* Submit a functional call (self prepended for bound methods) and record it in the order. */
+/* Submit a functional call (self prepended for bound methods) and record it in the order.
+ * Borrows its arguments; returns a new reference to the task. */
 static PyObject *
 submit_task(PyObject *fn, PyObject *self, PyObject *const *args, Py_ssize_t nargs,
             PyObject *kwnames, int threads)
@@ -102,7 +109,7 @@ done:
 }
 
 PyObject *
-trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args, size_t nargsf,
+trace__call_rewritten(PyObject *func, PyObject *code, PyObject *const *args, size_t nargsf,
                      PyObject *kwnames)
 {
     PyFunctionObject *f = (PyFunctionObject *)func;
@@ -121,6 +128,7 @@ trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args, size
     return r;
 }
 
+/* Borrows its arguments; returns a new reference. */
 static PyObject *
 trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
@@ -135,22 +143,22 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
         fn = PyMethod_GET_FUNCTION(callable);
         self = PyMethod_GET_SELF(callable);
     }
-    if (trace_is_function(fn) && trace_enabled && !exec_in_worker()) {
+    if (trace__is_function(fn) && trace__enabled && !exec_in_worker()) {
         PyObject *code = PyFunction_GET_CODE(fn);
-        trace_codeinfo *info = trace_codeinfo_get(code);
+        trace_codeinfo *info = trace__codeinfo_get(code);
         if (info && info->kind == TRACE_FUNCTIONAL) {
             result = submit_task(fn, self, args, nargs, kwnames, info->threads);
             goto done;
         }
         if (info && info->kind == TRACE_SCHEDULED && !info->refused) {
-            PyObject *rewritten = trace_rewritten(code, info);
+            PyObject *rewritten = trace__rewritten(code, info);
             if (rewritten == NULL && PyErr_Occurred()) {
                 result = NULL;
                 goto done;
             }
             if (rewritten) {
                 if (self == NULL) {
-                    result = trace_call_rewritten(fn, rewritten, args, nargs, kwnames);
+                    result = trace__call_rewritten(fn, rewritten, args, nargs, kwnames);
                     goto done;
                 }
                 Py_ssize_t ntotal = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
@@ -161,13 +169,13 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 }
                 with_self[0] = self;
                 memcpy(with_self + 1, args, ntotal * sizeof(PyObject *));
-                result = trace_call_rewritten(fn, rewritten, with_self, nargs + 1, kwnames);
+                result = trace__call_rewritten(fn, rewritten, with_self, nargs + 1, kwnames);
                 PyMem_Free(with_self);
                 goto done;
             }
         }
     }
-    if (native_functional && PyDict_GET_SIZE(native_functional) && trace_enabled &&
+    if (native_functional && PyDict_GET_SIZE(native_functional) && trace__enabled &&
         !exec_in_worker()) {
         /* A ctypes function pointer marked functional: a thread task called through libffi. */
         PyObject *key = PyLong_FromVoidPtr(callable);
@@ -202,7 +210,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
         }
         if (def == list_insert_def && owner && PyList_CheckExact(owner) && nargs == 2 &&
             kwnames == NULL) {
-            PyObject *index = trace_force_deep(args[0]);
+            PyObject *index = trace__force_deep(args[0]);
             if (index == NULL) {
                 result = NULL;
                 goto done;
@@ -220,7 +228,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
     }
     if (callable == builtin_len && nargs == 1 && kwnames == NULL) {
         /* len() of a container of pendings is a move: only the container itself is read. */
-        PyObject *container = trace_force(args[0]);
+        PyObject *container = trace__force(args[0]);
         if (container == NULL) {
             result = NULL;
             goto done;
@@ -264,7 +272,7 @@ helper_call_ex(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         PyErr_SetString(PyExc_TypeError, "call_ex(callable, args, kwargs=None)");
         return NULL;
     }
-    PyObject *seq = trace_force(argv[1]), *args = NULL, *kwargs = NULL, *kwnames = NULL;
+    PyObject *seq = trace__force(argv[1]), *args = NULL, *kwargs = NULL, *kwnames = NULL;
     PyObject *result = NULL, **stack = NULL;
     if (seq == NULL)
         return NULL;
@@ -274,7 +282,7 @@ helper_call_ex(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     Py_ssize_t nargs = PyTuple_GET_SIZE(args), nkw = 0;
     if (argc == 3 && argv[2] != Py_None) {
-        PyObject *k = trace_force(argv[2]);
+        PyObject *k = trace__force(argv[2]);
         if (k == NULL)
             goto done;
         kwargs = PyDict_New();
@@ -319,22 +327,20 @@ done:
 static PyObject *
 helper_force(PyObject *module, PyObject *x)
 {
-    return trace_force(x);
+    return trace__force(x);
 }
 
 static PyObject *
 helper_force_deep(PyObject *module, PyObject *x)
 {
-    return trace_force_deep(x);
+    return trace__force_deep(x);
 }
 
+/* Borrows dict. */
 static int
 is_module_namespace(PyObject *dict)
 {
-    static PyObject *builtins_key;
-    if (builtins_key == NULL && (builtins_key = PyUnicode_InternFromString("__builtins__")) == NULL)
-        PyErr_Clear();
-    return builtins_key && PyDict_GetItem(dict, builtins_key) != NULL;
+    return PyDict_GetItem(dict, str_builtins) != NULL;
 }
 
 /* store_subscr(value, container, key): container[key] = value; a move into exact lists/dicts. */
@@ -345,11 +351,11 @@ helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
         PyErr_SetString(PyExc_TypeError, "store_subscr(value, container, key)");
         return NULL;
     }
-    PyObject *container = trace_force(argv[1]), *key = NULL, *value = NULL;
+    PyObject *container = trace__force(argv[1]), *key = NULL, *value = NULL;
     int rc = -1;
     if (container == NULL)
         return NULL;
-    key = trace_force_deep(argv[2]);
+    key = trace__force_deep(argv[2]);
     if (key == NULL)
         goto done;
     /* A move into a list or dict; not into a module's namespace (globals()[k] = v), which any
@@ -361,7 +367,7 @@ helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
             goto done;
     }
     else
-        value = trace_force_deep(argv[0]);
+        value = trace__force_deep(argv[0]);
     if (value == NULL)
         goto done;
     rc = PyObject_SetItem(container, key, value);
@@ -403,7 +409,7 @@ static PyMethodDef dispatch_methods[] = {
 };
 
 int
-trace_dispatch_init(PyObject *module)
+trace__dispatch_init(PyObject *module)
 {
     PyObject *list = PyList_New(0), *builtins;
     if (list == NULL)
@@ -420,6 +426,8 @@ trace_dispatch_init(PyObject *module)
     builtin_len = PyObject_GetAttrString(builtins, "len");
     Py_DECREF(builtins);
     if (builtin_len == NULL)
+        return -1;
+    if ((str_builtins = PyUnicode_InternFromString("__builtins__")) == NULL)
         return -1;
     return PyModule_AddFunctions(module, dispatch_methods);
 }

@@ -6,14 +6,15 @@
 #include "trace/internal.h"
 
 PyObject *
-trace_force(PyObject *x)
+trace__force(PyObject *x)
 {
     if (graph_is_task(x))
         return graph_wait((graph_task *)x);
     return Py_NewRef(x);
 }
 
-/* Replace every task inside the exact containers reachable from obj by its value. */
+/* Replace every task inside the exact containers reachable from obj by its value.
+ * Borrows obj; replaced items become its own references. */
 static int
 force_inplace(PyObject *obj, int depth)
 {
@@ -115,7 +116,7 @@ force_inplace(PyObject *obj, int depth)
 }
 
 PyObject *
-trace_force_deep(PyObject *x)
+trace__force_deep(PyObject *x)
 {
     if (graph_live_tasks == 0)
         return Py_NewRef(x);
@@ -129,13 +130,14 @@ trace_force_deep(PyObject *x)
 }
 
 void
-trace_session_begin(trace_session *s, PyObject *name)
+trace__session_begin(trace_session *s, PyObject *name)
 {
     graph_session_enter(name);
     s->order = graph_mark();
     s->moved = graph_moves_mark();
 }
 
+/* Steals result; returns a new reference or NULL. */
 static PyObject *
 session_finish(trace_session *s, PyObject *result)
 {
@@ -164,20 +166,20 @@ session_finish(trace_session *s, PyObject *result)
     /* Pendings moved into lists reachable from objects (box.items.append(f(x))) get their
      * values too: no pending outlives the call. */
     for (Py_ssize_t i = s->moved; i < graph_moves_count(); i++) {
-        PyObject *v = trace_force_deep(graph_moved_container(i));
+        PyObject *v = trace__force_deep(graph_moved_container(i));
         if (v == NULL) {
             Py_DECREF(result);
             return NULL;
         }
         Py_DECREF(v);
     }
-    PyObject *value = trace_force_deep(result);
+    PyObject *value = trace__force_deep(result);
     Py_DECREF(result);
     return value;
 }
 
 PyObject *
-trace_session_end(trace_session *s, PyObject *result)
+trace__session_end(trace_session *s, PyObject *result)
 {
     result = session_finish(s, result);
     graph_moves_truncate(s->moved);

@@ -41,6 +41,7 @@ static int installed;
 
 #define LOCAL_VALUE(f, i) ((f)->localsplus[i])
 
+/* Returns a new reference (CPython's own evaluation of the frame). */
 static inline PyObject *
 default_eval(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
@@ -126,27 +127,28 @@ call_with_frame_args(_PyInterpreterFrame *frame, PyObject *rewritten)
             stack[npos + i++] = v;
         }
     }
-    result = trace_call_rewritten(FRAME_FUNC(frame), rewritten, stack, npos, kwnames);
+    result = trace__call_rewritten(FRAME_FUNC(frame), rewritten, stack, npos, kwnames);
 done:
     Py_XDECREF(kwnames);
     PyMem_Free(stack);
     return result;
 }
 
+/* Returns a new reference. */
 static PyObject *
 trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
 {
     PyCodeObject *co = FRAME_CODE(frame);
     /* Fast path: one look at the code object's extra slot. */
     code_extra *extra = (code_extra *)co->co_extra;
-    if (extra == NULL || extra->ce_size <= trace_extra_index || throwflag)
+    if (extra == NULL || extra->ce_size <= trace__extra_index || throwflag)
         return default_eval(ts, frame, throwflag);
-    trace_codeinfo *info = extra->ce_extras[trace_extra_index];
-    if (info == NULL || info->kind != TRACE_SCHEDULED || info->refused || !trace_enabled ||
+    trace_codeinfo *info = extra->ce_extras[trace__extra_index];
+    if (info == NULL || info->kind != TRACE_SCHEDULED || info->refused || !trace__enabled ||
         exec_in_worker())
         return default_eval(ts, frame, throwflag);
 
-    PyObject *rewritten = trace_rewritten((PyObject *)co, info);
+    PyObject *rewritten = trace__rewritten((PyObject *)co, info);
     if (rewritten == NULL) {
         if (!PyErr_Occurred())
             return default_eval(ts, frame, throwflag);   /* refused: runs plainly */
@@ -154,15 +156,15 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
         return NULL;
     }
     trace_session session;
-    trace_session_begin(&session, co->co_qualname);
+    trace__session_begin(&session, co->co_qualname);
     PyObject *result = call_with_frame_args(frame, rewritten);
-    result = trace_session_end(&session, result);
+    result = trace__session_end(&session, result);
     release_frame(ts, frame);
     return result;
 }
 
 int
-trace_hook_install(void)
+trace__hook_install(void)
 {
     if (installed)
         return 0;
@@ -175,7 +177,7 @@ trace_hook_install(void)
 }
 
 void
-trace_hook_remove(void)
+trace__hook_remove(void)
 {
     if (!installed)
         return;
@@ -188,19 +190,19 @@ trace_hook_remove(void)
 }
 
 int
-trace_hook_installed(void)
+trace__hook_installed(void)
 {
     return installed;
 }
 
-PyTypeObject *trace_function_twin;
+PyTypeObject *trace__function_twin;
 
 /* The interpreter's own vectorcall of Python functions (not exported by 3.13): read once from a
  * function object nobody has touched. */
 static vectorcallfunc function_vectorcall;
 
 int
-trace_hook_init(void)
+trace__hook_init(void)
 {
     PyObject *builtins = PyEval_GetBuiltins();
     PyObject *globals = PyDict_New();
@@ -226,25 +228,26 @@ trace_hook_init(void)
 
 /* ---- vectorcall interception ------------------------------------------------------------- */
 
-/* Run a scheduled function called from plain code as a trace session. */
+/* Run a scheduled function called from plain code as a trace session.
+ * Borrows its arguments; returns a new reference. */
 static PyObject *
 scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     PyObject *code = PyFunction_GET_CODE(func);
-    trace_codeinfo *info = trace_codeinfo_get(code);
-    if (!trace_enabled || info == NULL || info->kind != TRACE_SCHEDULED || info->refused ||
+    trace_codeinfo *info = trace__codeinfo_get(code);
+    if (!trace__enabled || info == NULL || info->kind != TRACE_SCHEDULED || info->refused ||
         exec_in_worker())
         return function_vectorcall(func, args, nargsf, kwnames);
-    PyObject *rewritten = trace_rewritten(code, info);
+    PyObject *rewritten = trace__rewritten(code, info);
     if (rewritten == NULL) {
         if (PyErr_Occurred())
             return NULL;
         return function_vectorcall(func, args, nargsf, kwnames);
     }
     trace_session session;
-    trace_session_begin(&session, ((PyFunctionObject *)func)->func_qualname);
-    PyObject *result = trace_call_rewritten(func, rewritten, args, nargsf, kwnames);
-    return trace_session_end(&session, result);
+    trace__session_begin(&session, ((PyFunctionObject *)func)->func_qualname);
+    PyObject *result = trace__call_rewritten(func, rewritten, args, nargsf, kwnames);
+    return trace__session_end(&session, result);
 }
 
 #if PY_VERSION_HEX < 0x030C0000
@@ -270,7 +273,7 @@ twin_type_ready(void)
     scheduled_function_type.tp_weaklist = NULL;
     if (PyType_Ready(&scheduled_function_type) < 0)
         return -1;
-    trace_function_twin = &scheduled_function_type;
+    trace__function_twin = &scheduled_function_type;
     /* pickle and copy look types up exactly: make the twin reduce as a function does (by
      * qualified name), through copyreg's dispatch table. */
     PyObject *copyreg = PyImport_ImportModule("copyreg");
@@ -295,7 +298,7 @@ static PyMethodDef reduce_def = {"_reduce_scheduled", reduce_function, METH_O, N
 #endif
 
 int
-trace_intercept(PyObject *func, int on)
+trace__intercept(PyObject *func, int on)
 {
     if (!PyFunction_Check(func)
 #if PY_VERSION_HEX < 0x030C0000

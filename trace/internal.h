@@ -19,61 +19,61 @@ typedef struct {
     PyObject *rewritten;    /* scheduled: the rewritten code object, made on first use */
 } trace_codeinfo;
 
-extern Py_ssize_t trace_extra_index;
-extern int trace_enabled;
-extern PyObject *trace_module;        /* borrowed: pydron._core, the runtime handed to the rewrite */
+extern Py_ssize_t trace__extra_index;
+extern int trace__enabled;
+extern PyObject *trace__module;        /* borrowed: pydron._core, the runtime handed to the rewrite */
 
 /* Borrowed pointer to the code object's info, NULL if none (never raises). */
 static inline trace_codeinfo *
-trace_codeinfo_get(PyObject *code)
+trace__codeinfo_get(PyObject *code)
 {
     void *extra = NULL;
-    if (trace_extra_index < 0 || compat_code_get_extra(code, trace_extra_index, &extra) < 0) {
+    if (trace__extra_index < 0 || compat_code_get_extra(code, trace__extra_index, &extra) < 0) {
         PyErr_Clear();
         return NULL;
     }
     return (trace_codeinfo *)extra;
 }
 /* Info for code, created if missing; NULL + exception on failure. */
-trace_codeinfo *trace_codeinfo_ensure(PyObject *code);
+trace_codeinfo *trace__codeinfo_ensure(PyObject *code);
 /* The rewritten code of a scheduled code object (borrowed), or NULL without exception when it
  * must run plainly (rewrite refused); NULL with exception on error. */
-PyObject *trace_rewritten(PyObject *code, trace_codeinfo *info);
+PyObject *trace__rewritten(PyObject *code, trace_codeinfo *info);
 
 /* force.c: waiting for values. All return new references or NULL + exception. */
-PyObject *trace_force(PyObject *x);
-PyObject *trace_force_deep(PyObject *x);
+PyObject *trace__force(PyObject *x);
+PyObject *trace__force_deep(PyObject *x);
 
 /* force.c: top-level scheduled calls (sessions). */
 typedef struct {
     Py_ssize_t order;        /* graph_mark() at the start */
     Py_ssize_t moved;        /* length of the moved-into log at the start */
 } trace_session;
-void trace_session_begin(trace_session *s, PyObject *name);
+void trace__session_begin(trace_session *s, PyObject *name);
 /* End a top-level scheduled call: on success force everything it submitted (first failure wins)
  * and deep-force result and every container a pending was moved into; on error wait too, unless
  * interrupted, so an earlier task failure wins. Steals result (may be NULL with an exception
  * set); returns the final result or NULL. */
-PyObject *trace_session_end(trace_session *s, PyObject *result);
+PyObject *trace__session_end(trace_session *s, PyObject *result);
 
 /* dispatch.c: run a scheduled function's rewritten code nested in the current trace. */
-PyObject *trace_call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,
+PyObject *trace__call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,
                                size_t nargsf, PyObject *kwnames);
-int trace_dispatch_init(PyObject *module);
+int trace__dispatch_init(PyObject *module);
 
 /* hook.c */
-int trace_hook_init(void);
-int trace_hook_install(void);
-void trace_hook_remove(void);
-int trace_hook_installed(void);
+int trace__hook_init(void);
+int trace__hook_install(void);
+void trace__hook_remove(void);
+int trace__hook_installed(void);
 /* A Python function object, including 3.11's twin type for intercepted scheduled functions. */
-extern PyTypeObject *trace_function_twin;
+extern PyTypeObject *trace__function_twin;
 static inline int
-trace_is_function(PyObject *op)
+trace__is_function(PyObject *op)
 {
-    return PyFunction_Check(op) || (trace_function_twin && Py_TYPE(op) == trace_function_twin);
+    return PyFunction_Check(op) || (trace__function_twin && Py_TYPE(op) == trace__function_twin);
 }
 /* Route calls of func (a scheduled function object) through the trace (on) or not (off). */
-int trace_intercept(PyObject *func, int on);
+int trace__intercept(PyObject *func, int on);
 
 #endif

@@ -7,9 +7,9 @@
 
 #include <xxhash.h>
 
-Py_ssize_t trace_extra_index = -1;
-int trace_enabled;
-PyObject *trace_module;
+Py_ssize_t trace__extra_index = -1;
+int trace__enabled;
+PyObject *trace__module;
 static PyObject *rewrite_hook;    /* pydron._api._rewrite_code(code) -> code | None */
 
 static void
@@ -23,9 +23,9 @@ codeinfo_free(void *p)
 }
 
 trace_codeinfo *
-trace_codeinfo_ensure(PyObject *code)
+trace__codeinfo_ensure(PyObject *code)
 {
-    trace_codeinfo *info = trace_codeinfo_get(code);
+    trace_codeinfo *info = trace__codeinfo_get(code);
     if (info)
         return info;
     info = PyMem_Calloc(1, sizeof(*info));
@@ -33,7 +33,7 @@ trace_codeinfo_ensure(PyObject *code)
         PyErr_NoMemory();
         return NULL;
     }
-    if (compat_code_set_extra(code, trace_extra_index, info) < 0) {
+    if (compat_code_set_extra(code, trace__extra_index, info) < 0) {
         PyMem_Free(info);
         return NULL;
     }
@@ -41,7 +41,7 @@ trace_codeinfo_ensure(PyObject *code)
 }
 
 PyObject *
-trace_rewritten(PyObject *code, trace_codeinfo *info)
+trace__rewritten(PyObject *code, trace_codeinfo *info)
 {
     if (info->rewritten)
         return info->rewritten;
@@ -63,12 +63,13 @@ trace_rewritten(PyObject *code, trace_codeinfo *info)
     return r;
 }
 
+/* Borrowed reference to fn's code. */
 static PyObject *
 function_code(PyObject *fn, const char *what)
 {
     if (PyMethod_Check(fn))
         fn = PyMethod_GET_FUNCTION(fn);
-    if (!trace_is_function(fn)) {
+    if (!trace__is_function(fn)) {
         PyErr_Format(PyExc_TypeError, "pydron.%s expects a Python function, got %.100s", what,
                      Py_TYPE(fn)->tp_name);
         return NULL;
@@ -87,7 +88,7 @@ core_mark(PyObject *module, PyObject *args)
     PyObject *code = function_code(fn, kind == TRACE_FUNCTIONAL ? "functional" : "schedule");
     if (code == NULL)
         return NULL;
-    trace_codeinfo *info = trace_codeinfo_ensure(code);
+    trace_codeinfo *info = trace__codeinfo_ensure(code);
     if (info == NULL)
         return NULL;
     info->kind = kind;
@@ -100,9 +101,9 @@ core_kind(PyObject *module, PyObject *fn)
 {
     if (PyMethod_Check(fn))
         fn = PyMethod_GET_FUNCTION(fn);
-    if (!trace_is_function(fn))
+    if (!trace__is_function(fn))
         return PyLong_FromLong(TRACE_PLAIN);
-    trace_codeinfo *info = trace_codeinfo_get(PyFunction_GET_CODE(fn));
+    trace_codeinfo *info = trace__codeinfo_get(PyFunction_GET_CODE(fn));
     return PyLong_FromLong(info ? info->kind : TRACE_PLAIN);
 }
 
@@ -121,7 +122,7 @@ core_intercept(PyObject *module, PyObject *args)
     int on;
     if (!PyArg_ParseTuple(args, "Op", &fn, &on))
         return NULL;
-    if (trace_intercept(fn, on) < 0)
+    if (trace__intercept(fn, on) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -142,25 +143,25 @@ core_enable(PyObject *module, PyObject *args)
         Py_RETURN_NONE;   /* a module imported by a worker enables pydron: tasks run plainly */
     if (exec_start(workers) < 0)
         return NULL;
-    if (hook && trace_hook_install() < 0)
+    if (hook && trace__hook_install() < 0)
         return NULL;
-    trace_enabled = 1;
+    trace__enabled = 1;
     Py_RETURN_NONE;
 }
 
 static PyObject *
 core_disable(PyObject *module, PyObject *unused)
 {
-    trace_enabled = 0;
-    trace_hook_remove();
+    trace__enabled = 0;
+    trace__hook_remove();
     Py_RETURN_NONE;
 }
 
 static PyObject *
 core_shutdown(PyObject *module, PyObject *unused)
 {
-    trace_enabled = 0;
-    trace_hook_remove();
+    trace__enabled = 0;
+    trace__hook_remove();
     exec_shutdown();
     Py_RETURN_NONE;
 }
@@ -168,13 +169,13 @@ core_shutdown(PyObject *module, PyObject *unused)
 static PyObject *
 core_is_enabled(PyObject *module, PyObject *unused)
 {
-    return PyBool_FromLong(trace_enabled);
+    return PyBool_FromLong(trace__enabled);
 }
 
 static PyObject *
 core_hook_installed(PyObject *module, PyObject *unused)
 {
-    return PyBool_FromLong(trace_hook_installed());
+    return PyBool_FromLong(trace__hook_installed());
 }
 
 static PyObject *
@@ -243,17 +244,17 @@ PyInit__core(void)
     PyObject *m = PyModule_Create(&core_module);
     if (m == NULL)
         return NULL;
-    trace_module = m;
-    if (trace_extra_index < 0)
-        trace_extra_index = compat_request_code_extra_index(codeinfo_free);
-    if (trace_extra_index < 0) {
+    trace__module = m;
+    if (trace__extra_index < 0)
+        trace__extra_index = compat_request_code_extra_index(codeinfo_free);
+    if (trace__extra_index < 0) {
         PyErr_SetString(PyExc_RuntimeError, "pydron: no code-object extra slot left");
         goto error;
     }
     if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
-    if (graph_module_init(m) < 0 || trace_dispatch_init(m) < 0 || trace_hook_init() < 0 || exec_module_init(m) < 0 ||
+    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__hook_init() < 0 || exec_module_init(m) < 0 ||
         jit_module_init(m) < 0)
         goto error;
     return m;
