@@ -347,10 +347,13 @@ register_threads_atexit(void)
     return 0;
 }
 
+/* In every child process: a new generation of arena references, and (in a child of user code)
+ * the parent's pool forgotten. */
 static void
 atfork_child(void)
 {
     exec__fork_generation++;
+    exec__pool_forget_in_child();
 }
 
 int

@@ -96,6 +96,8 @@ typedef struct {
 } exec_backend;
 
 extern const exec_backend exec__process_backend;   /* pool.c */
+/* At fork, in the child: a child of user code forgets the parent's pool without touching it. */
+void exec__pool_forget_in_child(void);
 extern const exec_backend exec__thread_backend;    /* threads.c */
 
 /* Append a finished task to the completion queue (takes the blob/object references). 0, or -1 +

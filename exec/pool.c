@@ -8,7 +8,6 @@
 #endif
 #include "exec/internal.h"
 
-#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -748,8 +747,8 @@ atexit_shutdown(void)
 /* In a child forked by user code (os.fork, multiprocessing), the pool is the parent's: forget it
  * without touching it (no QUIT, no kill, no unmap), so the child's exit cannot stop it and its
  * tasks cannot land in the parent's rings. The child may start a pool of its own. */
-static void
-atfork_child(void)
+void
+exec__pool_forget_in_child(void)
 {
     if (exec__internal_fork || !M.running)
         return;
@@ -833,15 +832,6 @@ exec_start(int nworkers)
     }
     if (exec__codec_preload() < 0)
         return -1;
-    static int atfork_registered;
-    if (!atfork_registered) {
-        if (pthread_atfork(NULL, NULL, atfork_child) != 0) {
-            PyErr_SetString(PyExc_OSError, "pydron: pthread_atfork failed");
-            return -1;
-        }
-        atfork_registered = 1;
-    }
-
     size_t ctl_size, arena_size;
     exec_shared *sh = map_control(nworkers, &ctl_size);
     if (sh == NULL)
