@@ -599,10 +599,10 @@ exec__codec_module_init(PyObject *module)
     return 0;
 }
 
-/* Import pydron._exec_helpers now (the master calls this before forking the fork server, so that
- * every worker has it already). 0, or -1 + exception. */
 int
-exec__codec_preload(void)
+exec__helpers_before_fork(void)
 {
-    return helper("qualname") == NULL ? -1 : 0;
+    PyObject *r = exec__call_helper("before_fork", NULL, 0);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
 }

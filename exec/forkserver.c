@@ -8,10 +8,12 @@
 #endif
 #include "exec/internal.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -110,6 +112,7 @@ exec__forkserver_quit(int sock)
 /* ---- the server ------------------------------------------------------------------------------- */
 
 static pid_t worker_pids[EXEC_MAX_WORKERS];
+pid_t exec__forkserver_pid;            /* in the fork server and its workers: the server's pid */
 static int fs_sock = -1, fs_sigfd = -1;
 
 /* Report a death of slot's worker (or a failed fork) to the master. */
@@ -184,14 +187,44 @@ fs_quit(void)
     _exit(0);
 }
 
-/* Waits for commands and for SIGCHLD. Dies with the master (PDEATHSIG). */
+/* Close every descriptor the master had open, but ours: a socket or file the user closes later
+ * must really close (a listening socket must not stay in LISTEN, held here and by workers). */
+static void
+close_inherited_fds(int keep)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL) {
+        long max = sysconf(_SC_OPEN_MAX);
+        for (int fd = 3; fd < (max > 0 && max < 65536 ? max : 65536); fd++)
+            if (fd != keep)
+                close(fd);
+        return;
+    }
+    int dfd = dirfd(d), n = 0, fds[1024];
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL && n < 1024) {
+        int fd = atoi(e->d_name);
+        if (fd > 2 && fd != keep && fd != dfd && e->d_name[0] != '.')
+            fds[n++] = fd;
+    }
+    closedir(d);
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    if (n == 1024)
+        close_inherited_fds(keep);      /* more than fit in one pass */
+}
+
+/* Waits for commands and for SIGCHLD. Ends with the master: its end of the socket closes when
+ * the master process is gone, however it died (no PDEATHSIG: that follows the *thread* that
+ * forked, and enable() may have been called from a thread that has ended since). */
 static void
 forkserver_main(int sock, pid_t master)
 {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (getppid() != master)
         _exit(0);
+    close_inherited_fds(sock);
     prctl(PR_SET_NAME, "pydron-forksrv");
+    exec__forkserver_pid = getpid();
     signal(SIGINT, SIG_IGN);      /* Ctrl-C is the master's business */
     signal(SIGPIPE, SIG_IGN);
     sigset_t set;

@@ -175,8 +175,9 @@ PyObject *exec__call_helper(const char *name, PyObject *const *args, size_t narg
 /* Set the exception returned by helper `name` (for errors built in Python). Always -1. */
 int exec__raise_from_helper(const char *name, PyObject *const *args, size_t nargs);
 int exec__codec_module_init(PyObject *module);
-/* Import pydron._exec_helpers now, before forking, so workers inherit it. 0, or -1 + exc. */
-int exec__codec_preload(void);
+/* Just before the fork server is forked: pydron._exec_helpers is imported (workers inherit it)
+ * and notes which modules are still being imported. 0, or -1 + exception. */
+int exec__helpers_before_fork(void);
 
 /* ---- shipping functions (functions.c) --------------------------------------------------------- */
 /* The id of fn, shipping-ready (by reference when workers can import it, else by value through
@@ -195,6 +196,7 @@ void exec__fn_table_clear(int with_python);
 pid_t exec__forkserver_start(int *sock);
 int exec__forkserver_spawn(int sock, int slot);          /* 0, or -1 with errno */
 void exec__forkserver_quit(int sock);
+extern pid_t exec__forkserver_pid;       /* in the fork server and its workers */
 /* Flush Python's and C's buffered output (before a fork, before a worker sleeps). */
 void exec__flush_std_streams(void);
 

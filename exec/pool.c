@@ -8,7 +8,9 @@
 #endif
 #include "exec/internal.h"
 
+#include <errno.h>
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/sysinfo.h>
@@ -27,6 +29,9 @@
 #define ARENA_MAX ((size_t)32 << 30)   /* the arena reserves up to this, never beyond RAM */
 #define ARENA_MIN ((size_t)64 << 20)
 #define REAP_WAIT_MS 2000              /* for the fork server to quit before it is killed */
+#define RING_CAPACITY ring_capacity_for(EXEC_RING_BYTES)   /* the master's own copy */
+#define MAX_FORKSERVER_RESTARTS 5      /* within FORKSERVER_RESTART_WINDOW_S, then give up */
+#define FORKSERVER_RESTART_WINDOW_S 10.0
 
 typedef struct mtask {
     struct mtask *next;
@@ -48,6 +53,7 @@ typedef struct {
     int spawned;               /* the fork server was asked for a worker and it has not died */
     int killing;               /* SIGKILLed by a cancel: its death is expected */
     int disabled;              /* died too often without running anything */
+    int poisoned;              /* wrote a malformed record: nothing more is read from it */
     int idle_deaths;
     uint32_t seen_deaths;
     uint8_t *defined;          /* fn ids already sent to the current worker */
@@ -70,6 +76,8 @@ static struct {
     uint32_t seen_deaths;
     int rr;
     int forgotten;                     /* a fork of user code dropped the parent's pool */
+    int restarts;                      /* fork server restarts in the current window */
+    double restart_window_start;
 } M;
 
 int
@@ -358,6 +366,7 @@ reject_record(int i, const char *what, const char *detail)
     if (exc == NULL)
         return -1;
     kill_slot(i);
+    s->poisoned = 1;
     if (t == NULL) {
         Py_DECREF(exc);
         return 0;
@@ -376,17 +385,20 @@ drain_slot(int i, int discard)
 {
     mslot *s = &M.slots[i];
     int n = 0;
+    if (s->poisoned)
+        return 0;                  /* its death resets the ring */
     for (;;) {
         wire_in in;
         uint32_t kind;
         size_t len;
         const char *err;
-        const void *p = wire_next(&in, exec__to_master(i), exec__arena, &kind, &len, &err);
+        const void *p = wire_next(&in, exec__to_master(i), RING_CAPACITY, exec__arena, &kind,
+                                  &len, &err);
         if (p == NULL) {
             if (err == NULL)
                 return n;
-            ring_pop(exec__to_master(i));
-            return reject_record(i, "indirect record", err) < 0 ? -1 : n;
+            wire_skip(&in);
+            return reject_record(i, "record", err) < 0 ? -1 : n;
         }
         const wire_result *hdr;
         wire_blob_view view;
@@ -504,10 +516,11 @@ requeue_front(mtask *head, mtask *tail)
         M.q_tail = tail;
 }
 
-/* Worker i died: keep what it finished, blame the task it was running, re-run the rest on a
- * replacement. Returns the number of completions, or -1 + exception. */
+/* Worker i died: keep what it finished, blame the task it was running (unless blame is 0: the
+ * fork server died, or the worker was killed on purpose), re-run the rest on a replacement.
+ * Returns the number of completions, or -1 + exception. */
 static int
-handle_death(int i)
+handle_death(int i, int blame)
 {
     mslot *s = &M.slots[i];
     exec_slot *sh = &exec__shared->slots[i];
@@ -519,8 +532,10 @@ handle_death(int i)
     atomic_store(&sh->running_task, 0);
     for (int k = 0; k < EXEC_HELD_MAX; k++) {
         uint64_t h = atomic_exchange(&sh->held[k], 0);
-        if (h)
-            arena_decref(exec__arena, h - 1);   /* the dead worker's arrays */
+        size_t blen;
+        /* The dead worker's arrays; an entry it scribbled over is not a block: skipped. */
+        if (h && arena_block_len(exec__arena, h - 1, &blen) == 0)
+            arena_decref(exec__arena, h - 1);
     }
     ring_reset(exec__to_worker(i));
     ring_reset(exec__to_master(i));
@@ -530,19 +545,20 @@ handle_death(int i)
     mtask *keep_head = NULL, *keep_tail = NULL;
     for (mtask *t = s->head, *next; t; t = next) {
         next = t->next;
-        if (!s->killing && t->id == blamed && blamed != 0 && ++t->kills >= MAX_KILLS) {
+        if (blame && !s->killing && t->id == blamed && blamed != 0 && ++t->kills >= MAX_KILLS) {
             t->error = worker_lost_error(t, status);
             list_append(&M.failed_head, &M.failed_tail, t);
             continue;
         }
         list_append(&keep_head, &keep_tail, t);
     }
-    if (blamed == 0 && !s->killing && ++s->idle_deaths > MAX_IDLE_DEATHS)
+    if (blame && blamed == 0 && !s->killing && ++s->idle_deaths > MAX_IDLE_DEATHS)
         s->disabled = 1;    /* dies without running anything: do not fork it forever */
     s->head = s->tail = NULL;
     s->count = 0;
     s->queued_ns = 0;
     s->killing = 0;
+    s->poisoned = 0;
     requeue_front(keep_head, keep_tail);
     if (M.running)
         spawn_worker(i);
@@ -562,7 +578,7 @@ handle_deaths(void)
         if (sd == M.slots[i].seen_deaths)
             continue;
         M.slots[i].seen_deaths = sd;
-        int k = handle_death(i);
+        int k = handle_death(i, 1);
         if (k < 0)
             return -1;
         n += k;
@@ -645,16 +661,85 @@ pool_outstanding(void)
 
 static void shutdown_pool(int with_python);
 
+/* Whether pid has exited (gone, or a zombie waiting for whoever reaps it now). */
+static int
+process_gone(pid_t pid)
+{
+    if (kill(pid, 0) < 0 && errno == ESRCH)
+        return 1;
+    char path[64], state = 0;
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 1;
+    int ok = fscanf(f, "%*d (%*[^)]) %c", &state) == 1;
+    fclose(f);
+    return !ok || state == 'Z' || state == 'X';
+}
+
+/* The fork server died (killed from outside): its workers die with it (they are killed here
+ * too, and PDEATHSIG kills them anyway). Once they are gone, what they finished is kept, the
+ * rest runs again, and a new fork server is forked from here, as enable() did. 0, or -1 + exc
+ * when it keeps dying. */
+static int
+restart_forkserver(void)
+{
+    double now = pydron_now();
+    if (now - M.restart_window_start > FORKSERVER_RESTART_WINDOW_S) {
+        M.restart_window_start = now;
+        M.restarts = 0;
+    }
+    if (++M.restarts > MAX_FORKSERVER_RESTARTS) {
+        shutdown_pool(1);
+        PyErr_Format(PyExc_RuntimeError, "pydron: the executor's fork server died %d times within "
+                     "%g s; the process pool is gone", MAX_FORKSERVER_RESTARTS,
+                     FORKSERVER_RESTART_WINDOW_S);
+        return -1;
+    }
+    close(M.fs_sock);
+    M.fs_sock = -1;
+    pid_t pids[EXEC_MAX_WORKERS] = {0};
+    for (int i = 0; i < M.nworkers; i++) {
+        pids[i] = atomic_load(&exec__shared->slots[i].pid);
+        if (pids[i] > 0)
+            kill(pids[i], SIGKILL);
+    }
+    for (int i = 0; i < M.nworkers; i++)
+        for (int k = 0; pids[i] > 0 && k < REAP_WAIT_MS && !process_gone(pids[i]); k++)
+            usleep(1000);
+    int total = 0;
+    for (int i = 0; i < M.nworkers; i++) {
+        atomic_store(&exec__shared->slots[i].pid, 0);
+        int n = handle_death(i, 0);
+        if (n < 0)
+            return -1;
+        total += n;
+        M.slots[i].seen_deaths = atomic_load(&exec__shared->slots[i].deaths);
+    }
+    M.seen_deaths = atomic_load(&exec__shared->deaths);
+    int sock;
+    pid_t pid = exec__forkserver_start(&sock);
+    if (pid < 0) {
+        PyObject *exc = PyErr_GetRaisedException();
+        shutdown_pool(1);
+        PyErr_SetRaisedException(exc);
+        return -1;
+    }
+    M.fs_pid = pid;
+    M.fs_sock = sock;
+    M.workers_started = 0;
+    start_workers();
+    flush_queue();
+    return total;
+}
+
 static int
 pool_check(void)
 {
     int st;
     if (!M.running || waitpid(M.fs_pid, &st, WNOHANG) == 0)
         return 0;
-    shutdown_pool(1);
-    PyErr_SetString(PyExc_RuntimeError,
-                    "pydron: the executor's fork server died; the process pool is gone");
-    return -1;
+    return restart_forkserver() < 0 ? -1 : 0;
 }
 
 /* SIGKILL worker i (waiting briefly for it to have a pid) and expect its death. */
@@ -830,7 +915,7 @@ exec_start(int nworkers)
         exec__fn_table_clear(1);
         M.forgotten = 0;
     }
-    if (exec__codec_preload() < 0)
+    if (exec__helpers_before_fork() < 0)
         return -1;
     size_t ctl_size, arena_size;
     exec_shared *sh = map_control(nworkers, &ctl_size);

@@ -71,7 +71,7 @@ ring_init(void *mem, size_t bytes)
         return NULL;
     ring *r = mem;
     memset(r, 0, RING_HEADER_SIZE);
-    r->capacity = (bytes - RING_HEADER_SIZE) & ~(uint64_t)7u;
+    r->capacity = ring_capacity_for(bytes);
     return r;
 }
 
@@ -167,6 +167,46 @@ ring_pop(ring *r)
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     uint32_t *hdr = (uint32_t *)(r->data + tail % r->capacity);
     atomic_store_explicit(&r->tail, tail + RECORD_HEADER + RING_ALIGN(hdr[0]), memory_order_release);
+    wake_notify(&r->writable);
+}
+
+void *
+ring_peek_checked(ring *r, uint64_t capacity, uint32_t *kind, uint32_t *len, int *corrupt)
+{
+    *corrupt = 0;
+    for (;;) {
+        uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+        uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
+        if (head == tail)
+            return NULL;
+        uint64_t pos = tail % capacity;
+        if (head - tail > capacity || (tail & 7) != 0 || capacity - pos < RECORD_HEADER) {
+            *corrupt = 1;
+            return NULL;
+        }
+        uint32_t *hdr = (uint32_t *)(r->data + pos);
+        uint32_t l = hdr[0], k = hdr[1];
+        uint64_t size = RECORD_HEADER + RING_ALIGN(l);
+        /* A record never wraps and never goes past what was published. */
+        if (size > capacity - pos || size > head - tail) {
+            *corrupt = 1;
+            return NULL;
+        }
+        if (k == RING_KIND_PAD) {
+            atomic_store_explicit(&r->tail, tail + size, memory_order_release);
+            continue;
+        }
+        *kind = k;
+        *len = l;
+        return hdr + 2;
+    }
+}
+
+void
+ring_pop_checked(ring *r, uint64_t capacity, uint32_t len)
+{
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    atomic_store_explicit(&r->tail, tail + RECORD_HEADER + RING_ALIGN(len), memory_order_release);
     wake_notify(&r->writable);
 }
 

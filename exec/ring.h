@@ -44,6 +44,13 @@ typedef struct {
 #define RING_HEADER_SIZE offsetof(ring, data)
 #define RING_ALIGN(n) (((uint64_t)(n) + 7u) & ~(uint64_t)7u)
 
+/* The capacity ring_init gives a ring of `bytes` (a consumer keeps its own copy of it). */
+static inline uint64_t
+ring_capacity_for(size_t bytes)
+{
+    return bytes < RING_HEADER_SIZE + 64 ? 0 : ((uint64_t)(bytes - RING_HEADER_SIZE) & ~(uint64_t)7u);
+}
+
 /* Format `bytes` of memory at mem as an empty ring. Returns it, or NULL if too small. */
 ring *ring_init(void *mem, size_t bytes);
 /* Forget every record (only when neither side is using the ring). */
@@ -63,6 +70,13 @@ int ring_push(ring *r, uint32_t kind, const void *payload, uint32_t len);
  * ring is empty. The payload stays valid until ring_pop. */
 void *ring_peek(ring *r, uint32_t *kind, uint32_t *len);
 void ring_pop(ring *r);   /* also wakes a producer sleeping on r->writable */
+
+/* Consumer of a ring whose producer is not trusted (the master reading what a worker wrote):
+ * capacity is the consumer's own copy (the one in shared memory may have been scribbled over),
+ * and every position and length read from the ring is checked against it. NULL with *corrupt
+ * set when the ring's state or a record header cannot be right. Pop with the length returned. */
+void *ring_peek_checked(ring *r, uint64_t capacity, uint32_t *kind, uint32_t *len, int *corrupt);
+void ring_pop_checked(ring *r, uint64_t capacity, uint32_t len);
 int ring_empty(ring *r);
 /* Bytes in use (records plus padding). */
 uint64_t ring_used(ring *r);

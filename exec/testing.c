@@ -5,6 +5,7 @@
  * Thread and GIL model: GIL held, like the executors they drive. */
 #include "exec/internal.h"
 
+#include <stddef.h>
 #include <string.h>
 
 /* Ids of tasks submitted here, far above the graph's. */
@@ -590,6 +591,27 @@ threads_ffi_version(PyObject *self, PyObject *unused)
     return PyUnicode_FromString(exec_ffi_version());
 }
 
+/* _exec_worker_ring() -> {"address", "capacity", "head", "tail", "data", "arena", "arena_size"}:
+ * in a worker, where its result ring lives (tests scribble on it like a buggy extension). */
+static PyObject *
+core_exec_worker_ring(PyObject *self, PyObject *unused)
+{
+    if (!exec__in_worker_flag || exec__shared == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_exec_worker_ring: not in a pydron worker");
+        return NULL;
+    }
+    ring *r = exec__to_master(exec__worker_slot);
+    arena_stats st;
+    arena_get_stats(exec__arena, &st);
+    return Py_BuildValue("{s:K,s:K,s:n,s:n,s:n,s:K,s:K}", "address", (unsigned long long)(uintptr_t)r,
+                         "capacity", (unsigned long long)r->capacity,
+                         "head", (Py_ssize_t)offsetof(ring, head),
+                         "tail", (Py_ssize_t)offsetof(ring, tail),
+                         "data", (Py_ssize_t)offsetof(ring, data),
+                         "arena", (unsigned long long)(uintptr_t)exec__arena,
+                         "arena_size", (unsigned long long)(st.total_pages * ARENA_PAGE));
+}
+
 static PyObject *
 core_exec_stats(PyObject *self, PyObject *unused)
 {
@@ -605,6 +627,8 @@ static PyMethodDef testing_methods[] = {
      "Forget every queued and running task of both pools."},
     {"_exec_info", core_exec_info, METH_NOARGS, "Process pool state: pids, arena accounting."},
     {"_exec_stats", core_exec_stats, METH_NOARGS, "Every executor's state."},
+    {"_exec_worker_ring", core_exec_worker_ring, METH_NOARGS,
+     "In a worker: where its result ring lives (for tests that scribble on it)."},
     {"_exec_map", (PyCFunction)(void (*)(void))core_exec_map, METH_VARARGS | METH_KEYWORDS,
      "_exec_map(fn, args_list, kwargs_list=None, return_exceptions=False): run on workers."},
     {"_exec_submit", core_exec_submit, METH_VARARGS,

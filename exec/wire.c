@@ -150,16 +150,24 @@ wire_abandon(wire_out *o)
 }
 
 const void *
-wire_next(wire_in *in, ring *r, arena *a, uint32_t *kind, size_t *len, const char **err)
+wire_next(wire_in *in, ring *r, uint64_t capacity, arena *a, uint32_t *kind, size_t *len,
+          const char **err)
 {
     uint32_t k, l;
+    int corrupt;
     in->r = r;
     in->a = a;
+    in->capacity = capacity;
     in->blk = WIRE_NO_BLOCK;
+    in->ring_len = UINT32_MAX;
     *err = NULL;
-    const void *p = ring_peek(r, &k, &l);
-    if (p == NULL)
+    const void *p = ring_peek_checked(r, capacity, &k, &l, &corrupt);
+    if (p == NULL) {
+        if (corrupt)
+            *err = "ring positions or a record header outside the ring";
         return NULL;
+    }
+    in->ring_len = l;
     if (k != WIRE_INDIRECT) {
         *kind = k;
         *len = l;
@@ -178,8 +186,15 @@ wire_next(wire_in *in, ring *r, arena *a, uint32_t *kind, size_t *len, const cha
 void
 wire_done(wire_in *in)
 {
-    ring_pop(in->r);
+    ring_pop_checked(in->r, in->capacity, in->ring_len);
     if (in->blk != WIRE_NO_BLOCK)
         arena_decref(in->a, in->blk);
     in->blk = WIRE_NO_BLOCK;
+}
+
+void
+wire_skip(wire_in *in)
+{
+    if (in->ring_len != UINT32_MAX)
+        ring_pop_checked(in->r, in->capacity, in->ring_len);
 }

@@ -126,13 +126,19 @@ void wire_abandon(wire_out *o);
 typedef struct {
     ring *r;
     arena *a;
+    uint64_t capacity;          /* the reader's own copy of the ring's capacity */
+    uint32_t ring_len;          /* length of the ring record being read */
     uint64_t blk;               /* the block of an INDIRECT record being read, or WIRE_NO_BLOCK */
 } wire_in;
 
 /* The oldest record of r: its kind and payload (for INDIRECT, the real record's, in the arena),
- * or NULL when r is empty or (*err set) the INDIRECT record is malformed. Valid until wire_done. */
-const void *wire_next(wire_in *in, ring *r, arena *a, uint32_t *kind, size_t *len,
-                      const char **err);
+ * or NULL when r is empty or (*err set) the ring or the record is malformed. capacity is the
+ * reader's own copy of r's capacity (every position read is checked against it). Valid until
+ * wire_done (or wire_skip, after an error). */
+const void *wire_next(wire_in *in, ring *r, uint64_t capacity, arena *a, uint32_t *kind,
+                      size_t *len, const char **err);
+/* After wire_next failed on a malformed record that still has a length: drop it. */
+void wire_skip(wire_in *in);
 /* Consume the record wire_next returned (and drop its arena block). */
 void wire_done(wire_in *in);
 

@@ -22,7 +22,12 @@
 #define FULL_RING_SLEEP_NS 100000000
 
 /* Exit codes of a worker that cannot go on (seen by the master as its death status). */
-enum { WORKER_EXIT_NO_CODEC = 73, WORKER_EXIT_NO_MEMORY = 74, WORKER_EXIT_WIRE_VERSION = 75 };
+enum {
+    WORKER_EXIT_NO_CODEC = 73,
+    WORKER_EXIT_NO_MEMORY = 74,
+    WORKER_EXIT_WIRE_VERSION = 75,
+    WORKER_EXIT_BAD_RING = 76,
+};
 
 static int my_slot;
 static exec_codec *codec;
@@ -337,12 +342,16 @@ worker_loop(void)
         uint32_t kind;
         size_t len;
         const char *err;
-        const char *rec = wire_next(&rd, in, exec__arena, &kind, &len, &err);
+        const char *rec = wire_next(&rd, in, in->capacity, exec__arena, &kind, &len, &err);
         if (rec == NULL) {
-            if (err != NULL)
-                ring_pop(in);          /* the master wrote it: cannot happen; skip it */
-            else
+            if (err == NULL) {
                 wait_for_records(in);
+                continue;
+            }
+            /* The master wrote it, so this cannot happen; a ring it cannot read is the end. */
+            if (rd.ring_len == UINT32_MAX)
+                _exit(WORKER_EXIT_BAD_RING);
+            wire_skip(&rd);
             continue;
         }
         if (kind == WIRE_DEFINE)
@@ -363,7 +372,8 @@ exec__worker_main(int slot)
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    if (getppid() == 1)
+    /* The fork server died between fork and prctl: our parent is init or a subreaper now. */
+    if (getppid() != exec__forkserver_pid)
         _exit(0);
     if (exec__shared->wire_version != WIRE_VERSION)
         _exit(WORKER_EXIT_WIRE_VERSION);

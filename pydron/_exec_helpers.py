@@ -113,10 +113,34 @@ def bad_record(what, detail):
                         f"the worker was replaced")
 
 
+# Modules that were still being imported when the fork server was forked (a module that calls
+# pydron.enable() at import time and defines its functions after that): the workers hold them
+# half-executed, so their functions cannot be found there by name and travel by value.
+_half_imported: frozenset = frozenset()
+
+
+def before_fork() -> None:
+    """Called by exec_start just before the fork server is forked."""
+    global _half_imported
+    import sys
+    _half_imported = frozenset(
+        name for name, m in list(sys.modules.items())
+        if getattr(getattr(m, "__spec__", None), "_initializing", False))
+
+
 def pickle_function(fn) -> bytes:
+    import sys
     import cloudpickle
     code = getattr(fn, "__code__", None)
-    return cloudpickle.dumps((fn, getattr(code, "co_filename", None)), protocol=5)
+    shipped = (fn, getattr(code, "co_filename", None))
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    if module is None or module.__name__ not in _half_imported or module.__name__ == "__main__":
+        return cloudpickle.dumps(shipped, protocol=5)
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(shipped, protocol=5)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
 
 
 def unpack_function(shipped):

@@ -338,3 +338,64 @@ def test_user_fork_leaves_the_pool_alone(tmp_path):
     assert rc == 0, err
     (r,) = reports
     assert r == dict(r, child_status=0, used_same=True, still_correct=True, pool_works=True)
+
+
+SCRIBBLE = """
+    import ctypes, struct
+
+    def scribble(how):
+        # What a crashed or buggy extension in the worker could do to its result ring.
+        r = _core._exec_worker_ring()
+        base, cap = r["address"], r["capacity"]
+        head = ctypes.c_uint64.from_address(base + r["head"])
+        data = base + r["data"]
+        pos = head.value % cap
+        if how == "header":          # a record header longer than the whole ring
+            ctypes.memmove(data + pos, struct.pack("<II", cap * 4, 3), 8)
+            head.value += 16
+        elif how == "buffers":       # a result whose out-of-band buffer is outside the arena
+            blob = struct.pack("<QQQII", 0, 2**64 - 1, 0, 1, 0) + struct.pack("<QQQ", 12345, 12345, 1 << 40)
+            payload = struct.pack("<QQ", 0, 0) + blob
+            ctypes.memmove(data + pos, struct.pack("<II", len(payload), 3) + payload, 8 + len(payload))
+            head.value += 8 + len(payload)
+        elif how == "nbufs":         # a buffer count whose size overflows (malloc(24 * n))
+            blob = struct.pack("<QQQII", 0, 2**64 - 1, 0, 2**32 - 1, 0)
+            payload = struct.pack("<QQ", 0, 0) + blob
+            ctypes.memmove(data + pos, struct.pack("<II", len(payload), 3) + payload, 8 + len(payload))
+            head.value += 8 + len(payload)
+        time.sleep(1)                # the master reads it while this task still runs
+        return "unreachable"
+
+    def double(x):
+        return 2 * x
+"""
+
+
+@pytest.mark.parametrize("how", ["header", "buffers", "nbufs"])
+def test_malformed_record_fails_task_and_replaces_worker(tmp_path, how):
+    """The master validates every record a worker writes: a malformed one fails the task it was
+    for with an error naming the problem, the worker is replaced, and the master lives on."""
+    rc, reports, err = run_scenario(textwrap.dedent(SCRIBBLE) + textwrap.dedent(f"""
+        _core._exec_start(2)
+        _core._exec_map(double, [(i,) for i in range(4)])     # both workers up
+        before = _core._exec_info()["workers"]
+        got = _core._exec_map(scribble, [("{how}",)], return_exceptions=True)
+        e = got[0]
+        after = _core._exec_map(double, [(i,) for i in range(50)])
+        deadline = time.monotonic() + 10          # the replacement is forked meanwhile
+        while (set(_core._exec_info()["workers"]) == set(before) or 0 in _core._exec_info()["workers"]) \
+                and time.monotonic() < deadline:
+            _core._exec_map(double, [(1,)])
+            time.sleep(0.01)
+        report(type=type(e).__name__, message=str(e), after=after, before=before,
+               workers=_core._exec_info()["workers"], pids=descendants())
+        check_clean_after_shutdown()
+        report(event="clean")
+    """), tmp_path)
+    assert rc == 0, err
+    r = reports[0]
+    assert r["type"] == "RuntimeError", r
+    assert "malformed" in r["message"] and "worker was replaced" in r["message"], r
+    assert r["after"] == [2 * i for i in range(50)]
+    assert len(set(r["before"]) - set(r["workers"])) == 1, r
+    assert reports[-1]["event"] == "clean"

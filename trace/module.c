@@ -5,6 +5,7 @@
 #include "exec/exec.h"
 #include "jit/jit.h"
 
+#include <pthread.h>
 #include <xxhash.h>
 
 Py_ssize_t trace__extra_index = -1;
@@ -238,6 +239,16 @@ static struct PyModuleDef core_module = {
     PyModuleDef_HEAD_INIT, "pydron._core", "pydron's C core.", -1, core_methods,
 };
 
+/* In a child forked by user code (os.fork, a multiprocessing worker), the pool is the parent's and
+ * exec has just forgotten it: scheduled code runs plainly there, which is always right, rather
+ * than failing for want of an executor (or starting a pool per child). */
+static void
+atfork_child(void)
+{
+    if (!exec_running())
+        trace__enabled = 0;
+}
+
 PyMODINIT_FUNC
 PyInit__core(void)
 {
@@ -254,9 +265,18 @@ PyInit__core(void)
     if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
-    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__hook_init() < 0 || exec_module_init(m) < 0 ||
-        jit_module_init(m) < 0)
+    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__hook_init() < 0 ||
+        exec_module_init(m) < 0 || jit_module_init(m) < 0)
         goto error;
+    /* After exec's own handler (registered by exec_module_init), which forgets the pool. */
+    static int atfork_registered;
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, atfork_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pydron: pthread_atfork failed");
+            goto error;
+        }
+        atfork_registered = 1;
+    }
     return m;
 error:
     Py_DECREF(m);

@@ -132,27 +132,42 @@ test_records_of_any_size(void)
     uint32_t kind;
     size_t len;
     const char *err;
-    const char *p = wire_next(&in, r, A, &kind, &len, &err);
+    const char *p = wire_next(&in, r, r->capacity, A, &kind, &len, &err);
     CHECK(p != NULL && err == NULL && kind == WIRE_TASK && len == big);
     for (size_t i = 0; i < big; i++)
         CHECK(p[i] == (char)(i * 7));
     wire_done(&in);
     arena_get_stats(A, &after);
     CHECK(after.used_pages < before.used_pages);     /* the record's block was released */
-    p = wire_next(&in, r, A, &kind, &len, &err);
+    p = wire_next(&in, r, r->capacity, A, &kind, &len, &err);
     CHECK(p != NULL && kind == WIRE_DEFINE && len == 16 && memcmp(p, "sixteen bytes!!", 16) == 0);
     wire_done(&in);
-    CHECK(wire_next(&in, r, A, &kind, &len, &err) == NULL && err == NULL);
+    CHECK(wire_next(&in, r, r->capacity, A, &kind, &len, &err) == NULL && err == NULL);
 
     /* A forged INDIRECT record naming memory outside the arena is refused, not followed. */
     wire_indirect forged = {WIRE_RESULT, 0, 12345, 1 << 20};
     CHECK(ring_push(r, WIRE_INDIRECT, &forged, sizeof forged) == 0);
-    CHECK(wire_next(&in, r, A, &kind, &len, &err) == NULL && err != NULL);
-    ring_pop(r);
+    CHECK(wire_next(&in, r, r->capacity, A, &kind, &len, &err) == NULL && err != NULL);
+    wire_skip(&in);
     wire_indirect nested = {WIRE_INDIRECT, 0, 0, 0};
     CHECK(ring_push(r, WIRE_INDIRECT, &nested, sizeof nested) == 0);
-    CHECK(wire_next(&in, r, A, &kind, &len, &err) == NULL && err != NULL);
-    ring_pop(r);
+    CHECK(wire_next(&in, r, r->capacity, A, &kind, &len, &err) == NULL && err != NULL);
+    wire_skip(&in);
+    CHECK(ring_empty(r));
+
+    /* A scribbled ring: a record header longer than the ring, then positions out of order.
+     * The reader uses its own copy of the capacity, so zeroing the shared one changes nothing. */
+    uint64_t cap = r->capacity;
+    CHECK(ring_push(r, WIRE_RESULT, "12345678", 8) == 0);
+    uint32_t *hdr = (uint32_t *)(r->data + atomic_load(&r->tail) % cap);
+    hdr[0] = (uint32_t)cap;
+    r->capacity = 0;
+    CHECK(wire_next(&in, r, cap, A, &kind, &len, &err) == NULL && err != NULL);
+    CHECK(in.ring_len == UINT32_MAX);
+    atomic_store(&r->head, atomic_load(&r->tail) + 3 * cap);
+    CHECK(wire_next(&in, r, cap, A, &kind, &len, &err) == NULL && err != NULL);
+    atomic_store(&r->head, atomic_load(&r->tail));
+    r->capacity = cap;
 
     /* A full arena: the large record cannot be begun, and says why. */
     uint64_t hog;

@@ -1,0 +1,197 @@
+"""The life of the pool around the user's own processes, threads and descriptors (issue: nothing
+wrong, nothing lost, nothing hung): enable() from a thread that ends, enable() at import time in a
+module that defines its functions afterwards, a child forked by the user, descriptors the user
+closes, the fork server killed. Each scenario runs in its own interpreter; every process it
+started (found by a tag in its environment) must be gone when it is."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.nosan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tagged(tag):
+    """Processes whose environment carries tag (the scenario and everything it forked)."""
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                if tag.encode() in f.read():
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p.pid)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def run(body, tmp_path, files=None, timeout=60, args=()):
+    """Run body as a script (files: extra modules next to it); returns the CompletedProcess.
+    Asserts that nothing it started outlives it."""
+    tag = f"PYDRON_TEST_TAG={uuid.uuid4().hex}"
+    for name, text in (files or {}).items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    script = tmp_path / "scenario.py"
+    script.write_text(textwrap.dedent(body))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, str(tmp_path)) if p),
+               PYDRON_TEST_TAG=tag.split("=", 1)[1])
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    deadline = time.monotonic() + 10
+    while (left := tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"left behind: {left}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_enable_from_a_thread_that_ends(tmp_path):
+    """The pool outlives the thread that called enable() (the fork server no longer dies with
+    the thread that forked it)."""
+    proc = run("""
+        import threading, time, pydron
+
+        @pydron.functional
+        def square(x):
+            return x * x
+
+        @pydron.schedule
+        def squares(n):
+            return [square(i) for i in range(n)]
+
+        t = threading.Thread(target=pydron.enable, kwargs={"workers": 2})
+        t.start(); t.join()
+        time.sleep(0.3)          # the thread is gone well before the first task
+        assert squares(20) == [i * i for i in range(20)]
+        assert pydron.stats()["submitted"] == 20
+        print("ok")
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_enable_at_import_functions_defined_after(tmp_path):
+    """A module that enables pydron at import time and defines its functions afterwards: the fork
+    server holds it half-imported, so its functions travel by value."""
+    proc = run("""
+        import pydron, lib
+        print(lib.pipeline(10))
+    """, tmp_path, files={"lib.py": """
+        import pydron
+        pydron.enable(workers=2)
+
+        SCALE = 3
+
+        @pydron.functional
+        def scale(x):
+            return helper(x) * SCALE
+
+        def helper(x):
+            return x + 1
+
+        @pydron.schedule
+        def pipeline(n):
+            return [scale(i) for i in range(n)]
+    """})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str([(i + 1) * 3 for i in range(10)])
+
+
+def test_child_forked_by_the_user_runs_plainly(tmp_path):
+    """A child forked after enable() does not own the parent's pool: its scheduled calls run as
+    plain Python (never 'executor is not running'), and the parent's pool is untouched."""
+    proc = run("""
+        import os, pydron, multiprocessing as mp
+        pydron.enable(workers=2)
+
+        @pydron.functional
+        def inc(x):
+            return x + 1
+
+        @pydron.schedule
+        def incs(n):
+            return [inc(i) for i in range(n)]
+
+        assert incs(5) == [1, 2, 3, 4, 5]
+        pid = os.fork()
+        if pid == 0:
+            ok = incs(5) == [1, 2, 3, 4, 5] and not pydron.is_enabled()
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0, status
+        with mp.get_context("fork").Pool(2) as pool:
+            assert pool.map(incs, [3, 4]) == [[1, 2, 3], [1, 2, 3, 4]]
+        assert incs(100) == list(range(1, 101))      # the parent's pool still works
+        print("ok")
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_closed_socket_is_not_held_by_pydron_processes(tmp_path):
+    """A listening socket opened before enable() and closed by the user afterwards is closed for
+    real: the fork server and the workers do not keep it in LISTEN."""
+    proc = run("""
+        import socket, sys, time, pydron, psutil
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); port = s.getsockname()[1]
+        pydron.enable(workers=2)
+
+        @pydron.functional
+        def inc(x):
+            return x + 1
+
+        @pydron.schedule
+        def incs(n):
+            return [inc(i) for i in range(n)]
+
+        assert incs(4) == [1, 2, 3, 4]                 # workers exist
+        s.close()
+        me = psutil.Process()
+        tree = [me] + me.children(recursive=True)
+        assert len(tree) >= 4, tree                    # this process, the fork server, 2 workers
+        holders = [p.pid for p in tree
+                   if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                          for c in p.net_connections(kind="tcp"))]
+        print(len(holders), port)
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    count, port = proc.stdout.split()
+    assert count == "0", f"port {port} still listened on"
+
+
+def test_fork_server_killed_is_restarted(tmp_path):
+    """Killing the fork server (and with it the workers) is survived: it is started again, the
+    call that was running completes with the right result, and later calls work."""
+    proc = run("""
+        import os, signal, threading, time, pydron
+        from pydron import _core
+        pydron.enable(workers=2)
+
+        @pydron.functional
+        def slow(x):
+            time.sleep(0.02)
+            return x * 2
+
+        @pydron.schedule
+        def run(n):
+            return [slow(i) for i in range(n)]
+
+        assert run(4) == [0, 2, 4, 6]
+        fs = _core._exec_info()["forkserver"]
+        threading.Timer(0.2, os.kill, (fs, signal.SIGKILL)).start()
+        assert run(100) == [2 * i for i in range(100)]
+        info = _core._exec_info()
+        assert info["forkserver"] not in (0, fs), info
+        assert run(10) == [2 * i for i in range(10)]
+        print("ok", info["nworkers"])
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok 2"
