@@ -294,12 +294,61 @@ fail_unfinished(PyObject *exc_type, const char *message)
 
 /* ---- submission -------------------------------------------------------------------------------- */
 
-/* Dependencies met while a call's arguments are encoded (persistent id i = deps[i]). */
+/* Dependencies met while a call's arguments are encoded (persistent id i = deps[i]). Past a few,
+ * an open-addressing index (task pointer -> position) keeps a task with a million dependencies
+ * linear. */
 typedef struct {
     graph_task **deps;            /* borrowed: the arguments keep them alive while encoding */
     Py_ssize_t n, cap;
+    Py_ssize_t *index;            /* positions + 1, 0 = empty; index_cap slots, or NULL */
+    size_t index_cap;
     graph_task *inline_deps[INLINE_DEPS];
 } dep_list;
+
+static size_t
+dep_hash(graph_task *d, size_t cap)
+{
+    return (size_t)(((uintptr_t)d >> 4) * 0x9E3779B97F4A7C15ull) & (cap - 1);
+}
+
+/* Position of d in l, or -1; with add, d is recorded at position n when absent. */
+static Py_ssize_t
+dep_index(dep_list *l, graph_task *d, int add)
+{
+    size_t h = dep_hash(d, l->index_cap);
+    while (l->index[h]) {
+        if (l->deps[l->index[h] - 1] == d)
+            return l->index[h] - 1;
+        h = (h + 1) & (l->index_cap - 1);
+    }
+    if (add)
+        l->index[h] = l->n + 1;
+    return -1;
+}
+
+/* Rebuild the index for at least 2 * need entries. 0, or -1 + MemoryError. */
+static int
+dep_reindex(dep_list *l, Py_ssize_t need)
+{
+    size_t cap = 64;
+    while (cap < (size_t)need * 2)
+        cap *= 2;
+    Py_ssize_t *index = PyMem_Calloc(cap, sizeof(Py_ssize_t));
+    if (index == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyMem_Free(l->index);
+    l->index = index;
+    l->index_cap = cap;
+    for (Py_ssize_t i = 0; i < l->n; i++) {
+        size_t h = dep_hash(l->deps[i], cap);
+        while (index[h])
+            h = (h + 1) & (cap - 1);
+        index[h] = i + 1;
+    }
+    return 0;
+}
 
 /* Borrows obj (the list keeps a borrowed pointer: the arguments hold it). */
 static Py_ssize_t
@@ -309,9 +358,16 @@ collect_dep(void *ctx, PyObject *obj)
         return -1;
     dep_list *l = ctx;
     graph_task *d = (graph_task *)obj;
-    for (Py_ssize_t i = 0; i < l->n; i++)
-        if (l->deps[i] == d)
+    if (l->index == NULL) {
+        for (Py_ssize_t i = 0; i < l->n; i++)
+            if (l->deps[i] == d)
+                return i;
+    }
+    else {
+        Py_ssize_t i = dep_index(l, d, 0);
+        if (i >= 0)
             return i;
+    }
     if (l->n == l->cap) {
         Py_ssize_t cap = l->cap * 2;
         graph_task **nd = l->deps == l->inline_deps ? PyMem_Malloc(cap * sizeof(graph_task *))
@@ -325,6 +381,12 @@ collect_dep(void *ctx, PyObject *obj)
         l->deps = nd;
         l->cap = cap;
     }
+    if (l->index == NULL ? l->n >= INLINE_DEPS * 4 : (size_t)(l->n + 1) * 2 > l->index_cap) {
+        if (dep_reindex(l, l->n + 1) < 0)
+            return -2;
+    }
+    if (l->index)
+        dep_index(l, d, 1);
     l->deps[l->n] = d;
     return l->n++;
 }
@@ -385,7 +447,7 @@ wire_dependencies(graph_task *t, dep_list *l)
 PyObject *
 graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
 {
-    dep_list l = {.n = 0, .cap = INLINE_DEPS};
+    dep_list l = {.n = 0, .cap = INLINE_DEPS, .index = NULL, .index_cap = 0};
     l.deps = l.inline_deps;
     graph_task *t = graph__task_new(fn, threads);
     if (t == NULL)
@@ -414,10 +476,12 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
         goto error;
     if (l.deps != l.inline_deps)
         PyMem_Free(l.deps);
+    PyMem_Free(l.index);
     return (PyObject *)t;
 error:
     if (l.deps != l.inline_deps)
         PyMem_Free(l.deps);
+    PyMem_Free(l.index);
     if (!graph_task_finished(t)) {
         /* Never dispatched: it is no task any more, and its error is raised here, once. */
         PyObject *exc = PyErr_GetRaisedException();

@@ -4,53 +4,11 @@ module that defines its functions afterwards, a child forked by the user, descri
 closes, the fork server killed. Each scenario runs in its own interpreter; every process it
 started (found by a tag in its environment) must be gone when it is."""
 
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-import time
-import uuid
-
-import psutil
 import pytest
 
 pytestmark = pytest.mark.nosan
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tagged(tag):
-    """Processes whose environment carries tag (the scenario and everything it forked)."""
-    found = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            with open(f"/proc/{p.pid}/environ", "rb") as f:
-                if tag.encode() in f.read():
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        found.append(p.pid)
-        except (OSError, psutil.Error):
-            continue
-    return found
-
-
-def run(body, tmp_path, files=None, timeout=60, args=()):
-    """Run body as a script (files: extra modules next to it); returns the CompletedProcess.
-    Asserts that nothing it started outlives it."""
-    tag = f"PYDRON_TEST_TAG={uuid.uuid4().hex}"
-    for name, text in (files or {}).items():
-        (tmp_path / name).write_text(textwrap.dedent(text))
-    script = tmp_path / "scenario.py"
-    script.write_text(textwrap.dedent(body))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, str(tmp_path)) if p),
-               PYDRON_TEST_TAG=tag.split("=", 1)[1])
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-    deadline = time.monotonic() + 10
-    while (left := tagged(tag)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not left, f"left behind: {left}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+from isolated import run
 
 
 def test_enable_from_a_thread_that_ends(tmp_path):
