@@ -51,6 +51,9 @@ typedef struct {
     PyObject *call;          /* borrowed; threads: (args tuple, kwargs dict or None), values */
     exec_blob *const *deps;  /* borrowed; processes: result of dependency i = persistent id i */
     Py_ssize_t ndeps;
+    double timeout_s;        /* run time after which it is stopped and fails with TimeoutError;
+                                0: the configured default (exec_options.task_timeout_s) */
+    size_t memory_limit;     /* processes: the worker's resident memory while it runs; 0: none */
 } exec_task;
 
 /* A finished task as exec_poll hands it over. Exactly one of blob / object is set; both are the
@@ -94,8 +97,9 @@ Py_ssize_t exec_outstanding(void);
  * use. Idempotent while running with the same size; another size restarts the pool (do that with
  * no task outstanding). A no-op inside a worker. 0, or -1 + exception. */
 int exec_start(int nworkers);
-/* Stop every executor: workers and fork server are killed and reaped, shared memory unmapped,
- * the thread pool joined. Safe to call twice and at interpreter exit. */
+/* Interpreter exit: stop every executor. Workers and fork server are killed and reaped, shared
+ * memory unmapped; the thread pool is closed (no more thread tasks) and its threads joined, or
+ * abandoned with a logged warning when a task keeps one busy for seconds. Safe to call twice. */
 void exec_shutdown(void);
 int exec_running(void);
 int exec_nworkers(void);
@@ -108,6 +112,7 @@ int exec_in_worker(void);
 typedef struct {
     int thread_workers;      /* threads of the thread pool; 0: one per core */
     int arena_arrays;        /* workers allocate large numpy arrays in the shared arena */
+    double task_timeout_s;   /* default timeout of every task; 0: none */
 } exec_options;
 void exec_configure(const exec_options *o);
 

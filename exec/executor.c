@@ -294,8 +294,12 @@ void
 exec_shutdown(void)
 {
     int with_python = Py_IsInitialized();
+    /* This is the interpreter's exit: the thread pool is closed for good, and a thread stuck in
+     * a task is abandoned after a bounded wait rather than joined forever. */
+    exec__threads_close();
     for (int k = 0; k < EXEC_NKINDS; k++)
-        backends[k]->shutdown(with_python);
+        if (k != EXEC_THREADS)
+            backends[k]->shutdown(with_python);
     if (with_python) {
         exec_completion c;
         while (take_completions(&c, 1)) {

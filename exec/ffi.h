@@ -59,6 +59,8 @@ struct thread_job {
     struct thread_job *next, *prev;  /* prev: only while running (the running list is doubly linked) */
     uint64_t task_id;
     int cancelled;                  /* dropped when it finishes (under the pool's mutex) */
+    uint64_t timeout_ns;            /* 0: none */
+    uint64_t started_ns;            /* when a pool thread took it (under the pool's mutex) */
     PyObject *fn, *args, *kwargs;   /* owned (kwargs may be NULL); dropped by the thread */
     native_site *site;              /* NULL: a Python call */
     void *fnaddr;

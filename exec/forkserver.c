@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -115,12 +116,13 @@ static pid_t worker_pids[EXEC_MAX_WORKERS];
 pid_t exec__forkserver_pid;            /* in the fork server and its workers: the server's pid */
 static int fs_sock = -1, fs_sigfd = -1;
 
-/* Report a death of slot's worker (or a failed fork) to the master. */
+/* Report a death of slot's worker (or a failed fork) to the master, with its peak memory. */
 static void
-report_death(int slot, int status)
+report_death(int slot, int status, long maxrss_kb)
 {
     exec_slot *s = &exec__shared->slots[slot];
     atomic_store(&s->pid, 0);
+    atomic_store(&s->death_maxrss_kb, maxrss_kb > 0 ? (uint64_t)maxrss_kb : 0);
     atomic_store(&s->death_status, status);
     atomic_fetch_add(&s->deaths, 1);
     atomic_fetch_add(&exec__shared->deaths, 1);
@@ -150,7 +152,7 @@ fs_spawn(int slot)
     }
     PyOS_AfterFork_Parent();
     if (pid < 0) {
-        report_death(slot, 127 << 8);   /* the master sees the slot failing, not waiting */
+        report_death(slot, 127 << 8, 0);   /* the master sees the slot failing, not waiting */
         return;
     }
     worker_pids[slot] = pid;
@@ -162,12 +164,13 @@ fs_reap(void)
 {
     int status;
     pid_t pid;
-    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    struct rusage ru;
+    while ((pid = wait4(-1, &status, WNOHANG, &ru)) > 0) {
         for (int i = 0; i < EXEC_MAX_WORKERS; i++) {
             if (worker_pids[i] != pid)
                 continue;
             worker_pids[i] = 0;
-            report_death(i, status);
+            report_death(i, status, ru.ru_maxrss);
             break;
         }
     }

@@ -33,6 +33,8 @@ typedef struct {
     _Atomic uint32_t deaths;           /* bumped (after death_status) at every death */
     uint32_t pad;
     _Atomic uint64_t running_task;     /* 0: none */
+    _Atomic uint64_t running_since_ns; /* pydron_now_ns() when it started running_task */
+    _Atomic uint64_t death_maxrss_kb;  /* peak resident memory of the worker that died last */
     uint64_t to_worker_off, to_master_off;   /* rings, as offsets from exec__shared */
     /* Arena blocks the worker holds references on (its ArenaBuffer objects), as block + 1, so
      * that the master can drop them when the worker dies. Registered after the incref and

@@ -31,6 +31,7 @@
 #define REAP_WAIT_MS 2000              /* for the fork server to quit before it is killed */
 #define RING_CAPACITY ring_capacity_for(EXEC_RING_BYTES)   /* the master's own copy */
 #define MAX_FORKSERVER_RESTARTS 5      /* within FORKSERVER_RESTART_WINDOW_S, then give up */
+#define LIMITS_CHECK_NS 10000000       /* how often timeouts and memory limits are checked */
 #define FORKSERVER_RESTART_WINDOW_S 10.0
 
 typedef struct mtask {
@@ -39,6 +40,8 @@ typedef struct mtask {
     uint32_t fn_id;
     int kills;
     double est_ns;             /* expected run time when dispatched */
+    uint64_t timeout_ns;       /* 0: none */
+    size_t memory_limit;       /* 0: none */
     PyObject *fn;              /* strong */
     PyObject *error;           /* WorkerLostError once given up on */
     exec_blob *args;           /* owned */
@@ -77,6 +80,8 @@ static struct {
     int rr;
     int forgotten;                     /* a fork of user code dropped the parent's pool */
     int restarts;                      /* fork server restarts in the current window */
+    Py_ssize_t limited;                /* outstanding tasks with a timeout or a memory limit */
+    uint64_t limits_checked_ns;
     double restart_window_start;
 } M;
 
@@ -95,6 +100,8 @@ exec_nworkers(void)
 static void
 task_free(mtask *t)
 {
+    if (t->timeout_ns || t->memory_limit)
+        M.limited--;
     Py_XDECREF(t->fn);
     Py_XDECREF(t->error);
     exec_blob_decref(t->args);
@@ -309,6 +316,11 @@ pool_submit(const exec_task *et)
     t->id = et->task_id;
     t->fn_id = (uint32_t)fn_id;
     t->kills = 0;
+    double timeout = et->timeout_s > 0 ? et->timeout_s : exec__options.task_timeout_s;
+    t->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
+    t->memory_limit = et->memory_limit;
+    if (t->timeout_ns || t->memory_limit)
+        M.limited++;
     t->fn = Py_NewRef(et->fn);
     t->error = NULL;
     t->args = et->args;
@@ -478,17 +490,20 @@ describe_status(int status)
 /* The WorkerLostError for a task that killed its workers MAX_KILLS times (new reference; never
  * NULL: falls back to a plainer message). */
 static PyObject *
-worker_lost_error(mtask *t, int status)
+worker_lost_error(mtask *t, int status, uint64_t maxrss_kb)
 {
     PyObject *how = describe_status(status);
+    PyObject *rss = PyLong_FromUnsignedLongLong(maxrss_kb * 1024);
     PyObject *kills = PyLong_FromLong(t->kills);
     PyObject *data = PyBytes_FromStringAndSize(t->args->data, (Py_ssize_t)t->args->len);
     PyObject *bufs = exec__blob_buffers(t->args);
     PyObject *exc = NULL;
-    if (how && kills && data && bufs) {
-        PyObject *a[5] = {t->fn, how, kills, data, bufs};
-        exc = exec__call_helper("worker_lost", a, 5);
+    if (how && kills && data && bufs && rss) {
+        PyObject *a[7] = {t->fn, how, kills, data, bufs, rss,
+                          WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL ? Py_True : Py_False};
+        exc = exec__call_helper("worker_lost", a, 7);
     }
+    Py_XDECREF(rss);
     Py_XDECREF(how);
     Py_XDECREF(kills);
     Py_XDECREF(data);
@@ -546,7 +561,7 @@ handle_death(int i, int blame)
     for (mtask *t = s->head, *next; t; t = next) {
         next = t->next;
         if (blame && !s->killing && t->id == blamed && blamed != 0 && ++t->kills >= MAX_KILLS) {
-            t->error = worker_lost_error(t, status);
+            t->error = worker_lost_error(t, status, atomic_load(&sh->death_maxrss_kb));
             list_append(&M.failed_head, &M.failed_tail, t);
             continue;
         }
@@ -618,13 +633,100 @@ complete_failed(void)
     return n;
 }
 
-/* One round: deaths, results, failures; then refill the rings. */
+static void requeue_front(mtask *head, mtask *tail);
+
+/* Resident memory of pid in bytes, or 0 when it cannot be read. */
+static size_t
+resident_bytes(pid_t pid)
+{
+    char path[64];
+    unsigned long long size = 0, resident = 0;
+    snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return 0;
+    int ok = fscanf(f, "%llu %llu", &size, &resident) == 2;
+    fclose(f);
+    return ok ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
+}
+
+/* The task worker i runs went past its timeout or memory limit: the worker is killed (the only
+ * way to stop it), the task fails with the error, and the rest of what the worker held runs
+ * again elsewhere. 0, or -1 + exception. */
+static int
+stop_running_task(int i, mtask *t, const char *helper_name, PyObject *limit, PyObject *used)
+{
+    mslot *s = &M.slots[i];
+    PyObject *args[3] = {t->fn, limit, used};
+    PyObject *exc = exec__call_helper(helper_name, args, used ? 3 : 2);
+    if (exc == NULL)
+        return -1;
+    kill_slot(i);
+    /* Take t out; the others go back to the queue (killing: their results are discarded). */
+    mtask *keep = NULL, *tail = NULL;
+    for (mtask *x = s->head, *next; x; x = next) {
+        next = x->next;
+        if (x != t)
+            list_append(&keep, &tail, x);
+    }
+    requeue_front(keep, tail);
+    s->head = s->tail = NULL;
+    s->count = 0;
+    s->queued_ns = 0;
+    return complete(t, 1, NULL, exc, i + 1, 0);
+}
+
+/* Tasks running past their timeout or memory limit are stopped (checked every
+ * LIMITS_CHECK_NS while such tasks are outstanding). */
+static int
+enforce_limits(void)
+{
+    uint64_t now = pydron_now_ns();
+    if (M.limited == 0 || now - M.limits_checked_ns < LIMITS_CHECK_NS)
+        return 0;
+    M.limits_checked_ns = now;
+    for (int i = 0; i < M.nworkers; i++) {
+        mslot *s = &M.slots[i];
+        exec_slot *sh = &exec__shared->slots[i];
+        uint64_t running = atomic_load(&sh->running_task);
+        if (s->killing || running == 0 || s->head == NULL)
+            continue;
+        mtask *t = s->head;
+        while (t && t->id != running)
+            t = t->next;
+        if (t == NULL || (t->timeout_ns == 0 && t->memory_limit == 0))
+            continue;
+        uint64_t since = atomic_load(&sh->running_since_ns);
+        if (t->timeout_ns && now > since && now - since > t->timeout_ns) {
+            PyObject *limit = PyFloat_FromDouble((double)t->timeout_ns * 1e-9);
+            int rc = limit ? stop_running_task(i, t, "task_timed_out", limit, NULL) : -1;
+            Py_XDECREF(limit);
+            if (rc < 0)
+                return -1;
+            continue;
+        }
+        size_t rss = t->memory_limit ? resident_bytes(atomic_load(&sh->pid)) : 0;
+        if (t->memory_limit && rss > t->memory_limit) {
+            PyObject *limit = PyLong_FromSize_t(t->memory_limit), *used = PyLong_FromSize_t(rss);
+            int rc = limit && used ? stop_running_task(i, t, "task_over_memory", limit, used) : -1;
+            Py_XDECREF(limit);
+            Py_XDECREF(used);
+            if (rc < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* One round: deaths, results, failures, limits; then refill the rings. */
 static int
 pool_collect(void)
 {
     if (!M.running)
         return 0;
     int total = 0, n;
+    if (enforce_limits() < 0)
+        return -1;
     if ((n = handle_deaths()) < 0)
         return -1;
     total += n;

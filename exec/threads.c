@@ -12,9 +12,14 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAX_THREADS 1024
+/* At interpreter exit, threads still running a task after this long are abandoned (with a
+ * warning) rather than joined: a task that never returns must not keep the process alive. */
+#define EXIT_JOIN_S 2.0
+#define LIMITS_CHECK_NS 10000000
 
 static struct {
     pthread_mutex_t mu;
@@ -30,6 +35,9 @@ static struct {
     Py_ssize_t outstanding;
     uint64_t ffi_calls, python_calls;
     int closed;                    /* interpreter exit: no more tasks */
+    int abandoned;                 /* threads stuck in a timed-out task: one more may start */
+    Py_ssize_t timed;              /* outstanding jobs with a timeout (GIL) */
+    uint64_t limits_checked_ns;
 } pool = {
     .mu = PTHREAD_MUTEX_INITIALIZER,
     .work_cv = PTHREAD_COND_INITIALIZER,
@@ -144,6 +152,7 @@ thread_main(void *unused)
         if (pool.queue_head == NULL)
             pool.queue_tail = NULL;
         pool.queued--;
+        job->started_ns = pydron_now_ns();
         running_add(job);
         pthread_mutex_unlock(&pool.mu);
 
@@ -241,13 +250,14 @@ maybe_spawn_thread(int *err)
     if (pool.max_threads == 0)
         pool.max_threads = pool_size();
     if (pool.threads == NULL) {
-        pool.threads = calloc((size_t)pool.max_threads, sizeof(pthread_t));
+        pool.threads = calloc(MAX_THREADS, sizeof(pthread_t));
         if (pool.threads == NULL) {
             *err = ENOMEM;
             return -1;
         }
     }
-    if (pool.queued <= pool.idle || pool.nthreads >= pool.max_threads)
+    if (pool.queued <= pool.idle || pool.nthreads >= pool.max_threads + pool.abandoned ||
+        pool.nthreads >= MAX_THREADS)
         return 0;
     /* Pool threads take no signals: they belong to the main thread (and the master's poll). */
     sigset_t all, old;
@@ -298,6 +308,8 @@ threads_submit(const exec_task *t)
         job_free(job);
         return -1;
     }
+    double timeout = t->timeout_s > 0 ? t->timeout_s : exec__options.task_timeout_s;
+    job->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
     job->fn = Py_NewRef(t->fn);
     job->args = Py_NewRef(args);
     job->kwargs = (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) ? Py_NewRef(kwargs) : NULL;
@@ -342,6 +354,8 @@ threads_submit(const exec_task *t)
         return -1;
     }
     pool.outstanding++;
+    if (job->timeout_ns)
+        pool.timed++;
     if (job->site != NULL)
         pool.ffi_calls++;
     else
@@ -368,11 +382,56 @@ job_completion(thread_job *job, exec_completion *c)
     }
 }
 
+/* Jobs running past their timeout fail with TimeoutError now; a thread cannot be stopped, so
+ * it is abandoned to finish on its own (its result is dropped) and another may start. Number of
+ * completions queued, or -1 + exception. */
+static int
+expire_timed_out(void)
+{
+    uint64_t now = pydron_now_ns();
+    if (pool.timed == 0 || now - pool.limits_checked_ns < LIMITS_CHECK_NS)
+        return 0;
+    pool.limits_checked_ns = now;
+    enum { BATCH = 32 };
+    uint64_t ids[BATCH];
+    PyObject *fns[BATCH];
+    double limits[BATCH];
+    int n = 0;
+    pthread_mutex_lock(&pool.mu);
+    for (thread_job *j = pool.running; j && n < BATCH; j = j->next) {
+        if (j->cancelled || j->timeout_ns == 0 || now - j->started_ns <= j->timeout_ns)
+            continue;
+        j->cancelled = 1;          /* its result, if it ever comes, is dropped */
+        ids[n] = j->task_id;
+        fns[n] = Py_NewRef(j->fn);  /* the GIL is held: the thread cannot drop it meanwhile */
+        limits[n++] = (double)j->timeout_ns * 1e-9;
+        pool.abandoned++;
+    }
+    pthread_mutex_unlock(&pool.mu);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        pool.outstanding--;
+        pool.timed--;
+        PyObject *limit = PyFloat_FromDouble(limits[i]);
+        PyObject *args[2] = {fns[i], limit};
+        PyObject *exc = limit ? exec__call_helper("task_timed_out", args, 2) : NULL;
+        Py_XDECREF(limit);
+        Py_DECREF(fns[i]);
+        exec_completion c = {.task_id = ids[i], .failed = 1, .object = exc};
+        if (exc == NULL || exec__complete(&c) < 0)
+            rc = -1;
+    }
+    return rc < 0 ? -1 : n;
+}
+
 static int
 threads_collect(void)
 {
+    int expired = expire_timed_out();
+    if (expired < 0)
+        return -1;
     if (pool.done_head == NULL)        /* a racy peek: a job finishing now is taken next time */
-        return 0;
+        return expired;
     pthread_mutex_lock(&pool.mu);
     thread_job *list = pool.done_head;
     pool.done_head = pool.done_tail = NULL;
@@ -386,6 +445,8 @@ threads_collect(void)
             job_free(job);             /* cancelled while it ran: never reported */
             continue;
         }
+        if (job->timeout_ns)
+            pool.timed--;
         exec_completion c;
         job_completion(job, &c);
         job_free(job);
@@ -394,7 +455,7 @@ threads_collect(void)
             rc = -1;                   /* out of memory: the rest still leave the pool */
         n++;
     }
-    return rc < 0 ? -1 : n;
+    return rc < 0 ? -1 : n + expired;
 }
 
 static int
@@ -461,8 +522,10 @@ threads_cancel(const uint64_t *sorted, Py_ssize_t n)
     }
     pthread_mutex_unlock(&pool.mu);
     /* Every dropped job was outstanding, unless an earlier cancel already forgot it. */
-    for (thread_job *j = dropped; j; j = j->next)
+    for (thread_job *j = dropped; j; j = j->next) {
         forgotten += !j->cancelled;
+        pool.timed -= !j->cancelled && j->timeout_ns;
+    }
     pool.outstanding -= forgotten;
     job_free_list(dropped);
 }
@@ -485,13 +548,32 @@ threads_shutdown(int with_python)
     int n = pool.nthreads;
     pthread_mutex_unlock(&pool.mu);
 
-    /* A thread may be waiting for the GIL to finish its Python call. */
+    /* A thread may be waiting for the GIL to finish its Python call. At exit, one that is still
+     * inside a task after EXIT_JOIN_S is abandoned: it must not keep the process alive. */
     int have_gil = with_python && PyGILState_Check();
     PyThreadState *ts = (have_gil && n > 0) ? PyEval_SaveThread() : NULL;
-    for (int i = 0; i < n; i++)
-        pthread_join(threads[i], NULL);
+    int abandoned = 0;
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += (time_t)EXIT_JOIN_S;
+    for (int i = 0; i < n; i++) {
+        if (pool.closed ? pthread_timedjoin_np(threads[i], NULL, &deadline) != 0
+                        : pthread_join(threads[i], NULL) != 0) {
+            pthread_detach(threads[i]);
+            abandoned++;
+        }
+    }
     if (ts != NULL)
         PyEval_RestoreThread(ts);
+    if (abandoned && have_gil) {
+        PyObject *msg = PyUnicode_FromFormat(
+            "pydron: %d thread task(s) still running at exit were abandoned (use "
+            "@pydron.functional(timeout=...) to stop tasks that may never return)", abandoned);
+        PyObject *r = msg ? exec__call_helper("warn", &msg, 1) : NULL;
+        Py_XDECREF(msg);
+        Py_XDECREF(r);
+        PyErr_Clear();
+    }
 
     pthread_mutex_lock(&pool.mu);
     thread_job *queued = pool.queue_head, *done = pool.done_head;
@@ -499,14 +581,15 @@ threads_shutdown(int with_python)
     pool.running = NULL;
     pool.queued = 0;
     pool.threads = NULL;
-    pool.nthreads = pool.idle = pool.stopping = 0;
+    pool.nthreads = pool.idle = pool.stopping = pool.abandoned = 0;
     pool.max_threads = 0;
     pthread_mutex_unlock(&pool.mu);
     free(threads);
 
-    if (!have_gil)
-        return;    /* no safe way to drop Python references: leave them */
+    if (!have_gil || abandoned)
+        return;    /* no safe way to drop Python references (abandoned threads hold jobs) */
     pool.outstanding = 0;
+    pool.timed = 0;
     job_free_list(queued);
     job_free_list(done);
     exec__ffi_clear_sites();

@@ -244,6 +244,7 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
     }
     const wire_task *hdr = (const wire_task *)rec;
     uint64_t task_id = hdr->task_id, fn_id = hdr->fn_id;
+    atomic_store(&slot->running_since_ns, pydron_now_ns());
     atomic_store(&slot->running_task, task_id);
     PyObject *call = decode_call(rec, len), *result = NULL, *exc = NULL;
     wire_done(in);     /* everything needed is decoded (arena buffers hold their own refs) */

@@ -21,10 +21,18 @@ extern Py_ssize_t graph_live_tasks;
 
 /* ---- tasks (tasks.c) ------------------------------------------------------------------------- */
 
+/* How a functional function's tasks run (from @pydron.functional's arguments). */
+typedef struct {
+    int threads;             /* on the thread pool of this process */
+    double timeout_s;        /* stopped and failed with TimeoutError past this; 0: the default */
+    size_t memory_limit;     /* bytes of worker memory; 0: none */
+} graph_task_options;
+
 /* Record a call of functional fn(*args, **kwargs) as a task and dispatch it as soon as its
- * dependencies (tasks found inside args, lists, tuples, dicts) are done. `threads` runs it on
- * the thread pool. A new reference to the task, or NULL + exception. */
-PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads);
+ * dependencies (tasks found inside args, lists, tuples, dicts) are done. Borrows everything;
+ * a new reference to the task, or NULL + exception. */
+PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs,
+                       const graph_task_options *options);
 /* Wait for a task and return its value (new reference), or raise the exception plain Python
  * would have raised first: the earliest failure among the tasks submitted before it. */
 PyObject *graph_wait(graph_task *t);

@@ -25,6 +25,8 @@ typedef struct {
     PyObject *deps;           /* tuple of tasks (persistent id i = deps[i]), until dispatched */
     PyObject *prev;           /* {local name: value it held before this result was stored} */
     double submitted;         /* pydron_now(), for timelines */
+    double timeout_s;         /* from the function's options (0: the executor's default) */
+    size_t memory_limit;
 } task_extra;
 
 struct graph_task {

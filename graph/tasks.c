@@ -116,7 +116,8 @@ submit_thread_task(graph_task *t)
     PyObject *call = resolve_copy(t->extra->call, 0);
     if (call == NULL)
         return -1;
-    exec_task et = {.task_id = t->node, .fn = t->fn, .call = call};
+    exec_task et = {.task_id = t->node, .fn = t->fn, .call = call,
+                    .timeout_s = t->extra->timeout_s};
     int rc = exec_submit(EXEC_THREADS, &et);
     Py_DECREF(call);
     if (rc == 0)
@@ -143,7 +144,9 @@ submit_process_task(graph_task *t)
             goto done;
         deps[i] = d->blob;
     }
-    exec_task et = {.task_id = t->node, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n};
+    exec_task et = {.task_id = t->node, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n,
+                    .timeout_s = t->extra ? t->extra->timeout_s : 0,
+                    .memory_limit = t->extra ? t->extra->memory_limit : 0};
     rc = exec_submit(EXEC_PROCESSES, &et);
     if (rc == 0) {
         exec_blob_decref(t->args);
@@ -445,8 +448,9 @@ wire_dependencies(graph_task *t, dep_list *l)
 }
 
 PyObject *
-graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
+graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, const graph_task_options *options)
 {
+    int threads = options->threads;
     dep_list l = {.n = 0, .cap = INLINE_DEPS, .index = NULL, .index_cap = 0};
     l.deps = l.inline_deps;
     graph_task *t = graph__task_new(fn, threads);
@@ -454,6 +458,12 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, int threads)
         return NULL;
     G.submitted++;
     hold(t);
+    if (options->timeout_s > 0 || options->memory_limit > 0) {
+        if (graph__extra(t) == NULL)
+            goto error;
+        t->extra->timeout_s = options->timeout_s;
+        t->extra->memory_limit = options->memory_limit;
+    }
     if (threads) {
         if (graph__extra(t) == NULL)
             goto error;

@@ -61,13 +61,50 @@ def _target(fn, decorator: str):
     return inner
 
 
-def functional(fn=None, *, executor: str = "processes"):
+def _parse_size(value, what: str) -> int:
+    """Bytes from an int or a string like "512M", "2G", "1.5GiB"."""
+    if isinstance(value, bool):
+        raise ValueError(f"@pydron.functional: {what} must be a size in bytes or like '2G', "
+                         f"got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"@pydron.functional: {what} must be positive, got {value!r}")
+        return value
+    if isinstance(value, str):
+        import re
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", value)
+        if m:
+            scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2).lower()]
+            n = int(float(m.group(1)) * scale)
+            if n > 0:
+                return n
+    raise ValueError(f"@pydron.functional: {what} must be a size in bytes or like '2G', "
+                     f"got {value!r}")
+
+
+def functional(fn=None, *, executor: str = "processes", timeout: float | None = None,
+               memory_limit: int | str | None = None):
     """Mark fn as side-effect free: called from a scheduled function it becomes a task that may
     run anywhere, at any time, more than once. ``executor="threads"`` runs it on a thread of
-    this process instead (for native work that releases the GIL)."""
+    this process instead (for native work that releases the GIL).
+
+    ``timeout`` (seconds; default: the ``task_timeout`` setting, none unless set): a task
+    running longer is stopped and raises TimeoutError naming the function, where plain Python
+    would have raised. ``memory_limit`` (bytes, or like ``"2G"``): a task whose worker process
+    grows past it is stopped and raises MemoryError (``resource.setrlimit`` inside a task does
+    not bound arrays in pydron's shared arena; this does). A thread task past its timeout fails
+    the same way, but its thread cannot be stopped: it is abandoned to finish on its own."""
     if executor not in _EXECUTORS:
         raise ValueError(f"@pydron.functional: executor must be one of {_EXECUTORS}, "
                          f"got {executor!r}")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"@pydron.functional: timeout must be a positive number of "
+                             f"seconds, got {timeout!r}")
+    limit = 0 if memory_limit is None else _parse_size(memory_limit, "memory_limit")
+    if limit and executor == "threads":
+        raise ValueError("@pydron.functional: memory_limit applies to worker processes, not to "
+                         "executor=\"threads\" (threads share this process's memory)")
 
     def mark(f):
         if _is_ctypes_pointer(f):
@@ -79,7 +116,7 @@ def functional(fn=None, *, executor: str = "processes"):
             return f
         inner = _target(f, "functional")
         if not _killed() and _core is not None:
-            _core._mark(inner, _FUNCTIONAL, executor == "threads")
+            _core._mark(inner, _FUNCTIONAL, executor == "threads", float(timeout or 0), limit)
             inner.__pydron_kind__ = "functional"   # read by the pure-Python reference runtime
         return f
 

@@ -67,14 +67,61 @@ def describe_call(data, buffers) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-def worker_lost(fn, how, kills, data, buffers):
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def memory_available() -> tuple[int, str]:
+    """(bytes, what) of the tightest memory bound on this process: a cgroup limit or RAM."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and int(text) < 2**60:
+                limits.append((int(text), "the cgroup's memory limit"))
+        except OSError:
+            pass
+    try:
+        import os
+        limits.append((os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"),
+                       "this machine's memory"))
+    except (ValueError, OSError):
+        pass
+    return min(limits) if limits else (0, "")
+
+
+def worker_lost(fn, how, kills, data, buffers, peak_rss=0, sigkill=False):
     from pydron._core import WorkerLostError
     try:
         shapes = describe_call(data, buffers)
     except Exception as e:
         shapes = f"(<arguments not decodable: {e!r}>)"
+    detail = how
+    if peak_rss:
+        detail += f", peak memory {_gib(peak_rss)}"
+        limit, what = memory_available()
+        # Nobody else sends SIGKILL to a worker that grew to most of the memory there is.
+        if sigkill and limit and peak_rss > 0.5 * limit:
+            detail += (f": probably the kernel's out-of-memory killer ({what} is {_gib(limit)}; "
+                       f"see @pydron.functional(memory_limit=...))")
     return WorkerLostError(f"pydron: task {qualname(fn)}{shapes} killed its worker process "
-                           f"{kills} times (last: {how}); giving up on it")
+                           f"{kills} times (last: {detail}); giving up on it")
+
+
+def task_timed_out(fn, seconds):
+    return TimeoutError(f"pydron: task {qualname(fn)}() ran longer than its timeout of "
+                        f"{seconds:g} s and was stopped")
+
+
+def task_over_memory(fn, limit, used):
+    return MemoryError(f"pydron: task {qualname(fn)}() used {_gib(used)} of memory, over its "
+                       f"limit of {_gib(limit)}, and was stopped")
+
+
+def warn(message: str) -> None:
+    import logging
+    logging.getLogger("pydron").warning(message)
 
 
 def workers_die_at_start():

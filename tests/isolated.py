@@ -28,7 +28,7 @@ def tagged(tag):
     return found
 
 
-def run(body, tmp_path, files=None, timeout=60, args=()):
+def run(body, tmp_path, files=None, timeout=60, args=(), env=None):
     """Run body as a script (files: extra modules next to it); returns the CompletedProcess.
     Asserts that nothing it started outlives it."""
     tag = f"PYDRON_TEST_TAG={uuid.uuid4().hex}"
@@ -37,7 +37,7 @@ def run(body, tmp_path, files=None, timeout=60, args=()):
     script = tmp_path / "scenario.py"
     script.write_text(textwrap.dedent(body))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, str(tmp_path)) if p),
-               PYDRON_TEST_TAG=tag.split("=", 1)[1])
+               PYDRON_TEST_TAG=tag.split("=", 1)[1], **(env or {}))
     proc = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
     deadline = time.monotonic() + 10

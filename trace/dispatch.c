@@ -81,7 +81,7 @@ done:
  * Borrows its arguments; returns a new reference to the task. */
 static PyObject *
 submit_task(PyObject *fn, PyObject *self, PyObject *const *args, Py_ssize_t nargs,
-            PyObject *kwnames, int threads)
+            PyObject *kwnames, const graph_task_options *options)
 {
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     PyObject *argtuple = PyTuple_New(nargs + (self != NULL));
@@ -101,7 +101,7 @@ submit_task(PyObject *fn, PyObject *self, PyObject *const *args, Py_ssize_t narg
             if (PyDict_SetItem(kwargs, PyTuple_GET_ITEM(kwnames, i), args[nargs + i]) < 0)
                 goto done;
     }
-    task = graph_submit(fn, argtuple, kwargs, threads);
+    task = graph_submit(fn, argtuple, kwargs, options);
 done:
     Py_DECREF(argtuple);
     Py_XDECREF(kwargs);
@@ -147,7 +147,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
         PyObject *code = PyFunction_GET_CODE(fn);
         trace_codeinfo *info = trace__codeinfo_get(code);
         if (info && info->kind == TRACE_FUNCTIONAL) {
-            result = submit_task(fn, self, args, nargs, kwnames, info->threads);
+            result = submit_task(fn, self, args, nargs, kwnames, &info->options);
             goto done;
         }
         if (info && info->kind == TRACE_SCHEDULED && !info->refused) {
@@ -186,7 +186,8 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
             goto done;
         }
         if (found) {
-            result = submit_task(callable, NULL, args, nargs, kwnames, 1);
+            static const graph_task_options native = {.threads = 1};
+            result = submit_task(callable, NULL, args, nargs, kwnames, &native);
             goto done;
         }
     }

@@ -14,7 +14,7 @@ enum trace_kind { TRACE_PLAIN = 0, TRACE_FUNCTIONAL = 1, TRACE_SCHEDULED = 2 };
 
 typedef struct {
     int kind;
-    int threads;            /* functional(executor="threads") */
+    graph_task_options options;   /* functional: how its tasks run */
     int refused;            /* scheduled, but the rewrite refused it: runs plainly */
     PyObject *rewritten;    /* scheduled: the rewritten code object, made on first use */
 } trace_codeinfo;

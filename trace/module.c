@@ -78,14 +78,23 @@ function_code(PyObject *fn, const char *what)
     return PyFunction_GET_CODE(fn);
 }
 
-/* _mark(fn, kind, threads): tag fn's code object for the hook and the dispatcher. */
+/* _mark(fn, kind, threads=False, timeout=0.0, memory_limit=0): tag fn's code object for the
+ * hook and the dispatcher (the options say how a functional function's tasks run). */
 static PyObject *
-core_mark(PyObject *module, PyObject *args)
+core_mark(PyObject *module, PyObject *args, PyObject *kw)
 {
+    static char *kwlist[] = {"fn", "kind", "threads", "timeout", "memory_limit", NULL};
     PyObject *fn;
     int kind, threads = 0;
-    if (!PyArg_ParseTuple(args, "Oi|p", &fn, &kind, &threads))
+    double timeout = 0;
+    unsigned long long memory_limit = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Oi|pdK:_mark", kwlist, &fn, &kind, &threads,
+                                     &timeout, &memory_limit))
         return NULL;
+    if (timeout < 0) {
+        PyErr_Format(PyExc_ValueError, "pydron: a timeout must be positive, got %g", timeout);
+        return NULL;
+    }
     PyObject *code = function_code(fn, kind == TRACE_FUNCTIONAL ? "functional" : "schedule");
     if (code == NULL)
         return NULL;
@@ -93,7 +102,9 @@ core_mark(PyObject *module, PyObject *args)
     if (info == NULL)
         return NULL;
     info->kind = kind;
-    info->threads = threads;
+    info->options.threads = threads;
+    info->options.timeout_s = timeout;
+    info->options.memory_limit = (size_t)memory_limit;
     Py_RETURN_NONE;
 }
 
@@ -193,7 +204,7 @@ core_configure(PyObject *module, PyObject *options)
         PyErr_SetString(PyExc_TypeError, "_configure expects a dict of options");
         return NULL;
     }
-    exec_options o = {.thread_workers = 0, .arena_arrays = 1};
+    exec_options o = {.thread_workers = 0, .arena_arrays = 1, .task_timeout_s = 0};
     PyObject *v;
     if ((v = PyDict_GetItemString(options, "thread_workers")) != NULL) {
         o.thread_workers = PyLong_AsLong(v) ;
@@ -202,6 +213,11 @@ core_configure(PyObject *module, PyObject *options)
     }
     if ((v = PyDict_GetItemString(options, "arena_arrays")) != NULL) {
         if ((o.arena_arrays = PyObject_IsTrue(v)) < 0)
+            return NULL;
+    }
+    if ((v = PyDict_GetItemString(options, "task_timeout")) != NULL && v != Py_None) {
+        o.task_timeout_s = PyFloat_AsDouble(v);
+        if (o.task_timeout_s == -1 && PyErr_Occurred())
             return NULL;
     }
     exec_configure(&o);
@@ -220,7 +236,8 @@ core_versions(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef core_methods[] = {
-    {"_mark", core_mark, METH_VARARGS, "_mark(fn, kind, threads=False): tag fn's code object."},
+    {"_mark", (PyCFunction)(void (*)(void))core_mark, METH_VARARGS | METH_KEYWORDS,
+     "_mark(fn, kind, threads=False, timeout=0, memory_limit=0): tag fn's code object."},
     {"_kind", core_kind, METH_O, "_kind(fn): 0 plain, 1 functional, 2 scheduled."},
     {"_set_rewrite", core_set_rewrite, METH_O, "Register the bytecode rewrite function."},
     {"_enable", core_enable, METH_VARARGS, "_enable(workers, hook): start tracing."},
