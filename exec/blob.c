@@ -1,58 +1,11 @@
 /* exec/blob.c — values that live in the shared arena, with their references: exec_blob (an
  * encoded value: pickle bytes and out-of-band buffers), the ArenaBuffer type (a Python view of
- * an arena block that keeps it alive) and, in workers, the table of blocks a worker holds so the
- * master can release them when it dies.
+ * an arena block that keeps it alive; in a worker it is recorded in the held table, held.h).
  * Thread and GIL model: blobs are reference counted atomically and may be dropped without the
  * GIL; everything that makes Python objects needs the GIL. */
 #include "exec/internal.h"
 
 #include <string.h>
-
-/* ---- the worker's held table ------------------------------------------------------------------ */
-
-/* In a worker, note a reference on blk in the slot's held table (see exec_slot.held): the index,
- * or -1 when not in a worker or when the table is full (only a death would then leak it). */
-static int
-held_register(uint64_t blk)
-{
-    if (!exec__in_worker_flag || exec__shared == NULL)
-        return -1;
-    _Atomic uint64_t *held = exec__shared->slots[exec__worker_slot].held;
-    for (int i = 0; i < EXEC_HELD_MAX; i++) {
-        if (atomic_load_explicit(&held[i], memory_order_relaxed) == 0) {
-            atomic_store(&held[i], blk + 1);
-            return i;
-        }
-    }
-    return -1;
-}
-
-static void
-held_unregister(int i)
-{
-    if (i >= 0 && exec__shared)
-        atomic_store(&exec__shared->slots[exec__worker_slot].held[i], 0);
-}
-
-void
-exec__held_add(uint64_t blk)
-{
-    held_register(blk);
-}
-
-void
-exec__held_drop(uint64_t blk)
-{
-    if (!exec__in_worker_flag || exec__shared == NULL)
-        return;
-    _Atomic uint64_t *held = exec__shared->slots[exec__worker_slot].held;
-    for (int i = 0; i < EXEC_HELD_MAX; i++) {
-        uint64_t want = blk + 1;
-        if (atomic_load_explicit(&held[i], memory_order_relaxed) == want &&
-            atomic_compare_exchange_strong(&held[i], &want, 0))
-            return;
-    }
-}
 
 /* ---- ArenaBuffer ------------------------------------------------------------------------------ */
 
@@ -64,7 +17,7 @@ typedef struct {
     uint64_t blk;
     char *ptr;
     Py_ssize_t len;
-    int held;                 /* index in the worker slot's held table, or -1 */
+    int64_t held;             /* in a worker: its entry in the held table (held.h), else -1 */
     unsigned generation;      /* exec__fork_generation when made */
 } ArenaBufferObject;
 
@@ -78,7 +31,8 @@ static void
 arena_buffer_dealloc(ArenaBufferObject *self)
 {
     if (self->arena && self->generation == exec__fork_generation) {
-        held_unregister(self->held);
+        if (self->held >= 0)
+            held_forget(self->held);
         arena_decref(self->arena, self->blk);
         atomic_fetch_sub(&exec__live_arena_refs, 1);
     }
@@ -118,7 +72,7 @@ exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t len)
     self->blk = blk;
     self->ptr = arena_ptr(a, off);
     self->len = (Py_ssize_t)len;
-    self->held = held_register(blk);
+    self->held = exec__in_worker_flag ? held_add(blk) : -1;
     self->generation = exec__fork_generation;
     return (PyObject *)self;
 }

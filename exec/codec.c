@@ -57,6 +57,7 @@ struct exec_codec {
     char *out;
     size_t out_len, out_cap;
     wire_buf *bufs;
+    int64_t *held;                           /* in a worker: held-table entries of bufs[i] */
     uint32_t nbufs, bufs_cap;
     int busy;
 };
@@ -121,11 +122,14 @@ codec_buffer_callback(exec_codec *c, PyObject *pb)
     if (c->nbufs == c->bufs_cap) {
         uint32_t cap = c->bufs_cap ? c->bufs_cap * 2 : 8;
         wire_buf *b = PyMem_RawRealloc(c->bufs, cap * sizeof(wire_buf));
-        if (b == NULL) {
+        if (b != NULL)
+            c->bufs = b;
+        int64_t *h = b ? PyMem_RawRealloc(c->held, cap * sizeof(int64_t)) : NULL;
+        if (h == NULL) {
             PyBuffer_Release(&view);
             return PyErr_NoMemory();
         }
-        c->bufs = b;
+        c->held = h;
         c->bufs_cap = cap;
     }
     wire_buf *b = &c->bufs[c->nbufs];
@@ -146,6 +150,8 @@ codec_buffer_callback(exec_codec *c, PyObject *pb)
         b->off = b->blk;
     }
     b->len = (uint64_t)view.len;
+    /* A worker that dies before the result is published must not leak this reference. */
+    c->held[c->nbufs] = exec__in_worker_flag ? held_add(b->blk) : -1;
     c->nbufs++;
     in_band = Py_False;
 done:
@@ -170,6 +176,7 @@ codec_dealloc(exec_codec *c)
     }
     PyMem_RawFree(c->out);
     PyMem_RawFree(c->bufs);
+    PyMem_RawFree(c->held);
     Py_TYPE(c)->tp_free((PyObject *)c);
 }
 
@@ -254,8 +261,19 @@ codec_discard(exec_codec *c)
 }
 
 void
+exec__codec_forget_held(exec_codec *c)
+{
+    for (uint32_t i = 0; i < c->nbufs; i++) {
+        if (c->held[i] >= 0)
+            held_forget(c->held[i]);
+        c->held[i] = -1;
+    }
+}
+
+void
 exec__codec_reset(exec_codec *c)
 {
+    exec__codec_forget_held(c);
     c->out_len = 0;
     c->nbufs = 0;
 }
@@ -268,8 +286,7 @@ codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *
     if (c->dump[which] == NULL && codec_make_pickler(c, which) < 0)
         return -1;
     c->busy = 1;
-    c->out_len = 0;
-    c->nbufs = 0;
+    exec__codec_reset(c);
     c->dep = dep;
     c->dep_ctx = ctx;
     PyObject *r = PyObject_CallOneArg(c->dump[which], obj);
@@ -287,6 +304,7 @@ codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *
     if (err)
         PyErr_SetRaisedException(err);
     if (r == NULL) {
+        exec__codec_forget_held(c);
         exec__bufs_release(exec__arena, c->bufs, c->nbufs);
         exec__codec_reset(c);
         return -1;

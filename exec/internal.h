@@ -7,6 +7,7 @@
 #include "exec/arena.h"
 #include "exec/ring.h"
 #include "exec/wire.h"
+#include "exec/held.h"
 #include "pydron_clock.h"
 #include "pydron_compat.h"
 
@@ -20,7 +21,6 @@
 #define EXEC_RING_BYTES ((size_t)256 << 10)
 #define EXEC_OOB_MIN ((size_t)64 << 10)         /* out-of-band buffers this large go to the arena */
 #define EXEC_INLINE_MAX ((size_t)16 << 10)      /* larger pickle bytes go to the arena too */
-#define EXEC_HELD_MAX 1024
 
 /* ---- the shared control block (executor.c maps it, pool.c formats it) --------------------------
  * Mapped before the fork server is forked, so every pydron process sees it at the same address. */
@@ -36,10 +36,8 @@ typedef struct {
     _Atomic uint64_t running_since_ns; /* pydron_now_ns() when it started running_task */
     _Atomic uint64_t death_maxrss_kb;  /* peak resident memory of the worker that died last */
     uint64_t to_worker_off, to_master_off;   /* rings, as offsets from exec__shared */
-    /* Arena blocks the worker holds references on (its ArenaBuffer objects), as block + 1, so
-     * that the master can drop them when the worker dies. Registered after the incref and
-     * unregistered before the decref: a death in between leaks a reference, never frees early. */
-    _Atomic uint64_t held[EXEC_HELD_MAX];
+    /* Arena references the worker holds (held.h), dropped by the master when it dies. */
+    held_table held;
 } exec_slot;
 
 typedef struct {
@@ -146,10 +144,6 @@ PyObject *exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t 
 /* The blob's buffers as a tuple of ArenaBuffer (cold paths: error messages). New reference. */
 PyObject *exec__blob_buffers(exec_blob *b);
 void exec__bufs_release(arena *a, const wire_buf *bufs, uint32_t n);
-/* In a worker: the held table for blocks not owned by an ArenaBuffer (numpy data in the arena).
- * Register after taking the reference, drop before releasing it. */
-void exec__held_add(uint64_t blk);
-void exec__held_drop(uint64_t blk);
 int exec__blob_module_init(PyObject *module);
 
 /* ---- pickling (codec.c) ----------------------------------------------------------------------- */
@@ -162,6 +156,9 @@ exec_codec *exec__codec_new(void);                       /* new reference, NULL 
 int exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx,
                      const char **data, size_t *len, wire_buf **bufs, uint32_t *nbufs);
 void exec__codec_reset(exec_codec *c);                   /* forget the output of the last dump */
+/* In a worker, the references a dump took are recorded in the held table until they are handed
+ * on: forget them right before the record carrying them is published. */
+void exec__codec_forget_held(exec_codec *c);
 /* Decode a checked blob in place: new reference, NULL + exception. Its arena buffers are wrapped
  * in ArenaBuffer objects that take their own references (the view's stay with the caller).
  * deps: values of persistent ids 0..n-1, or NULL. */

@@ -35,7 +35,7 @@ arena_array(size_t size)
     uint64_t blk;
     if (a == NULL || size < ARRAY_IN_ARENA_MIN || arena_alloc(a, size, &blk) < 0)
         return NULL;
-    exec__held_add(blk);
+    held_add_keyed(blk);
     return arena_ptr(a, blk);
 }
 
@@ -46,7 +46,7 @@ np_free(void *ctx, void *ptr, size_t size)
     uint64_t blk;
     size_t blen;
     if (ptr && a && arena_contains(a, ptr) && arena_block_of(a, ptr, &blk, &blen) == 0) {
-        exec__held_drop(blk);
+        held_forget_keyed(blk);
         arena_decref(a, blk);
         return;
     }

@@ -545,13 +545,7 @@ handle_death(int i, int blame)
         return -1;
     uint64_t blamed = atomic_load(&sh->running_task);
     atomic_store(&sh->running_task, 0);
-    for (int k = 0; k < EXEC_HELD_MAX; k++) {
-        uint64_t h = atomic_exchange(&sh->held[k], 0);
-        size_t blen;
-        /* The dead worker's arrays; an entry it scribbled over is not a block: skipped. */
-        if (h && arena_block_len(exec__arena, h - 1, &blen) == 0)
-            arena_decref(exec__arena, h - 1);
-    }
+    held_release_all(&sh->held, exec__arena);     /* the dead worker's references */
     ring_reset(exec__to_worker(i));
     ring_reset(exec__to_master(i));
     s->spawned = 0;

@@ -105,32 +105,45 @@ finish_result(wire_out *o, ring *out)
     }
 }
 
-/* Send a RESULT or ERROR record of task_id carrying a blob (its references go with the record).
- * 0, or -1 when the arena has no room for the record (nothing was sent; the references are the
- * caller's still). */
+/* Send a RESULT or ERROR record of task_id carrying a blob (its references go with the record;
+ * with c, they are the codec's output, recorded in the held table until the record is
+ * published). 0, or -1 when the arena has no room for the record (nothing was sent; the
+ * references are the caller's still). */
 static int
 send_blob(ring *out, uint32_t kind, uint64_t task_id, uint64_t elapsed_ns, const char *data,
-          size_t len, const wire_buf *bufs, uint32_t nbufs)
+          size_t len, const wire_buf *bufs, uint32_t nbufs, exec_codec *c)
 {
     arena *a = exec__arena;
     uint64_t data_blk = WIRE_NO_BLOCK;
+    int64_t data_held = -1, record_held = -1;
     if (len > EXEC_INLINE_MAX) {
         if (arena_alloc(a, len, &data_blk) < 0)
             return -1;
+        data_held = held_add(data_blk);
         memcpy(arena_ptr(a, data_blk), data, len);
     }
     size_t n = sizeof(wire_result) + (size_t)wire_blob_size(len, nbufs, data_blk == WIRE_NO_BLOCK);
     wire_out o;
     char *dst = begin_result(&o, out, kind, n);
     if (dst == NULL) {
-        if (data_blk != WIRE_NO_BLOCK)
+        if (data_blk != WIRE_NO_BLOCK) {
+            held_forget(data_held);
             arena_decref(a, data_blk);
+        }
         return -1;
     }
+    if (o.blk != WIRE_NO_BLOCK)
+        record_held = held_add(o.blk);
     wire_result *hdr = (wire_result *)dst;
     hdr->task_id = task_id;
     hdr->elapsed_ns = elapsed_ns;
     wire_write_blob(dst + sizeof(wire_result), data, len, data_blk, data_blk, bufs, nbufs);
+    /* From here the record owns the references: a death before it is published leaks them,
+     * never frees them early. */
+    if (c)
+        exec__codec_forget_held(c);
+    held_forget(data_held);
+    held_forget(record_held);
     finish_result(&o, out);
     return 0;
 }
@@ -148,8 +161,8 @@ send_error(ring *out, uint64_t task_id, PyObject *exc, PyObject *fn)
             _exit(WORKER_EXIT_NO_MEMORY);
     }
     if (send_blob(out, WIRE_ERROR, task_id, 0, PyBytes_AS_STRING(data),
-                  (size_t)PyBytes_GET_SIZE(data), NULL, 0) < 0)
-        send_blob(out, WIRE_ERROR, task_id, 0, "", 0, NULL, 0);   /* arena full: say so */
+                  (size_t)PyBytes_GET_SIZE(data), NULL, 0, NULL) < 0)
+        send_blob(out, WIRE_ERROR, task_id, 0, "", 0, NULL, 0, NULL);   /* arena full: say so */
     Py_DECREF(data);
 }
 
@@ -163,8 +176,9 @@ send_result(ring *out, uint64_t task_id, PyObject *result, uint64_t elapsed_ns)
     uint32_t nbufs;
     if (exec__codec_dump(codec, result, NULL, NULL, &data, &len, &bufs, &nbufs) < 0)
         return -1;
-    int rc = send_blob(out, WIRE_RESULT, task_id, elapsed_ns, data, len, bufs, nbufs);
+    int rc = send_blob(out, WIRE_RESULT, task_id, elapsed_ns, data, len, bufs, nbufs, codec);
     if (rc < 0) {
+        exec__codec_forget_held(codec);
         exec__bufs_release(exec__arena, bufs, nbufs);
         PyErr_Format(PyExc_MemoryError, "pydron: shared arena full (result of %zu bytes)", len);
     }
@@ -396,6 +410,7 @@ exec__worker_main(int slot)
     exec__worker_slot = slot;
     exec__in_worker_flag = 1;
     atomic_store(&exec__shared->slots[slot].pid, getpid());
+    held_begin(&exec__shared->slots[slot].held, exec__arena);
     codec = exec__codec_new();
     if (codec == NULL)
         _exit(WORKER_EXIT_NO_CODEC);

@@ -263,9 +263,14 @@ def test_dead_workers_arrays_are_released(tmp_path):
             time.sleep(60)
 
         _core._exec_start(2)
+        _core._exec_map(abs, [(1,), (2,)])         # both workers up (each holds its held table)
         base = _core._exec_info()["arena_used_pages"]
         a = np.ones(1 << 21)                       # 16 MiB, 256 pages
         got = _core._exec_map(hold_and_die, [(a, os.path.abspath("m"))])
+        deadline = time.time() + 10                # the replacement worker starts meanwhile
+        while time.time() < deadline and _core._exec_info()["arena_used_pages"] != base:
+            _core._exec_map(abs, [(1,), (2,)])
+            time.sleep(0.05)
         after_death = _core._exec_info()["arena_used_pages"]
         hs = [_core._exec_submit(hold_forever, (a,)) for _ in range(2)]
         time.sleep(0.5)
@@ -399,3 +404,31 @@ def test_malformed_record_fails_task_and_replaces_worker(tmp_path, how):
     assert r["after"] == [2 * i for i in range(50)]
     assert len(set(r["before"]) - set(r["workers"])) == 1, r
     assert reports[-1]["event"] == "clean"
+
+
+def test_worker_dying_with_thousands_of_arena_references_leaks_none(tmp_path):
+    """A worker that dies holding more arena references than any fixed table holds (3,000 arrays
+    of 256 KiB, 750 MiB) has every one of them released: the arena is back where it was."""
+    rc, reports, err = run_scenario("""
+        def hoard_and_die(n, marker):
+            arrays = [np.ones(32768) for _ in range(n)]      # 256 KiB each: in the arena
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return len(arrays)
+
+        _core._exec_start(2)
+        _core._exec_map(abs, [(1,), (2,)])
+        base = _core._exec_info()["arena_used_pages"]
+        got = _core._exec_map(hoard_and_die, [(3000, os.path.abspath("m"))])
+        deadline = time.time() + 20
+        while time.time() < deadline and _core._exec_info()["arena_used_pages"] != base:
+            _core._exec_map(abs, [(1,), (2,)])
+            time.sleep(0.05)
+        report(got=got, base=base, after=_core._exec_info()["arena_used_pages"], pids=descendants())
+        check_clean_after_shutdown()
+    """, tmp_path)
+    assert rc == 0, err
+    (r,) = reports
+    assert r["got"] == [3000]
+    assert r["after"] == r["base"], r
