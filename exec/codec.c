@@ -213,6 +213,14 @@ codec_make_pickler(exec_codec *c, int which)
     p = (kw && args) ? PyObject_Call(cls, args, kw) : NULL;
     if (p == NULL)
         goto done;
+    if (which < 2) {
+        /* Reducers of our own (memoryview, ...); cloudpickle keeps its own table. */
+        PyObject *table = exec__call_helper("dispatch_table", NULL, 0);
+        int err = table == NULL || PyObject_SetAttrString(p, "dispatch_table", table) < 0;
+        Py_XDECREF(table);
+        if (err)
+            goto done;
+    }
     if (which & 1) {
         PyObject *pid = PyObject_GetAttrString((PyObject *)c, "persistent_id");
         int err = pid == NULL || PyObject_SetAttrString(p, "persistent_id", pid) < 0;
@@ -430,6 +438,18 @@ PyObject *
 exec_blob_decode(exec_blob *b)
 {
     return decode_bytes(b->data, b->len, b->bufs, b->nbufs, NULL);
+}
+
+void
+exec_explain_undecodable(PyObject *fn)
+{
+    PyObject *err = PyErr_GetRaisedException();
+    PyObject *args[2] = {fn, err};
+    exec__raise_from_helper("undecodable_result", args, 2);
+    if (!PyErr_Occurred())
+        PyErr_SetRaisedException(err);
+    else
+        Py_DECREF(err);
 }
 
 PyObject *

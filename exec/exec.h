@@ -21,6 +21,9 @@ void exec_blob_incref(exec_blob *b);
 void exec_blob_decref(exec_blob *b);
 /* Decode a blob: a new reference (arrays view the arena without a copy), or NULL + exception. */
 PyObject *exec_blob_decode(exec_blob *b);
+/* With the error of a failed exec_blob_decode of fn's result set: replace it by one naming fn
+ * and saying the result could not be rebuilt here (the original as its __cause__). */
+void exec_explain_undecodable(PyObject *fn);
 /* Bytes held by the blob (pickle + buffers), for accounting. */
 size_t exec_blob_size(const exec_blob *b);
 

@@ -263,8 +263,15 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
     PyObject *call = decode_call(rec, len), *result = NULL, *exc = NULL;
     wire_done(in);     /* everything needed is decoded (arena buffers hold their own refs) */
     PyObject *fn = fn_id < fns_cap ? fns[fn_id] : NULL;
-    if (call == NULL)
+    if (call == NULL) {
+        if (fn != NULL && PyErr_ExceptionMatches(PyExc_Exception)) {
+            PyObject *err = PyErr_GetRaisedException();
+            PyObject *args[2] = {fn, err};
+            exec__raise_from_helper("undecodable_arguments", args, 2);
+            Py_DECREF(err);
+        }
         goto failed;
+    }
     if (fn == NULL) {
         PyErr_Format(PyExc_RuntimeError, "pydron: worker has no function %llu",
                      (unsigned long long)fn_id);

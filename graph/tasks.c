@@ -555,8 +555,11 @@ graph__task_value(graph_task *t)
     }
     if (t->value == NULL) {
         t->value = exec_blob_decode(t->blob);
-        if (t->value == NULL)
+        if (t->value == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_Exception))
+                exec_explain_undecodable(t->fn);
             return NULL;
+        }
         /* The encoding stays: a task submitted later may depend on this one and gets it as it
          * is (for arrays both views share the arena block, so this costs no memory). */
     }

@@ -40,6 +40,29 @@ class DepUnpickler(pickle.Unpickler):
         return self.deps[pid]
 
 
+def _rebuild_memoryview(buffer, fmt, shape, readonly):
+    view = memoryview(buffer)
+    if view.format != fmt or view.shape != tuple(shape):
+        view = view.cast("B").cast(fmt, shape) if shape else view.cast("B").cast(fmt)
+    return view.toreadonly() if readonly else view
+
+
+def _reduce_memoryview(view):
+    """A memoryview crosses as a memoryview (format, shape and read-only flag kept), its bytes
+    out of band when large; plain pickle refuses it, and cloudpickle turned it into bytes."""
+    data = view if view.c_contiguous else memoryview(bytearray(view.tobytes())).cast(view.format, view.shape)
+    return _rebuild_memoryview, (pickle.PickleBuffer(data), view.format, view.shape,
+                                 view.readonly)
+
+
+def dispatch_table() -> dict:
+    """Reducers the codec's picklers use beyond copyreg's (see pickle.Pickler.dispatch_table)."""
+    import copyreg
+    table = copyreg.dispatch_table.copy()
+    table[memoryview] = _reduce_memoryview
+    return table
+
+
 class _Dep:
     """Stands for the result of another task when describing a call's arguments."""
 
@@ -146,6 +169,22 @@ def bad_result(fn, result, err):
     return TypeError(f"pydron: the result of {qualname(fn)}() cannot be sent back from the "
                      f"worker process: {typename(result)} object cannot be pickled "
                      f"({type(err).__name__}: {err})")
+
+
+def undecodable_result(fn, err):
+    """The master could not unpickle a task's result (a class only the worker has, a __reduce__
+    whose output the master cannot load)."""
+    e = TypeError(f"pydron: the result of {qualname(fn)}() came back from its worker process but "
+                  f"could not be rebuilt here: {type(err).__name__}: {err}")
+    e.__cause__ = err
+    return e
+
+
+def undecodable_arguments(fn, err):
+    e = TypeError(f"pydron: the arguments of {qualname(fn)}() could not be rebuilt in the worker "
+                  f"process: {type(err).__name__}: {err}")
+    e.__cause__ = err
+    return e
 
 
 def bad_function(fn, err):
