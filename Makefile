@@ -12,7 +12,7 @@ PIP_PACKAGES := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil \
 EXTRA_PYTHONS := $(foreach v,3.12 3.13,$(shell tools/find-python.sh $(v)))
 EXTRA_PIP := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil
 
-.PHONY: setup build demo test test-versions asan valgrind bench clean
+.PHONY: setup build demo test test-versions asan valgrind fuzz chaos bench clean
 setup: $(VENV)/.ready build
 
 $(VENV)/.ready:
@@ -70,6 +70,21 @@ asan:
 valgrind: setup
 	tools/install-system-deps.sh valgrind
 	$(PY) tools/valgrind-check.py $(PY) tests/valgrind/smoke.py
+
+# libFuzzer (clang) on what the master reads from memory a worker may have scribbled on: blobs,
+# result and indirect records, whole result rings. Bounded in time; CI runs it.
+FUZZ_SECONDS ?= 60
+fuzz:
+	tools/install-system-deps.sh clang-14 libclang-rt-14-dev
+	mkdir -p build/fuzz/corpus
+	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I. \
+	    tests/fuzz/fuzz_wire.c exec/wire.c exec/arena.c exec/ring.c -o build/fuzz/fuzz_wire
+	build/fuzz/fuzz_wire build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
+
+# A long chaos run: random SIGKILLs of workers and the fork server under load (tests/chaos.py).
+CHAOS_SECONDS ?= 120
+chaos: setup
+	$(PY) tests/chaos.py --seconds $(CHAOS_SECONDS) --tasks 2000 --kill-every 0.02 0.2
 
 bench: setup
 	mkdir -p bench/results

@@ -30,7 +30,7 @@
 #define ARENA_MIN ((size_t)64 << 20)
 #define REAP_WAIT_MS 2000              /* for the fork server to quit before it is killed */
 #define RING_CAPACITY ring_capacity_for(EXEC_RING_BYTES)   /* the master's own copy */
-#define MAX_FORKSERVER_RESTARTS 5      /* within FORKSERVER_RESTART_WINDOW_S, then give up */
+#define MAX_FORKSERVER_RESTARTS 5      /* crashes within FORKSERVER_RESTART_WINDOW_S: give up */
 #define LIMITS_CHECK_NS 10000000       /* how often timeouts and memory limits are checked */
 #define FORKSERVER_RESTART_WINDOW_S 10.0
 
@@ -778,18 +778,21 @@ process_gone(pid_t pid)
  * rest runs again, and a new fork server is forked from here, as enable() did. 0, or -1 + exc
  * when it keeps dying. */
 static int
-restart_forkserver(void)
+restart_forkserver(int status)
 {
+    /* Killed from outside (SIGKILL) it is always restarted; crashing or exiting by itself again
+     * and again, it would only crash again: then the pool ends. */
     double now = pydron_now();
     if (now - M.restart_window_start > FORKSERVER_RESTART_WINDOW_S) {
         M.restart_window_start = now;
         M.restarts = 0;
     }
-    if (++M.restarts > MAX_FORKSERVER_RESTARTS) {
+    if (!(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) &&
+        ++M.restarts > MAX_FORKSERVER_RESTARTS) {
         shutdown_pool(1);
-        PyErr_Format(PyExc_RuntimeError, "pydron: the executor's fork server died %d times within "
-                     "%g s; the process pool is gone", MAX_FORKSERVER_RESTARTS,
-                     FORKSERVER_RESTART_WINDOW_S);
+        PyErr_Format(PyExc_RuntimeError, "pydron: the executor's fork server failed %d times "
+                     "within %d s (last: status %d); the process pool is gone",
+                     MAX_FORKSERVER_RESTARTS, (int)FORKSERVER_RESTART_WINDOW_S, status);
         return -1;
     }
     close(M.fs_sock);
@@ -835,7 +838,7 @@ pool_check(void)
     int st;
     if (!M.running || waitpid(M.fs_pid, &st, WNOHANG) == 0)
         return 0;
-    return restart_forkserver() < 0 ? -1 : 0;
+    return restart_forkserver(st) < 0 ? -1 : 0;
 }
 
 /* SIGKILL worker i (waiting briefly for it to have a pid) and expect its death. */

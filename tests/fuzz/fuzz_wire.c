@@ -1,0 +1,112 @@
+/* tests/fuzz/fuzz_wire.c — libFuzzer target for what the master reads from shared memory a worker
+ * may have scribbled on: blobs, result and indirect records, and a whole result ring (positions
+ * and record headers included). Built with clang's -fsanitize=fuzzer,address,undefined by
+ * `make fuzz`, which runs it for a bounded time; any read out of bounds, any accepted offset
+ * outside an allocated block, or any crash is a failure. */
+#include "exec/wire.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#define ARENA_BYTES ((size_t)8 << 20)
+#define RING_BYTES 8192
+
+static arena *A;
+static ring *R;
+static uint64_t valid_blk[4];
+
+static void
+setup(void)
+{
+    void *m = mmap(NULL, ARENA_BYTES, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    A = arena_create(m, ARENA_BYTES);
+    for (int i = 0; i < 4; i++)
+        arena_alloc(A, (size_t)(i + 1) * 40000, &valid_blk[i]);
+    R = ring_init(aligned_alloc(64, RING_BYTES), RING_BYTES);
+}
+
+/* Whatever a check accepted must lie inside allocated blocks: touch every byte it points at. */
+static void
+touch_view(const wire_blob_view *v)
+{
+    volatile unsigned char sink = 0;
+    for (uint64_t i = 0; i < v->len; i++)
+        sink ^= (unsigned char)v->data[i];
+    for (uint32_t b = 0; b < v->nbufs; b++) {
+        size_t blen;
+        if (arena_block_len(A, v->bufs[b].blk, &blen) != 0)
+            abort();
+        const unsigned char *p = arena_ptr(A, v->bufs[b].off);
+        for (uint64_t i = 0; i < v->bufs[b].len; i += 4096)
+            sink ^= p[i];
+    }
+    (void)sink;
+}
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (A == NULL)
+        setup();
+    if (size < 1)
+        return 0;
+    /* The input, aligned as records in shared memory are. */
+    size_t n = size - 1;
+    uint64_t *buf = malloc(n + 8);
+    memcpy(buf, data + 1, n);
+    const char *p = (const char *)buf;
+    wire_blob_view v;
+    size_t used;
+    const wire_result *hdr;
+    const wire_indirect *ind;
+    const void *payload;
+    switch (data[0] % 4) {
+    case 0:
+        if (wire_check_blob(p, n, A, &v, &used) == NULL) {
+            if (used > n)
+                abort();
+            touch_view(&v);
+        }
+        break;
+    case 1:
+        if (wire_check_result(p, n, A, &hdr, &v) == NULL)
+            touch_view(&v);
+        break;
+    case 2:
+        if (wire_check_indirect(p, n, A, &ind, &payload) == NULL) {
+            size_t blen;
+            if (arena_block_len(A, ind->blk, &blen) != 0 || ind->len > blen)
+                abort();
+        }
+        break;
+    default: {
+        /* A whole ring as a worker left it: its positions from the input, its data too. */
+        uint64_t cap = ring_capacity_for(RING_BYTES);
+        ring_reset(R);
+        if (n >= 16) {
+            uint64_t pos[2];
+            memcpy(pos, p, 16);
+            atomic_store(&R->tail, pos[0] & ~(uint64_t)7);
+            atomic_store(&R->head, pos[1]);
+            memcpy(R->data, p + 16, n - 16 < cap ? n - 16 : cap);
+        }
+        R->capacity = data[0] & 0x80 ? 0 : cap;     /* a scribbled capacity changes nothing */
+        for (int k = 0; k < 16; k++) {
+            wire_in in;
+            uint32_t kind;
+            size_t len;
+            const char *err;
+            const void *rec = wire_next(&in, R, cap, A, &kind, &len, &err);
+            if (rec == NULL)
+                break;
+            if (wire_check_result(rec, len, A, &hdr, &v) == NULL)
+                touch_view(&v);
+            ring_pop_checked(R, cap, in.ring_len);   /* no decref: the arena stays as set up */
+        }
+        break;
+    }
+    }
+    free(buf);
+    return 0;
+}
