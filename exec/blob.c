@@ -31,6 +31,9 @@ static void
 arena_buffer_dealloc(ArenaBufferObject *self)
 {
     if (self->arena && self->generation == exec__fork_generation) {
+        if (exec__in_worker_flag)
+            guard_unlend(self->blk);
+        guard_unview(self->blk);
         if (self->held >= 0)
             held_forget(self->held);
         arena_decref(self->arena, self->blk);
@@ -74,6 +77,11 @@ exec__arena_buffer_new(arena *a, uint64_t blk, uint64_t off, uint64_t len)
     self->len = (Py_ssize_t)len;
     self->held = exec__in_worker_flag ? held_add(blk) : -1;
     self->generation = exec__fork_generation;
+    /* An array over it may be written: in a worker it is a task's input, protected so that the
+     * task's writes stay its own; in the master, protected while tasks read the block. */
+    guard_view(blk);
+    if (exec__in_worker_flag)
+        guard_lend(blk);
     return (PyObject *)self;
 }
 
@@ -93,10 +101,43 @@ exec_blob_incref(exec_blob *b)
 }
 
 void
+exec_blob_lend(exec_blob *b)
+{
+    if (b == NULL || b->arena == NULL || b->generation != exec__fork_generation)
+        return;
+    atomic_fetch_add(&b->lends, 1);
+    for (uint32_t i = 0; i < b->nbufs; i++)
+        guard_lend(b->bufs[i].blk);
+}
+
+void
+exec_blob_unlend(exec_blob *b)
+{
+    if (b == NULL || b->arena == NULL || b->generation != exec__fork_generation)
+        return;
+    atomic_fetch_sub(&b->lends, 1);
+    for (uint32_t i = 0; i < b->nbufs; i++)
+        guard_unlend(b->bufs[i].blk);
+}
+
+int
+exec_blob_is_stale(exec_blob *b)
+{
+    if (b == NULL || b->arena == NULL || b->generation != exec__fork_generation)
+        return 0;
+    for (uint32_t i = 0; i < b->nbufs; i++)
+        if (guard_is_private(arena_ptr(b->arena, b->bufs[i].off)))
+            return 1;
+    return 0;
+}
+
+void
 exec_blob_decref(exec_blob *b)
 {
     if (b == NULL || atomic_fetch_sub_explicit(&b->refcnt, 1, memory_order_acq_rel) != 1)
         return;
+    while (atomic_load(&b->lends) > 0)
+        exec_blob_unlend(b);
     if (b->arena && b->generation == exec__fork_generation) {
         exec__bufs_release(b->arena, b->bufs, b->nbufs);
         if (b->data_blk != WIRE_NO_BLOCK)
@@ -125,6 +166,7 @@ blob_alloc(size_t len, uint32_t nbufs, int inline_data)
     if (b == NULL)
         return NULL;
     atomic_init(&b->refcnt, 1);
+    atomic_init(&b->lends, 0);
     b->generation = exec__fork_generation;
     b->arena = NULL;
     b->len = len;

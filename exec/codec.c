@@ -135,8 +135,11 @@ codec_buffer_callback(exec_codec *c, PyObject *pb)
     wire_buf *b = &c->bufs[c->nbufs];
     size_t blen;
     uint64_t blk;
+    /* Already shared (a result forwarded, an array allocated in the arena): a reference; but not
+     * when this process holds a private copy of the block (its bytes are not the shared ones). */
     if (arena_block_of(a, view.buf, &blk, &blen) == 0 &&
-        (char *)view.buf + view.len <= (char *)arena_ptr(a, blk) + blen) {
+        (char *)view.buf + view.len <= (char *)arena_ptr(a, blk) + blen &&
+        !guard_is_private(view.buf)) {
         arena_incref(a, blk);                  /* already shared: send a reference */
         b->blk = blk;
         b->off = (uint64_t)((char *)view.buf - (char *)a);
@@ -585,6 +588,9 @@ exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep
     }
     else {
         b = exec__blob_new(data, len, bufs, nbufs);
+        /* Its task reads these buffers from now on, however long it waits to run. */
+        if (b != NULL && !exec__in_worker_flag)
+            exec_blob_lend(b);
     }
 done:
     Py_XDECREF(call);

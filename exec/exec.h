@@ -19,6 +19,14 @@ typedef struct exec_blob exec_blob;
  * decref. */
 void exec_blob_incref(exec_blob *b);
 void exec_blob_decref(exec_blob *b);
+/* A task that will read b (its arguments, or a dependency's result) exists from now on: the
+ * arena blocks b refers to are write-protected here (copy on write) until exec_blob_unlend, so
+ * the task sees them as they are now. Lent as often as called; a freed blob is unlent. */
+void exec_blob_lend(exec_blob *b);
+void exec_blob_unlend(exec_blob *b);
+/* 1 when this process wrote its view of b's buffers while they were lent (it holds private
+ * copies): b's shared bytes are no longer what this process sees. */
+int exec_blob_is_stale(exec_blob *b);
 /* Decode a blob: a new reference (arrays view the arena without a copy), or NULL + exception. */
 PyObject *exec_blob_decode(exec_blob *b);
 /* With the error of a failed exec_blob_decode of fn's result set: replace it by one naming fn

@@ -14,9 +14,12 @@
 
 exec_shared *exec__shared;
 arena *exec__arena;
+int exec__arena_fd = -1;
+size_t exec__arena_size;
 int exec__in_worker_flag;
 int exec__worker_slot = -1;
 int exec__internal_fork;
+int exec__user_fork_child;
 unsigned exec__fork_generation;
 _Atomic Py_ssize_t exec__live_arena_refs;
 exec_options exec__options = {.thread_workers = 0, .arena_arrays = 1};

@@ -193,13 +193,13 @@ fs_quit(void)
 /* Close every descriptor the master had open, but ours: a socket or file the user closes later
  * must really close (a listening socket must not stay in LISTEN, held here and by workers). */
 static void
-close_inherited_fds(int keep)
+close_inherited_fds(int keep, int keep2)
 {
     DIR *d = opendir("/proc/self/fd");
     if (d == NULL) {
         long max = sysconf(_SC_OPEN_MAX);
         for (int fd = 3; fd < (max > 0 && max < 65536 ? max : 65536); fd++)
-            if (fd != keep)
+            if (fd != keep && fd != keep2)
                 close(fd);
         return;
     }
@@ -207,14 +207,14 @@ close_inherited_fds(int keep)
     struct dirent *e;
     while ((e = readdir(d)) != NULL && n < 1024) {
         int fd = atoi(e->d_name);
-        if (fd > 2 && fd != keep && fd != dfd && e->d_name[0] != '.')
+        if (fd > 2 && fd != keep && fd != keep2 && fd != dfd && e->d_name[0] != '.')
             fds[n++] = fd;
     }
     closedir(d);
     for (int i = 0; i < n; i++)
         close(fds[i]);
     if (n == 1024)
-        close_inherited_fds(keep);      /* more than fit in one pass */
+        close_inherited_fds(keep, keep2);      /* more than fit in one pass */
 }
 
 /* Waits for commands and for SIGCHLD. Ends with the master: its end of the socket closes when
@@ -225,7 +225,7 @@ forkserver_main(int sock, pid_t master)
 {
     if (getppid() != master)
         _exit(0);
-    close_inherited_fds(sock);
+    close_inherited_fds(sock, exec__arena_fd);     /* the arena's memfd stays: guard.c */
     prctl(PR_SET_NAME, "pydron-forksrv");
     exec__forkserver_pid = getpid();
     signal(SIGINT, SIG_IGN);      /* Ctrl-C is the master's business */

@@ -8,6 +8,7 @@
 #include "exec/ring.h"
 #include "exec/wire.h"
 #include "exec/held.h"
+#include "exec/guard.h"
 #include "pydron_clock.h"
 #include "pydron_compat.h"
 
@@ -50,6 +51,8 @@ typedef struct {
 
 extern exec_shared *exec__shared;
 extern arena *exec__arena;
+extern int exec__arena_fd;                      /* the arena's memfd (guard.c remaps from it) */
+extern size_t exec__arena_size;
 extern exec_options exec__options;
 
 static inline ring *
@@ -117,6 +120,7 @@ int exec__id_in(const uint64_t *sorted, Py_ssize_t n, uint64_t id);
 /* ---- blobs and arena buffers (blob.c) ---------------------------------------------------------- */
 struct exec_blob {
     _Atomic Py_ssize_t refcnt;
+    _Atomic Py_ssize_t lends;   /* exec_blob_lend calls not undone: its buffers are lent */
     unsigned generation;   /* exec__fork_generation when made */
     arena *arena;          /* set when the blob holds arena references */
     const char *data;      /* pickle bytes: inline after bufs, or inside arena block data_blk */
@@ -201,8 +205,12 @@ void exec__flush_std_streams(void);
 
 /* ---- worker processes (worker.c, np_arena.c) -------------------------------------------------- */
 void exec__worker_main(int slot) __attribute__((noreturn));
-/* In a worker: allocate large numpy arrays in the arena once numpy is imported. */
+/* Allocate large numpy arrays in the arena once numpy is imported (workers and master). */
 void exec__install_array_allocator(void);
+/* With the GIL: log once that the arena was found full by the array allocator. */
+void exec__note_arena_full(void);
+/* 1 in a child forked by user code: the arena is the parent's, left alone. */
+extern int exec__user_fork_child;
 
 /* ---- thread pool (threads.c) and native calls (ffi.c) ----------------------------------------- */
 typedef struct native_site native_site;

@@ -1,7 +1,8 @@
-/* exec/np_arena.c — in a worker, large numpy arrays are allocated in the shared arena (numpy's
- * PyDataMem_Handler, NumPy >= 1.22): a result array is then sent by reference, with no copy, and
- * temporaries reuse warm arena pages instead of fresh mmaps. Small arrays and a full arena fall
- * back to malloc. pydron.enable(arena_arrays=False) (config `arena_arrays`) turns it off.
+/* exec/np_arena.c — large numpy arrays are allocated in the shared arena (numpy's
+ * PyDataMem_Handler, NumPy >= 1.22), in the workers and in the master: a worker's result array is
+ * sent by reference, and so is a master's array passed to a task (guard.c keeps it as it was at
+ * the call). Temporaries reuse warm arena pages instead of fresh mmaps. Small arrays and a full
+ * arena (logged once) fall back to malloc. pydron.enable(arena_arrays=False) (config `arena_arrays`) turns it off.
  * Thread and GIL model: numpy calls the allocator from any thread, with or without the GIL; the
  * arena and the held table are safe for that (atomics and a process-shared lock). */
 #include "exec/internal.h"
@@ -28,29 +29,76 @@ typedef struct {
 #define NP_API_FEATURE_VERSION 211      /* PyArray_GetNDArrayCFeatureVersion */
 #define NP_1_22_API_VERSION 0xf
 
+/* The arena arrays come from: kept after the pool stops, so arrays that outlive it are still
+ * freed into it (live arena references keep it mapped meanwhile). */
+static arena *np_arena;
+static _Atomic int arena_was_full;
+
 static void *
 arena_array(size_t size)
 {
     arena *a = exec__arena;
     uint64_t blk;
-    if (a == NULL || size < ARRAY_IN_ARENA_MIN || arena_alloc(a, size, &blk) < 0)
+    if (a == NULL || size < ARRAY_IN_ARENA_MIN)
         return NULL;
-    held_add_keyed(blk);
+    if (arena_alloc(a, size, &blk) < 0) {
+        atomic_store(&arena_was_full, 1);     /* logged from a thread with the GIL */
+        return NULL;
+    }
+    np_arena = a;
+    if (exec__in_worker_flag) {
+        held_add_keyed(blk);
+    }
+    else {
+        /* The master's own array: passing it to a task lends the block (no copy); writing it
+         * while a task reads it copies it first (guard.c). */
+        guard_view(blk);
+        atomic_fetch_add(&exec__live_arena_refs, 1);
+    }
     return arena_ptr(a, blk);
 }
 
 static void
 np_free(void *ctx, void *ptr, size_t size)
 {
-    arena *a = exec__arena;
+    arena *a = np_arena;
     uint64_t blk;
     size_t blen;
-    if (ptr && a && arena_contains(a, ptr) && arena_block_of(a, ptr, &blk, &blen) == 0) {
-        held_forget_keyed(blk);
-        arena_decref(a, blk);
+    if (ptr && a && arena_contains(a, ptr)) {
+        /* In a child forked by the user the block is the parent's: its private copy goes with
+         * the child, the shared block is left alone. */
+        if (exec__user_fork_child)
+            return;
+        if (arena_block_of(a, ptr, &blk, &blen) == 0) {
+            if (exec__in_worker_flag) {
+                held_forget_keyed(blk);
+            }
+            else {
+                guard_unview(blk);
+                atomic_fetch_sub(&exec__live_arena_refs, 1);
+            }
+            arena_decref(a, blk);
+        }
         return;
     }
     free(ptr);
+}
+
+void
+exec__note_arena_full(void)
+{
+    if (!atomic_exchange(&arena_was_full, 0))
+        return;
+    static int told;
+    if (told++)
+        return;
+    PyObject *msg = PyUnicode_FromString(
+        "pydron: the shared arena is full: large arrays are allocated outside it for now, and "
+        "copied when passed to tasks");
+    PyObject *r = msg ? exec__call_helper("warn", &msg, 1) : NULL;
+    Py_XDECREF(msg);
+    Py_XDECREF(r);
+    PyErr_Clear();
 }
 
 static void *
@@ -76,7 +124,7 @@ np_calloc(void *ctx, size_t nelem, size_t elsize)
 static void *
 np_realloc(void *ctx, void *ptr, size_t new_size)
 {
-    arena *a = exec__arena;
+    arena *a = np_arena;
     uint64_t blk;
     size_t blen;
     if (ptr && a && arena_contains(a, ptr) && arena_block_of(a, ptr, &blk, &blen) == 0) {

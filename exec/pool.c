@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/sysinfo.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -331,6 +332,8 @@ pool_submit(const exec_task *et)
         exec_blob_incref(t->deps[d]);
     }
     M.outstanding++;
+    exec__install_array_allocator();    /* once numpy is imported: the master's arrays too */
+    exec__note_arena_full();
     start_workers();
     if (M.q_head == NULL && dispatch(t) == 0)
         return 0;
@@ -943,6 +946,8 @@ exec__pool_forget_in_child(void)
     M.q_head = M.q_tail = M.failed_head = M.failed_tail = NULL;
     memset(M.slots, 0, sizeof(M.slots));
     M.outstanding = 0;
+    guard_detach_after_fork();     /* the child's arrays keep their bytes, privately */
+    exec__user_fork_child = 1;
     exec__shared = NULL;
     exec__arena = NULL;
     exec__set_master_word(NULL);
@@ -974,16 +979,24 @@ map_control(int nworkers, size_t *size)
     return sh;
 }
 
-/* The arena: as much address space as RAM (up to ARENA_MAX), reserved, not committed. */
+/* The arena: as much address space as RAM (up to ARENA_MAX), reserved, not committed. It is an
+ * anonymous memfd (nothing in /dev/shm, gone with the last process), so that a block's shared
+ * mapping can be put back over a private copy of it (guard.c). *fd: the memfd. */
 static void *
-map_arena(size_t *size)
+map_arena(size_t *size, int *fd)
 {
     size_t want = physical_memory();
     if (want > ARENA_MAX)
         want = ARENA_MAX;
+    *fd = memfd_create("pydron-arena", MFD_CLOEXEC);
+    if (*fd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
     for (; want >= ARENA_MIN; want /= 2) {
-        void *mem = mmap(NULL, want, PROT_READ | PROT_WRITE,
-                         MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (ftruncate(*fd, (off_t)want) < 0)
+            continue;
+        void *mem = mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, *fd, 0);
         if (mem != MAP_FAILED) {
             madvise(mem, want, MADV_DONTDUMP);
             *size = want;
@@ -991,6 +1004,8 @@ map_arena(size_t *size)
         }
     }
     PyErr_SetFromErrno(PyExc_OSError);
+    close(*fd);
+    *fd = -1;
     return NULL;
 }
 
@@ -1020,13 +1035,25 @@ exec_start(int nworkers)
     exec_shared *sh = map_control(nworkers, &ctl_size);
     if (sh == NULL)
         return -1;
-    void *mem = map_arena(&arena_size);
+    int arena_fd;
+    void *mem = map_arena(&arena_size, &arena_fd);
     if (mem == NULL) {
         munmap(sh, ctl_size);
         return -1;
     }
     exec__shared = sh;
     exec__arena = arena_create(mem, arena_size);
+    exec__arena_fd = arena_fd;
+    exec__arena_size = arena_size;
+    if (guard_start(exec__arena, arena_fd, arena_size, GUARD_MERGE) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        munmap(mem, arena_size);
+        munmap(sh, ctl_size);
+        close(arena_fd);
+        exec__shared = NULL;
+        exec__arena = NULL;
+        return -1;
+    }
     M.ctl = sh;
     M.ctl_size = ctl_size;
     M.arena_mem = mem;
@@ -1050,6 +1077,7 @@ exec_start(int nworkers)
     M.fs_sock = sock;
     M.running = 1;
     exec__set_master_word(&sh->master);
+    exec__install_array_allocator();
     static int atexit_registered;
     if (!atexit_registered) {
         Py_AtExit(atexit_shutdown);
@@ -1098,8 +1126,16 @@ shutdown_pool(int with_python)
     exec__set_master_word(NULL);
     if (unmap)
         munmap(M.ctl, M.ctl_size);
-    if (atomic_load(&exec__live_arena_refs) == 0)
+    /* Lending is over: private copies merged back, protections lifted. */
+    guard_stop(0);
+    if (atomic_load(&exec__live_arena_refs) == 0) {
+        guard_stop(1);
         munmap(M.arena_mem, M.arena_size);   /* else an array still views it: leave it mapped */
+    }
+    if (exec__arena_fd >= 0 && atomic_load(&exec__live_arena_refs) == 0) {
+        close(exec__arena_fd);
+        exec__arena_fd = -1;
+    }
     exec__arena = NULL;
 }
 
@@ -1129,7 +1165,9 @@ exec__pool_info(void)
     arena_stats st = {0};
     if (exec__arena)
         arena_get_stats(exec__arena, &st);
-    return Py_BuildValue("{s:i,s:i,s:i,s:N,s:n,s:K,s:K,s:K,s:K,s:n,s:n}",
+    guard_stats gs;
+    guard_get_stats(&gs);
+    return Py_BuildValue("{s:i,s:i,s:i,s:N,s:n,s:K,s:K,s:K,s:K,s:n,s:n,s:K,s:K,s:K,s:K}",
                          "running", M.running, "nworkers", exec_nworkers(),
                          "forkserver", M.running ? (int)M.fs_pid : 0, "workers", pids,
                          "outstanding", exec_outstanding(),
@@ -1138,5 +1176,9 @@ exec__pool_info(void)
                          "arena_free_dirty_pages", (unsigned long long)st.free_dirty_pages,
                          "arena_trims", (unsigned long long)st.trims,
                          "arena_live_refs", (Py_ssize_t)atomic_load(&exec__live_arena_refs),
-                         "functions", exec__fn_count());
+                         "functions", exec__fn_count(),
+                         "guard_protects", (unsigned long long)gs.protects,
+                         "guard_copies", (unsigned long long)gs.copies,
+                         "guard_merges", (unsigned long long)gs.merges,
+                         "guard_discards", (unsigned long long)gs.discards);
 }

@@ -418,6 +418,8 @@ exec__worker_main(int slot)
     exec__in_worker_flag = 1;
     atomic_store(&exec__shared->slots[slot].pid, getpid());
     held_begin(&exec__shared->slots[slot].held, exec__arena);
+    /* A task's writes to its arguments stay its own (copy on write, then dropped). */
+    guard_start(exec__arena, exec__arena_fd, exec__arena_size, GUARD_DISCARD);
     codec = exec__codec_new();
     if (codec == NULL)
         _exit(WORKER_EXIT_NO_CODEC);

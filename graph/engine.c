@@ -310,6 +310,25 @@ engine_live(const engine *e)
 }
 
 size_t
+engine_dependents(const engine *e, engine_handle h, engine_handle *out, size_t cap)
+{
+    node *n = lookup(e, h);
+    if (n == NULL)
+        return 0;
+    engine_handle *deps = dependents_of(n);
+    size_t count = 0;
+    for (uint32_t i = 0; i < n->ndependents; i++) {
+        node *d = lookup(e, deps[i]);
+        if (d == NULL || d->state != ENGINE_WAITING)
+            continue;
+        if (count < cap)
+            out[count] = deps[i];
+        count++;
+    }
+    return count;
+}
+
+size_t
 engine_unfinished(const engine *e, engine_handle *out, size_t cap)
 {
     size_t n = 0;

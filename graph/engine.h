@@ -58,6 +58,9 @@ void *engine_owner(const engine *e, engine_handle h);
 int engine_state(const engine *e, engine_handle h);        /* -1 for a stale handle */
 uint32_t engine_waiting(const engine *e, engine_handle h); /* unfinished dependencies */
 size_t engine_live(const engine *e);                       /* nodes added and not removed */
+/* Handles of the nodes waiting for h (registered with engine_depend, not failed), up to cap of
+ * them into out: the number there are. */
+size_t engine_dependents(const engine *e, engine_handle h, engine_handle *out, size_t cap);
 /* Handles of the live nodes not finished yet, up to cap of them into out: the number found. */
 size_t engine_unfinished(const engine *e, engine_handle *out, size_t cap);
 size_t engine_bytes(const engine *e);                      /* memory held by the engine */

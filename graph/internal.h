@@ -27,6 +27,8 @@ typedef struct {
     double submitted;         /* pydron_now(), for timelines */
     double timeout_s;         /* from the function's options (0: the executor's default) */
     size_t memory_limit;
+    exec_blob **lent;         /* results of dependencies lent to it (read as at the call) */
+    Py_ssize_t nlent, lent_cap;
 } task_extra;
 
 struct graph_task {

@@ -51,6 +51,13 @@ task_dealloc(graph_task *t)
     task_clear(t);
     exec_blob_decref(t->args);
     exec_blob_decref(t->blob);
+    if (t->extra) {
+        for (Py_ssize_t i = 0; i < t->extra->nlent; i++) {
+            exec_blob_unlend(t->extra->lent[i]);
+            exec_blob_decref(t->extra->lent[i]);
+        }
+        PyMem_Free(t->extra->lent);
+    }
     PyMem_Free(t->extra);
     if (graph__engine)
         engine_remove(graph__engine, t->node);

@@ -176,11 +176,74 @@ dispatch(graph_task *t)
 
 /* ---- finishing --------------------------------------------------------------------------------- */
 
+/* t reads b, a dependency's result: b's arena blocks are protected from the master's writes
+ * until t has run (copy on write), so t sees them as they were at its call. 0, or -1 + exc. */
+static int
+lend_to(graph_task *t, exec_blob *b)
+{
+    if (t->threads || b == NULL)
+        return 0;          /* thread tasks read the objects themselves */
+    task_extra *x = graph__extra(t);
+    if (x == NULL)
+        return -1;
+    if (x->nlent == x->lent_cap) {
+        Py_ssize_t cap = x->lent_cap ? x->lent_cap * 2 : 4;
+        exec_blob **l = PyMem_Realloc(x->lent, cap * sizeof(exec_blob *));
+        if (l == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        x->lent = l;
+        x->lent_cap = cap;
+    }
+    exec_blob_incref(b);
+    exec_blob_lend(b);
+    x->lent[x->nlent++] = b;
+    return 0;
+}
+
+static void
+unlend_all(graph_task *t)
+{
+    if (t->extra == NULL)
+        return;
+    for (Py_ssize_t i = 0; i < t->extra->nlent; i++) {
+        exec_blob_unlend(t->extra->lent[i]);
+        exec_blob_decref(t->extra->lent[i]);
+    }
+    t->extra->nlent = 0;
+}
+
+/* d finished with a result: the tasks waiting for it read it as it is now. */
+static int
+lend_to_dependents(graph_task *d)
+{
+    engine_handle small[16], *deps = small;
+    size_t n = engine_dependents(graph__engine, d->node, small, 16);
+    if (n > 16) {
+        if ((deps = PyMem_Malloc(n * sizeof(engine_handle))) == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        engine_dependents(graph__engine, d->node, deps, n);
+    }
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++) {
+        graph_task *t = engine_owner(graph__engine, deps[i]);
+        if (t != NULL)
+            rc = lend_to(t, d->blob);
+    }
+    if (deps != small)
+        PyMem_Free(deps);
+    return rc;
+}
+
 /* Record a finished task's outcome (stealing blob and object); the engine is told by the
  * caller. */
 static void
 set_outcome(graph_task *t, int failed, exec_blob *blob, PyObject *object)
 {
+    unlend_all(t);
     t->state = failed ? TASK_FAILED : TASK_DONE;
     Py_XSETREF(t->value, object);
     if (failed)
@@ -210,10 +273,14 @@ graph__task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
         object = Py_NewRef(PyExc_MemoryError);
     }
     set_outcome(t, failed, blob, object);
+    int rc = 0;
+    if (!failed && t->blob != NULL && lend_to_dependents(t) < 0)
+        rc = -1;
     engine_events ev = {0};
-    int rc = engine_finish(graph__engine, t->node, failed, &ev);
-    if (rc < 0)
+    if (engine_finish(graph__engine, t->node, failed, &ev) < 0) {
         PyErr_NoMemory();
+        rc = -1;
+    }
     /* Plain Python never made the dependents' calls: the failing one raised first. */
     for (size_t i = 0; i < ev.nfailed; i++) {
         graph_task *d = engine_owner(graph__engine, ev.failed[i]);
@@ -361,6 +428,10 @@ collect_dep(void *ctx, PyObject *obj)
         return -1;
     dep_list *l = ctx;
     graph_task *d = (graph_task *)obj;
+    /* A result this process read and then wrote while tasks read it holds a private copy: the
+     * call sees it as it is now, so its value is encoded (copied), not its old blob forwarded. */
+    if (d->state == TASK_DONE && d->value != NULL && exec_blob_is_stale(d->blob))
+        return -1;
     if (l->index == NULL) {
         for (Py_ssize_t i = 0; i < l->n; i++)
             if (l->deps[i] == d)
@@ -438,6 +509,8 @@ wire_dependencies(graph_task *t, dep_list *l)
             }
             if (rc == 2 && failed_dep == NULL)
                 failed_dep = d;
+            if (rc == 0 && lend_to(t, d->blob) < 0)     /* already finished: read as it is now */
+                return -1;
         }
     }
     if (failed_dep)

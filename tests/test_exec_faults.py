@@ -264,8 +264,8 @@ def test_dead_workers_arrays_are_released(tmp_path):
 
         _core._exec_start(2)
         _core._exec_map(abs, [(1,), (2,)])         # both workers up (each holds its held table)
+        a = np.ones(1 << 21)                       # 16 MiB, 256 pages (the master's, in the arena)
         base = _core._exec_info()["arena_used_pages"]
-        a = np.ones(1 << 21)                       # 16 MiB, 256 pages
         got = _core._exec_map(hold_and_die, [(a, os.path.abspath("m"))])
         deadline = time.time() + 10                # the replacement worker starts meanwhile
         while time.time() < deadline and _core._exec_info()["arena_used_pages"] != base:
