@@ -94,6 +94,8 @@ exec__bufs_release(arena *a, const wire_buf *bufs, uint32_t n)
 
 /* ---- blobs ------------------------------------------------------------------------------------ */
 
+static exec_blob *blob_alloc(size_t len, uint32_t nbufs, int inline_data);
+
 void
 exec_blob_incref(exec_blob *b)
 {
@@ -131,11 +133,52 @@ exec_blob_is_stale(exec_blob *b)
     return 0;
 }
 
+exec_blob *
+exec_blob_remote(PyObject *ref)
+{
+    exec_blob *b = blob_alloc(0, 0, 1);
+    if (b == NULL) {
+        Py_DECREF(ref);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    b->remote = ref;
+    return b;
+}
+
+PyObject *
+exec_blob_remote_ref(exec_blob *b)
+{
+    return b->remote;
+}
+
+PyObject *
+exec_blob_export(exec_blob *b)
+{
+    if (b->remote) {
+        PyErr_SetString(PyExc_TypeError, "pydron: a remote result has no bytes here");
+        return NULL;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(b->data, (Py_ssize_t)b->len);
+    PyObject *bufs = data ? exec__blob_buffers(b) : NULL;
+    if (bufs == NULL) {
+        Py_XDECREF(data);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", data, bufs);
+}
+
 void
 exec_blob_decref(exec_blob *b)
 {
     if (b == NULL || atomic_fetch_sub_explicit(&b->refcnt, 1, memory_order_acq_rel) != 1)
         return;
+    if (b->remote) {
+        /* Remote blobs are made and dropped by graph, with the GIL. */
+        Py_DECREF(b->remote);
+        PyMem_RawFree(b);
+        return;
+    }
     while (atomic_load(&b->lends) > 0)
         exec_blob_unlend(b);
     if (b->arena && b->generation == exec__fork_generation) {
@@ -167,6 +210,7 @@ blob_alloc(size_t len, uint32_t nbufs, int inline_data)
         return NULL;
     atomic_init(&b->refcnt, 1);
     atomic_init(&b->lends, 0);
+    b->remote = NULL;
     b->generation = exec__fork_generation;
     b->arena = NULL;
     b->len = len;

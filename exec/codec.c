@@ -440,6 +440,8 @@ exec__decode_view(const wire_blob_view *v, PyObject *deps)
 PyObject *
 exec_blob_decode(exec_blob *b)
 {
+    if (b->remote)
+        return exec__remote_fetch(b->remote);
     return decode_bytes(b->data, b->len, b->bufs, b->nbufs, NULL);
 }
 

@@ -52,6 +52,7 @@ exec_blob *exec_encode_value(PyObject *value);
 typedef enum {
     EXEC_PROCESSES = 0,    /* the local pool of forked worker processes */
     EXEC_THREADS = 1,      /* the thread pool of this process (native work, libffi calls) */
+    EXEC_REMOTE = 2,       /* a cluster (remote/), registered with exec_register */
     EXEC_NKINDS
 } exec_kind;
 
@@ -84,6 +85,50 @@ typedef struct {
 /* Queue a task on executor `kind`; never blocks (a full ring waits in exec's own queue).
  * 0, or -1 + exception (the task was not queued). */
 int exec_submit(exec_kind kind, const exec_task *t);
+/* Where tasks that are not thread tasks go: the cluster while one is attached, else the local
+ * process pool. */
+exec_kind exec_task_kind(void);
+
+/* ---- implementing an executor ----------------------------------------------------------------
+ * What every executor provides (the process pool in exec/pool.c, the thread pool in
+ * exec/threads.c, a cluster in remote/); exec/executor.c multiplexes them behind the calls
+ * above. All with the GIL held; none calls back into graph/. */
+typedef struct {
+    const char *name;
+    int (*submit)(const exec_task *t);                 /* 0, or -1 + exception */
+    /* Move what finished into the completion queue (exec_complete): the number moved, or -1 +
+     * exception. */
+    int (*collect)(void);
+    /* Whether collect would find something (cheap: called while exec_poll spins). */
+    int (*ready)(void);
+    /* After a sleep that found nothing: make sure the executor is alive (0, or -1 + exc). */
+    int (*check)(void);
+    /* Forget these tasks (ids sorted ascending); their completions must never come. */
+    void (*cancel)(const uint64_t *sorted_ids, Py_ssize_t n);
+    Py_ssize_t (*outstanding)(void);
+    /* Stop; with_python: the interpreter is alive and Python references may be dropped. */
+    void (*shutdown)(int with_python);
+    /* The value of a remote result (exec_blob_remote), fetched: new reference, NULL + exc.
+     * NULL for executors whose results are ordinary blobs. */
+    PyObject *(*fetch)(PyObject *ref);
+} exec_backend;
+
+/* Attach (or with NULL, detach) the executor of kind EXEC_REMOTE. */
+void exec_register_remote(const exec_backend *b);
+/* Append a finished task to the completion queue (takes the blob/object references). 0, or
+ * -1 + MemoryError (the references are then dropped). */
+int exec_complete(const exec_completion *c);
+/* Wake a thread sleeping in exec_poll (any thread, GIL or not). */
+void exec_notify(void);
+/* A result that stays where it was computed: a blob holding the executor's reference to it
+ * (new blob, stealing ref). Forwarded as it is to the executor's later tasks; decoding it
+ * fetches the value (exec_backend.fetch). */
+exec_blob *exec_blob_remote(PyObject *ref);
+/* The reference of a remote blob (borrowed), or NULL for an ordinary blob. */
+PyObject *exec_blob_remote_ref(exec_blob *b);
+/* An ordinary blob's bytes and out-of-band buffers as Python objects, for executors that ship
+ * them elsewhere: (bytes, tuple of memoryviews over the arena). New reference, NULL + exc. */
+PyObject *exec_blob_export(exec_blob *b);
 
 /* Take up to cap finished tasks into out, waiting until at least one finished or timeout_s passed
  * (0: just look, < 0: no limit while tasks are outstanding). Sleeps with the GIL released.

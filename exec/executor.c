@@ -29,10 +29,52 @@ exec_options exec__options = {.thread_workers = 0, .arena_arrays = 1};
 /* Longest sleep between two looks at signals (Ctrl-C) and at the executors' health. */
 #define POLL_SLEEP_MAX_S 0.05
 
-static const exec_backend *const backends[EXEC_NKINDS] = {
+/* The remote kind's slot holds this until a cluster is attached: it runs nothing. */
+static int none_submit(const exec_task *t)
+{
+    PyErr_SetString(PyExc_RuntimeError, "pydron: no cluster is attached");
+    return -1;
+}
+static int none_int(void) { return 0; }
+static void none_cancel(const uint64_t *ids, Py_ssize_t n) {}
+static Py_ssize_t none_outstanding(void) { return 0; }
+static void none_shutdown(int with_python) {}
+
+static const exec_backend no_backend = {
+    .name = "none", .submit = none_submit, .collect = none_int, .ready = none_int,
+    .check = none_int, .cancel = none_cancel, .outstanding = none_outstanding,
+    .shutdown = none_shutdown,
+};
+
+static const exec_backend *backends[EXEC_NKINDS] = {
     [EXEC_PROCESSES] = &exec__process_backend,
     [EXEC_THREADS] = &exec__thread_backend,
+    [EXEC_REMOTE] = &no_backend,
 };
+
+void
+exec_register_remote(const exec_backend *b)
+{
+    backends[EXEC_REMOTE] = b ? b : &no_backend;
+}
+
+exec_kind
+exec_task_kind(void)
+{
+    return backends[EXEC_REMOTE] != &no_backend ? EXEC_REMOTE : EXEC_PROCESSES;
+}
+
+PyObject *
+exec__remote_fetch(PyObject *ref)
+{
+    const exec_backend *b = backends[EXEC_REMOTE];
+    if (b->fetch == NULL) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "pydron: a cluster result is read after its cluster was detached");
+        return NULL;
+    }
+    return b->fetch(ref);
+}
 
 /* The completion queue: a ring of exec_completion, grown on demand. GIL held. */
 static struct {
@@ -66,7 +108,7 @@ exec__set_master_word(wake_word *w)
 }
 
 void
-exec__notify_master(void)
+exec_notify(void)
 {
     atomic_fetch_add(&notifications, 1);
     wake_notify(master_word);
@@ -88,7 +130,7 @@ exec__wake_sleepers(void)
 /* ---- the completion queue --------------------------------------------------------------------- */
 
 int
-exec__complete(const exec_completion *c)
+exec_complete(const exec_completion *c)
 {
     if (done.count == done.cap) {
         size_t cap = done.cap ? done.cap * 2 : 256;

@@ -80,35 +80,18 @@ extern unsigned exec__fork_generation;
  * shutdown only when none is left (an array may outlive the executor). */
 extern _Atomic Py_ssize_t exec__live_arena_refs;
 
-/* ---- executors (executor.c) -------------------------------------------------------------------
- * What every executor provides; executor.c multiplexes them behind exec.h. All with the GIL. */
-typedef struct {
-    const char *name;
-    int (*submit)(const exec_task *t);                 /* 0, or -1 + exception */
-    /* Move what finished into the completion queue (exec__complete): the number moved, or -1 +
-     * exception. Never calls anything outside exec. */
-    int (*collect)(void);
-    /* Whether collect would find something (cheap: called while spinning, GIL held). */
-    int (*ready)(void);
-    /* After a sleep that found nothing: make sure the executor is alive (0, or -1 + exc). */
-    int (*check)(void);
-    void (*cancel)(const uint64_t *ids, Py_ssize_t n);
-    Py_ssize_t (*outstanding)(void);
-    /* Stop; with_python: the interpreter is alive and Python references may be dropped. */
-    void (*shutdown)(int with_python);
-} exec_backend;
-
+/* ---- executors (executor.c; exec_backend is in exec.h) ------------------------------------- */
 extern const exec_backend exec__process_backend;   /* pool.c */
+/* The value of a remote result through the attached cluster: new reference, NULL + exc. */
+PyObject *exec__remote_fetch(PyObject *ref);
 /* At fork, in the child: a child of user code forgets the parent's pool without touching it. */
 void exec__pool_forget_in_child(void);
 extern const exec_backend exec__thread_backend;    /* threads.c */
 
-/* Append a finished task to the completion queue (takes the blob/object references). 0, or -1 +
- * MemoryError (the references are then dropped). */
-int exec__complete(const exec_completion *c);
+#define exec__complete exec_complete
+#define exec__notify_master exec_notify
 /* The word the master sleeps on: in the shared control block while the pool runs, else local. */
 void exec__set_master_word(wake_word *w);
-void exec__notify_master(void);
 /* Wake every thread asleep in exec_poll and wait briefly for them to leave the master word:
  * 1 when none is left (its memory may then be unmapped). */
 int exec__wake_sleepers(void);
@@ -120,6 +103,7 @@ int exec__id_in(const uint64_t *sorted, Py_ssize_t n, uint64_t id);
 /* ---- blobs and arena buffers (blob.c) ---------------------------------------------------------- */
 struct exec_blob {
     _Atomic Py_ssize_t refcnt;
+    PyObject *remote;           /* a remote result: the executor's reference (no bytes here) */
     _Atomic Py_ssize_t lends;   /* exec_blob_lend calls not undone: its buffers are lent */
     unsigned generation;   /* exec__fork_generation when made */
     arena *arena;          /* set when the blob holds arena references */

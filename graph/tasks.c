@@ -147,7 +147,7 @@ submit_process_task(graph_task *t)
     exec_task et = {.task_id = t->node, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n,
                     .timeout_s = t->extra ? t->extra->timeout_s : 0,
                     .memory_limit = t->extra ? t->extra->memory_limit : 0};
-    rc = exec_submit(EXEC_PROCESSES, &et);
+    rc = exec_submit(exec_task_kind(), &et);
     if (rc == 0) {
         exec_blob_decref(t->args);
         t->args = NULL;
