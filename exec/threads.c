@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "exec/internal.h"
+#include "pydron_options.h"
 
 #ifndef PYDRON_FFI_VERSION
 #define PYDRON_FFI_VERSION "unknown"
@@ -1050,12 +1051,8 @@ check_forked(void)
 static int
 default_pool_size(void)
 {
-    const char *env = getenv("PYDRON_THREADS");
-    if (env != NULL && *env != '\0') {
-        long n = strtol(env, NULL, 10);
-        if (n > 0 && n <= 1024)
-            return (int)n;
-    }
+    if (pydron_opt_thread_workers > 0 && pydron_opt_thread_workers <= 1024)
+        return pydron_opt_thread_workers;
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     return cores > 0 ? (int)cores : 1;
 }

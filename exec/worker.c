@@ -8,6 +8,7 @@
 #endif
 #include "exec/internal.h"
 #include "pydron_compat.h"
+#include "pydron_options.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -451,8 +452,7 @@ static void install_array_allocator(void)
     if (umath == NULL)
         return;                         /* not imported (yet) */
     arrays_state = -1;
-    const char *env = getenv("PYDRON_ARENA_ARRAYS");
-    if (env && env[0] == '0')
+    if (!pydron_opt_arena_arrays)
         return;
     PyObject *cap = PyObject_GetAttrString(umath, "_ARRAY_API");
     void **api = cap && PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, NULL) : NULL;
@@ -636,5 +636,16 @@ static void worker_main(int slot)
     if (codec == NULL)
         _exit(73);
     install_array_allocator();
+    /* ---- per-worker Python setup: pydron/_worker_setup.py (BLAS/OpenMP thread limits).
+     * Best effort: on any error the worker starts as it is, and prints nothing. */
+    {
+        PyObject *setup = PyImport_ImportModule("pydron._worker_setup");
+        PyObject *r = setup ? PyObject_CallMethod(setup, "start_worker", "i",
+                                                  (int)exec__shared->nslots) : NULL;
+        Py_XDECREF(r);
+        Py_XDECREF(setup);
+        PyErr_Clear();
+    }
+    /* ---- end of per-worker Python setup */
     worker_loop();
 }

@@ -4,6 +4,7 @@
 #include "trace/trace.h"
 #include "exec/exec.h"
 #include "jit/jit.h"
+#include "pydron_options.h"
 
 #include <xxhash.h>
 
@@ -11,6 +12,9 @@ Py_ssize_t trace_extra_index = -1;
 int trace_enabled;
 PyObject *trace_module;
 static PyObject *rewrite_hook;    /* pydron._api._rewrite_code(code) -> code | None */
+
+int pydron_opt_thread_workers;     /* see pydron_options.h; set only by core_configure */
+int pydron_opt_arena_arrays = 1;
 
 static void
 codeinfo_free(void *p)
@@ -148,6 +152,57 @@ core_enable(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Read one int option from the dict (borrowed); a missing key keeps *out. 0 or -1 with an
+ * exception naming the key. */
+static int
+configure_int(PyObject *options, const char *key, int lo, int hi, int *out)
+{
+    PyObject *v = PyDict_GetItemString(options, key);   /* borrowed */
+    if (v == NULL)
+        return 0;
+    long n = PyLong_AsLong(v);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n < lo || n > hi) {
+        PyErr_Format(PyExc_ValueError, "pydron._configure: %s must be from %d to %d, got %ld",
+                     key, lo, hi, n);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
+/* _configure({"thread_workers": n, "arena_arrays": 0|1}): the C core's options, resolved by
+ * pydron/config.py; called by pydron.enable() before the fork server starts. */
+static PyObject *
+core_configure(PyObject *module, PyObject *options)
+{
+    if (!PyDict_Check(options)) {
+        PyErr_Format(PyExc_TypeError, "pydron._configure expects a dict, got %.100s",
+                     Py_TYPE(options)->tp_name);
+        return NULL;
+    }
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(options, &pos, &key, &value)) {     /* a misspelt key is an error */
+        int known = PyUnicode_Check(key) &&
+                    (PyUnicode_CompareWithASCIIString(key, "thread_workers") == 0 ||
+                     PyUnicode_CompareWithASCIIString(key, "arena_arrays") == 0);
+        if (!known) {
+            PyErr_Format(PyExc_ValueError, "pydron._configure: unknown option %R "
+                         "(accepted: thread_workers, arena_arrays)", key);
+            return NULL;
+        }
+    }
+    int threads = pydron_opt_thread_workers, arrays = pydron_opt_arena_arrays;
+    if (configure_int(options, "thread_workers", 0, 1024, &threads) < 0 ||
+        configure_int(options, "arena_arrays", 0, 1, &arrays) < 0)
+        return NULL;
+    pydron_opt_thread_workers = threads;
+    pydron_opt_arena_arrays = arrays;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_disable(PyObject *module, PyObject *unused)
 {
@@ -201,6 +256,7 @@ static PyMethodDef core_methods[] = {
     {"_enable", core_enable, METH_VARARGS, "_enable(workers, hook): start tracing."},
     {"_intercept", core_intercept, METH_VARARGS, "_intercept(fn, on): enter fn through the trace."},
     {"_hook_installed", (PyCFunction)core_hook_installed, METH_NOARGS, NULL},
+    {"_configure", core_configure, METH_O, "_configure(dict): the C core's options."},
     {"_disable", core_disable, METH_NOARGS, "Remove the frame hook; workers stay."},
     {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
     {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
