@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import pydron
+from pydron import config
 
 # --- the pipeline: plain Python, two decorators ---------------------------------------
 
@@ -108,7 +109,7 @@ def main() -> int:
     p.add_argument("--plain-out", help=argparse.SUPPRESS)   # the child's side
     args = p.parse_args()
 
-    workers = args.workers or int(os.environ.get("PYDRON_WORKERS") or os.cpu_count())
+    workers = args.workers or config.resolve().workers
     bands = args.bands or workers
     if args.plain_out:                       # the plain-Python run, in the child
         (stacked, good, stats), times = timed(args.images, args.size, bands, args.runs)

@@ -143,6 +143,8 @@ def enable(workers: int | None = None, progress: bool | None = None,
     core._enable(cfg.workers, mode == "hook")
     _configure_progress(cfg.progress)
     _configure_timeline(cfg.timeline)
+    log.debug("pydron: enabled: %s", {k: v for k, v in cfg.as_dict().items()
+                                      if k not in ("functional", "schedule")})
     _enabled_hook = mode == "hook"
     if not _enabled_hook:
         for f in list(_scheduled):

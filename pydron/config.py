@@ -118,6 +118,7 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
             raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
         return value
     if kind == "auto":                   # a count, or 0 / "auto" for the default
+        given = value
         if isinstance(value, str):
             text = value.strip().lower()
             if text in ("auto", "", "0"):
@@ -130,7 +131,7 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
                 not 0 <= value <= MAX_THREADS:
             raise ConfigError(f"{where}: {key} must be a whole number from 1 to "
                               f"{MAX_THREADS}, or 0 or \"auto\" for the default, "
-                              f"got {value!r}")
+                              f"got {given!r}")
         return value
     if kind == "bool":
         if isinstance(value, str):

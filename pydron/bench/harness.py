@@ -96,9 +96,12 @@ def parse_args(argv):
     if "sequential" not in ns.systems:
         ns.systems.insert(0, "sequential")
     ns.systems.sort(key=SYSTEMS.index)
-    if ns.workers is None:
-        from ..config import default_workers
-        ns.workers = int(os.environ.get("PYDRON_WORKERS") or default_workers())
+    if ns.workers is None:          # PYDRON_WORKERS, a config file, or the usable cores
+        from .. import config
+        try:
+            ns.workers = config.resolve().workers
+        except config.ConfigError as exc:
+            raise BenchUsageError(f"pydron bench: {exc}") from None
     if ns.repeat is None:
         ns.repeat = 2 if ns.quick else 3
     if ns.budget is None:
