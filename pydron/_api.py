@@ -8,6 +8,7 @@ import os
 import types
 import weakref
 
+from pydron import check as _check
 from pydron import config as _config
 
 log = logging.getLogger("pydron")
@@ -75,6 +76,7 @@ def functional(fn=None, *, executor: str = "processes"):
             return f
         inner = _target(f, "functional")
         if not _killed() and _core is not None:
+            _check.warn_side_effects(inner)
             _core._mark(inner, _FUNCTIONAL, executor == "threads")
             inner.__pydron_kind__ = "functional"   # read by the pure-Python reference runtime
         return f
