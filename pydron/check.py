@@ -570,6 +570,13 @@ def _may_write(code: types.CodeType) -> bool:
 _warned: set = set()
 
 
+def _in_worker() -> bool:
+    """A module a worker imports to run a task decorates its functions again: the master has
+    warned (or will) already, and every worker saying it too would repeat it."""
+    core = sys.modules.get("pydron._core")
+    return core is not None and bool(core._exec_in_worker())
+
+
 def _def_line(code: types.CodeType) -> int:
     """The line of the `def` (a decorated function's code starts at its first decorator)."""
     import linecache
@@ -589,7 +596,7 @@ def warn_side_effects(fn) -> None:
     if not isinstance(code, types.CodeType) or not _may_write(code):
         return
     key = (code.co_filename, code.co_qualname, code.co_firstlineno)
-    if key in _warned:
+    if key in _warned or _in_worker():
         return
     try:
         found = [e for e in side_effects(code) if e.breaks_contract]

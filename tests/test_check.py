@@ -300,3 +300,33 @@ def test_bad_input_is_one_line_and_status_2(tmp_path):
     out = pydron_check(bad, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "bad.py:1" in out.stderr
+
+
+def test_a_module_imported_by_the_workers_is_not_warned_about_again(tmp_path):
+    """The master warns once; the workers, which import the module again to run its tasks
+    (it was imported after enable()), say nothing."""
+    write(tmp_path, "steps.py", """
+        import pydron
+
+        @pydron.functional
+        def flip(grid):
+            grid[0] = -grid[0]
+            return grid
+    """)
+    script = write(tmp_path, "main.py", """
+        import pydron
+        pydron.enable(workers=2)
+        import steps
+
+        @pydron.schedule
+        def run(n):
+            return [steps.flip([i]) for i in range(n)]
+
+        print(run(8))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDRON_")}
+    out = subprocess.run([PY, str(script)], cwd=tmp_path, env=dict(env, PYDRON_PROGRESS="0"),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str([[-i] for i in range(8)])
+    assert out.stderr.count("is not side-effect free") == 1, out.stderr
