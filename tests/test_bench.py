@@ -157,6 +157,12 @@ def test_pipeline_demo_small(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "results identical" in out.stdout
     assert "speed-up" in out.stdout
+    expect = next(ln for ln in out.stdout.splitlines() if ln.startswith("expect"))
+    from pydron.config import default_workers
+    cores = default_workers()
+    best = 1 / (0.05 + 0.95 / min(2, cores))             # Amdahl, 5% serial
+    assert f"at most about {best:.1f}x with 2 workers on {cores} usable core" in expect, expect
+    assert "0.03125 MB frames" in expect
 
 
 def test_no_json_unless_asked_and_the_table_has_a_legend(tmp_path):
