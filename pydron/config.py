@@ -280,11 +280,12 @@ def killed(environ: dict[str, str] | None = None) -> bool:
 
 def exported_environment(cfg: Config) -> dict[str, str]:
     """The PYDRON_* variables that carry `cfg` to a script run by `pydron run`, so that a
-    pydron.enable() inside it sees the same settings (what was not set stays unset)."""
+    pydron.enable() inside it sees the same settings (what was not set stays unset). Not the
+    timeline: `pydron run` records it, and a second recorder would overwrite its file."""
     env = {}
     for key, (kind, var, _) in KEYS.items():
         setting = cfg.settings[key]
-        if var is None or setting.source == "default":
+        if var is None or setting.source == "default" or key == "timeline":
             continue
         value = setting.value
         if kind == "bool":
