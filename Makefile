@@ -5,15 +5,17 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BUILD  ?= build/dev
 APT_PACKAGES := cmake pkg-config libffi-dev libxxhash-dev llvm-dev graphviz
-PIP_PACKAGES := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil \
+PIP_PACKAGES := bytecode cloudpickle tblib numpy threadpoolctl pytest pytest-timeout psutil \
                 joblib "dask[distributed]" matplotlib rich scikit-build-core
 
 # Other interpreters on the machine also run the semantics and rewrite tests (CPython 3.12, 3.13).
 EXTRA_PYTHONS := $(foreach v,3.12 3.13,$(shell tools/find-python.sh $(v)))
-EXTRA_PIP := bytecode cloudpickle tblib numpy pytest pytest-timeout psutil
+EXTRA_PIP := bytecode cloudpickle tblib numpy threadpoolctl pytest pytest-timeout psutil
+# A virtualenv made before a package joined the lists gets it at the next setup.
+PIP_STAMP := $(VENV)/.pip-$(shell echo '$(PIP_PACKAGES)' | cksum | cut -d' ' -f1)
 
 .PHONY: setup build demo test test-versions asan valgrind fuzz chaos bench clean
-setup: $(VENV)/.ready build
+setup: $(VENV)/.ready $(PIP_STAMP) build
 
 $(VENV)/.ready:
 	tools/install-system-deps.sh $(APT_PACKAGES)
@@ -25,8 +27,13 @@ $(VENV)/.ready:
 	chmod +x $(VENV)/bin/pydron
 	touch $@
 
+$(PIP_STAMP): $(VENV)/.ready
+	$(PY) -m pip install -q $(PIP_PACKAGES)
+	rm -f $(VENV)/.pip-*
+	touch $@
+
 # Build the extension in place (pydron/_core*.so) so the virtualenv imports this checkout.
-build: $(VENV)/.ready
+build: $(VENV)/.ready $(PIP_STAMP)
 	cmake -S . -B $(BUILD) -DPython_EXECUTABLE=$(abspath $(PY)) -DCMAKE_BUILD_TYPE=Release \
 	      -DPYDRON_C_TESTS=ON -DPYDRON_SANITIZE=$(SANITIZE) >/dev/null
 	cmake --build $(BUILD) -j2
@@ -50,11 +57,13 @@ test-versions:
 	  if [ ! -f $$venv/.ready ]; then $$py -m venv $$venv && $$venv/bin/pip install -q $(EXTRA_PIP) && \
 	    echo "$(CURDIR)" > $$($$venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pydron-dev.pth && \
 	    touch $$venv/.ready; fi; \
+	  $$venv/bin/python -c 'import threadpoolctl' 2>/dev/null || $$venv/bin/pip install -q $(EXTRA_PIP); \
 	  cmake -S . -B build/py$$v -DPython_EXECUTABLE=$(CURDIR)/$$venv/bin/python -DCMAKE_BUILD_TYPE=Release >/dev/null; \
 	  cmake --build build/py$$v -j2 >/dev/null; \
 	  for so in build/py$$v/_core*.so; do cp $$so pydron/.core.new && mv -f pydron/.core.new pydron/$$(basename $$so); done; \
 	  echo "== semantics and rewrite tests under $$($$venv/bin/python -V)"; \
-	  $$venv/bin/python -m pytest -q tests/test_semantics.py tests/test_rewrite.py tests/test_api.py; \
+	  $$venv/bin/python -m pytest -q tests/test_semantics.py tests/test_rewrite.py tests/test_api.py \
+	    tests/test_check.py; \
 	done
 
 # The C core under AddressSanitizer + UndefinedBehaviorSanitizer, running the test suite.

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 import pydron
+from pydron import config
 
 # --- the pipeline: plain Python, two decorators ---------------------------------------
 
@@ -88,6 +89,30 @@ def reduce_night(count, size, bands):
 # --- the demo around it ---------------------------------------------------------------
 
 
+def expectation(workers: int, size: int) -> str:
+    """What speed-up to expect here. The per-frame steps (read, calibrate, measure) and the
+    stack's row bands run in parallel; what stays on the master does not (Amdahl's law), and
+    other programs running on the cores take their share."""
+    cores = config.default_workers()
+    used = min(workers, cores)
+    best = 1.0 / (SERIAL_SHARE + (1.0 - SERIAL_SHARE) / used)
+    text = (f"expect : at most about {best:.1f}x with {workers} worker{'s' * (workers != 1)} "
+            f"on {cores} usable core{'s' * (cores != 1)} ({SERIAL_SHARE:.0%} of the work stays "
+            f"on the master; moving {size * size * 8 / 2**20:g} MB frames between processes and sharing the memory "
+            f"bandwidth take a part of the rest)")
+    busy = os.getloadavg()[0]
+    if busy >= 0.5:
+        text += (f"; other programs keep about {busy:.1f} of the {cores} cores busy now "
+                 f"(load average), so expect less")
+    return text
+
+
+# The share of a plain run that pydron cannot run in parallel here (the master dark and flat,
+# choosing the frames, joining the bands): 1-5% when each step of the plain run is timed on
+# its own (5% in a cold process, 1% warm).
+SERIAL_SHARE = 0.05
+
+
 def timed(count, size, bands, runs):
     times = []
     for _ in range(runs):
@@ -108,7 +133,7 @@ def main() -> int:
     p.add_argument("--plain-out", help=argparse.SUPPRESS)   # the child's side
     args = p.parse_args()
 
-    workers = args.workers or int(os.environ.get("PYDRON_WORKERS") or os.cpu_count())
+    workers = args.workers or config.resolve().workers
     bands = args.bands or workers
     if args.plain_out:                       # the plain-Python run, in the child
         (stacked, good, stats), times = timed(args.images, args.size, bands, args.runs)
@@ -121,6 +146,7 @@ def main() -> int:
           f"({args.images * args.size * args.size * 8 / 2**20:.0f} MB raw): "
           f"dark/flat calibration, sigma-clipped sky statistics, rejection, "
           f"sigma-clipped stack", flush=True)
+    print(expectation(workers, args.size), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "plain.npz")
         env = dict(os.environ, PYDRON_DISABLE="1")

@@ -171,6 +171,7 @@ typedef struct {
     double task_timeout_s;   /* default timeout of every task; 0: none */
 } exec_options;
 void exec_configure(const exec_options *o);
+exec_options exec_current_options(void);
 
 /* Statistics for tests and `pydron info` (new reference). */
 PyObject *exec_stats(void);

@@ -101,6 +101,12 @@ exec_configure(const exec_options *o)
     exec__options = *o;
 }
 
+exec_options
+exec_current_options(void)
+{
+    return exec__options;
+}
+
 void
 exec__set_master_word(wake_word *w)
 {

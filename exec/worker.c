@@ -424,5 +424,13 @@ exec__worker_main(int slot)
     if (codec == NULL)
         _exit(WORKER_EXIT_NO_CODEC);
     exec__install_array_allocator();
+    /* Per-worker Python set-up (pydron/_worker_setup.py: BLAS/OpenMP thread limits). Best
+     * effort: on any error the worker starts as it is, and prints nothing. */
+    PyObject *setup = PyImport_ImportModule("pydron._worker_setup");
+    PyObject *r = setup ? PyObject_CallMethod(setup, "start_worker", "i",
+                                              (int)exec__shared->nslots) : NULL;
+    Py_XDECREF(r);
+    Py_XDECREF(setup);
+    PyErr_Clear();
     worker_loop();
 }

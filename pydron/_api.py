@@ -8,14 +8,18 @@ import os
 import types
 import weakref
 
+from pydron import check as _check
+from pydron import config as _config
+
 log = logging.getLogger("pydron")
+_config.apply_log_level_from_env()    # PYDRON_LOG shows what the decorators log, too
 
 _EXECUTORS = ("processes", "threads")
 
 
 def _killed() -> bool:
     """PYDRON_DISABLE=1 (or true/yes/on) is the kill switch: pydron changes nothing."""
-    return os.environ.get("PYDRON_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+    return _config.killed()
 
 
 try:
@@ -33,13 +37,6 @@ _FUNCTIONAL, _SCHEDULED = 1, 2
 _atexit_registered = False
 _scheduled: "weakref.WeakSet[types.FunctionType]" = weakref.WeakSet()
 _enabled_hook = False   # PYDRON_INTERCEPT=hook: enter scheduled code through the PEP 523 hook
-
-
-def _intercept_mode() -> str:
-    mode = os.environ.get("PYDRON_INTERCEPT", "vectorcall").strip().lower() or "vectorcall"
-    if mode not in ("vectorcall", "hook"):
-        raise ValueError(f"PYDRON_INTERCEPT must be 'vectorcall' or 'hook', got {mode!r}")
-    return mode
 
 
 def _require_core():
@@ -116,6 +113,7 @@ def functional(fn=None, *, executor: str = "processes", timeout: float | None = 
             return f
         inner = _target(f, "functional")
         if not _killed() and _core is not None:
+            _check.warn_side_effects(inner)
             _core._mark(inner, _FUNCTIONAL, executor == "threads", float(timeout or 0), limit)
             inner.__pydron_kind__ = "functional"   # read by the pure-Python reference runtime
         return f
@@ -155,33 +153,38 @@ def _rewrite_code(code: types.CodeType):
     return _rewrite.rewrite(code, _core)
 
 
-def enable(workers: int | None = None, progress: bool = True, timeline: str | None = None):
+def enable(workers: int | None = None, progress: bool | None = None,
+           timeline: str | None = None, *, blas_threads: int | str | None = None):
     """Install the frame hook and start the local executor (its fork server now, workers on
-    first use). ``workers`` defaults to $PYDRON_WORKERS or one per core."""
+    first use). Arguments left out come from pydron/config.py (PYDRON_* variables, then
+    pydron.toml / [tool.pydron], then defaults: one worker per usable core, BLAS threads
+    per worker = cores // workers); `pydron info` shows them."""
     global _atexit_registered
     if _killed():
         log.info("pydron: PYDRON_DISABLE is set; running plain Python")
         return
+    cfg = _config.resolve_for_enable({"workers": workers, "progress": progress,
+                                      "timeline": timeline, "blas_threads": blas_threads})
+    _config.apply_log_level(cfg.log)
+    if cfg.disable:
+        log.info("pydron: disabled by %s; running plain Python", cfg.source("disable"))
+        return
     core = _require_core()
-    if workers is None:
-        env = os.environ.get("PYDRON_WORKERS")
-        if env:
-            try:
-                workers = int(env)
-            except ValueError:
-                raise ValueError(f"PYDRON_WORKERS must be a whole number, got {env!r}") from None
-        else:
-            workers = os.cpu_count() or 1
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"pydron.enable: workers must be a positive integer, got {workers!r}")
     global _enabled_hook
-    mode = _intercept_mode()
+    mode = cfg.intercept
     if core._is_enabled():
         disable()
+    # Options the C core and the workers read: set before the fork server forks.
+    core._configure({"thread_workers": cfg.threads, "arena_arrays": int(cfg.arena_arrays),
+                     "task_timeout": cfg.task_timeout})
+    from pydron import _worker_setup
+    _worker_setup.plan(cfg.blas_threads)
     core._set_rewrite(_rewrite_code)
-    core._enable(workers, mode == "hook")
-    _configure_progress(progress)
-    _configure_timeline(timeline)
+    core._enable(cfg.workers, mode == "hook")
+    _configure_progress(cfg.progress)
+    _configure_timeline(cfg.timeline)
+    log.debug("pydron: enabled: %s", {k: v for k, v in cfg.as_dict().items()
+                                      if k not in ("functional", "schedule")})
     _enabled_hook = mode == "hook"
     if not _enabled_hook:
         for f in list(_scheduled):
@@ -233,8 +236,7 @@ class _ProgressBar:
 def _configure_progress(progress: bool) -> None:
     import sys
     stream = sys.stderr
-    on = progress and os.environ.get("PYDRON_PROGRESS", "1") not in ("0", "false", "no", "off")
-    on = on and hasattr(stream, "isatty") and stream.isatty()
+    on = progress and hasattr(stream, "isatty") and stream.isatty()
     _core._set_progress(_ProgressBar(stream) if on else None, 1.0)
 
 
@@ -321,8 +323,6 @@ def _configure_timeline(path) -> None:
     """pydron.enable(timeline="run.json"): record every task; the Chrome trace-event file is
     written at disable() and at exit."""
     global _timeline_path, _timeline_origin, _timeline_atexit
-    if path is None:
-        path = os.environ.get("PYDRON_TIMELINE") or None
     if path is None:
         return
     path = os.fspath(path)

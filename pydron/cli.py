@@ -23,7 +23,7 @@ from . import config as _config
 
 log = logging.getLogger("pydron")
 
-SUBCOMMANDS = ("run", "bench", "info")
+SUBCOMMANDS = ("run", "bench", "info", "check")
 
 
 class UsageError(Exception):
@@ -276,10 +276,8 @@ def cmd_run(argv: list[str]) -> int:
     module_targets = plan.resolve_modules()
 
     # Scripts that call pydron.enable() themselves see the same settings.
-    os.environ["PYDRON_WORKERS"] = str(cfg.workers)
-    os.environ["PYDRON_PROGRESS"] = "1" if cfg.progress else "0"
-    if cfg.disable:
-        os.environ["PYDRON_DISABLE"] = "1"
+    os.environ.update(_config.exported_environment(cfg))
+    _config.apply_log_level(cfg.log)
     import pydron
     for needed in ("functional", "schedule", "enable"):
         if not hasattr(pydron, needed):
@@ -290,7 +288,8 @@ def cmd_run(argv: list[str]) -> int:
         setattr(owner, attr, decorators[kind](fn))
         log.debug("decorated %s.%s as %s", getattr(owner, "__name__", owner), attr, kind)
     if not cfg.disable:
-        pydron.enable(workers=cfg.workers, progress=cfg.progress, timeline=cfg.timeline)
+        pydron.enable(workers=cfg.workers, progress=cfg.progress, timeline=cfg.timeline,
+                      blas_threads=cfg.blas_threads)
     log.debug("running %s with %s", script, cfg.as_dict())
 
     main = types.ModuleType("__main__")
@@ -366,12 +365,15 @@ def cmd_info(argv: list[str]) -> int:
     except Exception:
         pkg, location = _dist_version(), "?"
     workers = {"backend": cfg.backend, "count": 0 if cfg.disable else cfg.workers,
-               "usable_cores": _config.default_workers(), "cpu_count": os.cpu_count()}
+               "usable_cores": _config.default_workers(), "cpu_count": os.cpu_count(),
+               "blas_threads_per_worker": cfg.blas_threads}
     if ns.json:
         print(json.dumps({"pydron": pkg, "location": location,
                           "config_file": str(cfg.file) if cfg.file else None,
                           "config": {k: {"value": s.value, "source": s.source}
                                      for k, s in cfg.settings.items()},
+                          "variables": {var: k for k, (_, var, _) in _config.KEYS.items()
+                                        if var},
                           "versions": versions, "workers": workers}, indent=2))
         return 0
     print(f"pydron {pkg} ({location})")
@@ -380,12 +382,15 @@ def cmd_info(argv: list[str]) -> int:
     width = max(len(k) for k in cfg.settings)
     for key, s in cfg.settings.items():
         value = ", ".join(s.value) if isinstance(s.value, list) else s.value
-        print(f"  {key:<{width}}  {str(value) if value not in ('', None) else '-':<24} "
-              f"({s.source})")
+        var = _config.KEYS[key][1] or ""
+        print(f"  {key:<{width}}  {str(value) if value not in ('', None) else '-':<12} "
+              f"{'(' + s.source + ')':<36} {var}")
     print("versions:")
     for k, v in versions.items():
         print(f"  {k:<{width}}  {v}")
-    state = "none (disabled)" if cfg.disable else f"{cfg.workers} local processes"
+    state = "none (disabled)" if cfg.disable else (
+        f"{cfg.workers} local processes, {cfg.blas_threads} BLAS/OpenMP "
+        f"thread{'s' * (cfg.blas_threads != 1)} each")
     print(f"workers: {state}; {workers['usable_cores']} usable cores")
     return 0
 
@@ -406,14 +411,17 @@ def _usage() -> str:
             "script.py [args]\n"
             "  pydron bench [--quick] [--workloads W,..] [--systems S,..] [--workers N] "
             "[--repeat R] [--json FILE] [--plot FILE] [--timeline FILE]\n"
-            "  pydron info [--json] [script.py]\n")
+            "  pydron info [--json] [script.py]\n"
+            "  pydron check [--functional NAME] [--json] script.py\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if os.environ.get("PYDRON_LOG"):
-        logging.basicConfig(level=os.environ["PYDRON_LOG"].upper(),
-                            format="%(name)s: %(levelname)s: %(message)s")
+    try:        # PYDRON_LOG: the `pydron` logger only, from the start of the command
+        _config.apply_log_level(_config.resolve_log_level())
+    except _config.ConfigError as exc:
+        print(f"error: pydron: {exc}", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help"):
         sys.stdout.write(_usage())
         return 0 if argv else 2
@@ -430,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "bench":
             from .bench import harness
             return harness.main(rest)
+        if cmd == "check":
+            from . import check
+            return check.main(rest)
         raise UsageError(f"pydron: unknown command {cmd!r} "
                          f"(accepted: {', '.join(SUBCOMMANDS)})")
     except UsageError as exc:

@@ -1,30 +1,53 @@
 """Resolved configuration of a pydron run, and where each value came from.
 
-Precedence, highest first: command line, environment (PYDRON_*), a config file
-(`pydron.toml`, or `[tool.pydron]` in `pyproject.toml`), defaults.
+This is the one place that reads PYDRON_* variables: `pydron run`, `pydron info`,
+`pydron bench`, `pydron.enable()` and the decorators' kill switch all ask here, and the C
+core gets its options from `pydron.enable()` (`_core._configure`), never from getenv.
+
+Precedence, highest first: command line or `pydron.enable()` keywords, environment
+(PYDRON_*), a config file (`pydron.toml`, or `[tool.pydron]` in `pyproject.toml`), defaults.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 __all__ = ["ConfigError", "Config", "Setting", "KEYS", "find_config_file", "resolve",
-           "default_workers"]
+           "default_workers", "resolve_for_enable", "killed", "blas_threads_for", "apply_log_level",
+           "apply_log_level_from_env", "resolve_log_level", "exported_environment"]
 
-# key -> (kind, environment variable or None, help text)
+# key -> (kind, environment variable or None, help text). Every PYDRON_* variable pydron
+# reads is listed here, with its one default in _defaults().
 KEYS: dict[str, tuple[str, str | None, str]] = {
     "workers": ("int", "PYDRON_WORKERS", "worker processes (default: usable cores)"),
     "backend": ("backend", "PYDRON_BACKEND", "where tasks run: local"),
     "disable": ("bool", "PYDRON_DISABLE", "run as plain Python, decorators change nothing"),
     "progress": ("bool", "PYDRON_PROGRESS", "progress bar for long scheduled calls"),
     "timeline": ("path", "PYDRON_TIMELINE", "write a Chrome trace-event timeline here"),
+    "intercept": ("intercept", "PYDRON_INTERCEPT",
+                  "how scheduled functions are entered: vectorcall or hook (PEP 523)"),
+    "threads": ("auto", "PYDRON_THREADS",
+                "threads for executor=\"threads\" tasks (0 or auto: usable cores)"),
+    "blas_threads": ("auto", "PYDRON_BLAS_THREADS",
+                     "BLAS/OpenMP threads per worker (0 or auto: cores // workers, at least 1)"),
+    "arena_arrays": ("bool", "PYDRON_ARENA_ARRAYS",
+                     "large numpy arrays made in workers live in the shared arena"),
+    "task_timeout": ("seconds", "PYDRON_TASK_TIMEOUT",
+                     "default timeout of every task in seconds (0 or off: none)"),
+    "log": ("log", "PYDRON_LOG", "level of the `pydron` logger on stderr "
+                                 "(debug, info, warning, error; default: not set)"),
     "functional": ("names", None, "functions to run as functional tasks (mod.func)"),
     "schedule": ("names", None, "functions to schedule (mod.func)"),
 }
 BACKENDS = ("local",)
+INTERCEPTS = ("vectorcall", "hook")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_THREADS = 1024          # the thread pool's limit (exec/threads.c)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -58,29 +81,59 @@ class Config:
 
 
 def default_workers() -> int:
+    """Usable cores: the CPU affinity mask (a container or `taskset` may give fewer than
+    os.cpu_count())."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
 
 
+def blas_threads_for(workers: int, cores: int | None = None) -> int:
+    """The default BLAS/OpenMP threads of one worker: the cores shared out among the
+    workers (as loky does), so that workers x threads does not oversubscribe the cores."""
+    cores = default_workers() if cores is None else cores
+    return max(1, cores // max(1, workers))
+
+
 def _defaults() -> dict[str, Any]:
+    # "auto" values (threads, blas_threads) are 0 here and worked out at the end of
+    # resolve(), once the worker count is known.
     return {"workers": default_workers(), "backend": "local", "disable": False,
-            "progress": True, "timeline": None, "functional": [], "schedule": []}
+            "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
+            "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
+            "functional": [], "schedule": []}
 
 
-def _convert(key: str, value: Any, where: str) -> Any:
-    """Check and normalise one value; strings (environment, command line) are parsed."""
+def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
+    """Check and normalise one value; strings (environment, command line) are parsed, unless
+    `parse` is false (Python callers pass numbers as numbers)."""
     kind = KEYS[key][0]
     if kind == "int":
-        if isinstance(value, str):
+        if isinstance(value, str) and parse:
             try:
                 value = int(value.strip())
             except ValueError:
-                raise ConfigError(f"{where}: workers must be a positive integer, "
+                raise ConfigError(f"{where}: {key} must be a positive integer, "
                                   f"got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}: workers must be a positive integer, got {value!r}")
+            raise ConfigError(f"{where}: {key} must be a positive integer, got {value!r}")
+        return value
+    if kind == "auto":                   # a count, or 0 / "auto" for the default
+        given = value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("auto", "", "0"):
+                return 0
+            try:
+                value = int(text)
+            except ValueError:
+                value = text
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                not 0 <= value <= MAX_THREADS:
+            raise ConfigError(f"{where}: {key} must be a whole number from 1 to "
+                              f"{MAX_THREADS}, or 0 or \"auto\" for the default, "
+                              f"got {given!r}")
         return value
     if kind == "bool":
         if isinstance(value, str):
@@ -97,12 +150,45 @@ def _convert(key: str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: unknown backend {value!r} "
                               f"(accepted: {', '.join(BACKENDS)})")
         return value
+    if kind == "intercept":
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text == "":
+            return "vectorcall"
+        if text not in INTERCEPTS:
+            raise ConfigError(f"{where}: intercept must be 'vectorcall' or 'hook', "
+                              f"got {value!r}")
+        return text
+    if kind == "seconds":
+        given = value
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("", "0", "off", "none"):
+                return 0.0
+            try:
+                value = float(text)
+            except ValueError:
+                value = None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 \
+                or value != value or value == float("inf"):
+            raise ConfigError(f"{where}: {key} must be a number of seconds (0 or off: none), "
+                              f"got {given!r}")
+        return float(value)
+    if kind == "log":
+        if value is None:
+            return None
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text in ("", "0", "off", "none"):
+            return None
+        if text not in LOG_LEVELS:
+            raise ConfigError(f"{where}: log must be one of {', '.join(LOG_LEVELS)} "
+                              f"(or off), got {value!r}")
+        return text
     if kind == "path":
         if value is None or value == "":
             return None
-        if not isinstance(value, str):
+        if not isinstance(value, (str, os.PathLike)):
             raise ConfigError(f"{where}: {key} must be a file name, got {value!r}")
-        return value
+        return os.fspath(value)
     if kind == "names":
         if isinstance(value, str):
             value = [v for v in (p.strip() for p in value.split(",")) if v]
@@ -145,10 +231,18 @@ def find_config_file(dirs: list[Path]) -> tuple[Path | None, dict[str, Any]]:
     return None, {}
 
 
+def _given_label(caller: str, key: str) -> str:
+    """Where an explicitly given value came from, as `pydron info` shows it."""
+    if caller == "enable":
+        return f"pydron.enable({key}=)"
+    return f"{caller} --{key.replace('_', '-')}"
+
+
 def resolve(cli: dict[str, Any] | None = None, *, search_dirs: list[Path] | None = None,
-            environ: dict[str, str] | None = None) -> Config:
-    """Merge defaults < config file < environment < command line (values that are None
-    on the command line are not given)."""
+            environ: dict[str, str] | None = None, caller: str = "command line") -> Config:
+    """Merge defaults < config file < environment < explicit values (`cli`: the command
+    line, or with caller="enable" the keywords of pydron.enable(); values that are None
+    are not given)."""
     environ = os.environ if environ is None else environ
     cli = {k: v for k, v in (cli or {}).items() if v is not None and v != []}
     settings = {k: Setting(v, "default") for k, v in _defaults().items()}
@@ -169,7 +263,91 @@ def resolve(cli: dict[str, Any] | None = None, *, search_dirs: list[Path] | None
     for key, value in cli.items():
         if key not in KEYS:
             raise ConfigError(f"unknown option {key!r}")
-        opt = "--" + key
-        settings[key] = Setting(_convert(key, value, f"command line {opt}"),
-                                f"command line {opt}")
+        label = _given_label(caller, key)
+        settings[key] = Setting(_convert(key, value, label, parse=caller != "enable"), label)
+    # "auto" means: worked out from the cores and the workers actually used.
+    if settings["threads"].value == 0:
+        settings["threads"].value = default_workers()
+    if settings["blas_threads"].value == 0:
+        settings["blas_threads"].value = blas_threads_for(settings["workers"].value)
     return Config(settings, path)
+
+
+def resolve_for_enable(given: dict[str, Any]) -> Config:
+    """The configuration pydron.enable() uses: its keywords (`given`, None = not given) over
+    the environment, over the config file beside the main script or in the working
+    directory, over the defaults."""
+    dirs = []
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if isinstance(main_file, str) and main_file:
+        dirs.append(Path(main_file).resolve().parent)
+    dirs.append(Path.cwd())
+    return resolve(given, search_dirs=dirs, caller="enable")
+
+
+def killed(environ: dict[str, str] | None = None) -> bool:
+    """PYDRON_DISABLE: the kill switch the decorators read at each decoration (so only the
+    environment, not config files: decorating stays cheap)."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("PYDRON_DISABLE")
+    if value is None:
+        return False
+    return _convert("disable", value, "environment PYDRON_DISABLE")
+
+
+def exported_environment(cfg: Config) -> dict[str, str]:
+    """The PYDRON_* variables that carry `cfg` to a script run by `pydron run`, so that a
+    pydron.enable() inside it sees the same settings (what was not set stays unset). Not the
+    timeline: `pydron run` records it, and a second recorder would overwrite its file."""
+    env = {}
+    for key, (kind, var, _) in KEYS.items():
+        setting = cfg.settings[key]
+        if var is None or setting.source == "default" or key == "timeline":
+            continue
+        value = setting.value
+        if kind == "bool":
+            env[var] = "1" if value else "0"
+        elif value is None:
+            env[var] = "" if kind != "log" else "off"
+        else:
+            env[var] = str(value)
+    return env
+
+
+# ---- logging -----------------------------------------------------------------------------
+
+_log_handler: logging.Handler | None = None
+
+
+def apply_log_level(level: str | None) -> None:
+    """PYDRON_LOG / `log`: show the `pydron` logger's records at this level on stderr. Only
+    that logger: the root logger and other libraries' loggers (matplotlib, PIL) keep their
+    settings. None leaves logging as the application configured it."""
+    global _log_handler
+    if level is None:
+        return
+    logger = logging.getLogger("pydron")
+    logger.setLevel(level.upper())
+    if _log_handler is None:
+        _log_handler = logging.StreamHandler(sys.stderr)
+        _log_handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        logger.addHandler(_log_handler)
+        # The records go to stderr once, here, not again through the root's handlers.
+        logger.propagate = False
+
+
+def resolve_log_level(environ: dict[str, str] | None = None) -> str | None:
+    """PYDRON_LOG from the environment (None: not set); ConfigError naming it if bad."""
+    environ = os.environ if environ is None else environ
+    return _convert("log", environ.get("PYDRON_LOG"), "environment PYDRON_LOG")
+
+
+def apply_log_level_from_env() -> None:
+    """At `import pydron`: PYDRON_LOG from the environment, so that what the decorators log
+    shows too. A bad value is left for pydron.enable() / the `pydron` command to report (an
+    import should not fail on it)."""
+    try:
+        level = resolve_log_level()
+    except ConfigError:
+        return
+    apply_log_level(level)

@@ -105,7 +105,8 @@ def test_kill_switch_changes_nothing():
 def test_bad_intercept_mode_is_named():
     proc = _run("import pydron; pydron.enable()", env={"PYDRON_INTERCEPT": "magic"})
     assert proc.returncode != 0
-    assert "PYDRON_INTERCEPT must be 'vectorcall' or 'hook', got 'magic'" in proc.stderr
+    assert "environment PYDRON_INTERCEPT: intercept must be 'vectorcall' or 'hook', got 'magic'" \
+        in proc.stderr
 
 
 def test_llvm_jit_compiles_and_runs():

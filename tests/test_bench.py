@@ -157,3 +157,40 @@ def test_pipeline_demo_small(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "results identical" in out.stdout
     assert "speed-up" in out.stdout
+    expect = next(ln for ln in out.stdout.splitlines() if ln.startswith("expect"))
+    from pydron.config import default_workers
+    cores = default_workers()
+    best = 1 / (0.05 + 0.95 / min(2, cores))             # Amdahl, 5% serial
+    assert f"at most about {best:.1f}x with 2 workers on {cores} usable core" in expect, expect
+    assert "0.03125 MB frames" in expect
+
+
+def test_no_json_unless_asked_and_the_table_has_a_legend(tmp_path):
+    out = bench("--quick", "--workloads", "tiny", "--systems", "sequential", "--repeat", "1",
+                "--table", "plain", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert list(tmp_path.iterdir()) == []              # nothing written into the folder
+    assert "raw figures" not in out.stderr
+    for words in ("vs seq: sequential time / this system's time: > 1 is faster",
+                  "vs best peer: this system's time / the fastest other parallel system's",
+                  "> 1 means slower", "master B/task: memory the calling process added",
+                  "empty for the others"):
+        assert words in " ".join(out.stdout.split()), words
+
+
+@pytest.mark.nosan
+def test_blas_workload_runs_and_agrees_with_sequential(tmp_path):
+    """The linear-algebra workload (numpy's default BLAS threads) on pydron and the two peers
+    the figures compare it with; their results must equal the sequential ones."""
+    out_json = tmp_path / "bench.json"
+    out = bench("--quick", "--workloads", "blas", "--systems", "pydron,processpool,joblib",
+                "--repeat", "1", "--workers", "2", "--json", out_json, cwd=tmp_path,
+                timeout=300)
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out_json.read_text())
+    results = {r["system"]: r for r in doc["results"]}
+    assert results["sequential"]["status"] == "ok"
+    assert results["sequential"]["tasks"] == WORKLOADS["blas"].quick["n"]
+    for system in ("pydron", "processpool", "joblib"):
+        assert results[system]["status"] == "ok", results[system]
+        assert results[system]["digest"] == results["sequential"]["digest"]

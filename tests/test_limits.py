@@ -134,3 +134,27 @@ def test_memory_limit_stops_a_task_that_grows_past_it(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["1000.0", "memory: pydron: task __main__.hog() True",
                                         "10.0"]
+def test_default_timeout_from_the_configuration(tmp_path):
+    proc = scenario("""
+        @pydron.functional
+        def sleeps(s):
+            time.sleep(s)
+            return s
+
+        @pydron.schedule
+        def naps(s):
+            return [sleeps(s) for _ in range(2)]
+
+        print(naps(0.01))
+        try:
+            naps(30)
+        except TimeoutError as e:
+            print("timeout:", e)
+    """, tmp_path, env={"PYDRON_TASK_TIMEOUT": "0.5"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "[0.01, 0.01]",
+        "timeout: pydron: task __main__.sleeps() ran longer than its timeout of 0.5 s and was "
+        "stopped"]
+
+

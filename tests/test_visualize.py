@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -17,6 +18,7 @@ def leaf(x):
 
 @pydron.functional
 def combine(a, b):
+    time.sleep(0.05)       # still running when the scheduled code reads the total: a real wait
     return a + b
 
 

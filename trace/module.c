@@ -13,6 +13,7 @@ int trace__enabled;
 PyObject *trace__module;
 static PyObject *rewrite_hook;    /* pydron._api._rewrite_code(code) -> code | None */
 
+
 static void
 codeinfo_free(void *p)
 {
@@ -161,6 +162,70 @@ core_enable(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* Read one int option from the dict (borrowed); a missing key keeps *out. 0 or -1 with an
+ * exception naming the key. */
+static int
+configure_int(PyObject *options, const char *key, int lo, int hi, int *out)
+{
+    PyObject *v = PyDict_GetItemString(options, key);   /* borrowed */
+    if (v == NULL)
+        return 0;
+    long n = PyLong_AsLong(v);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (n < lo || n > hi) {
+        PyErr_Format(PyExc_ValueError, "pydron._configure: %s must be from %d to %d, got %ld",
+                     key, lo, hi, n);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
+/* _configure({"thread_workers": n, "arena_arrays": 0|1, "task_timeout": s}): the C core's options,
+ * resolved by pydron/config.py (the one reader of PYDRON_* variables); called by pydron.enable()
+ * before the fork server starts, so workers inherit them. */
+static PyObject *
+core_configure(PyObject *module, PyObject *options)
+{
+    if (!PyDict_Check(options)) {
+        PyErr_Format(PyExc_TypeError, "pydron._configure expects a dict, got %.100s",
+                     Py_TYPE(options)->tp_name);
+        return NULL;
+    }
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(options, &pos, &key, &value)) {     /* a misspelt key is an error */
+        int known = PyUnicode_Check(key) &&
+                    (PyUnicode_CompareWithASCIIString(key, "thread_workers") == 0 ||
+                     PyUnicode_CompareWithASCIIString(key, "arena_arrays") == 0 ||
+                     PyUnicode_CompareWithASCIIString(key, "task_timeout") == 0);
+        if (!known) {
+            PyErr_Format(PyExc_ValueError, "pydron._configure: unknown option %R "
+                         "(accepted: thread_workers, arena_arrays, task_timeout)", key);
+            return NULL;
+        }
+    }
+    exec_options o = exec_current_options();
+    if (configure_int(options, "thread_workers", 0, 1024, &o.thread_workers) < 0 ||
+        configure_int(options, "arena_arrays", 0, 1, &o.arena_arrays) < 0)
+        return NULL;
+    PyObject *timeout = PyDict_GetItemString(options, "task_timeout");   /* borrowed */
+    if (timeout != NULL && timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1 && PyErr_Occurred())
+            return NULL;
+        if (t < 0) {
+            PyErr_Format(PyExc_ValueError, "pydron._configure: task_timeout must be >= 0, "
+                         "got %R", timeout);
+            return NULL;
+        }
+        o.task_timeout_s = t;
+    }
+    exec_configure(&o);
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_disable(PyObject *module, PyObject *unused)
 {
@@ -196,33 +261,6 @@ core_stats(PyObject *module, PyObject *unused)
     return graph_stats();
 }
 
-/* _configure(options: dict): executor options resolved by pydron/config.py. */
-static PyObject *
-core_configure(PyObject *module, PyObject *options)
-{
-    if (!PyDict_Check(options)) {
-        PyErr_SetString(PyExc_TypeError, "_configure expects a dict of options");
-        return NULL;
-    }
-    exec_options o = {.thread_workers = 0, .arena_arrays = 1, .task_timeout_s = 0};
-    PyObject *v;
-    if ((v = PyDict_GetItemString(options, "thread_workers")) != NULL) {
-        o.thread_workers = PyLong_AsLong(v) ;
-        if (o.thread_workers == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    if ((v = PyDict_GetItemString(options, "arena_arrays")) != NULL) {
-        if ((o.arena_arrays = PyObject_IsTrue(v)) < 0)
-            return NULL;
-    }
-    if ((v = PyDict_GetItemString(options, "task_timeout")) != NULL && v != Py_None) {
-        o.task_timeout_s = PyFloat_AsDouble(v);
-        if (o.task_timeout_s == -1 && PyErr_Occurred())
-            return NULL;
-    }
-    exec_configure(&o);
-    Py_RETURN_NONE;
-}
 
 static PyObject *
 core_versions(PyObject *module, PyObject *unused)
@@ -243,11 +281,11 @@ static PyMethodDef core_methods[] = {
     {"_enable", core_enable, METH_VARARGS, "_enable(workers, hook): start tracing."},
     {"_intercept", core_intercept, METH_VARARGS, "_intercept(fn, on): enter fn through the trace."},
     {"_hook_installed", (PyCFunction)core_hook_installed, METH_NOARGS, NULL},
+    {"_configure", core_configure, METH_O, "_configure(dict): the C core's options."},
     {"_disable", core_disable, METH_NOARGS, "Remove the frame hook; workers stay."},
     {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
     {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
     {"_stats", core_stats, METH_NOARGS, "Task counters of this process."},
-    {"_configure", core_configure, METH_O, "_configure(options): executor options."},
     {"versions", core_versions, METH_NOARGS, "Versions of CPython, LLVM, libffi and xxHash."},
     {NULL},
 };

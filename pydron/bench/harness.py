@@ -78,8 +78,8 @@ def parse_args(argv):
                    help="workers per system (default: usable cores)")
     p.add_argument("--repeat", type=_positive, default=None,
                    help="timed repeats (default 3, --quick 2)")
-    p.add_argument("--json", default="pydron-bench.json", metavar="FILE",
-                   help="write every raw figure here (default: %(default)s)")
+    p.add_argument("--json", default=None, metavar="FILE",
+                   help="write every raw figure here (default: none written)")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="write a chart")
     p.add_argument("--timeline", default=None, metavar="FILE",
                    help="write pydron's Chrome trace-event timeline of its runs")
@@ -96,9 +96,12 @@ def parse_args(argv):
     if "sequential" not in ns.systems:
         ns.systems.insert(0, "sequential")
     ns.systems.sort(key=SYSTEMS.index)
-    if ns.workers is None:
-        from ..config import default_workers
-        ns.workers = int(os.environ.get("PYDRON_WORKERS") or default_workers())
+    if ns.workers is None:          # PYDRON_WORKERS, a config file, or the usable cores
+        from .. import config
+        try:
+            ns.workers = config.resolve().workers
+        except config.ConfigError as exc:
+            raise BenchUsageError(f"pydron bench: {exc}") from None
     if ns.repeat is None:
         ns.repeat = 2 if ns.quick else 3
     if ns.budget is None:
@@ -301,6 +304,17 @@ def table_rows(results, notes=None):
     return header, rows
 
 
+LEGEND = """\
+median: wall time of one run of the workload (median of the repeats); spread: half the range
+  of the repeats, relative to the median.  µs/task: median / number of tasks.
+vs seq: sequential time / this system's time: > 1 is faster than plain Python, < 1 slower.
+vs best peer: this system's time / the fastest other parallel system's (not pydron, not
+  sequential): > 1 means slower than that peer, < 1 faster.
+master B/task: memory the calling process added during the run, per task (peak RSS); shown
+  for the scale workload only, where it measures what the graph costs per task; empty for
+  the others, whose inputs and results dominate it."""
+
+
 def print_table(results, systems, file=sys.stdout, style="rich"):
     notes: list[str] = []
     absent = {s["system"] for s in systems if s["status"] == "skipped"}
@@ -342,6 +356,7 @@ def print_table(results, systems, file=sys.stdout, style="rich"):
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)), file=file)
     for i, note in enumerate(notes, 1):
         print(f"[{i}] {note}", file=file)
+    print(LEGEND, file=file)
     skipped = [(s["system"], s.get("error")) for s in systems if s["status"] == "skipped"]
     for name, why in skipped:
         print(f"{name}: {why}", file=file)
@@ -405,9 +420,10 @@ def main(argv=None) -> int:
                              else WORKLOADS[n].params}
                          for n in ns.workloads},
            "systems": systems, "results": results}
-    Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(ns.json).write_text(json.dumps(doc, indent=1, default=str))
-    print(f"raw figures: {ns.json}", file=sys.stderr)
+    if ns.json:
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps(doc, indent=1, default=str))
+        print(f"raw figures: {ns.json}", file=sys.stderr)
     if ns.plot:
         from .plot import plot
         plot(doc, ns.plot)

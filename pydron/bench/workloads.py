@@ -101,6 +101,16 @@ def stack(frames):
     return (cube * mask).sum(axis=0) / np.maximum(mask.sum(axis=0), 1)
 
 
+@pydron.functional
+def svd_top(seed, size):
+    """Full SVD of a random size x size matrix (LAPACK through numpy's BLAS, with whatever
+    threads it is given); the four largest singular values, rounded: BLAS with 1 or 2 threads
+    differs in the last bits, and every system must give the sequential result."""
+    a = np.random.default_rng(seed).standard_normal((size, size))
+    u, s, vt = np.linalg.svd(a)
+    return [round(float(x), 6) for x in s[:4]]
+
+
 def calibration_frames(size):
     rng = np.random.default_rng(7)
     dark = rng.normal(10.0, 1.0, (size, size))
@@ -154,6 +164,11 @@ def image_program(n, size):
 
 
 @pydron.schedule
+def blas_program(n, size):
+    return [svd_top(seed, size) for seed in range(n)]
+
+
+@pydron.schedule
 def scale_program(n):
     return [inc(i) for i in range(n)]
 
@@ -198,6 +213,10 @@ def image_peer(api, n, size):
     median_sky = sorted(m for m, _ in stats)[len(stats) // 2]
     good = [frames[i] for i, (m, s) in enumerate(stats) if abs(m - median_sky) < 20.0]
     return api.gather([api.submit(stack, good)])[0]
+
+
+def blas_peer(api, n, size):
+    return api.map(svd_top, [(seed, size) for seed in range(n)])
 
 
 def scale_peer(api, n):
