@@ -44,6 +44,16 @@ compat_lookup_attr(PyObject *obj, PyObject *name, PyObject **result)
 #endif
 }
 
+/* Member descriptors (slots): PyMemberDef and its type codes moved out of structmember.h in 3.12. */
+#if PY_VERSION_HEX >= 0x030C0000
+#define COMPAT_T_OBJECT_EX Py_T_OBJECT_EX
+#define COMPAT_READONLY Py_READONLY
+#else
+#include <structmember.h>
+#define COMPAT_T_OBJECT_EX T_OBJECT_EX
+#define COMPAT_READONLY READONLY
+#endif
+
 /* Per-code extra slots: underscore names on 3.11, PyUnstable_ names from 3.12. */
 #if PY_VERSION_HEX >= 0x030C0000
 #define compat_code_get_extra PyUnstable_Code_GetExtra

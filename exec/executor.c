@@ -160,7 +160,7 @@ exec_complete(const exec_completion *c)
 }
 
 /* A queue that grew past this during a burst is given back once it is empty again. */
-#define DONE_KEEP_CAP 1024
+#define DONE_KEEP_CAP 256
 
 static int
 take_completions(exec_completion *out, int cap)

@@ -44,28 +44,10 @@ task_clear(graph_task *t)
     return 0;
 }
 
-/* A task that ran fine but whose result nobody read was called for a side effect, which it
- * cannot have had here: say so once per function (pydron/check.py). */
-static void
-warn_if_unread(graph_task *t)
-{
-    if (t->state != TASK_DONE || t->read || t->undone || t->fn == NULL)
-        return;
-    PyObject *exc = PyErr_GetRaisedException();
-    PyObject *check = PyImport_ImportModule("pydron.check");
-    PyObject *r = check ? PyObject_CallMethod(check, "warn_result_unread", "O", t->fn) : NULL;
-    if (r == NULL)
-        PyErr_WriteUnraisable((PyObject *)t);
-    Py_XDECREF(r);
-    Py_XDECREF(check);
-    PyErr_SetRaisedException(exc);
-}
-
 static void
 task_dealloc(graph_task *t)
 {
     PyObject_GC_UnTrack(t);
-    warn_if_unread(t);
     task_clear(t);
     exec_blob_decref(t->args);
     exec_blob_decref(t->blob);

@@ -115,26 +115,3 @@ def test_oom_killer_is_named_when_the_peak_is_near_the_limit():
     assert "out-of-memory killer" in str(big) and "memory_limit" in str(big)
     small = _exec_helpers.worker_lost(describe, "killed by SIGKILL", 3, b"", (), 10 << 20, True)
     assert "out-of-memory" not in str(small) and "peak memory 10 MiB" in str(small)
-
-
-def test_a_result_never_read_is_warned_once(caplog):
-    @pydron.functional
-    def for_its_side_effect(x):
-        return None
-
-    @pydron.functional
-    def used(x):
-        return x + 1
-
-    @pydron.schedule
-    def calls(n):
-        for i in range(n):
-            for_its_side_effect(i)        # result dropped: called for a side effect
-        return [used(i) for i in range(n)]
-
-    with caplog.at_level("WARNING", logger="pydron"):
-        assert calls(3) == [1, 2, 3]
-        assert calls(3) == [1, 2, 3]
-    unread = [r for r in caplog.records if "was never read" in r.getMessage()]
-    assert len(unread) == 1 and "for_its_side_effect" in unread[0].getMessage()
-    assert "used" not in unread[0].getMessage().split("never read")[0]

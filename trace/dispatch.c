@@ -58,10 +58,19 @@ call_forced(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObjec
     }
     /* A builtin method reads its self too: `results.sort()`, `",".join(...)` on containers. */
     PyObject *result = NULL;
+    if (trace__force_escapes(callable) < 0)
+        goto done;
+    /* A plain method reads its self: `box.report()` with results in box.items. */
+    if (PyMethod_Check(callable)) {
+        PyObject *s = trace__force_deep(PyMethod_GET_SELF(callable));
+        if (s == NULL)
+            goto done;
+        Py_DECREF(s);
+    }
     if (PyCFunction_Check(callable)) {
         PyObject *self = PyCFunction_GET_SELF(callable);
         if (self && (PyList_CheckExact(self) || PyDict_CheckExact(self) ||
-                     PyTuple_CheckExact(self))) {
+                     PyTuple_CheckExact(self) || graph_moves_count() > 0)) {
             PyObject *s = trace__force_deep(self);
             if (s == NULL)
                 goto done;

@@ -13,12 +13,149 @@ trace__force(PyObject *x)
     return Py_NewRef(x);
 }
 
-/* Replace every task inside the exact containers reachable from obj by its value.
- * Borrows obj; replaced items become its own references. */
-static int
-force_inplace(PyObject *obj, int depth)
+/* ---- deep forcing ------------------------------------------------------------------------------
+ * Pending values live in exact lists, tuples and dicts (where the trace moved them). While this
+ * thread has moved some into containers (the undo log is not empty), such a container may also
+ * hang off an object of the user's own classes (self.items, vars(obj)[k], a slot): then the walk
+ * descends into instance dicts and slots too, with a visited set and a budget of
+ * WALK_BUDGET objects per walk, so a large object graph costs a bounded amount. */
+
+#define WALK_BUDGET 100000
+#define MAX_DEPTH 200
+
+typedef struct {
+    int objects;               /* descend into instances of heap types */
+    PyObject **seen;           /* open addressing set of visited instances */
+    size_t seen_cap, seen_count;
+    size_t budget;
+} walk;
+
+static void
+walk_init(walk *w, int objects)
 {
-    if (depth > 200)
+    w->objects = objects;
+    w->seen = NULL;
+    w->seen_cap = w->seen_count = 0;
+    w->budget = WALK_BUDGET;
+}
+
+static void
+walk_clear(walk *w)
+{
+    PyMem_Free(w->seen);
+}
+
+/* 1 if obj was not seen before (it is now), 0 if it was, -1 + MemoryError. */
+static int
+walk_first_visit(walk *w, PyObject *obj)
+{
+    if ((w->seen_count + 1) * 2 > w->seen_cap) {
+        size_t cap = w->seen_cap ? w->seen_cap * 2 : 64;
+        PyObject **seen = PyMem_Calloc(cap, sizeof(PyObject *));
+        if (seen == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (size_t i = 0; i < w->seen_cap; i++) {
+            if (w->seen[i] == NULL)
+                continue;
+            size_t h = ((uintptr_t)w->seen[i] >> 4) & (cap - 1);
+            while (seen[h])
+                h = (h + 1) & (cap - 1);
+            seen[h] = w->seen[i];
+        }
+        PyMem_Free(w->seen);
+        w->seen = seen;
+        w->seen_cap = cap;
+    }
+    size_t h = ((uintptr_t)obj >> 4) & (w->seen_cap - 1);
+    while (w->seen[h]) {
+        if (w->seen[h] == obj)
+            return 0;
+        h = (h + 1) & (w->seen_cap - 1);
+    }
+    w->seen[h] = obj;
+    w->seen_count++;
+    return 1;
+}
+
+/* An instance of one of the user's own classes (heap types), whose dict and slots may hold a
+ * container of pending values. Not classes, modules, functions or code. */
+static int
+is_user_instance(PyObject *obj)
+{
+    PyTypeObject *t = Py_TYPE(obj);
+    return PyType_HasFeature(t, Py_TPFLAGS_HEAPTYPE) && !PyType_Check(obj) &&
+           !PyModule_Check(obj) && !PyFunction_Check(obj) && !PyCode_Check(obj) &&
+           !graph_is_task(obj);
+}
+
+static int force_inplace(PyObject *obj, int depth, walk *w);
+static PyObject *str_dict;         /* "__dict__", interned on first use */
+
+/* Walk an instance's dict and slots. Borrows obj. 0, or -1 + exception. */
+static int
+force_instance(PyObject *obj, int depth, walk *w)
+{
+    if (w->budget == 0)
+        return 0;
+    int first = walk_first_visit(w, obj);
+    if (first <= 0)
+        return first;
+    w->budget--;
+    PyTypeObject *t = Py_TYPE(obj);
+    if (t->tp_dictoffset != 0 || PyType_HasFeature(t, Py_TPFLAGS_MANAGED_DICT)) {
+        PyObject *dict;
+        if (str_dict == NULL && (str_dict = PyUnicode_InternFromString("__dict__")) == NULL)
+            return -1;
+        if (compat_lookup_attr(obj, str_dict, &dict) < 0)
+            return -1;
+        if (dict != NULL) {
+            int rc = PyDict_CheckExact(dict) ? force_inplace(dict, depth + 1, w) : 0;
+            Py_DECREF(dict);
+            if (rc < 0)
+                return -1;
+        }
+    }
+    /* Slots: object members of the user's classes along the MRO. */
+    PyObject *mro = t->tp_mro;
+    for (Py_ssize_t i = 0; mro && i < PyTuple_GET_SIZE(mro); i++) {
+        PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
+        if (!PyType_HasFeature(base, Py_TPFLAGS_HEAPTYPE) || base->tp_members == NULL)
+            continue;
+        for (PyMemberDef *m = base->tp_members; m->name; m++) {
+            if (m->type != COMPAT_T_OBJECT_EX || (m->flags & COMPAT_READONLY))
+                continue;
+            PyObject *v = PyMember_GetOne((const char *)obj, m);
+            if (v == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+                    return -1;
+                PyErr_Clear();          /* an unset slot */
+                continue;
+            }
+            int rc = force_inplace(v, depth + 1, w);
+            Py_DECREF(v);
+            if (rc < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* Whether force_inplace has anything to look at inside obj. */
+static inline int
+walkable(PyObject *obj, walk *w)
+{
+    return PyList_CheckExact(obj) || PyTuple_CheckExact(obj) || PyDict_CheckExact(obj) ||
+           (w->objects && is_user_instance(obj));
+}
+
+/* Replace every task reachable from obj (through exact containers, and with w->objects through
+ * instances) by its value. Borrows obj; replaced items become its own references. */
+static int
+force_inplace(PyObject *obj, int depth, walk *w)
+{
+    if (depth > MAX_DEPTH)
         return 0;
     if (PyList_CheckExact(obj)) {
         for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); i++) {
@@ -37,10 +174,9 @@ force_inplace(PyObject *obj, int depth)
                     Py_DECREF(v);
                 Py_DECREF(item);
             }
-            else if ((PyList_CheckExact(item) || PyTuple_CheckExact(item) ||
-                      PyDict_CheckExact(item)) && item != obj) {
+            else if (item != obj && walkable(item, w)) {
                 Py_INCREF(item);
-                int rc = force_inplace(item, depth + 1);
+                int rc = force_inplace(item, depth + 1, w);
                 Py_DECREF(item);
                 if (rc < 0)
                     return -1;
@@ -61,9 +197,8 @@ force_inplace(PyObject *obj, int depth)
                 else
                     Py_DECREF(v);
             }
-            else if (PyList_CheckExact(item) || PyTuple_CheckExact(item) ||
-                     PyDict_CheckExact(item)) {
-                if (force_inplace(item, depth + 1) < 0)
+            else if (walkable(item, w)) {
+                if (force_inplace(item, depth + 1, w) < 0)
                     return -1;
             }
         }
@@ -72,8 +207,7 @@ force_inplace(PyObject *obj, int depth)
         PyObject *k, *v, *found = NULL;
         Py_ssize_t pos = 0;
         while (PyDict_Next(obj, &pos, &k, &v)) {
-            if (graph_is_task(v) || PyList_CheckExact(v) || PyTuple_CheckExact(v) ||
-                PyDict_CheckExact(v)) {
+            if (graph_is_task(v) || walkable(v, w)) {
                 if (found == NULL && (found = PyList_New(0)) == NULL)
                     return -1;
                 PyObject *pair = PyTuple_Pack(2, k, v);
@@ -105,12 +239,15 @@ force_inplace(PyObject *obj, int depth)
                     return -1;
                 }
             }
-            else if (v != obj && force_inplace(v, depth + 1) < 0) {
+            else if (v != obj && force_inplace(v, depth + 1, w) < 0) {
                 Py_DECREF(found);
                 return -1;
             }
         }
         Py_DECREF(found);
+    }
+    else if (w->objects && is_user_instance(obj)) {
+        return force_instance(obj, depth, w);
     }
     return 0;
 }
@@ -122,11 +259,111 @@ trace__force_deep(PyObject *x)
         return Py_NewRef(x);
     if (graph_is_task(x))
         return graph_wait((graph_task *)x);
-    if (PyList_CheckExact(x) || PyTuple_CheckExact(x) || PyDict_CheckExact(x)) {
-        if (force_inplace(x, 0) < 0)
-            return NULL;
+    walk w;
+    walk_init(&w, graph_moves_count() > 0);
+    int rc = walkable(x, &w) ? force_inplace(x, 0, &w) : 0;
+    walk_clear(&w);
+    return rc < 0 ? NULL : Py_NewRef(x);
+}
+
+/* ---- escapes through a callee's globals and closure ----------------------------------------------
+ * A plain function may read a container of pending values without being handed it: a module
+ * global, a class attribute, a closure cell. Before such a callee runs, the containers the trace
+ * moved pending values into (the undo log) that it can reach that way are forced: those met in
+ * its globals, in the dicts of the classes among its globals, and in its closure cells; objects
+ * met there are walked as arguments are. */
+
+/* The logged containers as a walk's visited set would see them: a pointer set. */
+typedef struct {
+    PyObject **set;
+    size_t cap;
+} logged;
+
+static int
+logged_init(logged *l)
+{
+    Py_ssize_t n = graph_moves_count();
+    size_t cap = 16;
+    while (cap < (size_t)n * 2)
+        cap *= 2;
+    l->set = PyMem_Calloc(cap, sizeof(PyObject *));
+    if (l->set == NULL) {
+        PyErr_NoMemory();
+        return -1;
     }
-    return Py_NewRef(x);
+    l->cap = cap;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *c = graph_moved_container(i);
+        size_t h = ((uintptr_t)c >> 4) & (cap - 1);
+        while (l->set[h] && l->set[h] != c)
+            h = (h + 1) & (cap - 1);
+        l->set[h] = c;
+    }
+    return 0;
+}
+
+static int
+is_logged(const logged *l, PyObject *c)
+{
+    size_t h = ((uintptr_t)c >> 4) & (l->cap - 1);
+    while (l->set[h]) {
+        if (l->set[h] == c)
+            return 1;
+        h = (h + 1) & (l->cap - 1);
+    }
+    return 0;
+}
+
+/* A value a callee reaches by name: a logged container is forced, an instance walked, a class's
+ * attributes looked at for logged containers. Borrows v. 0, or -1 + exception. */
+static int
+force_reached(PyObject *v, const logged *l, walk *w)
+{
+    if ((PyList_CheckExact(v) || PyDict_CheckExact(v)) && is_logged(l, v))
+        return force_inplace(v, 0, w);
+    if (is_user_instance(v))
+        return force_inplace(v, 0, w);
+    if (PyType_Check(v) && PyType_HasFeature((PyTypeObject *)v, Py_TPFLAGS_HEAPTYPE)) {
+        PyObject *dict = ((PyTypeObject *)v)->tp_dict, *k, *a;
+        Py_ssize_t pos = 0;
+        while (dict && PyDict_Next(dict, &pos, &k, &a))
+            if ((PyList_CheckExact(a) || PyDict_CheckExact(a)) && is_logged(l, a) &&
+                force_inplace(a, 0, w) < 0)
+                return -1;
+    }
+    return 0;
+}
+
+int
+trace__force_escapes(PyObject *callable)
+{
+    if (graph_live_tasks == 0 || graph_moves_count() == 0)
+        return 0;
+    PyObject *fn = callable;
+    if (PyMethod_Check(fn))
+        fn = PyMethod_GET_FUNCTION(fn);
+    if (!trace__is_function(fn))
+        return 0;                  /* C callees read only what they are handed */
+    logged l;
+    if (logged_init(&l) < 0)
+        return -1;
+    walk w;
+    walk_init(&w, 1);
+    int rc = 0;
+    PyObject *globals = PyFunction_GET_GLOBALS(fn), *k, *v;
+    Py_ssize_t pos = 0;
+    while (rc == 0 && globals && PyDict_Next(globals, &pos, &k, &v))
+        rc = force_reached(v, &l, &w);
+    PyObject *closure = PyFunction_GET_CLOSURE(fn);
+    for (Py_ssize_t i = 0; rc == 0 && closure && i < PyTuple_GET_SIZE(closure); i++) {
+        PyObject *cell = PyTuple_GET_ITEM(closure, i);
+        PyObject *content = PyCell_GET(cell);
+        if (content)
+            rc = force_reached(content, &l, &w);
+    }
+    walk_clear(&w);
+    PyMem_Free(l.set);
+    return rc;
 }
 
 void

@@ -43,6 +43,9 @@ PyObject *trace__rewritten(PyObject *code, trace_codeinfo *info);
 /* force.c: waiting for values. All return new references or NULL + exception. */
 PyObject *trace__force(PyObject *x);
 PyObject *trace__force_deep(PyObject *x);
+/* Before a plain Python callee runs: force the containers of pending values it can reach by
+ * name (its globals, their classes' attributes, its closure cells). 0, or -1 + exception. */
+int trace__force_escapes(PyObject *callable);
 
 /* force.c: top-level scheduled calls (sessions). */
 typedef struct {
