@@ -9,6 +9,13 @@ import pydron
 from .registry import case
 from .tasks import square
 
+# The pure-Python reference runtime does not walk objects, globals and closures at plain calls
+# yet (pydron/_reference.py is being brought in line with the C dispatcher): these routes are
+# known differences there, strict, so the day it follows them the tests say so.
+REFERENCE_LAGS = dict.fromkeys(
+    ("reference", "reference-threads"),
+    "the reference runtime forces only a plain callee's arguments' exact containers")
+
 
 class Collector:
     """A scientist's own class: results appended to self.items, read by a plain method."""
@@ -54,7 +61,7 @@ def attribute_types(obj):
     return sorted((k, type(v).__name__) for k, v in vars(obj).items())
 
 
-@case([1, 2, 3])
+@case([1, 2, 3], known_differences=REFERENCE_LAGS)
 @pydron.schedule
 def list_in_an_attribute_read_by_a_plain_method(xs):
     c = Collector()
@@ -63,7 +70,7 @@ def list_in_an_attribute_read_by_a_plain_method(xs):
     return c.report()
 
 
-@case([1, 2, 3])
+@case([1, 2, 3], known_differences=REFERENCE_LAGS)
 @pydron.schedule
 def list_in_slots_read_by_a_plain_function(xs):
     s = Slotted()
@@ -72,7 +79,7 @@ def list_in_slots_read_by_a_plain_function(xs):
     return read_slots(s)
 
 
-@case(4)
+@case(4, known_differences=REFERENCE_LAGS)
 @pydron.schedule
 def instance_dict_through_vars(x):
     c = Collector()
@@ -81,7 +88,7 @@ def instance_dict_through_vars(x):
     return attribute_types(c)
 
 
-@case([2, 5])
+@case([2, 5], known_differences=REFERENCE_LAGS)
 @pydron.schedule
 def class_attribute_read_plainly(xs):
     for x in xs:
@@ -89,7 +96,7 @@ def class_attribute_read_plainly(xs):
     return read_registry()
 
 
-@case([3, 4])
+@case([3, 4], known_differences=REFERENCE_LAGS)
 @pydron.schedule
 def module_global_read_by_a_plain_function(xs):
     for x in xs:
@@ -103,7 +110,7 @@ def make_reporter(acc):
     return report
 
 
-@case([1, 6])
+@case([1, 6], known_differences=REFERENCE_LAGS)
 @pydron.schedule
 def closure_cell_of_a_plain_callback(xs):
     acc = []
