@@ -158,6 +158,11 @@ int exec_start(int nworkers);
  * abandoned with a logged warning when a task keeps one busy for seconds. Safe to call twice. */
 void exec_shutdown(void);
 int exec_running(void);
+/* Before the first worker is forked: have the fork server import what the master imported since
+ * it was forked (called now and then from a background thread of pydron.enable(), so a script's
+ * libraries are imported there while the script goes on). 1 while that is still useful, 0 once
+ * the workers exist. */
+int exec_sync_imports(void);
 int exec_nworkers(void);
 /* 1 in a worker process: pydron never schedules there, functional calls run as plain calls. */
 int exec_in_worker(void);

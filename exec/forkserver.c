@@ -22,7 +22,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-enum { CMD_SPAWN = 1, CMD_QUIT = 2 };
+enum { CMD_SPAWN = 1, CMD_QUIT = 2, CMD_IMPORT = 3 };
+
+/* Longest list of module names one CMD_IMPORT carries (the packet after the command). */
+#define IMPORT_LIST_MAX (256 * 1024)
 
 /* Exit codes of a fork server that cannot go on (seen by the master's waitpid). */
 enum { FS_EXIT_NO_SIGNALFD = 70, FS_EXIT_POLL = 71 };
@@ -108,6 +111,53 @@ void
 exec__forkserver_quit(int sock)
 {
     send_command(sock, CMD_QUIT, 0);
+}
+
+int
+exec__forkserver_import(int sock, const char *names, size_t len)
+{
+    if (len == 0)
+        return 0;
+    if (len > IMPORT_LIST_MAX)
+        len = IMPORT_LIST_MAX;       /* the rest is imported by the workers as they need it */
+    if (send_command(sock, CMD_IMPORT, (int)len) < 0)
+        return -1;
+    ssize_t n;
+    do
+        n = send(sock, names, len, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+/* In the fork server: import the modules the master imported since (newline-separated names),
+ * so workers forked from now on have them already (a script's libraries are imported once, not
+ * once per worker on its first task). Best effort: a module that fails to import is left to the
+ * workers, which would import it anyway; nothing is printed. */
+static void
+fs_import(int sock, int len)
+{
+    char *names = PyMem_RawMalloc((size_t)len + 1);
+    if (names == NULL)
+        return;
+    ssize_t n = recv(sock, names, (size_t)len, 0);
+    if (n <= 0) {
+        PyMem_RawFree(names);
+        return;
+    }
+    names[n] = '\0';
+    for (char *name = names, *end; *name; name = end + (*end != '\0')) {
+        end = strchr(name, '\n');
+        if (end == NULL)
+            end = name + strlen(name);
+        char saved = *end;
+        *end = '\0';
+        PyObject *m = PyImport_ImportModule(name);
+        Py_XDECREF(m);
+        PyErr_Clear();
+        *end = saved;
+    }
+    PyMem_RawFree(names);
+    exec__flush_std_streams();
 }
 
 /* ---- the server ------------------------------------------------------------------------------- */
@@ -258,6 +308,8 @@ forkserver_main(int sock, pid_t master)
                     fs_quit();
                 if (c.op == CMD_SPAWN)
                     fs_spawn(c.slot);
+                if (c.op == CMD_IMPORT && c.slot > 0 && c.slot <= IMPORT_LIST_MAX)
+                    fs_import(sock, c.slot);
             }
         }
     }

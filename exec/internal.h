@@ -183,6 +183,8 @@ void exec__fn_table_clear(int with_python);
 pid_t exec__forkserver_start(int *sock);
 int exec__forkserver_spawn(int sock, int slot);          /* 0, or -1 with errno */
 void exec__forkserver_quit(int sock);
+/* Ask the fork server to import these modules (newline-separated) before its next fork. */
+int exec__forkserver_import(int sock, const char *names, size_t len);
 extern pid_t exec__forkserver_pid;       /* in the fork server and its workers */
 /* Flush Python's and C's buffered output (before a fork, before a worker sleeps). */
 void exec__flush_std_streams(void);

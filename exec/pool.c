@@ -82,6 +82,7 @@ static struct {
     int forgotten;                     /* a fork of user code dropped the parent's pool */
     int restarts;                      /* fork server restarts in the current window */
     Py_ssize_t limited;                /* outstanding tasks with a timeout or a memory limit */
+    Py_ssize_t synced_modules;         /* len(sys.modules) when the fork server last imported */
     uint64_t limits_checked_ns;
     double restart_window_start;
 } M;
@@ -161,12 +162,40 @@ slot_mark_defined(mslot *s, uint32_t fn_id)
 
 /* ---- dispatching ------------------------------------------------------------------------------ */
 
+/* The modules the master imported since the fork server was forked are imported there before
+ * it forks a worker: pydron run enables pydron before the script's first line, and every worker
+ * would otherwise import the script's libraries again on its first task. */
+static void
+sync_imports(void)
+{
+    PyObject *modules = PySys_GetObject("modules");          /* borrowed */
+    if (modules == NULL || !PyDict_Check(modules) || PyDict_GET_SIZE(modules) == M.synced_modules)
+        return;
+    PyObject *names = exec__call_helper("imports_since_fork", NULL, 0);
+    if (names != NULL && PyBytes_Check(names))
+        exec__forkserver_import(M.fs_sock, PyBytes_AS_STRING(names),
+                                (size_t)PyBytes_GET_SIZE(names));
+    Py_XDECREF(names);
+    PyErr_Clear();
+    M.synced_modules = PyDict_GET_SIZE(modules);
+}
+
+int
+exec_sync_imports(void)
+{
+    if (!M.running || M.workers_started)
+        return 0;
+    sync_imports();
+    return 1;
+}
+
 static void
 spawn_worker(int i)
 {
     mslot *s = &M.slots[i];
     if (s->disabled)
         return;
+    sync_imports();
     if (exec__forkserver_spawn(M.fs_sock, i) == 0)
         s->spawned = 1;
 }
@@ -829,6 +858,7 @@ restart_forkserver(int status)
     }
     M.fs_pid = pid;
     M.fs_sock = sock;
+    M.synced_modules = 0;
     M.workers_started = 0;
     start_workers();
     flush_queue();
@@ -1075,6 +1105,7 @@ exec_start(int nworkers)
     }
     M.fs_pid = pid;
     M.fs_sock = sock;
+    M.synced_modules = 0;
     M.running = 1;
     exec__set_master_word(&sh->master);
     exec__install_array_allocator();

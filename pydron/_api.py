@@ -189,9 +189,29 @@ def enable(workers: int | None = None, progress: bool | None = None,
     if not _enabled_hook:
         for f in list(_scheduled):
             core._intercept(f, True)
+    _start_import_sync(core)
     if not _atexit_registered:
         atexit.register(core._shutdown)
         _atexit_registered = True
+
+
+def _start_import_sync(core) -> None:
+    """While no worker exists yet, the fork server imports what the script imports, a little
+    behind it (on another core), so the first scheduled call does not pay for it: `pydron run`
+    enables pydron before the script's first line."""
+    import threading
+
+    def follow():
+        while core._is_enabled():
+            try:
+                if not core._sync_imports():
+                    return
+            except Exception:        # the pool went away: nothing more to follow
+                return
+            time.sleep(0.05)
+
+    import time
+    threading.Thread(target=follow, name="pydron-import-sync", daemon=True).start()
 
 
 def disable():

@@ -205,13 +205,36 @@ def bad_record(what, detail):
 _half_imported: frozenset = frozenset()
 
 
+# The modules the fork server has (the master's when it was forked, plus those it was asked to
+# import since): what it still lacks is what the master imported after.
+_server_modules: set = set()
+
+
 def before_fork() -> None:
     """Called by exec_start just before the fork server is forked."""
-    global _half_imported
+    global _half_imported, _server_modules
     import sys
     _half_imported = frozenset(
         name for name, m in list(sys.modules.items())
         if getattr(getattr(m, "__spec__", None), "_initializing", False))
+    _server_modules = set(sys.modules)
+
+
+def imports_since_fork() -> bytes:
+    """Newline-separated names of modules the master imported since the fork server was forked
+    and that a fresh process could import by name (top-level packages first, each name once);
+    the fork server imports them before it forks workers."""
+    import sys
+    names = []
+    for name, m in list(sys.modules.items()):
+        if name in _server_modules or name == "__main__" or name in _half_imported:
+            continue
+        spec = getattr(m, "__spec__", None)
+        if spec is None or getattr(spec, "_initializing", False) or spec.origin in (None, "frozen"):
+            continue
+        names.append(name)
+    _server_modules.update(names)
+    return "\n".join(names).encode()
 
 
 def pickle_function(fn) -> bytes:

@@ -4,6 +4,8 @@ module that defines its functions afterwards, a child forked by the user, descri
 closes, the fork server killed. Each scenario runs in its own interpreter; every process it
 started (found by a tag in its environment) must be gone when it is."""
 
+import textwrap
+
 import pytest
 
 pytestmark = pytest.mark.nosan
@@ -153,3 +155,35 @@ def test_fork_server_killed_is_restarted(tmp_path):
     """, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok 2"
+
+
+def test_workers_start_with_the_scripts_modules_imported(tmp_path):
+    """pydron run enables pydron before the script's first line; the script's libraries are
+    imported into the fork server as the script imports them, so workers do not import them
+    again on their first task (the module was imported by another process than the worker)."""
+    (tmp_path / "heavy.py").write_text("import os, time\nIMPORTED_BY = os.getpid()\n")
+    (tmp_path / "script.py").write_text(textwrap.dedent("""
+        import os, time
+        import heavy
+        import pydron
+
+        @pydron.functional
+        def where(x):
+            return os.getpid(), heavy.IMPORTED_BY
+
+        @pydron.schedule
+        def run(n):
+            return [where(i) for i in range(n)]
+
+        time.sleep(0.3)              # the script's own work between its imports and the call
+        pairs = run(4)
+        print(all(pid != by and by != os.getpid() for pid, by in pairs))
+    """))
+    proc = run(f"""
+        import runpy, sys
+        sys.argv = ["pydron", "run", "--workers", "2", r"{tmp_path / 'script.py'}"]
+        from pydron.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "True"

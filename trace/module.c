@@ -227,6 +227,12 @@ core_configure(PyObject *module, PyObject *options)
 }
 
 static PyObject *
+core_sync_imports(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(exec_sync_imports());
+}
+
+static PyObject *
 core_disable(PyObject *module, PyObject *unused)
 {
     trace__enabled = 0;
@@ -283,6 +289,8 @@ static PyMethodDef core_methods[] = {
     {"_hook_installed", (PyCFunction)core_hook_installed, METH_NOARGS, NULL},
     {"_configure", core_configure, METH_O, "_configure(dict): the C core's options."},
     {"_disable", core_disable, METH_NOARGS, "Remove the frame hook; workers stay."},
+    {"_sync_imports", core_sync_imports, METH_NOARGS,
+     "Before the first worker: the fork server imports the master's new modules."},
     {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
     {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
     {"_stats", core_stats, METH_NOARGS, "Task counters of this process."},
