@@ -68,6 +68,10 @@ void graph_moves_truncate(Py_ssize_t mark);
  * (progress reports, wait reports). */
 void graph_session_enter(PyObject *name);
 void graph_session_exit(void);
+/* Waits between begin and end are one wait for the report (forcing a list of results waits for
+ * each, but it is one read at one line). Nest freely. */
+void graph_wait_group_begin(void);
+void graph_wait_group_end(void);
 /* Counters for tests and tools: submitted, finished, in flight, live pending values, engine
  * nodes and bytes. New reference. */
 PyObject *graph_stats(void);

@@ -16,6 +16,23 @@ static PyObject *report;           /* {qualname: {...}} while the wait report is
 static PyObject *progress_fn;
 static double progress_after = 1.0;
 
+/* Waits grouped into one (graph_wait_group_begin): depth, and whether one was counted. */
+static _Thread_local int group_depth, group_counted;
+
+void
+graph_wait_group_begin(void)
+{
+    if (group_depth++ == 0)
+        group_counted = 0;
+}
+
+void
+graph_wait_group_end(void)
+{
+    if (group_depth > 0)
+        group_depth--;
+}
+
 /* The top-level scheduled call of this thread. */
 static _Thread_local struct {
     int depth;
@@ -144,14 +161,18 @@ graph__observe_wait_end(graph_task *t, double started)
     PyObject *key = Py_BuildValue("(Oi)", filename, line);
     PyObject *site = key ? PyDict_GetItemWithError(waits, key) : NULL;
     double waited = pydron_now() - started;
+    /* Inside a group, only its first wait counts as one; the time of all of them adds up. */
+    int count = group_depth == 0 || !group_counted;
+    if (group_depth > 0)
+        group_counted = 1;
     if (site == NULL && key != NULL && !PyErr_Occurred()) {
-        site = Py_BuildValue("[id]", 1, waited);
+        site = Py_BuildValue("[id]", count, waited);
         if (site == NULL || PyDict_SetItem(waits, key, site) < 0)
             PyErr_Clear();
         Py_XDECREF(site);
     }
     else if (site != NULL && PyList_Check(site) && PyList_GET_SIZE(site) == 2) {
-        PyObject *n = PyLong_FromLong(PyLong_AsLong(PyList_GET_ITEM(site, 0)) + 1);
+        PyObject *n = PyLong_FromLong(PyLong_AsLong(PyList_GET_ITEM(site, 0)) + count);
         PyObject *s = PyFloat_FromDouble(PyFloat_AsDouble(PyList_GET_ITEM(site, 1)) + waited);
         if (n == NULL || s == NULL) {
             Py_XDECREF(n);

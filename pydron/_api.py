@@ -190,6 +190,10 @@ def enable(workers: int | None = None, progress: bool | None = None,
         for f in list(_scheduled):
             core._intercept(f, True)
     _start_import_sync(core)
+    if cfg.report:
+        from pydron import report
+        report.start()
+        atexit.register(report.print_report, None, cfg.workers)
     if not _atexit_registered:
         atexit.register(core._shutdown)
         _atexit_registered = True

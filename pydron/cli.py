@@ -290,6 +290,8 @@ def cmd_run(argv: list[str]) -> int:
     if not cfg.disable:
         pydron.enable(workers=cfg.workers, progress=cfg.progress, timeline=cfg.timeline,
                       blas_threads=cfg.blas_threads)
+        from pydron import report
+        report.start()
     log.debug("running %s with %s", script, cfg.as_dict())
 
     main = types.ModuleType("__main__")
@@ -315,6 +317,8 @@ def cmd_run(argv: list[str]) -> int:
         if not cfg.disable and hasattr(pydron, "stats"):
             try:
                 log.info("tasks of %s: %s", script.name, pydron.stats())
+                from pydron import report
+                report.print_report(sys.stderr, cfg.workers)
             except Exception:
                 pass
     return 0

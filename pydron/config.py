@@ -37,6 +37,9 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
                      "BLAS/OpenMP threads per worker (0 or auto: cores // workers, at least 1)"),
     "arena_arrays": ("bool", "PYDRON_ARENA_ARRAYS",
                      "large numpy arrays made in workers live in the shared arena"),
+    "report": ("bool", "PYDRON_REPORT",
+               "print the wait report at exit (tasks, parallelism, where scheduled code "
+               "waited); pydron run prints it anyway"),
     "task_timeout": ("seconds", "PYDRON_TASK_TIMEOUT",
                      "default timeout of every task in seconds (0 or off: none)"),
     "log": ("log", "PYDRON_LOG", "level of the `pydron` logger on stderr "
@@ -102,6 +105,7 @@ def _defaults() -> dict[str, Any]:
     return {"workers": default_workers(), "backend": "local", "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
+            "report": False,
             "functional": [], "schedule": []}
 
 

@@ -30,6 +30,7 @@ GOOD = {
     "PYDRON_BLAS_THREADS": ("4", 4),
     "PYDRON_ARENA_ARRAYS": ("0", False),
     "PYDRON_TASK_TIMEOUT": ("2.5", 2.5),
+    "PYDRON_REPORT": ("1", True),
     "PYDRON_LOG": ("warning", "warning"),
 }
 BAD = {
@@ -42,6 +43,7 @@ BAD = {
     "PYDRON_BLAS_THREADS": "lots",
     "PYDRON_ARENA_ARRAYS": "sometimes",
     "PYDRON_TASK_TIMEOUT": "-3",
+    "PYDRON_REPORT": "often",
     "PYDRON_LOG": "loud",
 }
 

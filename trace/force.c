@@ -261,7 +261,9 @@ trace__force_deep(PyObject *x)
         return graph_wait((graph_task *)x);
     walk w;
     walk_init(&w, graph_moves_count() > 0);
+    graph_wait_group_begin();
     int rc = walkable(x, &w) ? force_inplace(x, 0, &w) : 0;
+    graph_wait_group_end();
     walk_clear(&w);
     return rc < 0 ? NULL : Py_NewRef(x);
 }
@@ -418,7 +420,9 @@ session_finish(trace_session *s, PyObject *result)
 PyObject *
 trace__session_end(trace_session *s, PyObject *result)
 {
+    graph_wait_group_begin();          /* the end of the call is one wait, at its return */
     result = session_finish(s, result);
+    graph_wait_group_end();
     graph_moves_truncate(s->moved);
     graph_order_truncate(s->order);
     graph_session_exit();
