@@ -164,7 +164,8 @@ int exec_running(void);
  * the workers exist. */
 int exec_sync_imports(void);
 int exec_nworkers(void);
-/* 1 in a worker process: pydron never schedules there, functional calls run as plain calls. */
+/* 1 in a worker process (or the fork server, which imports modules for them): pydron never
+ * schedules there, functional calls run as plain calls. */
 int exec_in_worker(void);
 
 /* ---- module plumbing ------------------------------------------------------------------------ */

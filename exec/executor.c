@@ -20,6 +20,7 @@ int exec__in_worker_flag;
 int exec__worker_slot = -1;
 int exec__internal_fork;
 int exec__user_fork_child;
+int exec__in_forkserver;
 unsigned exec__fork_generation;
 _Atomic Py_ssize_t exec__live_arena_refs;
 exec_options exec__options = {.thread_workers = 0, .arena_arrays = 1};
@@ -92,7 +93,7 @@ static _Atomic uint32_t notifications;
 int
 exec_in_worker(void)
 {
-    return exec__in_worker_flag;
+    return exec__in_worker_flag || exec__in_forkserver;
 }
 
 void

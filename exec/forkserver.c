@@ -198,6 +198,7 @@ fs_spawn(int slot)
             close(fs_sock);
         if (fs_sigfd >= 0)
             close(fs_sigfd);
+        exec__in_forkserver = 0;
         exec__worker_main(slot);
     }
     PyOS_AfterFork_Parent();
@@ -278,6 +279,7 @@ forkserver_main(int sock, pid_t master)
     close_inherited_fds(sock, exec__arena_fd);     /* the arena's memfd stays: guard.c */
     prctl(PR_SET_NAME, "pydron-forksrv");
     exec__forkserver_pid = getpid();
+    exec__in_forkserver = 1;
     signal(SIGINT, SIG_IGN);      /* Ctrl-C is the master's business */
     signal(SIGPIPE, SIG_IGN);
     sigset_t set;

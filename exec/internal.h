@@ -186,6 +186,7 @@ void exec__forkserver_quit(int sock);
 /* Ask the fork server to import these modules (newline-separated) before its next fork. */
 int exec__forkserver_import(int sock, const char *names, size_t len);
 extern pid_t exec__forkserver_pid;       /* in the fork server and its workers */
+extern int exec__in_forkserver;          /* 1 in the fork server itself */
 /* Flush Python's and C's buffered output (before a fork, before a worker sleeps). */
 void exec__flush_std_streams(void);
 
