@@ -43,6 +43,7 @@ typedef struct mtask {
     double est_ns;             /* expected run time when dispatched */
     uint64_t timeout_ns;       /* 0: none */
     size_t memory_limit;       /* 0: none */
+    int chunk;                 /* a chunk of a map: WIRE_TASK_CHUNK */
     PyObject *fn;              /* strong */
     PyObject *error;           /* WorkerLostError once given up on */
     exec_blob *args;           /* owned */
@@ -266,6 +267,8 @@ write_task(ring *r, mtask *t)
     hdr->task_id = t->id;
     hdr->fn_id = t->fn_id;
     hdr->ndeps = (uint32_t)t->ndeps;
+    hdr->flags = t->chunk ? WIRE_TASK_CHUNK : 0;
+    hdr->pad = 0;
     char *p = dst + sizeof(wire_task);
     for (Py_ssize_t d = 0; d < t->ndeps; d++)
         p += exec__blob_wire_write(p, t->deps[d]);
@@ -349,6 +352,7 @@ pool_submit(const exec_task *et)
     double timeout = et->timeout_s > 0 ? et->timeout_s : exec__options.task_timeout_s;
     t->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
     t->memory_limit = et->memory_limit;
+    t->chunk = et->chunk;
     if (t->timeout_ns || t->memory_limit)
         M.limited++;
     t->fn = Py_NewRef(et->fn);

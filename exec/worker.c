@@ -253,6 +253,44 @@ done:
     return call;
 }
 
+/* A map's chunk: fn(*args) for every args tuple of calls, in order: ("ok", [results]), or at
+ * the first failure ("err", index, pickled exception), since plain Python would not have made
+ * the calls after it. New reference, or NULL + exception (calls is not a list of tuples). */
+static PyObject *
+run_chunk(PyObject *fn, PyObject *calls)
+{
+    if (!PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) != 1 ||
+        !PyList_Check(PyTuple_GET_ITEM(calls, 0))) {
+        PyErr_SetString(PyExc_RuntimeError, "pydron: malformed chunk of a map");
+        return NULL;
+    }
+    calls = PyTuple_GET_ITEM(calls, 0);
+    Py_ssize_t n = PyList_GET_SIZE(calls);
+    PyObject *results = PyList_New(0);
+    if (results == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *args = PyList_GET_ITEM(calls, i);
+        PyObject *r = PyTuple_Check(args) ? PyObject_Call(fn, args, NULL) : NULL;
+        if (r == NULL) {
+            if (!PyTuple_Check(args))
+                PyErr_SetString(PyExc_TypeError, "pydron: a map's call is not a tuple");
+            PyObject *exc = PyErr_GetRaisedException();
+            PyObject *data = exec__pickle_exception(exc, fn);
+            Py_DECREF(exc);
+            Py_DECREF(results);
+            return data ? Py_BuildValue("(snN)", "err", i, data) : NULL;
+        }
+        if (PyList_Append(results, r) < 0) {
+            Py_DECREF(r);
+            Py_DECREF(results);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    return Py_BuildValue("(sN)", "ok", results);
+}
+
 /* Run the task of a TASK record and send its outcome; consumes the record. */
 static void
 run_task(wire_in *in, ring *out, const char *rec, size_t len)
@@ -264,6 +302,7 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
     }
     const wire_task *hdr = (const wire_task *)rec;
     uint64_t task_id = hdr->task_id, fn_id = hdr->fn_id;
+    uint32_t hdr_flags = hdr->flags;
     atomic_store(&slot->running_since_ns, pydron_now_ns());
     atomic_store(&slot->running_task, task_id);
     PyObject *call = decode_call(rec, len), *result = NULL, *exc = NULL;
@@ -295,8 +334,17 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
     }
     PyObject *kwargs = PyTuple_GET_ITEM(call, 1);
     uint64_t t0 = pydron_now_ns();
-    result = PyObject_Call(fn, PyTuple_GET_ITEM(call, 0), kwargs == Py_None ? NULL : kwargs);
+    if (hdr_flags & WIRE_TASK_CHUNK)
+        result = run_chunk(fn, PyTuple_GET_ITEM(call, 0));
+    else
+        result = PyObject_Call(fn, PyTuple_GET_ITEM(call, 0), kwargs == Py_None ? NULL : kwargs);
     uint64_t elapsed = pydron_now_ns() - t0;
+    if ((hdr_flags & WIRE_TASK_CHUNK) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(call, 0)) == 1 &&
+        PyList_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0))) {
+        /* The estimate is per call of fn, not per chunk. */
+        Py_ssize_t calls = PyList_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0));
+        elapsed /= (uint64_t)(calls > 0 ? calls : 1);
+    }
     Py_CLEAR(call);
     if (result == NULL)
         goto failed;

@@ -26,6 +26,7 @@ typedef struct {
     int threads;             /* on the thread pool of this process */
     double timeout_s;        /* stopped and failed with TimeoutError past this; 0: the default */
     size_t memory_limit;     /* bytes of worker memory; 0: none */
+    int chunk;               /* args is one list of argument tuples: a map's chunk (bulk.c) */
 } graph_task_options;
 
 /* Record a call of functional fn(*args, **kwargs) as a task and dispatch it as soon as its
@@ -33,6 +34,10 @@ typedef struct {
  * a new reference to the task, or NULL + exception. */
 PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs,
                        const graph_task_options *options);
+/* fn(*args) for every args tuple in calls (a list), as a few chunk tasks that each run a loop in
+ * a worker, sized from fn's measured run time: a pending list of the results, in order, whose
+ * failure is that of the earliest failing call. Borrows; new reference or NULL + exception. */
+PyObject *graph_submit_map(PyObject *fn, PyObject *calls, const graph_task_options *options);
 /* Wait for a task and return its value (new reference), or raise the exception plain Python
  * would have raised first: the earliest failure among the tasks submitted before it. */
 PyObject *graph_wait(graph_task *t);
