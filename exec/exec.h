@@ -106,6 +106,9 @@ typedef struct {
     int (*check)(void);
     /* Forget these tasks (ids sorted ascending); their completions must never come. */
     void (*cancel)(const uint64_t *sorted_ids, Py_ssize_t n);
+    /* Optional: the same, softly: what already runs may finish (its result is dropped); nothing
+     * is killed. NULL: cancel is used. */
+    void (*forget)(const uint64_t *sorted_ids, Py_ssize_t n);
     Py_ssize_t (*outstanding)(void);
     /* Stop; with_python: the interpreter is alive and Python references may be dropped. */
     void (*shutdown)(int with_python);
@@ -143,6 +146,9 @@ int exec_poll(double timeout_s, exec_completion *out, int cap);
  * that is possible (a worker process running one is killed and replaced; other tasks it held run
  * again elsewhere) and their results are never handed over. Unknown ids are ignored. */
 void exec_cancel(const uint64_t *ids, Py_ssize_t n);
+/* The same without killing anything: running tasks finish and their results are dropped (for
+ * tasks that are only no longer wanted: a replay that gave up, a speculation gone wrong). */
+void exec_forget(const uint64_t *ids, Py_ssize_t n);
 
 /* Whether exec_poll(0) would find a completion now (cheap: loads of shared counters). */
 int exec_ready(void);

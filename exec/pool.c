@@ -44,6 +44,7 @@ typedef struct mtask {
     uint64_t timeout_ns;       /* 0: none */
     size_t memory_limit;       /* 0: none */
     int chunk;                 /* a chunk of a map: WIRE_TASK_CHUNK */
+    int forgotten;             /* cancelled softly while in a ring: its result is dropped */
     PyObject *fn;              /* strong */
     PyObject *error;           /* WorkerLostError once given up on */
     exec_blob *args;           /* owned */
@@ -353,6 +354,7 @@ pool_submit(const exec_task *et)
     t->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
     t->memory_limit = et->memory_limit;
     t->chunk = et->chunk;
+    t->forgotten = 0;
     if (t->timeout_ns || t->memory_limit)
         M.limited++;
     t->fn = Py_NewRef(et->fn);
@@ -389,7 +391,14 @@ complete(mtask *t, int failed, exec_blob *blob, PyObject *object, int worker, ui
         c.started = c.finished - (double)elapsed_ns * 1e-9;
     }
     M.outstanding--;
+    int forgotten = t->forgotten;
     task_free(t);
+    if (forgotten) {
+        /* Nobody waits for it any more (exec_forget). */
+        exec_blob_decref(blob);
+        Py_XDECREF(object);
+        return 0;
+    }
     return exec__complete(&c);
 }
 
@@ -590,6 +599,11 @@ handle_death(int i, int blame)
     mtask *keep_head = NULL, *keep_tail = NULL;
     for (mtask *t = s->head, *next; t; t = next) {
         next = t->next;
+        if (t->forgotten) {
+            M.outstanding--;
+            task_free(t);
+            continue;
+        }
         if (blame && !s->killing && t->id == blamed && blamed != 0 && ++t->kills >= MAX_KILLS) {
             t->error = worker_lost_error(t, status, atomic_load(&sh->death_maxrss_kb));
             list_append(&M.failed_head, &M.failed_tail, t);
@@ -910,6 +924,22 @@ filter_cancelled(mtask *t, const uint64_t *sorted, Py_ssize_t n, mtask **tail)
     return head;
 }
 
+/* Soft cancel: queued tasks are dropped, tasks already in a worker's ring run to their end and
+ * their results are dropped (no worker is killed: for speculation gone wrong, where the tasks are
+ * tiny and side-effect free). */
+static void
+pool_forget(const uint64_t *sorted, Py_ssize_t n)
+{
+    if (!M.running)
+        return;
+    M.q_head = filter_cancelled(M.q_head, sorted, n, &M.q_tail);
+    M.failed_head = filter_cancelled(M.failed_head, sorted, n, &M.failed_tail);
+    for (int i = 0; i < M.nworkers; i++)
+        for (mtask *t = M.slots[i].head; t; t = t->next)
+            if (exec__id_in(sorted, n, t->id))
+                t->forgotten = 1;
+}
+
 static void
 pool_cancel(const uint64_t *sorted, Py_ssize_t n)
 {
@@ -1181,6 +1211,7 @@ const exec_backend exec__process_backend = {
     .ready = pool_ready,
     .check = pool_check,
     .cancel = pool_cancel,
+    .forget = pool_forget,
     .outstanding = pool_outstanding,
     .shutdown = shutdown_pool,
 };

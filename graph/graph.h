@@ -47,6 +47,17 @@ int graph_pump(void);
 /* Ctrl-C in this thread: cancel the unfinished tasks of its scheduled call (they fail with
  * KeyboardInterrupt if forced later); other threads' calls go on. */
 void graph_cancel_mine(void);
+/* The tasks submitted from mark on are not wanted any more (a replay gave up, a speculation went
+ * the wrong way): the unfinished ones are dropped without killing anything (they are side-effect
+ * free) and all of them leave the program order, so their failures are never raised. */
+void graph_cancel_since(Py_ssize_t mark);
+/* The parts of graph_cancel_since, for a speculation that may reuse some of the tasks: take the
+ * tasks from mark on out of the program order (a new list); put one back at the end of the order
+ * (1; 0 when it cannot be reused: it failed, or it is in the order; -1 + exception); drop the
+ * unfinished ones of a list softly. */
+PyObject *graph_detach_since(Py_ssize_t mark);
+int graph_order_readd(PyObject *task);
+void graph_forget_tasks(PyObject *tasks);
 
 /* ---- program order, try regions, the undo log (order.c) ------------------------------------- */
 

@@ -84,7 +84,7 @@ int graph__order_append(graph_task *t);
 /* Raise t's exception (its own instance) and remember which task raised it. Always -1. */
 int graph__raise_task_error(graph_task *t);
 /* The unfinished tasks of this thread's order (new list), for a cancel. */
-PyObject *graph__order_unfinished(void);
+PyObject *graph__order_unfinished(Py_ssize_t from);
 int graph__order_init(PyObject *module);
 
 /* ---- observe.c ------------------------------------------------------------------------------- */

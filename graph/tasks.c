@@ -665,32 +665,78 @@ graph_wait(graph_task *t)
     return graph__task_value(t);
 }
 
-void
-graph_cancel_mine(void)
+/* Fail the unfinished ones of a list of tasks with exc_type(message); soft: through exec_forget
+ * (nothing is killed). Returns how many. */
+static Py_ssize_t
+cancel_tasks(PyObject *all, PyObject *exc_type, const char *message, int soft)
 {
-    PyObject *exc = PyErr_GetRaisedException();
-    PyObject *tasks = graph__order_unfinished();
+    PyObject *tasks = PyList_New(0);
+    for (Py_ssize_t i = 0; tasks && i < PyList_GET_SIZE(all); i++) {
+        PyObject *t = PyList_GET_ITEM(all, i);
+        if (graph_is_task(t) && !graph_task_finished((graph_task *)t) &&
+            PyList_Append(tasks, t) < 0)
+            Py_CLEAR(tasks);
+    }
     if (tasks == NULL) {
         PyErr_Clear();
-        PyErr_SetRaisedException(exc);
-        return;
+        return 0;
     }
     Py_ssize_t n = PyList_GET_SIZE(tasks);
     uint64_t *ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
     if (ids != NULL) {
         for (Py_ssize_t i = 0; i < n; i++)
             ids[i] = ((graph_task *)PyList_GET_ITEM(tasks, i))->node;
-        exec_cancel(ids, n);
+        if (soft)
+            exec_forget(ids, n);
+        else
+            exec_cancel(ids, n);
         PyMem_Free(ids);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         graph_task *t = (graph_task *)PyList_GET_ITEM(tasks, i);
-        PyObject *err = PyObject_CallFunction(PyExc_KeyboardInterrupt, "s", "cancelled by Ctrl-C");
+        PyObject *err = PyObject_CallFunction(exc_type, "s", message);
         if (graph__task_finish(t, 1, NULL, err) < 0)
             PyErr_Clear();
+        if (soft)
+            t->reported = 1;      /* nobody is told about it: it was never wanted */
     }
-    graph__observe_cancelled(n);
     Py_DECREF(tasks);
+    return n;
+}
+
+void
+graph_cancel_mine(void)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *tasks = graph__order_unfinished(0);
+    if (tasks != NULL) {
+        graph__observe_cancelled(cancel_tasks(tasks, PyExc_KeyboardInterrupt,
+                                              "cancelled by Ctrl-C", 0));
+        Py_DECREF(tasks);
+    }
+    PyErr_Clear();
+    PyErr_SetRaisedException(exc);
+}
+
+void
+graph_forget_tasks(PyObject *tasks)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    graph__observe_cancelled(cancel_tasks(tasks, PyExc_RuntimeError,
+                                          "pydron: cancelled (no longer wanted)", 1));
+    PyErr_Clear();
+    PyErr_SetRaisedException(exc);
+}
+
+void
+graph_cancel_since(Py_ssize_t mark)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *tasks = graph_detach_since(mark);
+    if (tasks != NULL) {
+        graph_forget_tasks(tasks);
+        Py_DECREF(tasks);
+    }
     PyErr_Clear();
     PyErr_SetRaisedException(exc);
 }
