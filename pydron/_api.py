@@ -154,7 +154,8 @@ def _rewrite_code(code: types.CodeType):
 
 
 def enable(workers: int | None = None, progress: bool | None = None,
-           timeline: str | None = None, *, blas_threads: int | str | None = None):
+           timeline: str | None = None, *, blas_threads: int | str | None = None,
+           replay: str | bool | None = None):
     """Install the frame hook and start the local executor (its fork server now, workers on
     first use). Arguments left out come from pydron/config.py (PYDRON_* variables, then
     pydron.toml / [tool.pydron], then defaults: one worker per usable core, BLAS threads
@@ -164,7 +165,8 @@ def enable(workers: int | None = None, progress: bool | None = None,
         log.info("pydron: PYDRON_DISABLE is set; running plain Python")
         return
     cfg = _config.resolve_for_enable({"workers": workers, "progress": progress,
-                                      "timeline": timeline, "blas_threads": blas_threads})
+                                      "timeline": timeline, "blas_threads": blas_threads,
+                                      "replay": replay})
     _config.apply_log_level(cfg.log)
     if cfg.disable:
         log.info("pydron: disabled by %s; running plain Python", cfg.source("disable"))
@@ -179,6 +181,7 @@ def enable(workers: int | None = None, progress: bool | None = None,
                      "task_timeout": cfg.task_timeout})
     from pydron import _worker_setup
     _worker_setup.plan(cfg.blas_threads)
+    core._replay_configure(mode=cfg.replay)
     core._set_rewrite(_rewrite_code)
     core._enable(cfg.workers, mode == "hook")
     _configure_progress(cfg.progress)

@@ -42,6 +42,9 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
                "waited); pydron run prints it anyway"),
     "task_timeout": ("seconds", "PYDRON_TASK_TIMEOUT",
                      "default timeout of every task in seconds (0 or off: none)"),
+    "replay": ("replay", "PYDRON_REPLAY",
+               "later calls of a scheduled function replay its graph instead of tracing it: "
+               "on, off, or reference (the Python interpreter, for tests)"),
     "log": ("log", "PYDRON_LOG", "level of the `pydron` logger on stderr "
                                  "(debug, info, warning, error; default: not set)"),
     "functional": ("names", None, "functions to run as functional tasks (mod.func)"),
@@ -49,6 +52,7 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
 }
 BACKENDS = ("local",)
 INTERCEPTS = ("vectorcall", "hook")
+REPLAYS = ("on", "off", "reference")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_THREADS = 1024          # the thread pool's limit (exec/threads.c)
 _TRUE = {"1", "true", "yes", "on"}
@@ -105,7 +109,7 @@ def _defaults() -> dict[str, Any]:
     return {"workers": default_workers(), "backend": "local", "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
-            "report": False,
+            "report": False, "replay": "on",
             "functional": [], "schedule": []}
 
 
@@ -161,6 +165,15 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
         if text not in INTERCEPTS:
             raise ConfigError(f"{where}: intercept must be 'vectorcall' or 'hook', "
                               f"got {value!r}")
+        return text
+    if kind == "replay":
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text is True or text in _TRUE:
+            return "on"
+        if text is False or text in _FALSE:
+            return "off"
+        if text not in REPLAYS:
+            raise ConfigError(f"{where}: replay must be on, off or reference, got {value!r}")
         return text
     if kind == "seconds":
         given = value

@@ -31,6 +31,7 @@ GOOD = {
     "PYDRON_ARENA_ARRAYS": ("0", False),
     "PYDRON_TASK_TIMEOUT": ("2.5", 2.5),
     "PYDRON_REPORT": ("1", True),
+    "PYDRON_REPLAY": ("reference", "reference"),
     "PYDRON_LOG": ("warning", "warning"),
 }
 BAD = {
@@ -44,6 +45,7 @@ BAD = {
     "PYDRON_ARENA_ARRAYS": "sometimes",
     "PYDRON_TASK_TIMEOUT": "-3",
     "PYDRON_REPORT": "often",
+    "PYDRON_REPLAY": "sometimes",
     "PYDRON_LOG": "loud",
 }
 

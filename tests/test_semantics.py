@@ -66,7 +66,8 @@ def reference_server():
 
 
 def _server_for(mode, request):
-    fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server"}.get(
+    fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server",
+               "pydron-replay": "case_server", "pydron-replay-reference": "case_server"}.get(
         mode, "reference_server")
     return request.getfixturevalue(fixture)
 
@@ -93,6 +94,34 @@ def test_case(mode, case, expected_outcomes, request):
     else:
         problems = _server_for(mode, request).request("check", (mode, case.name))
     assert not problems, f"{case.name} ({mode}):\n" + "\n".join(problems)
+
+
+# --- the replay modes really replayed --------------------------------------------------------------
+
+@pytest.mark.parametrize("interpreter, mode", [("on", "pydron-replay"),
+                                               ("reference", "pydron-replay-reference")])
+def test_replay_modes_ran_graphs(interpreter, mode, case_server, expected_outcomes):
+    """The replay modes are not the trace under another name: most cases that return ran their
+    graph to the end, both interpreters took the same cases, and guesses were made."""
+    log = case_server.request("replay_log", interpreter)
+    for case in CASES:
+        if case.name not in log and mode not in case.known_differences:
+            assert not case_server.request("check", (mode, case.name))
+    log = case_server.request("replay_log", interpreter)
+    returning = [c.name for c in CASES if expected_outcomes[c.name].exc_type is None]
+    replayed = [n for n in returning if log[n][0]]
+    assert len(replayed) >= len(returning) // 3, (
+        f"{len(replayed)} of {len(returning)} returning cases replayed; the others: " +
+        "; ".join(f"{n}: {log[n][1]} {log[n][2]}" for n in returning if not log[n][0]))
+
+
+def test_both_interpreters_replay_the_same_cases(case_server):
+    c_log = case_server.request("replay_log", "on")
+    py_log = case_server.request("replay_log", "reference")
+    assert c_log and py_log
+    differ = {n: (c_log[n][:3], py_log[n][:3]) for n in c_log
+              if n in py_log and c_log[n][0] != py_log[n][0]}
+    assert not differ, differ
 
 
 # --- tracebacks: the functional function's frames appear when the exception is printed ----------

@@ -24,7 +24,8 @@ import pydron
 from .registry import Case, load_all
 
 WORKERS = 2
-MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker")
+MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker", "pydron-replay",
+         "pydron-replay-reference")
 
 
 @dataclasses.dataclass
@@ -40,6 +41,7 @@ class Outcome:
     traceback_text: str = ""
     tasks_submitted: int | None = None      # pydron mode: tasks this run submitted
     pydron_warnings: list = dataclasses.field(default_factory=list)
+    replayed: bool | None = None            # replay modes: the graph ran to the end
 
     def describe(self) -> str:
         if self.exc_type is not None:
@@ -134,6 +136,33 @@ def run_pydron(case: Case) -> Outcome:
     return outcome
 
 
+# interpreter -> {case name: (replayed, graph state, reason, guesses)}: what the replay modes did
+# in this process (test_semantics checks that the graphs really ran).
+REPLAY_LOG: dict[str, dict[str, tuple]] = {}
+
+
+def run_replayed(case: Case, interpreter: str) -> Outcome:
+    """Under pydron, the case's call through its graph from the first call (trace/replay.c, or
+    the Python reference interpreter): the graph is made afresh, and when it gives up the call
+    is traced, as in production. `outcome.replayed` says whether the graph ran to the end."""
+    from pydron import _core
+    fn = getattr(case.fn, "__func__", case.fn)
+    ensure_enabled()
+    previous = _core._replay_configure(mode=interpreter, after=0)
+    _core._replay_forget(fn)
+    try:
+        hits = _core._replay_stats()["hits"]
+        outcome = run_pydron(case)
+        outcome.replayed = _core._replay_stats()["hits"] > hits
+        state = _core._replay_state(fn)
+        REPLAY_LOG.setdefault(interpreter, {})[case.name] = (
+            outcome.replayed, state["state"], state.get("reason"), state.get("guesses", 0))
+    finally:
+        _core._replay_configure(mode=previous["mode"], after=previous["after"])
+        _core._replay_forget(fn)
+    return outcome
+
+
 def _kind_of(fn) -> int:
     """0 plain, 1 functional, 2 scheduled: the mark pydron's decorators left on fn's code."""
     from pydron import _core
@@ -175,6 +204,8 @@ def run_reference(case: Case, threads: int = 0) -> Outcome:
 # "pydron-1worker" is run_pydron in a process that enabled pydron with one worker (the case
 # server does that): a task must never wait for one queued behind it.
 RUNNERS = {"plain": run_plain, "pydron": run_pydron, "pydron-1worker": run_pydron,
+           "pydron-replay": lambda case: run_replayed(case, "on"),
+           "pydron-replay-reference": lambda case: run_replayed(case, "reference"),
            "reference": run_reference,
            "reference-threads": lambda case: run_reference(case, threads=WORKERS)}
 

@@ -65,6 +65,8 @@ def _handle(kind: str, arg, expected: dict, cases: dict):
     if kind == "check":                       # (mode, case name) -> list of problems
         mode, name = arg
         return harness.check(cases[name], mode, expected[name])
+    if kind == "replay_log":                  # interpreter -> {case: (replayed, state, ...)}
+        return harness.REPLAY_LOG.get(arg, {})
     if kind == "outcome":                     # (mode, case name) -> (exc type name, traceback)
         mode, name = arg
         outcome = harness.RUNNERS[mode](cases[name])
