@@ -4,6 +4,7 @@
 #include "trace/trace.h"
 #include "exec/exec.h"
 #include "jit/jit.h"
+#include "remote/remote.h"
 
 #include <pthread.h>
 #include <xxhash.h>
@@ -321,7 +322,7 @@ PyInit__core(void)
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
     if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__hook_init() < 0 ||
-        exec_module_init(m) < 0 || jit_module_init(m) < 0)
+        exec_module_init(m) < 0 || jit_module_init(m) < 0 || remote_module_init(m) < 0)
         goto error;
     /* After exec's own handler (registered by exec_module_init), which forgets the pool. */
     static int atfork_registered;
