@@ -223,6 +223,8 @@ class Adapter:
         self._function_data: dict = {}     # key -> pickled function, until sent
         self._function_futures: dict = {}  # key -> Future keeping it on the cluster
         self._importable: dict[str, bool] = {}
+        self._table_state = None
+        self._table_key = None
         self._constants: collections.OrderedDict = collections.OrderedDict()
         self._constant_bytes = 0
         self._run_time: dict[str, float] = {}   # function key -> seconds per task (average)
@@ -392,6 +394,50 @@ class Adapter:
         self._functions[fn] = key
         return key
 
+    def _class_table(self):
+        """The key of the classes and functions defined in __main__ and in modules the workers
+        cannot import, pickled by value: the arguments' pickles name them by module, and the
+        workers' unpickler finds them there. Made again when such a module gains names."""
+        modules = [m for m in (sys.modules.get("__main__"),) if m is not None]
+        modules += [sys.modules[n] for n, ok in self._importable.items()
+                    if not ok and n in sys.modules]
+        state = tuple((m.__name__, len(vars(m))) for m in modules)
+        if state == self._table_state:
+            return self._table_key
+        import cloudpickle
+        import types as _types
+        table = {}
+        for m in modules:
+            for name, obj in list(vars(m).items()):
+                if isinstance(obj, (type, _types.FunctionType)) and \
+                        getattr(obj, "__module__", None) == m.__name__ and \
+                        getattr(obj, "__qualname__", None) == name:
+                    table[(m.__name__, name)] = obj
+        by_value = [m for m in modules if m.__name__ != "__main__"]
+        for m in by_value:
+            cloudpickle.register_pickle_by_value(m)
+        try:
+            data = cloudpickle.dumps(table, protocol=5)
+        except Exception as exc:     # something unpicklable there: name it, ship the rest
+            log.debug("pydron: the class table cannot be pickled whole: %r", exc)
+            kept = {}
+            for k, v in table.items():
+                try:
+                    cloudpickle.dumps(v, protocol=5)
+                    kept[k] = v
+                except Exception:
+                    pass
+            data = cloudpickle.dumps(kept, protocol=5)
+        finally:
+            for m in by_value:
+                cloudpickle.unregister_pickle_by_value(m)
+        key = f"pydron-defs-{hashlib.blake2b(data, digest_size=12).hexdigest()}"
+        with self._lock:
+            if key not in self._function_futures:
+                self._function_data[key] = data
+        self._table_state, self._table_key = state, key
+        return key
+
     def _module_importable(self, name: str) -> bool:
         """Asked of every worker once per module (a round trip, then remembered)."""
         top = name.partition(".")[0]
@@ -479,6 +525,7 @@ class Adapter:
     async def _send(self, tasks):
         from dask._task_spec import DataNode, Task, TaskRef
         groups = self._plan(tasks)
+        table_key = self._class_table()
         dsk, keys, batches = {}, [], []
         new_functions = []
         scatter = {}
@@ -496,6 +543,10 @@ class Adapter:
                 return i
 
             specs, fn_keys = [], {}
+            table_input = None
+            if table_key is not None:
+                table_input = input_of(table_key, None)
+                fn_keys[table_input] = table_key
             for t in group:
                 t.batch = batch
                 fn_input = input_of(t.fn_key, None)
@@ -511,7 +562,8 @@ class Adapter:
                 t.hold = None
                 t.deps = tuple(d for d in t.deps if isinstance(d, RemoteRef))
                 specs.append((fn_input, data, tuple(bufs), tuple(deps)))
-            payload = pickle.dumps((key, self.topic, self.versions, fn_keys, specs), protocol=5)
+            payload = pickle.dumps((key, self.topic, self.versions, fn_keys, table_input, specs),
+                                   protocol=5)
             input_keys = [k for k, _ in inputs]
             batch.inputs = [keep for _, keep in inputs if keep is not None]
             batch.payload = (payload, input_keys)
@@ -668,7 +720,7 @@ class Adapter:
             return []
         items = []
         payload, _ = batch.payload
-        _, _, _, _, specs = pickle.loads(payload)
+        specs = pickle.loads(payload)[-1]
         for t, spec in zip(batch.tasks, specs):
             if t.cancelled:
                 continue
@@ -681,7 +733,7 @@ class Adapter:
     async def _resend_split(self, batch, live):
         from dask._task_spec import Task, TaskRef
         payload, input_keys = batch.payload
-        key, topic, versions, fn_keys, specs = pickle.loads(payload)
+        key, topic, versions, fn_keys, table_input, specs = pickle.loads(payload)
         dsk, keys, parts = {}, [], []
         for t, spec in zip(batch.tasks, specs):
             if t.cancelled:
@@ -689,8 +741,8 @@ class Adapter:
             part_key = f"{key}-alone-{len(parts)}"
             part = Batch(part_key, [t])
             part.inputs = batch.inputs
-            part.payload = (pickle.dumps((part_key, topic, versions, fn_keys, [spec]),
-                                         protocol=5), input_keys)
+            part.payload = (pickle.dumps((part_key, topic, versions, fn_keys, table_input,
+                                          [spec]), protocol=5), input_keys)
             t.batch = part
             dsk[part_key] = Task(part_key, _cluster_worker.run_batch, part.payload[0],
                                  *[TaskRef(k) for k in input_keys])

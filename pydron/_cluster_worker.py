@@ -132,13 +132,46 @@ def _function(key: str, shipped: bytes):
     return fn
 
 
+_tables: dict = {}          # key -> {(module, qualname): class or function}, shipped by value
+
+
+def _table(key, shipped):
+    table = _tables.get(key)
+    if table is None:
+        table = _tables[key] = pickle.loads(shipped)
+    return table
+
+
+class _ArgumentUnpickler(_exec_helpers.DepUnpickler):
+    """Classes and functions the client's pickle names by module (defined in its __main__ or in
+    a module the workers cannot import) come from the table the client shipped by value."""
+
+    def __init__(self, file, deps, table, **kwargs):
+        super().__init__(file, deps, **kwargs)
+        self.table = table
+
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            found = self.table.get((module, name))
+            if found is None:
+                raise
+            return found
+
+
 def _own_copy(value):
     """The task's own copy of another task's result, as a worker of the local pool would get it
     (a pickle round trip): a task that writes to its argument changes nothing shared."""
     if type(value) in _SHARED_AS_IS:
         return value
     buffers = []
-    data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    try:
+        data = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:        # a class that came by value: only cloudpickle can name it again
+        import cloudpickle
+        buffers = []
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
     return pickle.loads(data, buffers=[bytearray(b.raw()) for b in buffers])
 
 
@@ -172,8 +205,9 @@ def _check_versions(client_versions: tuple) -> None:
 
 def run_batch(payload: bytes, *inputs):
     """Run the tasks of one batch in order; their results as a list (stays on this worker)."""
-    key, topic, client_versions, fn_keys, tasks = pickle.loads(payload)
+    key, topic, client_versions, fn_keys, table_input, tasks = pickle.loads(payload)
     _check_versions(client_versions)
+    table = {} if table_input is None else _table(fn_keys[table_input], inputs[table_input])
     results, outcomes, times = [], [], []
     failed = 0
     for fn_input, data, bufs, deps in tasks:
@@ -182,8 +216,8 @@ def run_batch(payload: bytes, *inputs):
         try:
             fn = _function(fn_keys[fn_input], inputs[fn_input])
             resolved = [_dependency(d, inputs) for d in deps]
-            args, kwargs = _exec_helpers.DepUnpickler(io.BytesIO(data), resolved,
-                                                      buffers=_buffers(bufs, inputs)).load()
+            args, kwargs = _ArgumentUnpickler(io.BytesIO(data), resolved, table,
+                                              buffers=_buffers(bufs, inputs)).load()
             value = fn(*args, **(kwargs or {}))
             results.append(value)
             outcomes.append((True, value))
