@@ -243,7 +243,12 @@ class Adapter:
 
     def submit(self, task_id, fn, hold, deps, timeout):
         if self._lost is not None:
-            raise ClusterLostError(str(self._lost))
+            # remote/ detaches this adapter and runs the task locally; first the outstanding
+            # tasks fail with the loss (each exactly once).
+            self._fail_outstanding()
+            self._close_in_background()
+            _forget(self)
+            return False
         key = self._functions.get(fn)
         if key is None:
             key = self._register_function(fn)

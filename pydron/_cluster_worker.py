@@ -8,8 +8,8 @@ result stays on the worker as a list with one value per task. When a task fails,
 raises `BatchFailed` carrying every task's outcome, so the client learns of failures without
 asking, and the values of the tasks that did succeed are not lost.
 
-A worker runs functional functions plainly: pydron is disabled in the worker's process before
-any user module is imported (a module that calls pydron.enable() at import time must not start
+A worker runs functional functions plainly: pydron is disabled in the worker's process at its
+first batch, before any user module is imported there (a module that calls pydron.enable() at import time must not start
 a pool or connect to a cluster from inside a worker).
 """
 from __future__ import annotations
@@ -91,9 +91,6 @@ def _disable_pydron_here() -> None:
     os.environ["PYDRON_DISABLE"] = "1"
 
 
-_disable_pydron_here()
-
-
 class _QuietTaskFailures(logging.Filter):
     """Dask logs every failed task as an error of the worker ("Compute Failed"); a pydron task
     that raised is the user's exception, reported to the client where plain Python raises it,
@@ -106,7 +103,18 @@ class _QuietTaskFailures(logging.Filter):
             return True
 
 
-logging.getLogger("distributed.worker").addFilter(_QuietTaskFailures())
+_prepared = False
+
+
+def _prepare_worker() -> None:
+    """Once per worker process, at its first batch (not at import: the client imports this
+    module too)."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    _disable_pydron_here()
+    logging.getLogger("distributed.worker").addFilter(_QuietTaskFailures())
 
 
 class BatchFailed(Exception):
@@ -205,6 +213,7 @@ def _check_versions(client_versions: tuple) -> None:
 
 def run_batch(payload: bytes, *inputs):
     """Run the tasks of one batch in order; their results as a list (stays on this worker)."""
+    _prepare_worker()
     key, topic, client_versions, fn_keys, table_input, tasks = pickle.loads(payload)
     _check_versions(client_versions)
     table = {} if table_input is None else _table(fn_keys[table_input], inputs[table_input])

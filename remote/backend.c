@@ -62,6 +62,7 @@ dependencies(const exec_task *t)
     return deps;
 }
 
+/* adapter.submit returns None, or False when the cluster is gone. */
 static int
 remote_submit(const exec_task *t)
 {
@@ -81,6 +82,13 @@ remote_submit(const exec_task *t)
     r = call_adapter(str_submit, args, 5);
     if (r == NULL)
         goto done;
+    if (r == Py_False) {
+        /* The cluster is gone: detach it and run this task (and the next ones) here. */
+        if (remote__detach() < 0)
+            goto done;
+        rc = exec_submit(exec_task_kind(), t);
+        goto done;
+    }
     outstanding++;
     unflushed = 1;
     rc = 0;

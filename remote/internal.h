@@ -10,7 +10,8 @@
 /* ---- the adapter (backend.c) ------------------------------------------------------------------
  * The attached Python adapter, the Dask client side. What C calls on it (all with the GIL):
  *   submit(task_id, fn, args_hold, deps, timeout_s)  deps: tuple, each a remote reference the
- *                                                    adapter made earlier or a BlobHold
+ *                adapter made earlier or a BlobHold. None, or False when the cluster is gone
+ *                (remote/ then detaches the adapter and runs the task locally)
  *   collect() -> list of (task_id, kind, payload, worker, started, finished)
  *                kind REMOTE_DONE: payload is the adapter's reference to a result on the cluster
  *                kind REMOTE_VALUE: payload is the value itself (encoded here into a blob)

@@ -55,10 +55,15 @@ class DaskProcesses:
         self.workers: list[subprocess.Popen] = []
         self.address = None
         self._logs = []
-        self._start_scheduler()
-        for _ in range(workers):
-            self.add_worker(nthreads=nthreads)
-        self.wait_for_workers(workers)
+        try:
+            self._start_scheduler()
+            for _ in range(workers):
+                self.add_worker(nthreads=nthreads)
+            if workers:
+                self.wait_for_workers(workers)
+        except BaseException:
+            self.close()             # nothing of a half-started cluster stays behind
+            raise
 
     # -- starting ----------------------------------------------------------------------------
 
