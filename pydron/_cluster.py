@@ -525,6 +525,15 @@ class Adapter:
             work += est
         if current:
             groups.append(current)
+        # Every worker thread gets a part of a flush: a run time learnt from smaller calls of
+        # the same function (a warm-up) must not put a whole flush on one worker.
+        while len(groups) < min(len(tasks), self.slots):
+            largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+            g = groups[largest]
+            if len(g) < 2:
+                break
+            half = len(g) // 2
+            groups[largest:largest + 1] = [g[:half], g[half:]]
         return groups
 
     async def _send(self, tasks):
@@ -671,7 +680,9 @@ class Adapter:
         for t, (s, e) in zip(batch.tasks, times):
             prev = self._run_time.get(t.fn_key)
             d = max(e - s, 1e-7)
-            self._run_time[t.fn_key] = d if prev is None else 0.8 * prev + 0.2 * d
+            # Up at once, down slowly: a batch sized for tasks shorter than they are idles the
+            # other workers; one sized for longer tasks only costs Dask a few more tasks.
+            self._run_time[t.fn_key] = d if prev is None or d > prev else 0.9 * prev + 0.1 * d
         times += [(0.0, 0.0)] * (len(batch.tasks) - len(times))
         return lane, times
 
