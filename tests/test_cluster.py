@@ -116,6 +116,21 @@ def test_scheduler_killed_is_a_clear_error_then_tasks_run_locally(cluster, tmp_p
     assert out["attached"] is False
 
 
+def test_ctrl_c_cancels_this_clients_tasks_on_the_cluster(cluster, tmp_path):
+    import signal
+    proc = run_script("ctrl-c", cluster.address, env={"MARKS": str(tmp_path)}, wait=False)
+    deadline = time.monotonic() + 60
+    while len(os.listdir(tmp_path)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(os.listdir(tmp_path)) == 2, "the tasks did not start"
+    proc.send_signal(signal.SIGINT)
+    out, _ = finish(proc)
+    assert out["first"] == "KeyboardInterrupt"
+    assert out["seconds"] < 25, out                # not waiting for the 30 s tasks
+    assert out["left"] == [], out                  # the scheduler forgot the batches
+    assert out["outstanding"] == 0
+
+
 def worker_pids_alive(c):
     return {w.pid for w in c.workers if w.poll() is None}
 

@@ -26,6 +26,27 @@ def slow_inc(i, seconds, marks):
 
 
 @pydron.functional
+def sleeper(i, marks):
+    with open(os.path.join(marks, f"start-{i}"), "w"):
+        pass
+    time.sleep(30)
+    return i
+
+
+@pydron.schedule
+def sleepers(n, marks):
+    return [sleeper(i, marks) for i in range(n)]
+
+
+def batches_on_scheduler(address, prefix):
+    """This client's batch keys the scheduler still knows (functions excepted)."""
+    from distributed import Client
+    with Client(address, set_as_default=False, timeout=10) as c:
+        keys = c.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks])
+    return [k for k in keys if k.startswith(prefix + "-")]
+
+
+@pydron.functional
 def plus(a, b):
     return a + b
 
@@ -89,6 +110,23 @@ def main():
         out["second"] = spread(4)
         out["master"] = os.getpid()
         out["attached"] = pydron._api._core._remote_stats()["attached"]
+    elif mode == "ctrl-c":
+        from pydron import _cluster
+        prefix = _cluster.current().prefix
+        t0 = time.monotonic()
+        try:
+            sleepers(2, os.environ["MARKS"])
+            out["first"] = "returned"
+        except KeyboardInterrupt:
+            out["first"] = "KeyboardInterrupt"
+        out["seconds"] = time.monotonic() - t0
+        left = batches_on_scheduler(address, prefix)
+        deadline = time.monotonic() + 10
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = batches_on_scheduler(address, prefix)
+        out["left"] = left
+        out["outstanding"] = pydron._api._core._remote_stats()["outstanding"]
     pydron.disable()
     out["master"] = os.getpid()
     print(json.dumps(out), flush=True)
