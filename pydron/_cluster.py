@@ -150,7 +150,7 @@ class Batch:
     """One Dask task running some pydron tasks; its result (a list) stays on a worker."""
 
     __slots__ = ("key", "future", "tasks", "inputs", "payload", "nbytes", "values", "fetched",
-                 "live", "cancelled", "lane", "__weakref__")
+                 "live", "cancelled", "lane", "siblings", "__weakref__")
 
     def __init__(self, key, tasks):
         self.key = key
@@ -164,6 +164,7 @@ class Batch:
         self.live = len(tasks)      # tasks not cancelled
         self.cancelled = False
         self.lane = 0
+        self.siblings = None        # weak references to the batches sent in the same flush
 
 
 class RemoteRef:
@@ -329,10 +330,14 @@ class Adapter:
         try:
             whole = batch.nbytes is not None and batch.nbytes <= FETCH_WHOLE_MAX_BYTES
             if whole or self._batch_size(batch) == 1:
-                values = self.client.gather(batch.future)
+                # Reading one result of a flush announces reading the others (a list of
+                # results): the finished, small ones come in the same round trip.
+                group = [batch] + self._finished_siblings(batch)
+                lists = self.client.gather([b.future for b in group])
                 self.stats["fetches"] += 1
-                self.stats["fetched_results"] += len(values)
-                batch.values = values
+                for b, values in zip(group, lists):
+                    self.stats["fetched_results"] += len(values)
+                    b.values = values
                 return self._take(batch, ref.index)
             import operator
             pick = self.client.submit(operator.getitem, batch.future, ref.index,
@@ -598,7 +603,9 @@ class Adapter:
             self._function_data.pop(k, None)
         self.stats["batches"] += len(batches)
         self.stats["tasks"] += len(tasks)
+        siblings = [weakref.ref(b) for b in batches]
         for batch, fut in zip(batches, futures):
+            batch.siblings = siblings
             batch.future = fut
             self._batches[batch.key] = batch
             fut.add_done_callback(self._on_done)
@@ -773,6 +780,20 @@ class Adapter:
             fut.add_done_callback(self._on_done)
 
     # -- fetching ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _finished_siblings(batch):
+        out, size = [], batch.nbytes or 0
+        for w in batch.siblings or ():
+            b = w()
+            if b is None or b is batch or b.values is not None or b.future is None or \
+                    b.nbytes is None or b.future.status != "finished":
+                continue
+            size += b.nbytes
+            if size > FETCH_WHOLE_MAX_BYTES:
+                break
+            out.append(b)
+        return out
 
     @staticmethod
     def _batch_size(batch):
