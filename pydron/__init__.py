@@ -16,7 +16,9 @@ from pydron._api import (
     visualize,
 )
 
+from pydron._cluster import ClusterError, ClusterLostError, VersionMismatchError
+
 __all__ = ["enable", "disable", "is_enabled", "functional", "schedule", "WorkerLostError",
            "stats",
-           "visualize"]
+           "visualize", "ClusterError", "ClusterLostError", "VersionMismatchError"]
 __version__ = "0.1.0"

@@ -217,7 +217,9 @@ def _run_parser() -> _Parser:
     p = _Parser(prog="pydron run", description="Run a script with pydron enabled from "
                 "its first line.")
     p.add_argument("--workers", type=str, default=None, help="worker processes")
-    p.add_argument("--backend", default=None, help="where tasks run (local)")
+    p.add_argument("--backend", default=None, help="where tasks run (local, cluster)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run tasks on this Dask cluster (tls://host:8786, local:4)")
     p.add_argument("--functional", action="append", default=[], metavar="MOD.FUNC",
                    help="treat this function as @pydron.functional (repeatable)")
     p.add_argument("--schedule", action="append", default=[], metavar="MOD.FUNC",
@@ -249,8 +251,8 @@ def cmd_run(argv: list[str]) -> int:
         raise UsageError(f"pydron run: script not found: {ns.script}")
     try:
         cfg = _config.resolve(
-            {"workers": ns.workers, "backend": ns.backend, "disable": ns.disable,
-             "progress": ns.progress, "timeline": ns.timeline,
+            {"workers": ns.workers, "backend": ns.backend, "cluster": ns.cluster,
+             "disable": ns.disable, "progress": ns.progress, "timeline": ns.timeline,
              "functional": ns.functional, "schedule": ns.schedule},
             search_dirs=[script.resolve().parent, Path.cwd()])
     except _config.ConfigError as exc:
@@ -289,7 +291,7 @@ def cmd_run(argv: list[str]) -> int:
         log.debug("decorated %s.%s as %s", getattr(owner, "__name__", owner), attr, kind)
     if not cfg.disable:
         pydron.enable(workers=cfg.workers, progress=cfg.progress, timeline=cfg.timeline,
-                      blas_threads=cfg.blas_threads)
+                      blas_threads=cfg.blas_threads, cluster=_config.cluster_address(cfg))
         from pydron import report
         report.start()
     log.debug("running %s with %s", script, cfg.as_dict())
@@ -348,6 +350,7 @@ def cmd_info(argv: list[str]) -> int:
                 "versions in use and the workers.")
     p.add_argument("--workers", default=None)
     p.add_argument("--backend", default=None)
+    p.add_argument("--cluster", default=None, metavar="ADDRESS")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("script", nargs="?", help="look for config files beside this script")
     ns = p.parse_args(argv)
@@ -357,8 +360,8 @@ def cmd_info(argv: list[str]) -> int:
             raise UsageError(f"pydron info: script not found: {ns.script}")
         dirs.insert(0, Path(ns.script).resolve().parent)
     try:
-        cfg = _config.resolve({"workers": ns.workers, "backend": ns.backend},
-                              search_dirs=dirs)
+        cfg = _config.resolve({"workers": ns.workers, "backend": ns.backend,
+                               "cluster": ns.cluster}, search_dirs=dirs)
     except _config.ConfigError as exc:
         raise UsageError(f"pydron info: {exc}") from None
     versions = _versions()
@@ -371,6 +374,9 @@ def cmd_info(argv: list[str]) -> int:
     workers = {"backend": cfg.backend, "count": 0 if cfg.disable else cfg.workers,
                "usable_cores": _config.default_workers(), "cpu_count": os.cpu_count(),
                "blas_threads_per_worker": cfg.blas_threads}
+    cluster = _cluster_info(cfg)
+    if cluster is not None:
+        workers["cluster"] = cluster
     if ns.json:
         print(json.dumps({"pydron": pkg, "location": location,
                           "config_file": str(cfg.file) if cfg.file else None,
@@ -395,8 +401,48 @@ def cmd_info(argv: list[str]) -> int:
     state = "none (disabled)" if cfg.disable else (
         f"{cfg.workers} local processes, {cfg.blas_threads} BLAS/OpenMP "
         f"thread{'s' * (cfg.blas_threads != 1)} each")
+    if cluster is not None and not cfg.disable:
+        state = _cluster_text(cluster)
     print(f"workers: {state}; {workers['usable_cores']} usable cores")
     return 0
+
+
+def _cluster_info(cfg) -> dict | None:
+    """The cluster `cfg` names: its address and, for a running scheduler, its workers, threads
+    and dashboard (asked with a short timeout); a local:N cluster is only described."""
+    address = _config.cluster_address(cfg)
+    if address is None:
+        return None
+    info: dict[str, Any] = {"address": address}
+    from . import _cluster
+    n = _cluster.parse_local(address)
+    if n is not None:
+        info.update(workers=n or _config.default_workers(), threads=1,
+                    note="started by pydron.enable(), stopped at exit")
+        return info
+    try:
+        security = _cluster.check_security(address, None, cfg.cluster_insecure)
+        from distributed import Client
+        with Client(address, security=security, timeout=5, set_as_default=False) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            info.update(workers=len(workers),
+                        threads=sum(w.get("nthreads", 0) for w in workers.values()),
+                        dashboard=_cluster._dashboard(client))
+    except Exception as exc:
+        info["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return info
+
+
+def _cluster_text(info: dict) -> str:
+    if "error" in info:
+        return f"Dask cluster {info['address']}: not reachable ({info['error']})"
+    text = (f"Dask cluster {info['address']}: {info['workers']} workers, {info['threads']} "
+            f"threads")
+    if info.get("note"):
+        text += f" ({info['note']})"
+    if info.get("dashboard"):
+        text += f"; dashboard {info['dashboard']}"
+    return text
 
 
 def _dist_version() -> str:
@@ -411,8 +457,8 @@ def _dist_version() -> str:
 
 def _usage() -> str:
     return ("usage: pydron {run,bench,info} ...\n"
-            "  pydron run [--workers N] [--functional MOD.FUNC] [--schedule MOD.FUNC] "
-            "script.py [args]\n"
+            "  pydron run [--workers N] [--cluster ADDRESS] [--functional MOD.FUNC] "
+            "[--schedule MOD.FUNC] script.py [args]\n"
             "  pydron bench [--quick] [--workloads W,..] [--systems S,..] [--workers N] "
             "[--repeat R] [--json FILE] [--plot FILE] [--timeline FILE]\n"
             "  pydron info [--json] [script.py]\n"

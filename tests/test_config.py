@@ -21,7 +21,9 @@ PY = sys.executable
 # A valid value other than the default for each variable, and what config makes of it.
 GOOD = {
     "PYDRON_WORKERS": ("3", 3),
-    "PYDRON_BACKEND": ("local", "local"),
+    "PYDRON_BACKEND": ("cluster", "cluster"),
+    "PYDRON_CLUSTER": ("local:2", "local:2"),
+    "PYDRON_CLUSTER_INSECURE": ("1", True),
     "PYDRON_DISABLE": ("1", True),
     "PYDRON_PROGRESS": ("0", False),
     "PYDRON_TIMELINE": ("run.json", "run.json"),
@@ -47,6 +49,8 @@ BAD = {
     "PYDRON_REPORT": "often",
     "PYDRON_REPLAY": "sometimes",
     "PYDRON_LOG": "loud",
+    "PYDRON_CLUSTER": "local:0",
+    "PYDRON_CLUSTER_INSECURE": "perhaps",
 }
 
 

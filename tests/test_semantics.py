@@ -65,10 +65,30 @@ def reference_server():
     server.close()
 
 
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real `dask scheduler` and two single-threaded `dask worker` processes on loopback,
+    started in a directory where the cases' modules cannot be imported (so their functions and
+    classes travel by value); gone again, processes and port, at the end."""
+    from dask_processes import DaskProcesses
+    cluster = DaskProcesses(workers=2)
+    yield cluster
+    cluster.close()
+    assert not cluster.leftovers(), cluster.leftovers()
+
+
+@pytest.fixture(scope="session")
+def cluster_case_server(dask_cluster):
+    """Pydron with its tasks on the Dask cluster."""
+    server = CaseServer(timeout=60, workers=2, cluster=dask_cluster.address)
+    yield server
+    server.close()
+
+
 def _server_for(mode, request):
     fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server",
-               "pydron-replay": "case_server", "pydron-replay-reference": "case_server"}.get(
-        mode, "reference_server")
+               "pydron-cluster": "cluster_case_server", "pydron-replay": "case_server",
+               "pydron-replay-reference": "case_server"}.get(mode, "reference_server")
     return request.getfixturevalue(fixture)
 
 

@@ -4,6 +4,7 @@
 #include "trace/trace.h"
 #include "exec/exec.h"
 #include "jit/jit.h"
+#include "remote/remote.h"
 
 #include <pthread.h>
 #include <xxhash.h>
@@ -329,8 +330,9 @@ PyInit__core(void)
     if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
-    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__replay_init(m) < 0 || trace__hook_init() < 0 ||
-        exec_module_init(m) < 0 || jit_module_init(m) < 0)
+    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__replay_init(m) < 0 ||
+        trace__hook_init() < 0 || exec_module_init(m) < 0 || jit_module_init(m) < 0 ||
+        remote_module_init(m) < 0)
         goto error;
     /* After exec's own handler (registered by exec_module_init), which forgets the pool. */
     static int atfork_registered;

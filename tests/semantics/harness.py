@@ -24,8 +24,12 @@ import pydron
 from .registry import Case, load_all
 
 WORKERS = 2
-MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker", "pydron-replay",
-         "pydron-replay-reference")
+# "pydron-cluster": pydron with its tasks on a Dask cluster (CLUSTER, the scheduler's address;
+# tests/test_semantics.py starts one). "pydron-replay(-reference)": the case's call through its
+# graph (trace/replay.c, or the Python reference interpreter).
+MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker", "pydron-cluster",
+         "pydron-replay", "pydron-replay-reference")
+CLUSTER: str | None = None
 
 
 @dataclasses.dataclass
@@ -78,12 +82,12 @@ def pydron_disabled():
         yield
     finally:
         if was_enabled and not pydron.is_enabled():
-            pydron.enable(workers=WORKERS)
+            pydron.enable(workers=WORKERS, cluster=CLUSTER)
 
 
 def ensure_enabled() -> None:
     if not pydron.is_enabled():
-        pydron.enable(workers=WORKERS)
+        pydron.enable(workers=WORKERS, cluster=CLUSTER)
 
 
 def reference_available() -> bool:
@@ -204,6 +208,7 @@ def run_reference(case: Case, threads: int = 0) -> Outcome:
 # "pydron-1worker" is run_pydron in a process that enabled pydron with one worker (the case
 # server does that): a task must never wait for one queued behind it.
 RUNNERS = {"plain": run_plain, "pydron": run_pydron, "pydron-1worker": run_pydron,
+           "pydron-cluster": run_pydron,
            "pydron-replay": lambda case: run_replayed(case, "on"),
            "pydron-replay-reference": lambda case: run_replayed(case, "reference"),
            "reference": run_reference,
@@ -338,8 +343,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", action="append", choices=MODES)
     parser.add_argument("-k", dest="keyword", default="")
+    parser.add_argument("--cluster", default=None, help="scheduler address for pydron-cluster")
     options = parser.parse_args(argv)
     modes = options.mode or list(MODES)
+    global CLUSTER
+    CLUSTER = options.cluster
+    if "pydron-cluster" in modes and CLUSTER is None:
+        print("no --cluster address: skipping mode pydron-cluster")
+        modes.remove("pydron-cluster")
+    if CLUSTER is not None and modes != ["pydron-cluster"]:
+        print("--cluster runs only mode pydron-cluster here (one enable per process)")
+        modes = ["pydron-cluster"]
     for mode in ("reference", "reference-threads"):
         if mode in modes and not (reference_available() and reference_marks_known()):
             print(f"pydron._reference or pydron._core._kind is missing: skipping mode {mode}")
