@@ -66,7 +66,7 @@ dependencies(const exec_task *t)
 static int
 remote_submit(const exec_task *t)
 {
-    PyObject *id = NULL, *hold = NULL, *deps = NULL, *timeout = NULL, *r = NULL;
+    PyObject *id = NULL, *hold = NULL, *deps = NULL, *timeout = NULL, *r = NULL, *fn = NULL;
     int rc = -1;
     if (t->args == NULL) {
         PyErr_SetString(PyExc_SystemError, "pydron: a cluster task without encoded arguments");
@@ -78,7 +78,11 @@ remote_submit(const exec_task *t)
     timeout = deps ? PyFloat_FromDouble(t->timeout_s) : NULL;
     if (timeout == NULL)
         goto done;
-    PyObject *args[5] = {id, t->fn, hold, deps, timeout};
+    /* A map's chunk runs its loop on the Dask worker as it would in a local worker. */
+    fn = t->chunk ? exec_chunk_runner(t->fn) : Py_NewRef(t->fn);
+    if (fn == NULL)
+        goto done;
+    PyObject *args[5] = {id, fn, hold, deps, timeout};
     r = call_adapter(str_submit, args, 5);
     if (r == NULL)
         goto done;
@@ -97,6 +101,7 @@ done:
     Py_XDECREF(hold);
     Py_XDECREF(deps);
     Py_XDECREF(timeout);
+    Py_XDECREF(fn);
     Py_XDECREF(r);
     return rc;
 }
