@@ -190,6 +190,8 @@ def enable(workers: int | None = None, progress: bool | None = None,
     from pydron import _worker_setup
     _worker_setup.plan(cfg.blas_threads)
     core._replay_configure(mode=cfg.replay)
+    from pydron import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
     core._set_rewrite(_rewrite_code)
     core._enable(cfg.workers, mode == "hook")
     _configure_progress(cfg.progress)
@@ -207,6 +209,7 @@ def enable(workers: int | None = None, progress: bool | None = None,
         atexit.register(report.print_report, None, cfg.workers)
     if not _atexit_registered:
         atexit.register(core._shutdown)
+        atexit.register(_note_cache_session)
         _atexit_registered = True
     address = _config.cluster_address(cfg)
     if address is not None:
@@ -216,6 +219,15 @@ def enable(workers: int | None = None, progress: bool | None = None,
         except BaseException:
             disable()
             raise
+
+
+def _note_cache_session() -> None:
+    """At exit: this process's replay counters go to the disk cache's stats (pydron info)."""
+    try:
+        from pydron import _graph_cache
+        _graph_cache.note_session(_core._replay_stats())
+    except Exception as exc:        # never an error at exit
+        log.debug("pydron: graph cache counters not saved: %s", exc)
 
 
 def _start_import_sync(core) -> None:
@@ -256,8 +268,15 @@ def is_enabled() -> bool:
 
 
 def stats() -> dict:
-    """Task counters of this process (submitted, finished, in flight, live pending values)."""
-    return _require_core()._stats()
+    """Task counters of this process (submitted, finished, in flight, live pending values), and
+    the replay's (replay_hits: calls that ran their graph, replay_misses: calls traced,
+    replay_bails: graphs that gave up to the trace, replay_guesses / replay_mispredicts: branches
+    guessed past a pending result and guesses that were wrong, replay_maps: comprehensions sent
+    as chunk tasks, replay_disk_hits: graphs found in the disk cache)."""
+    core = _require_core()
+    out = core._stats()
+    out.update({f"replay_{k}": v for k, v in core._replay_stats().items()})
+    return out
 
 
 # ---- seeing what ran ----------------------------------------------------------------------------

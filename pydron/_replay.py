@@ -779,15 +779,25 @@ def explain_lift(fn) -> tuple[bool, str, int | None]:
 # ---- what the C core calls -----------------------------------------------------------------------
 
 def lift_for_core(fn):
-    """The program as trace/replay.c loads it, or a str: why fn has no graph."""
+    """The program as trace/replay.c loads it, or a str: why fn has no graph. Either is kept in
+    the disk cache for the next process."""
     try:
-        return lift(fn).as_tuple()
+        value = lift(fn).as_tuple()
     except Unsupported as exc:
-        return f"line {exc.line}: {exc}" if exc.line else str(exc)
+        value = f"line {exc.line}: {exc}" if exc.line else str(exc)
     except SyntaxError as exc:
-        return f"its source does not parse ({exc.msg})"
+        value = f"its source does not parse ({exc.msg})"
     except RecursionError:
-        return "its source is nested too deeply"
+        value = "its source is nested too deeply"
+    from pydron import _graph_cache
+    _graph_cache.store(fn, value)
+    return value
+
+
+def cached_for_core(fn):
+    """fn's graph from the disk cache, as lift_for_core gives it, or None."""
+    from pydron import _graph_cache
+    return _graph_cache.load(fn)
 
 
 # numpy functions that only compute their result from their arguments (none takes a random

@@ -23,7 +23,7 @@ from . import config as _config
 
 log = logging.getLogger("pydron")
 
-SUBCOMMANDS = ("run", "bench", "info", "check")
+SUBCOMMANDS = ("run", "bench", "info", "check", "cache")
 
 
 class UsageError(Exception):
@@ -384,7 +384,8 @@ def cmd_info(argv: list[str]) -> int:
                                      for k, s in cfg.settings.items()},
                           "variables": {var: k for k, (_, var, _) in _config.KEYS.items()
                                         if var},
-                          "versions": versions, "workers": workers}, indent=2))
+                          "versions": versions, "workers": workers,
+                          "graph_cache": _graph_cache_stats(cfg)}, indent=2))
         return 0
     print(f"pydron {pkg} ({location})")
     print(f"config file: {cfg.file or 'none found'}")
@@ -404,7 +405,67 @@ def cmd_info(argv: list[str]) -> int:
     if cluster is not None and not cfg.disable:
         state = _cluster_text(cluster)
     print(f"workers: {state}; {workers['usable_cores']} usable cores")
+    from . import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
+    print(_cache_text(_graph_cache.stats()))
     return 0
+
+
+def cmd_cache(argv: list[str]) -> int:
+    p = _Parser(prog="pydron cache", description="The graphs of scheduled functions kept "
+                "between runs (PYDRON_CACHE_DIR): list them, count what they saved, clear them.")
+    p.add_argument("action", choices=("list", "stats", "clear"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    ns = p.parse_args(argv)
+    try:
+        cfg = _config.resolve({})
+    except _config.ConfigError as exc:
+        raise UsageError(f"pydron cache: {exc}") from None
+    from . import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
+    if ns.action == "clear":
+        n = _graph_cache.clear()
+        print(f"removed {n} cached graph file(s) from {_graph_cache.directory() or '(no cache)'}")
+        return 0
+    if ns.action == "stats":
+        st = _graph_cache.stats()
+        if ns.json:
+            print(json.dumps(st, indent=2))
+        else:
+            print(_cache_text(st))
+        return 0
+    entries = _graph_cache.entries()
+    if ns.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print(f"no cached graphs in {_graph_cache.directory() or '(no cache: off)'}")
+    for e in entries:
+        if e["kind"] == "graph":
+            what = f"{e['function']} ({e['file']}), {e['instructions']} instructions"
+        elif e["kind"] == "no graph":
+            what = f"no graph: {e['reason']}"
+        else:
+            what = f"unreadable, ignored: {e['problem']}"
+        print(f"{e['key']}  {e['bytes']:>7} B  {what}")
+    return 0
+
+
+def _graph_cache_stats(cfg) -> dict:
+    from . import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
+    return _graph_cache.stats()
+
+
+def _cache_text(st: dict) -> str:
+    if st.get("directory") is None:
+        return "graph cache: off"
+    return (f"graph cache: {st['directory']}: {st['graphs']} graph(s), {st['bytes']} bytes; "
+            f"over {st.get('processes', 0)} process(es): {st.get('replay_hits', 0)} replayed "
+            f"call(s), {st.get('replay_misses', 0)} traced, {st.get('lifts', 0)} graph(s) made "
+            f"lifted, {st.get('loads', 0)} loaded from disk, {st.get('mispredicts', 0)} "
+            f"misprediction(s), {st.get('bails', 0)} replay(s) given up, "
+            f"{st.get('rejected', 0)} file(s) rejected")
 
 
 def _cluster_info(cfg) -> dict | None:
@@ -462,7 +523,8 @@ def _usage() -> str:
             "  pydron bench [--quick] [--workloads W,..] [--systems S,..] [--workers N] "
             "[--repeat R] [--json FILE] [--plot FILE] [--timeline FILE]\n"
             "  pydron info [--json] [script.py]\n"
-            "  pydron check [--functional NAME] [--json] script.py\n")
+            "  pydron check [--functional NAME] [--json] script.py\n"
+            "  pydron cache list|stats|clear [--json]\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "check":
             from . import check
             return check.main(rest)
+        if cmd == "cache":
+            return cmd_cache(rest)
         raise UsageError(f"pydron: unknown command {cmd!r} "
                          f"(accepted: {', '.join(SUBCOMMANDS)})")
     except UsageError as exc:

@@ -48,6 +48,9 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
                "waited); pydron run prints it anyway"),
     "task_timeout": ("seconds", "PYDRON_TASK_TIMEOUT",
                      "default timeout of every task in seconds (0 or off: none)"),
+    "cache_dir": ("path", "PYDRON_CACHE_DIR",
+                  "where graphs of scheduled functions are kept between runs "
+                  "(default: ~/.cache/pydron; off: no disk cache)"),
     "replay": ("replay", "PYDRON_REPLAY",
                "later calls of a scheduled function replay its graph instead of tracing it: "
                "on, off, or reference (the Python interpreter, for tests)"),
@@ -116,7 +119,7 @@ def _defaults() -> dict[str, Any]:
             "cluster_insecure": False, "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
-            "report": False, "replay": "on",
+            "report": False, "replay": "on", "cache_dir": None,
             "functional": [], "schedule": []}
 
 

@@ -34,6 +34,7 @@ GOOD = {
     "PYDRON_TASK_TIMEOUT": ("2.5", 2.5),
     "PYDRON_REPORT": ("1", True),
     "PYDRON_REPLAY": ("reference", "reference"),
+    "PYDRON_CACHE_DIR": ("/tmp/graphs", "/tmp/graphs"),
     "PYDRON_LOG": ("warning", "warning"),
 }
 BAD = {

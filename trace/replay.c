@@ -66,7 +66,7 @@ struct trace_replay {
 
 /* Process-wide counters (pydron info). */
 static struct {
-    uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps;
+    uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps, disk_hits;
 } S;
 
 /* Settings: mode 0 off, 1 the C interpreter, 2 the Python reference interpreter (tests);
@@ -87,6 +87,7 @@ static PyObject *new_objects;        /* set: callables and method names whose re
 static PyObject *lift_fn;            /* pydron._replay.lift_for_core */
 static PyObject *reference_fn;       /* pydron._replay.run_reference */
 static PyObject *pure_fn;            /* pydron._replay.pure_tables */
+static PyObject *cached_fn;          /* pydron._replay.cached_for_core */
 
 /* ---- the program ----------------------------------------------------------------------------- */
 
@@ -1819,6 +1820,82 @@ state_clear(run_state *st)
 
 /* ---- entering a call --------------------------------------------------------------------------- */
 
+static int replay_load_helpers(void);
+static int refresh_pure_tables(void);
+static int take_lifted(struct trace_replay *p, PyObject *t);
+
+/* The first call of fn in this process: its graph from the disk cache (pydron/_graph_cache.py)
+ * when a process before this one made it, so that this call replays at once. 0 (found or not),
+ * or -1 + exception. */
+static int
+replay_from_disk(PyObject *fn, trace_codeinfo *info)
+{
+    if (replay_load_helpers() < 0)
+        return -1;
+    PyObject *t = PyObject_CallOneArg(cached_fn, fn);
+    if (t == NULL)
+        return -1;
+    if (t == Py_None) {
+        Py_DECREF(t);
+        return 0;
+    }
+    S.disk_hits++;
+    if (refresh_pure_tables() < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    return take_lifted(info->replay, t);
+}
+
+/* What lift_for_core (or the disk cache) gave: a program, or a str saying why there is none.
+ * Steals t. 0, or -1 + exception. */
+static int
+take_lifted(struct trace_replay *p, PyObject *t)
+{
+    if (PyUnicode_Check(t)) {
+        p->state = REPLAY_REFUSED;
+        Py_XSETREF(p->reason, t);
+        S.refusals++;
+        return 0;
+    }
+    int rc = program_load(p, t);
+    Py_DECREF(t);
+    if (rc < 0) {
+        /* Our own lifter made something the interpreter cannot trust: say so, trace on. */
+        PyObject *exc = PyErr_GetRaisedException();
+        p->state = REPLAY_REFUSED;
+        Py_XSETREF(p->reason, PyObject_Str(exc));
+        Py_XDECREF(exc);
+        if (p->reason == NULL)
+            PyErr_Clear();
+        S.refusals++;
+        return 0;
+    }
+    p->state = REPLAY_READY;
+    return 0;
+}
+
+static int
+replay_load_helpers(void)
+{
+    if (lift_fn != NULL)
+        return 0;
+    PyObject *mod = PyImport_ImportModule("pydron._replay");
+    lift_fn = mod ? PyObject_GetAttrString(mod, "lift_for_core") : NULL;
+    reference_fn = mod ? PyObject_GetAttrString(mod, "run_reference") : NULL;
+    pure_fn = mod ? PyObject_GetAttrString(mod, "pure_tables") : NULL;
+    cached_fn = mod ? PyObject_GetAttrString(mod, "cached_for_core") : NULL;
+    Py_XDECREF(mod);
+    if (lift_fn == NULL || reference_fn == NULL || pure_fn == NULL || cached_fn == NULL) {
+        Py_CLEAR(lift_fn);
+        Py_CLEAR(reference_fn);
+        Py_CLEAR(pure_fn);
+        Py_CLEAR(cached_fn);
+        return -1;
+    }
+    return 0;
+}
+
 /* Lift fn's graph if it is time. 0, or -1 + exception (an internal error, not a refusal). */
 static int
 replay_prepare(PyObject *fn, trace_codeinfo *info)
@@ -1833,20 +1910,22 @@ replay_prepare(PyObject *fn, trace_codeinfo *info)
     }
     if (p->state != REPLAY_UNTRIED)
         return 0;
-    if (lift_fn == NULL) {
-        PyObject *mod = PyImport_ImportModule("pydron._replay");
-        lift_fn = mod ? PyObject_GetAttrString(mod, "lift_for_core") : NULL;
-        reference_fn = mod ? PyObject_GetAttrString(mod, "run_reference") : NULL;
-        pure_fn = mod ? PyObject_GetAttrString(mod, "pure_tables") : NULL;
-        Py_XDECREF(mod);
-        if (lift_fn == NULL || reference_fn == NULL || pure_fn == NULL) {
-            Py_CLEAR(lift_fn);
-            Py_CLEAR(reference_fn);
-            Py_CLEAR(pure_fn);
-            return -1;
-        }
-    }
-    /* Again at every lift: numpy may have been imported since. */
+    if (refresh_pure_tables() < 0)
+        return -1;
+    S.lifts++;
+    PyObject *t = PyObject_CallOneArg(lift_fn, fn);
+    if (t == NULL)
+        return -1;
+    return take_lifted(p, t);
+}
+
+/* The tables of known-pure callees, again at every lift: numpy may have been imported since.
+ * 0, or -1 + exception. */
+static int
+refresh_pure_tables(void)
+{
+    if (replay_load_helpers() < 0)
+        return -1;
     PyObject *tables = PyObject_CallNoArgs(pure_fn);
     if (tables == NULL)
         return -1;
@@ -1861,30 +1940,6 @@ replay_prepare(PyObject *fn, trace_codeinfo *info)
     Py_XSETREF(pure_methods, Py_NewRef(PyTuple_GET_ITEM(tables, 1)));
     Py_XSETREF(new_objects, Py_NewRef(PyTuple_GET_ITEM(tables, 2)));
     Py_DECREF(tables);
-    S.lifts++;
-    PyObject *t = PyObject_CallOneArg(lift_fn, fn);
-    if (t == NULL)
-        return -1;
-    if (PyUnicode_Check(t)) {
-        p->state = REPLAY_REFUSED;
-        p->reason = t;
-        S.refusals++;
-        return 0;
-    }
-    int rc = program_load(p, t);
-    Py_DECREF(t);
-    if (rc < 0) {
-        /* Our own lifter made something the interpreter cannot trust: say so, trace on. */
-        PyObject *exc = PyErr_GetRaisedException();
-        p->state = REPLAY_REFUSED;
-        p->reason = PyObject_Str(exc);
-        Py_XDECREF(exc);
-        if (p->reason == NULL)
-            PyErr_Clear();
-        S.refusals++;
-        return 0;
-    }
-    p->state = REPLAY_READY;
     return 0;
 }
 
@@ -1930,6 +1985,10 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
         return -1;
     }
     if (p->state == REPLAY_UNTRIED) {
+        if (p->traced == 0 && replay_from_disk(func, info) < 0)
+            PyErr_Clear();            /* the disk cache is only ever a shortcut */
+        if (p->state != REPLAY_UNTRIED)
+            goto ready;
         if (p->traced < replay_after) {
             p->traced++;
             S.misses++;
@@ -1944,6 +2003,7 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
             PyErr_Clear();
         }
     }
+ready:
     if (p->state != REPLAY_READY) {
         S.misses++;
         return 0;
@@ -2054,7 +2114,8 @@ core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
 static PyObject *
 core_replay_stats(PyObject *module, PyObject *noargs)
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "hits", (unsigned long long)S.hits, "misses",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "disk_hits", (unsigned long long)S.disk_hits,
+                         "hits", (unsigned long long)S.hits, "misses",
                          (unsigned long long)S.misses, "lifts", (unsigned long long)S.lifts,
                          "refusals", (unsigned long long)S.refusals, "bails",
                          (unsigned long long)S.bails, "guesses", (unsigned long long)S.guesses,

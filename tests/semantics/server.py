@@ -140,7 +140,10 @@ class CaseServer:
             [sys.executable, "-m", "semantics.server", str(to_server_r), str(from_server_w),
              str(self.workers)] + ([self.cluster] if self.cluster else []),
             pass_fds=(to_server_r, from_server_w), cwd=tests_dir, stdout=subprocess.DEVNULL,
-            stderr=self._stderr)
+            stderr=self._stderr,
+            # No graph from the disk cache: in mode "pydron" a case's call is traced, as a
+            # first call is; the replay modes make their graphs afresh.
+            env={**os.environ, "PYDRON_CACHE_DIR": "off"})
         os.close(to_server_r)
         os.close(from_server_w)
 
