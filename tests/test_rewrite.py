@@ -2009,14 +2009,14 @@ def test_random_consumer_programs(seed):
 
 
 def test_refused_rewrite_runs_plainly(monkeypatch):
-    real = _rewrite._Rewriter._run
+    real = _rewrite.translate
 
-    def refuse(self):
-        if self.code is s_helper.__code__:
+    def refuse(code, rt, role):
+        if code is s_helper.__code__:
             raise _rewrite.RewriteError("refused for the test")
-        return real(self)
+        return real(code, rt, role)
 
-    monkeypatch.setattr(_rewrite._Rewriter, "_run", refuse)
+    monkeypatch.setattr(_rewrite, "translate", refuse)
     rt = ReferenceRuntime()
     try:
         with pytest.warns(RuntimeWarning, match="s_helper runs plainly"):
