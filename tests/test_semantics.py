@@ -209,7 +209,8 @@ out = {}
 for case in load_all():
     args, kwargs = case.fresh_arguments()
     o = harness.capture(lambda: case.fn(*args, **kwargs))
-    out[case.name] = (o.value, o.exc_type, o.exc_message, o.stdout, pydron.is_enabled())
+    out[case.name] = (o.value, o.exc_type, o.exc_message, o.exc_cause, o.stdout,
+                      pydron.is_enabled())
 sys.stdout.buffer.write(pickle.dumps(out, protocol=5))  # 4 makes arrays native-endian
 """
 
@@ -225,10 +226,29 @@ def test_kill_switch_runs_corpus_plainly(expected_outcomes):
     assert set(results) == set(expected_outcomes)
     problems = []
     assert not any(enabled for *_, enabled in results.values()), "enabled despite PYDRON_DISABLE"
-    for name, (value, exc_type, message, stdout, _) in results.items():
-        got = harness.Outcome(value=value, exc_type=exc_type, exc_message=message, stdout=stdout)
+    for name, (value, exc_type, message, cause, stdout, _) in results.items():
+        got = harness.Outcome(value=value, exc_type=exc_type, exc_message=message,
+                              exc_cause=cause, stdout=stdout)
         expected = expected_outcomes[name]
         expected = harness.Outcome(value=expected.value, exc_type=expected.exc_type,
-                                   exc_message=expected.exc_message, stdout=expected.stdout)
+                                   exc_message=expected.exc_message,
+                                   exc_cause=expected.exc_cause, stdout=expected.stdout)
         problems += [f"{name}: {p}" for p in harness.outcome_differences(expected, got)]
     assert not problems, "\n".join(problems)
+
+
+def test_outcome_differences_compare_the_cause():
+    """`raise ... from e` in plain Python: the run compared with it must have the same cause."""
+    def wrapping(cause):
+        def run():
+            try:
+                raise cause
+            except Exception as e:
+                raise RuntimeError("wrapped") from e
+        return run
+
+    plain = harness.capture(wrapping(ValueError("v")))
+    assert plain.exc_cause == (ValueError, "v")
+    assert harness.outcome_differences(plain, harness.capture(wrapping(ValueError("v")))) == []
+    other = harness.capture(wrapping(KeyError("v")))
+    assert any("cause" in d for d in harness.outcome_differences(plain, other))
