@@ -342,6 +342,16 @@ def test_is_rewritable_refusals():
     assert rt.run(_gen) is not None  # refused: runs plainly
 
 
+def test_refusal_message_says_its_point_once(caplog):
+    """The warning for a scheduled generator: what runs plainly and why, each said once."""
+    from pydron import _api
+    with caplog.at_level("WARNING", logger="pydron"):
+        assert _api._rewrite_code(_gen.__code__) is None
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "pydron"]
+    assert "_gen runs plainly" in message and "generators" in message, message
+    assert message.count("plainly") == 1, message
+
+
 def test_rewrite_time(capsys):
     """Every scheduled function of the semantics corpus is rewritten (none refused); the time
     per code object is printed, not asserted (the machine is shared)."""

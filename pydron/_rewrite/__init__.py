@@ -63,15 +63,16 @@ _produced = {}  # id(rewritten code) -> rewritten code
 
 
 def is_rewritable(code):
-    """(True, "") if `code` can run as a top-level scheduled function, else (False, reason)."""
+    """(True, "") if `code` can run as a top-level scheduled function, else (False, reason).
+    The reason says what the code is; the caller says what happens to it."""
     if not isinstance(code, types.CodeType):
         return False, "not a code object"
     if code.co_flags & (CO_COROUTINE | CO_ITERABLE_COROUTINE):
-        return False, "coroutines (async def) are not scheduled; they run plainly"
+        return False, "coroutines (async def) are not scheduled"
     if code.co_flags & CO_ASYNC_GENERATOR:
-        return False, "async generators are not scheduled; they run plainly"
+        return False, "async generators are not scheduled"
     if code.co_flags & CO_GENERATOR:
-        return False, "generators are not scheduled at top level; they run plainly"
+        return False, "generators are not scheduled at top level"
     if not code.co_flags & CO_OPTIMIZED:
         return False, "module and class bodies are not scheduled"
     return True, ""
