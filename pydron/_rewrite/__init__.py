@@ -42,6 +42,22 @@ Roles of code objects: "scheduled" (top level; its return value is not forced), 
 (lambdas and inner functions: the return value is forced deep), "generator" (each yielded value
 and the return value are forced deep), "comprehension" (3.11 list/set/dict comprehension bodies:
 the result is a move). Class bodies, their methods and async code are left as they are.
+
+"module": a script's top-level code run as scheduled code (`pydron run`, pydron/_toplevel.py).
+Its names are module globals that plain functions read, so the runtime has five more helpers:
+  note_name(value, name) -> value  STORE_NAME of what may be a pending (or hold pendings), and the
+                                  object of `name.method(...)` or `name[k] = v`: the name is
+                                  logged, the value moved
+  pending_names                   the log (a dict, truthy when not empty), tested at call sites
+  before_call(callable)           at a call site while names are logged: forces them in place
+                                  unless the callee is functional (or a list move, len)
+  flush_names()                   the same for calls made in place (locals(), __exit__, ...)
+  hide_locals()                   after those and `from m import *`: the hidden locals out of
+                                  the namespace (3.11 and 3.12 copy fast locals into it)
+Globals may hold pendings there, so loads of globals may be pending. Names stored inside a
+try region are waited for (only locals are given back when a region is aborted). Of the code
+objects nested in module code only the expressions are rewritten (comprehensions and generator
+expressions, with the same runtime): its functions and classes stay plain Python.
 """
 
 from __future__ import annotations
@@ -53,7 +69,7 @@ from .emit import EXTRA_STACK, Helpers, emit_instructions, strip_hidden
 from .errors import RewriteError
 from .listing import decompose
 from .opcodes import (CO_ASYNC_GENERATOR, CO_COROUTINE, CO_GENERATOR, CO_ITERABLE_COROUTINE,
-                      CO_OPTIMIZED, COMPREHENSION_NAMES)
+                      CO_OPTIMIZED, COMPREHENSION_NAMES, MODULE_EXPRESSION_NAMES)
 
 __all__ = ["rewrite", "is_rewritable", "is_rewritten", "forget", "nested_role", "strip_hidden",
            "RewriteError"]
@@ -81,8 +97,9 @@ def is_rewritable(code):
 def rewrite(code, rt, role="scheduled"):
     """Rewritten copy of `code` whose helpers are the attributes of `rt` (see module doc).
 
-    `role` is "scheduled" for a top-level scheduled function; nested code objects get
-    "comprehension", "generator" or "function" from the rewriter itself.
+    `role` is "scheduled" for a top-level scheduled function, "module" for a module's code
+    (with a module runtime); nested code objects get "comprehension", "generator" or
+    "function" from the rewriter itself.
     """
     if id(code) in _produced and _produced[id(code)] is code:
         return code  # already rewritten (e.g. a closure made by rewritten code)
@@ -94,6 +111,11 @@ def rewrite(code, rt, role="scheduled"):
         ok, reason = is_rewritable(code)
         if not ok:
             raise RewriteError(reason)
+    elif role == "module":
+        if not isinstance(code, types.CodeType) or code.co_flags & CO_OPTIMIZED:
+            raise RewriteError("not a module's code object")
+        if not Helpers.of(rt).for_module:
+            raise RewriteError("a module's code needs a module runtime (note_name, ...)")
     new = translate(code, rt, role)
     _cache[key] = (rt, new)
     _produced[id(new)] = new
@@ -111,8 +133,11 @@ def forget(rt):
         del _produced[id(_cache.pop(key)[1])]
 
 
-def nested_role(code):
-    """Role of a code object found in the constants of rewritten code, or None (left as is)."""
+def nested_role(code, in_module=False):
+    """Role of a code object found in the constants of rewritten code, or None (left as is).
+    `in_module`: the code is a module's, or nested in one (only expressions are rewritten)."""
+    if in_module and code.co_name not in MODULE_EXPRESSION_NAMES:
+        return None
     if not code.co_flags & CO_OPTIMIZED:
         return None  # class body: neither it nor its methods are rewritten
     if code.co_flags & (CO_COROUTINE | CO_ITERABLE_COROUTINE | CO_ASYNC_GENERATOR):
@@ -132,10 +157,11 @@ def translate(code, rt, role):
         listing = decompose(code)
         analysis = analyse(listing, role, can_undo=helpers.undo is not None
                            and helpers.enter_handler is not None,
-                           can_log_stores=helpers.log_store is not None)
+                           can_log_stores=helpers.log_store is not None,
+                           globals_pending=helpers.for_module)
         for x in listing.instrs:
             if x.name == "LOAD_CONST" and isinstance(x.arg, types.CodeType):
-                nested = nested_role(x.arg)
+                nested = nested_role(x.arg, helpers.for_module)
                 if nested is not None:
                     x.arg = rewrite(x.arg, rt, nested)
         stacksize = code.co_stacksize + EXTRA_STACK

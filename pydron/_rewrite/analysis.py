@@ -103,6 +103,8 @@ DIRECT = "direct"               # called in place, operands forced (introspectin
                                 # the method form of a call)
 DIRECT_COMP = "direct_comp"     # a comprehension body called in place
 CONCAT = "concat"               # list/tuple concatenation: a move, nothing forced
+NOTE_NAME = "note_name"         # module code's STORE_NAME of what may be (or hold) a pending:
+                                # rt.note_name logs the name, the value is moved
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -114,6 +116,9 @@ class Plan:
     kwnames: Optional[tuple] = None     # CALL: keyword names
     strip_hidden: bool = False          # DIRECT: the callee lists the frame's locals
     result_kind: Optional[str] = None   # CONCAT, DIRECT_COMP: exact type of the result
+    # METHOD_LOAD, STORE_SUBSCR in module code: the global name the method's object or the
+    # container was loaded from (a value may be moved into it: the name is logged)
+    container_name: Optional[str] = None
 
 
 class SavedLocal(NamedTuple):
@@ -228,11 +233,13 @@ class Analysis:
         return out
 
 
-def analyse(listing: Listing, role: str, can_undo: bool, can_log_stores: bool) -> Analysis:
+def analyse(listing: Listing, role: str, can_undo: bool, can_log_stores: bool,
+            globals_pending: bool = False) -> Analysis:
     """Data flow over `listing`, then the locals its regions restore. `can_undo`: the runtime
-    has enter_handler and undo; `can_log_stores`: it also has log_store."""
+    has enter_handler and undo; `can_log_stores`: it also has log_store; `globals_pending`:
+    module globals may hold pendings (the code runs as, or inside, a scheduled module)."""
     regions = Regions(listing)
-    states, plans = _DataFlow(listing, role).run()
+    states, plans = _DataFlow(listing, role, regions, globals_pending).run()
     analysis = Analysis(listing, regions, role, states, plans, {}, {}, set())
     if can_undo:
         _plan_restores(analysis, can_log_stores)
@@ -291,10 +298,13 @@ def _join(a: State, b: State) -> State:
 class _DataFlow:
     """A worklist over the instructions: the State before each one, and its Plan."""
 
-    def __init__(self, listing: Listing, role: str):
+    def __init__(self, listing: Listing, role: str, regions: Regions, globals_pending: bool):
         self.listing = listing
         self.instrs = listing.instrs
         self.role = role
+        self.regions = regions
+        self.globals_pending = globals_pending
+        self.global_level = MAYBE_PENDING if globals_pending else NOT_PENDING
         self.index = listing.local_index
         # Slots of named origins (locals, globals, attributes), made once: the states hold
         # many, and fewer objects also mean less work for the cyclic garbage collector
@@ -403,7 +413,16 @@ class _DataFlow:
             return Plan(forces)
         if name == "STORE_SUBSCR":
             want(2, SHALLOW)
-            return Plan(forces, STORE_SUBSCR)
+            return Plan(forces, STORE_SUBSCR, container_name=self._global_name(stack[-2]))
+        if name == "STORE_NAME" and self.role == "module":
+            if self.regions.enclosing(i):
+                # a name stored in a try region is not given back if the region is aborted
+                # (locals are, see Analysis.saved): the value is waited for
+                want(1, DEEP)
+                return Plan(forces)
+            if stack[-1].level >= NOT_PENDING:
+                return Plan(forces, NOTE_NAME)
+            return Plan(forces)
         if name == "BINARY_OP" and int(x.arg) in (BINARY_ADD, BINARY_INPLACE_ADD) and n >= 2:
             left = self._exact_type(stack[-2], state.kinds)
             right = self._exact_type(stack[-1], state.kinds)
@@ -414,7 +433,7 @@ class _DataFlow:
                 return Plan(forces, CONCAT, result_kind=left)
         if name == "LOAD_METHOD" or (name == "LOAD_ATTR" and LOAD_ATTR_METHOD_FLAG and x.arg[0]):
             want(1, SHALLOW)
-            return Plan(forces, METHOD_LOAD)
+            return Plan(forces, METHOD_LOAD, container_name=self._global_name(stack[-1]))
         if name == "LOAD_SUPER_ATTR":
             for d in (1, 2, 3):
                 want(d, SHALLOW)
@@ -440,6 +459,13 @@ class _DataFlow:
             if k != "-" and d <= n:
                 want(d, k)
         return Plan(forces)
+
+    def _global_name(self, slot: Slot) -> Optional[str]:
+        """In code whose globals may hold pendings: the global name `slot` was loaded from."""
+        o = slot.origin
+        if self.globals_pending and type(o) is Origin and o.kind == GLOBAL:
+            return o.value
+        return None
 
     def _plan_call(self, i, x, stack, want, forces) -> Plan:
         n = len(stack)
@@ -629,9 +655,12 @@ class _DataFlow:
             else:
                 st.append(ANONYMOUS[PLAIN])
             return
+        if name == "LOAD_NAME" and self.globals_pending:
+            st.append(self._named_slot(MAYBE_PENDING, GLOBAL, x.arg))
+            return
         if name == "LOAD_GLOBAL":
             push_null, gname = x.arg if isinstance(x.arg, tuple) else (False, x.arg)
-            g = self._named_slot(NOT_PENDING, GLOBAL, gname)
+            g = self._named_slot(self.global_level, GLOBAL, gname)
             if push_null:
                 st.extend((g, NULL_SLOT) if CALLABLE_FIRST else (NULL_SLOT, g))
             else:

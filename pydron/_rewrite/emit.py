@@ -11,7 +11,9 @@ Walking the instructions in order, each one becomes, in this order:
   - what follows it on its fall-through edge (`_after`): regions marked again after a yield, the
     hidden marks initialised at the first RESUME, regions left or entered by falling through.
 Exit edges that are jumps get their code before the jump (unconditional), on a trampoline at
-the end (conditional), or after the loop's END_FOR (3.12+ FOR_ITER).
+the end (conditional), or after the loop's END_FOR (3.12+ FOR_ITER). Module code (and the
+expressions nested in it) also gets its logged names flushed before call sites
+(`_names_flushed_before`) and its name stores noted (`_noted_name_store`, `_note`).
 
 Every inserted sequence leaves the stack as it found it and pushes at most EXTRA_STACK items
 above what the original code had there.
@@ -23,20 +25,20 @@ from typing import NamedTuple, Optional
 
 from bytecode import Instr, Label
 
-from .analysis import (CALL, CALL_EX, DIRECT, METHOD_LOAD, SHALLOW, STORE_SUBSCR, SUPER_METHOD,
-                       Analysis)
+from .analysis import (CALL, CALL_EX, DIRECT, METHOD_LOAD, NOTE_NAME, SHALLOW, STORE_SUBSCR,
+                       SUPER_METHOD, Analysis)
 from .errors import RewriteError
 from .listing import Builder, ExceptionEntry
 from .opcodes import (CALL_PREFIXES, CALLABLE_FIRST, FOR_ITER_EXIT_SKIP, FOR_ITER_SKIPS_EXIT,
-                      HAS_PRECALL, JUMP_FORWARD_OF, LOAD_ATTR_METHOD_FLAG, NO_TRAMPOLINE, RETURNS,
-                      STORES)
+                      HAS_PRECALL, JUMP_FORWARD_OF, JUMP_IF_FALSE, JUMP_NEEDS_BOOL,
+                      LOAD_ATTR_METHOD_FLAG, NO_TRAMPOLINE, RETURNS, STORES)
 
 EXTRA_STACK = 6  # the most any inserted sequence pushes above the original stack (rt.call: 3)
 
 
 class Helpers(NamedTuple):
     """The runtime's helpers (see the package doc), looked up once; None: the runtime has no
-    such optional helper."""
+    such optional helper. The last five are a module runtime's (see `for_module`)."""
     call: object
     call_ex: object
     force: object
@@ -49,13 +51,22 @@ class Helpers(NamedTuple):
     handler_guard: object = None
     undo: object = None
     log_store: object = None
+    note_name: object = None
+    before_call: object = None
+    flush_names: object = None
+    pending_names: object = None
+    hide_locals: object = None
 
     @classmethod
     def of(cls, rt) -> "Helpers":
         return cls(rt.call, rt.call_ex, rt.force, rt.force_deep, rt.store_subscr, rt.mark,
-                   rt.force_since, rt.force_before, getattr(rt, "enter_handler", None),
-                   getattr(rt, "handler_guard", None), getattr(rt, "undo", None),
-                   getattr(rt, "log_store", None))
+                   rt.force_since, rt.force_before,
+                   *(getattr(rt, name, None) for name in cls._fields[8:]))
+
+    @property
+    def for_module(self) -> bool:
+        """The runtime runs a module's code as scheduled code: its names may hold pendings."""
+        return self.pending_names is not None
 
 
 def strip_hidden(result):
@@ -178,10 +189,12 @@ class _Emitter:
                 c += 1
             if self.a.plans[c] is not None:
                 out += self._force_code(self.a.plans[c].forces, loc)
+                out += self._names_flushed_before(self.instrs[c], self.a.plans[c], loc)
                 self.forced_early.add(c)
             self.forced_early.update(range(i, c))
         if i not in self.forced_early:
             out += self._force_code(plan.forces, loc)
+            out += self._names_flushed_before(x, plan, loc)
         return out
 
     def _force_code(self, forces, loc) -> list:
@@ -196,6 +209,39 @@ class _Emitter:
             if depth > 1:
                 out.append(Instr("SWAP", depth, location=loc))
         return out
+
+    def _names_flushed_before(self, x, plan, loc) -> list:
+        """Module code (and the expressions nested in it): before a call site whose callee may
+        read module globals, the names that may hold pendings are forced in place, if any
+        were logged. rt.before_call(callable) leaves them for functional callees; a call
+        made in place (introspection, __exit__) flushes them all."""
+        if not self.h.for_module:
+            return []
+        if plan.action == CALL:
+            # [NULL, c, args] (3.13: [c, NULL, args]); 3.13 CALL_KW's names are dropped
+            depth = plan.argc + (2 if CALLABLE_FIRST else 1)
+            flush = [Instr("COPY", depth, location=loc)] + self._apply(self.h.before_call, loc)
+        elif plan.action == CALL_EX:
+            depth = (3 if CALLABLE_FIRST else 2) + (x.arg & 1)
+            flush = [Instr("COPY", depth, location=loc)] + self._apply(self.h.before_call, loc)
+        elif plan.action == DIRECT:
+            flush = self._call_no_args(self.h.flush_names, loc)
+        else:
+            return []
+        skip = Label()
+        test = [Instr("LOAD_CONST", self.h.pending_names, location=loc)]
+        if JUMP_NEEDS_BOOL:
+            test.append(Instr("TO_BOOL", location=loc))
+        test.append(Instr(JUMP_IF_FALSE, skip, location=loc))
+        return test + flush + [Instr("POP_TOP", location=loc), skip]
+
+    def _call_no_args(self, fn, loc) -> list:
+        """fn(), its result left on the stack."""
+        if CALLABLE_FIRST:
+            out = [Instr("LOAD_CONST", fn, location=loc), Instr("PUSH_NULL", location=loc)]
+        else:
+            out = [Instr("PUSH_NULL", location=loc), Instr("LOAD_CONST", fn, location=loc)]
+        return out + _call(0, loc)
 
     def _apply(self, fn, loc) -> list:
         """TOS -> fn(TOS), as a method-form call [fn, TOS] (same layout on 3.11-3.13)."""
@@ -253,13 +299,7 @@ class _Emitter:
     def _mark(self, region, loc, save=True) -> list:
         """Entering a region: mark() into its hidden local, and the locals it may give back
         saved."""
-        if CALLABLE_FIRST:
-            out = [Instr("LOAD_CONST", self.h.mark, location=loc),
-                   Instr("PUSH_NULL", location=loc)]
-        else:
-            out = [Instr("PUSH_NULL", location=loc),
-                   Instr("LOAD_CONST", self.h.mark, location=loc)]
-        out += _call(0, loc)
+        out = self._call_no_args(self.h.mark, loc)
         out.append(Instr("STORE_FAST", self.regions.marks[region], location=loc))
         for var, saved in self.a.saved.get(region, ()) if save else ():
             out += [Instr("LOAD_FAST", var, location=loc), Instr("STORE_FAST", saved, location=loc)]
@@ -303,6 +343,13 @@ class _Emitter:
         site = _SITES.get(plan.action)
         if site is not None:
             return site(self, x, plan, loc)
+        if self.h.for_module and (plan.action == DIRECT or x.name == "IMPORT_STAR"):
+            # 3.11/3.12 copy a module frame's fast locals, the hidden ones included, into its
+            # namespace for `from m import *` and for the caller-frame readers (locals(),
+            # exec, ...): they are taken out again at once
+            out = self._introspecting_call(x, loc) if plan.strip_hidden else [x]
+            return out + self._call_no_args(self.h.hide_locals, loc) + [
+                Instr("POP_TOP", location=loc)]
         if plan.action == DIRECT and plan.strip_hidden:
             return self._introspecting_call(x, loc)
         if x.name in STORES:
@@ -337,7 +384,11 @@ class _Emitter:
 
     def _store_subscr_site(self, x, plan, loc) -> list:
         """c[k] = v ([v, c, k]) becomes rt.store_subscr(v, c, k)."""
-        out = [Instr("LOAD_CONST", self.h.store_subscr, location=loc)]
+        out = []
+        if plan.container_name is not None:   # module code: c is a global name, logged
+            out += [Instr("COPY", 2, location=loc)] + self._note(plan.container_name, loc)
+            out.append(Instr("POP_TOP", location=loc))
+        out.append(Instr("LOAD_CONST", self.h.store_subscr, location=loc))
         out += [Instr("SWAP", k, location=loc) for k in (4, 3, 2)]
         out += _call(2, loc)
         out.append(Instr("POP_TOP", location=loc))
@@ -347,9 +398,12 @@ class _Emitter:
         """obj.m for a call: the bound method and a NULL, so that the call site passes the
         method itself to rt.call (which sees a functional method as such)."""
         name = x.arg[1] if isinstance(x.arg, tuple) else x.arg
-        out = [Instr("LOAD_ATTR", (False, name) if LOAD_ATTR_METHOD_FLAG else name,
-                     location=loc),
-               Instr("PUSH_NULL", location=loc)]
+        out = []
+        if plan.container_name is not None:   # module code: results.append(...) may move
+            out += self._note(plan.container_name, loc)   # a pending into a global's list
+        out += [Instr("LOAD_ATTR", (False, name) if LOAD_ATTR_METHOD_FLAG else name,
+                      location=loc),
+                Instr("PUSH_NULL", location=loc)]
         if not CALLABLE_FIRST:
             out.append(Instr("SWAP", 2, location=loc))
         return out
@@ -361,6 +415,17 @@ class _Emitter:
         if not CALLABLE_FIRST:
             out.append(Instr("SWAP", 2, location=loc))
         return out
+
+    def _noted_name_store(self, x, plan, loc) -> list:
+        """STORE_NAME n of module code as n = note_name(value, "n"): the name is logged if the
+        value is pending or a container that may hold pendings."""
+        return self._note(x.arg, loc) + [x]
+
+    def _note(self, name, loc) -> list:
+        """TOS -> note_name(TOS, name)."""
+        return ([Instr("LOAD_CONST", self.h.note_name, location=loc),
+                 Instr("SWAP", 2, location=loc), Instr("LOAD_CONST", name, location=loc)]
+                + _call(1, loc))
 
     def _introspecting_call(self, x, loc) -> list:
         """locals()/vars()/dir() called in place, the hidden locals taken out of the result."""
@@ -428,4 +493,5 @@ _SITES = {
     STORE_SUBSCR: _Emitter._store_subscr_site,
     METHOD_LOAD: _Emitter._method_load,
     SUPER_METHOD: _Emitter._super_method_load,
+    NOTE_NAME: _Emitter._noted_name_store,
 }

@@ -33,6 +33,10 @@ CALLABLE_FIRST = PY >= (3, 13)
 LOAD_ATTR_METHOD_FLAG = PY >= (3, 12)
 #: 3.12+: FOR_ITER's exit jumps past the END_FOR at its target (see FOR_ITER_EXIT_SKIP).
 FOR_ITER_SKIPS_EXIT = PY >= (3, 12)
+#: The jump taken when an object is false (3.11 names its direction); 3.13 wants a bool there,
+#: so TO_BOOL goes before it.
+JUMP_IF_FALSE = "POP_JUMP_FORWARD_IF_FALSE" if PY == (3, 11) else "POP_JUMP_IF_FALSE"
+JUMP_NEEDS_BOOL = PY >= (3, 13)
 
 CO_OPTIMIZED = 0x01
 CO_VARARGS = 0x04
@@ -44,6 +48,9 @@ CO_ASYNC_GENERATOR = 0x200
 
 #: 3.11 comprehension bodies (separate code objects, called in place by their function).
 COMPREHENSION_NAMES = frozenset({"<listcomp>", "<dictcomp>", "<setcomp>"})
+#: The code objects nested in a module's code that are rewritten with it: the expressions of
+#: its statements. Its functions, lambdas and classes stay plain.
+MODULE_EXPRESSION_NAMES = COMPREHENSION_NAMES | {"<genexpr>"}
 
 #: Force kinds on operands, listed from the top of the stack down: "S" shallow, "D" deep,
 #: "-" no force (a move). Instructions not listed here nor in NO_FORCE force every operand deep.
