@@ -4,17 +4,19 @@ script then submits its functional calls as tasks, as the body of a scheduled fu
 
 The module's code object is rewritten with the role "module" (pydron/_rewrite/__init__.py) and
 run by the C core in a trace session (`_core._run_scheduled_module`). Its names are moved, not
-forced: `r = f(x)` stores the pending result in the module's namespace. Plain code must never
-see one, and plain functions read the module's globals, so the names a pending (or a list,
-tuple or dict, which may hold pendings) was stored into are logged (`ModuleRuntime.note_name`);
-before any callee that is not functional runs, the logged names are forced in place and the log
-emptied (`before_call`, `flush_names`), and again at the end of the run. The log holds each name
-once, so the cost of a flush is bounded by the number of names, not of stores.
+forced: `r = f(x)` stores the pending result in the module's namespace. Plain code must never see
+one, and plain functions read the module's globals, so the names a pending, or a list, tuple or
+dict (which may hold pendings), is stored into are logged (`pending_names`, by code the rewrite
+inserts before the store), and so are the names of the objects whose methods are called or
+items stored by name (`results.append(f(x))`, `table[k] = f(x)`). Before any callee that is not
+functional runs, the logged names are forced in place and the log emptied (`before_call`,
+`flush_names`), and again at the end of the run. The log holds each name once, so the cost of a
+flush is bounded by the number of names logged since the last one, not by the number of stores.
 
-As in scheduled functions, a list or dict that a logged name held when it was forced can take
-pendings again later (`results.append(f(x))`: a move); those are forced when something reads
-them, and when the run ends. Names stored inside a try region are waited for at the store: plain
-Python leaves them unassigned when the region is aborted, and only locals are given back.
+A container reached otherwise than by a name (`data["k"].append(f(x))`) is not logged: as in
+scheduled functions, its pendings are forced when something reads them, and when the run ends.
+Names stored inside a try region are waited for at the store: plain Python leaves them unassigned
+when the region is aborted, and only locals are given back.
 """
 from __future__ import annotations
 
@@ -45,13 +47,8 @@ class ModuleRuntime:
         self._functional = core.FUNCTIONAL
         self.namespace = namespace      # where the module's code stores its names
         self.pending_names = PendingNames()
-
-    def note_name(self, value, name):
-        """STORE_NAME of a value that may be pending or hold pendings: log the name."""
-        t = type(value)
-        if t is self._pending_type or t is list or t is tuple or t is dict:
-            self.pending_names[name] = None
-        return value
+        # the types of the values whose names are logged: what may be or hold a pending
+        self.logged_types = frozenset({core.Pending, list, tuple, dict})
 
     def before_call(self, fn):
         """At a call site while names are logged: a functional callee only receives what it is

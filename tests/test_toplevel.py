@@ -345,7 +345,7 @@ def test_module_role_needs_module_code_and_a_module_runtime():
     module_code = compile("x = f(1)\nprint(x)\n", "<script>", "exec")
     rt = ModuleRuntime(_fake_core(), {})
     new = _rewrite.rewrite(module_code, rt, role="module")
-    assert rt.note_name in new.co_consts and rt.pending_names in new.co_consts
+    assert rt.logged_types in new.co_consts and rt.pending_names in new.co_consts
     assert rt.before_call in new.co_consts
     with pytest.raises(_rewrite.RewriteError, match="module runtime"):
         _rewrite.rewrite(module_code, _fake_core(), role="module")

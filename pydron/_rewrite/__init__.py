@@ -45,10 +45,12 @@ the result is a move). Class bodies, their methods and async code are left as th
 
 "module": a script's top-level code run as scheduled code (`pydron run`, pydron/_toplevel.py).
 Its names are module globals that plain functions read, so the runtime has five more helpers:
-  note_name(value, name) -> value  STORE_NAME of what may be a pending (or hold pendings), and the
-                                  object of `name.method(...)` or `name[k] = v`: the name is
-                                  logged, the value moved
-  pending_names                   the log (a dict, truthy when not empty), tested at call sites
+  pending_names                   the log: a dict whose keys are the logged names, truthy when
+                                  not empty (tested at call sites). STORE_NAME of what may be
+                                  a pending, and the object of `name.method(...)` or
+                                  `name[k] = v`, log the name when the value's type is one of
+  logged_types                    (a frozenset: the pending type, list, tuple, dict); the value
+                                  is moved
   before_call(callable)           at a call site while names are logged: forces them in place
                                   unless the callee is functional (or a list move, len)
   flush_names()                   the same for calls made in place (locals(), __exit__, ...)
@@ -115,7 +117,7 @@ def rewrite(code, rt, role="scheduled"):
         if not isinstance(code, types.CodeType) or code.co_flags & CO_OPTIMIZED:
             raise RewriteError("not a module's code object")
         if not Helpers.of(rt).for_module:
-            raise RewriteError("a module's code needs a module runtime (note_name, ...)")
+            raise RewriteError("a module's code needs a module runtime (pending_names, ...)")
     new = translate(code, rt, role)
     _cache[key] = (rt, new)
     _produced[id(new)] = new

@@ -104,7 +104,7 @@ DIRECT = "direct"               # called in place, operands forced (introspectin
 DIRECT_COMP = "direct_comp"     # a comprehension body called in place
 CONCAT = "concat"               # list/tuple concatenation: a move, nothing forced
 NOTE_NAME = "note_name"         # module code's STORE_NAME of what may be (or hold) a pending:
-                                # rt.note_name logs the name, the value is moved
+                                # the name is logged (rt.pending_names), the value is moved
 
 
 @dataclasses.dataclass(eq=False, slots=True)

@@ -51,7 +51,7 @@ class Helpers(NamedTuple):
     handler_guard: object = None
     undo: object = None
     log_store: object = None
-    note_name: object = None
+    logged_types: object = None
     before_call: object = None
     flush_names: object = None
     pending_names: object = None
@@ -386,8 +386,8 @@ class _Emitter:
         """c[k] = v ([v, c, k]) becomes rt.store_subscr(v, c, k)."""
         out = []
         if plan.container_name is not None:   # module code: c is a global name, logged
-            out += [Instr("COPY", 2, location=loc)] + self._note(plan.container_name, loc)
-            out.append(Instr("POP_TOP", location=loc))
+            out += ([Instr("SWAP", 2, location=loc)] + self._note(plan.container_name, loc)
+                    + [Instr("SWAP", 2, location=loc)])
         out.append(Instr("LOAD_CONST", self.h.store_subscr, location=loc))
         out += [Instr("SWAP", k, location=loc) for k in (4, 3, 2)]
         out += _call(2, loc)
@@ -417,15 +417,26 @@ class _Emitter:
         return out
 
     def _noted_name_store(self, x, plan, loc) -> list:
-        """STORE_NAME n of module code as n = note_name(value, "n"): the name is logged if the
-        value is pending or a container that may hold pendings."""
+        """STORE_NAME n of module code, the name logged first if the value is pending or a
+        container that may hold pendings."""
         return self._note(x.arg, loc) + [x]
 
     def _note(self, name, loc) -> list:
-        """TOS -> note_name(TOS, name)."""
-        return ([Instr("LOAD_CONST", self.h.note_name, location=loc),
-                 Instr("SWAP", 2, location=loc), Instr("LOAD_CONST", name, location=loc)]
-                + _call(1, loc))
+        """With TOS left in place: `if type(TOS) in logged_types: pending_names[name] = None`,
+        all in bytecode (the type() call is the interpreter's fast path), so that a store of a
+        plain value in a loop costs a few instructions, not a Python call."""
+        skip = Label()
+        type_of = [Instr("LOAD_CONST", type, location=loc), Instr("PUSH_NULL", location=loc)]
+        if not CALLABLE_FIRST:
+            type_of.reverse()
+        return (type_of + [Instr("COPY", 3, location=loc)] + _call(1, loc)
+                + [Instr("LOAD_CONST", self.h.logged_types, location=loc),
+                   Instr("CONTAINS_OP", 0, location=loc),
+                   Instr(JUMP_IF_FALSE, skip, location=loc),
+                   Instr("LOAD_CONST", None, location=loc),
+                   Instr("LOAD_CONST", self.h.pending_names, location=loc),
+                   Instr("LOAD_CONST", name, location=loc),
+                   Instr("STORE_SUBSCR", location=loc), skip])
 
     def _introspecting_call(self, x, loc) -> list:
         """locals()/vars()/dir() called in place, the hidden locals taken out of the result."""
