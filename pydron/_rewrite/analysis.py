@@ -413,7 +413,8 @@ class _DataFlow:
             return Plan(forces)
         if name == "STORE_SUBSCR":
             want(2, SHALLOW)
-            return Plan(forces, STORE_SUBSCR, container_name=self._global_name(stack[-2]))
+            return Plan(forces, STORE_SUBSCR, container_name=self._global_name(stack[-2])
+                        if self.globals_pending else None)
         if name == "STORE_NAME" and self.role == "module":
             if self.regions.enclosing(i):
                 # a name stored in a try region is not given back if the region is aborted
@@ -433,7 +434,8 @@ class _DataFlow:
                 return Plan(forces, CONCAT, result_kind=left)
         if name == "LOAD_METHOD" or (name == "LOAD_ATTR" and LOAD_ATTR_METHOD_FLAG and x.arg[0]):
             want(1, SHALLOW)
-            return Plan(forces, METHOD_LOAD, container_name=self._global_name(stack[-1]))
+            return Plan(forces, METHOD_LOAD, container_name=self._global_name(stack[-1])
+                        if self.globals_pending else None)
         if name == "LOAD_SUPER_ATTR":
             for d in (1, 2, 3):
                 want(d, SHALLOW)
@@ -461,11 +463,9 @@ class _DataFlow:
         return Plan(forces)
 
     def _global_name(self, slot: Slot) -> Optional[str]:
-        """In code whose globals may hold pendings: the global name `slot` was loaded from."""
+        """The global name `slot` was loaded from, if it was."""
         o = slot.origin
-        if self.globals_pending and type(o) is Origin and o.kind == GLOBAL:
-            return o.value
-        return None
+        return o.value if type(o) is Origin and o.kind == GLOBAL else None
 
     def _plan_call(self, i, x, stack, want, forces) -> Plan:
         n = len(stack)
@@ -580,25 +580,27 @@ class _DataFlow:
                 return "tuple"
         return None
 
+    def _store(self, st, lv, ub, kd, var, slot, maybe_unbound=0) -> None:
+        """Local `var` gets `slot`'s value (None: is cleared/deleted)."""
+        kind = self._exact_type(slot, kd) if slot is not None else None
+        loaded = (FAST, var)
+        for k, (level, origin) in enumerate(st):
+            if origin == loaded:  # a value loaded from var earlier is no longer var's
+                st[k] = ANONYMOUS[level]
+        k = self.index.get(var)
+        if k is not None:
+            lv[k] = slot.level if slot is not None else PLAIN
+            ub[k] = maybe_unbound
+            kd[k] = kind
+
+    def _load(self, lv, var) -> Slot:
+        k = self.index.get(var)
+        level = MAYBE_PENDING if k is None else lv[k]
+        return self._named_slots.get((level, FAST, var)) or self._named_slot(level, FAST, var)
+
     def _effect(self, x, name, st, lv, ub, kd, jumped, plan) -> None:
         """Apply instruction x to the stack `st` and the per-local lists, in place."""
         index = self.index
-
-        def store(var, slot, maybe_unbound=0):
-            kind = self._exact_type(slot, kd) if slot is not None else None
-            loaded = (FAST, var)
-            for k, (level, origin) in enumerate(st):
-                if origin == loaded:  # a value loaded from var earlier is no longer var's
-                    st[k] = ANONYMOUS[level]
-            if var in index:
-                k = index[var]
-                lv[k] = slot.level if slot is not None else PLAIN
-                ub[k] = maybe_unbound
-                kd[k] = kind
-
-        def load(var):
-            return self._named_slot(lv[index[var]] if var in index else MAYBE_PENDING, FAST, var)
-
         action = plan.action
         if name == "SWAP":
             a = x.arg
@@ -611,7 +613,7 @@ class _DataFlow:
             if type(x.arg) is not str:  # 3.13: LOAD_CLOSURE became LOAD_FAST of the cell
                 st.append(ANONYMOUS[NOT_PENDING])
                 return
-            st.append(load(x.arg))
+            st.append(self._load(lv, x.arg))
             return
         if name == "LOAD_FAST_AND_CLEAR":
             # 3.12+ inlined comprehension: the saved value may be NULL (unbound), and so may
@@ -619,29 +621,30 @@ class _DataFlow:
             k = index.get(x.arg)
             st.append(Slot(lv[k] if k is not None else MAYBE_PENDING,
                            Origin(CLEARED, ub[k] if k is not None else 1)))
-            store(x.arg, None, 1)
+            self._store(st, lv, ub, kd, x.arg, None, 1)
             return
         if name == "LOAD_FAST_LOAD_FAST":
             for v in x.arg:
-                st.append(load(v))
+                st.append(self._load(lv, v))
             return
         if name in ("STORE_FAST", "STORE_FAST_MAYBE_NULL"):
             slot = st.pop()
             o = slot.origin
-            store(x.arg, slot, o.value if type(o) is Origin and o.kind == CLEARED else 0)
+            self._store(st, lv, ub, kd, x.arg, slot,
+                        o.value if type(o) is Origin and o.kind == CLEARED else 0)
             return
         if name == "STORE_FAST_LOAD_FAST":
             a, b = x.arg
-            store(a, st.pop())
-            st.append(load(b))
+            self._store(st, lv, ub, kd, a, st.pop())
+            st.append(self._load(lv, b))
             return
         if name == "STORE_FAST_STORE_FAST":
             a, b = x.arg
-            store(a, st.pop())
-            store(b, st.pop())
+            self._store(st, lv, ub, kd, a, st.pop())
+            self._store(st, lv, ub, kd, b, st.pop())
             return
         if name == "DELETE_FAST":
-            store(x.arg, None, 1)
+            self._store(st, lv, ub, kd, x.arg, None, 1)
             return
         if name == "PUSH_NULL":
             st.append(NULL_SLOT)

@@ -111,6 +111,7 @@ class _Emitter:
     def __init__(self, analysis: Analysis, helpers: Helpers):
         self.a = analysis
         self.h = helpers
+        self.for_module = helpers.for_module
         listing = analysis.listing
         self.listing = listing
         self.instrs = listing.instrs
@@ -169,7 +170,8 @@ class _Emitter:
             return
         if i in self.dropped:
             return
-        out = self._forces(i, x, plan, loc)
+        out = self._forces(i, x, plan, loc) if plan.forces or x.name in CALL_PREFIXES or (
+            self.for_module and plan.action is not None) else []
         out += self._region_exits(i, x, e, loc)
         out += self._rewritten(i, x, e, plan, loc)
         out += self._after(i, x, loc)
@@ -215,7 +217,7 @@ class _Emitter:
         read module globals, the names that may hold pendings are forced in place, if any
         were logged. rt.before_call(callable) leaves them for functional callees; a call
         made in place (introspection, __exit__) flushes them all."""
-        if not self.h.for_module:
+        if not self.for_module:
             return []
         if plan.action == CALL:
             # [NULL, c, args] (3.13: [c, NULL, args]); 3.13 CALL_KW's names are dropped
@@ -343,7 +345,7 @@ class _Emitter:
         site = _SITES.get(plan.action)
         if site is not None:
             return site(self, x, plan, loc)
-        if self.h.for_module and (plan.action == DIRECT or x.name == "IMPORT_STAR"):
+        if self.for_module and (plan.action == DIRECT or x.name == "IMPORT_STAR"):
             # 3.11/3.12 copy a module frame's fast locals, the hidden ones included, into its
             # namespace for `from m import *` and for the caller-frame readers (locals(),
             # exec, ...): they are taken out again at once
