@@ -170,8 +170,10 @@ class _Emitter:
             return
         if i in self.dropped:
             return
-        out = self._forces(i, x, plan, loc) if plan.forces or x.name in CALL_PREFIXES or (
-            self.for_module and plan.action is not None) else []
+        # most instructions force nothing: skip the call (the rewrite's time is in this loop)
+        has_forces = (plan.forces or x.name in CALL_PREFIXES
+                      or (self.for_module and plan.action is not None))
+        out = self._forces(i, x, plan, loc) if has_forces else []
         out += self._region_exits(i, x, e, loc)
         out += self._rewritten(i, x, e, plan, loc)
         out += self._after(i, x, loc)
