@@ -180,11 +180,13 @@ class _NamingNamespace(MutableMapping):
             return _BUILTINS[key]
 
     def __setitem__(self, key, value):
+        # type(), not isinstance(): with the top level scheduled, value may be a pending
+        # result, which isinstance() would wait for (through its __class__)
         kind = self._names.get(key)
-        if kind is not None and isinstance(value, types.FunctionType):
+        if kind is not None and type(value) is types.FunctionType:
             value = self._decorators[kind](value)
             log.debug("decorated __main__.%s as %s", key, kind)
-        elif isinstance(value, type):
+        elif issubclass(type(value), type):
             for qual, kind in self._names.items():
                 cls, _, meth = qual.partition(".")
                 if cls == key and meth:
@@ -223,7 +225,9 @@ def _run_parser() -> _Parser:
     p.add_argument("--functional", action="append", default=[], metavar="MOD.FUNC",
                    help="treat this function as @pydron.functional (repeatable)")
     p.add_argument("--schedule", action="append", default=[], metavar="MOD.FUNC",
-                   help="treat this function as @pydron.schedule (repeatable)")
+                   help="treat this function as @pydron.schedule (repeatable); __main__ "
+                        "schedules the script's top-level code, the default when functional "
+                        "functions are named and no scheduled one is")
     p.add_argument("--disable", action="store_true", default=None,
                    help="run as plain Python")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -236,12 +240,24 @@ def _run_parser() -> _Parser:
 
 
 def _trim_traceback(exc: BaseException) -> None:
-    """Print the script's traceback as plain Python would: without pydron.cli's frames."""
-    tb = exc.__traceback__
-    here = os.path.abspath(__file__)
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == here:
-        tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb)
+    """Print the script's traceback as plain Python would: without pydron's own frames (this
+    file's, and those of _toplevel's helpers when the top level was scheduled)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = {os.path.join(here, "cli.py"), os.path.join(here, "_toplevel.py")}
+    report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    for part in _chain(report):
+        part.stack = traceback.StackSummary.from_list(
+            [frame for frame in part.stack if os.path.abspath(frame.filename) not in ours])
+    sys.stderr.write("".join(report.format()))
+
+
+def _chain(report: traceback.TracebackException):
+    """The report and those of its causes and contexts."""
+    seen = []
+    while report is not None and report not in seen:
+        seen.append(report)
+        report = report.__cause__ or (None if report.__suppress_context__ else report.__context__)
+    return seen
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -262,7 +278,11 @@ def cmd_run(argv: list[str]) -> int:
     except OSError as exc:
         raise UsageError(f"pydron run: cannot read {script}: {exc.strerror}") from None
 
-    named = bool(cfg.functional or cfg.schedule)
+    # `--schedule __main__` names the script's top level; so does naming functional functions
+    # and no scheduled one.
+    schedule_top = "__main__" in cfg.schedule or bool(cfg.functional and not cfg.schedule)
+    schedule_functions = [name for name in cfg.schedule if name != "__main__"]
+    named = bool(cfg.functional or schedule_functions)
     try:
         code = compile(source, os.path.abspath(script), "exec", dont_inherit=True)
         tree = ast.parse(source, str(script)) if named else None
@@ -273,7 +293,7 @@ def cmd_run(argv: list[str]) -> int:
     # The script sees the same sys.argv and sys.path[0] as under `python script.py`.
     sys.argv[:] = [str(script)] + list(ns.args)
     sys.path[0] = str(script.resolve().parent)
-    plan = NamePlan(cfg.functional, cfg.schedule, script, tree)
+    plan = NamePlan(cfg.functional, schedule_functions, script, tree)
     plan.check_script()
     module_targets = plan.resolve_modules()
 
@@ -300,12 +320,14 @@ def cmd_run(argv: list[str]) -> int:
     main.__dict__.update(__file__=os.path.abspath(script), __builtins__=builtins,
                          __cached__=None, __loader__=None, __spec__=None)
     sys.modules["__main__"] = main
+    namespace = (_NamingNamespace(main.__dict__, plan.script_names, decorators)
+                 if plan.script_names else None)
     try:
-        if plan.script_names:
-            exec(code, main.__dict__,
-                 _NamingNamespace(main.__dict__, plan.script_names, decorators))
+        if schedule_top and pydron.is_enabled():
+            from . import _toplevel
+            _toplevel.run_scheduled_module(code, main.__dict__, namespace)
         else:
-            exec(code, main.__dict__)
+            exec(code, main.__dict__, namespace)
     except SystemExit:
         raise
     except KeyboardInterrupt as exc:
@@ -318,11 +340,19 @@ def cmd_run(argv: list[str]) -> int:
         sys.stdout.flush()
         if not cfg.disable and hasattr(pydron, "stats"):
             try:
-                log.info("tasks of %s: %s", script.name, pydron.stats())
+                stats = pydron.stats()
                 from pydron import report
                 report.print_report(sys.stderr, cfg.workers)
             except Exception:
-                pass
+                stats = None
+            if stats is not None:
+                log.info("tasks of %s: %s", script.name, stats)
+                if cfg.functional and stats.get("submitted") == 0:
+                    log.warning("pydron: the run scheduled nothing: %s named functional, but "
+                                "no scheduled code called %s (name the function that calls "
+                                "%s with --schedule)", ", ".join(cfg.functional),
+                                "it" if len(cfg.functional) == 1 else "them",
+                                "it" if len(cfg.functional) == 1 else "them")
     return 0
 
 

@@ -40,6 +40,7 @@ class Outcome:
     exc_type: type | None = None
     exc_message: str | None = None
     exc_args: tuple = ()
+    exc_cause: tuple | None = None          # (class, message) of the exception's __cause__
     stdout: str = ""
     exception: BaseException | None = None
     traceback_text: str = ""
@@ -64,6 +65,8 @@ def capture(call: Callable[[], Any]) -> Outcome:
             outcome.exc_type = type(exc)
             outcome.exc_message = str(exc)
             outcome.exc_args = exc.args
+            if exc.__cause__ is not None:
+                outcome.exc_cause = (type(exc.__cause__), str(exc.__cause__))
             outcome.exception = exc
             outcome.traceback_text = "".join(traceback.format_exception(exc))
     outcome.stdout = out.getvalue()
@@ -293,7 +296,7 @@ def _has_attributes(obj: Any) -> bool:
 
 
 def outcome_differences(expected: Outcome, actual: Outcome) -> list[str]:
-    """Differences in what was returned, raised (class, message, args) and printed."""
+    """Differences in what was returned, raised (class, message, args, cause) and printed."""
     out = []
     if expected.exc_type is not actual.exc_type:
         out.append(f"exception: expected {expected.describe()}, got {actual.describe()}")
@@ -301,6 +304,8 @@ def outcome_differences(expected: Outcome, actual: Outcome) -> list[str]:
         if expected.exc_message != actual.exc_message:
             out.append(f"exception message: {expected.exc_message!r} != {actual.exc_message!r}")
         out += value_differences(expected.exc_args, actual.exc_args, "exception.args")
+        if expected.exc_cause != actual.exc_cause:
+            out.append(f"exception cause: {expected.exc_cause!r} != {actual.exc_cause!r}")
     else:
         out += value_differences(expected.value, actual.value)
     if expected.stdout != actual.stdout:
