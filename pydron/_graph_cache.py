@@ -1,7 +1,7 @@
 """The graph cache on disk: lifted graphs of scheduled functions, kept between processes so that
 the first call of a fresh process replays at once.
 
-Where: PYDRON_CACHE_DIR (config key `cache_dir`), else $XDG_CACHE_HOME/pydron, else
+Where: the `cache_dir` setting (PYDRON_CACHE_DIR, pydron/config.py), else $XDG_CACHE_HOME/pydron, else
 ~/.cache/pydron; `off` turns the cache off. Layout: <dir>/graphs/<key>.graph, one file per graph,
 and <dir>/stats.json (counters summed over the processes that used the cache).
 
@@ -37,7 +37,8 @@ MAGIC = "pydron-graph"
 _STATS_KEYS = ("stores", "loads", "rejected", "replay_hits", "replay_misses", "lifts",
                "mispredicts", "bails")
 
-_configured: str | None = None           # what enable() said: a path, "off", or None (default)
+_UNSET = object()
+_configured = _UNSET                     # what enable() said: a path, "off", or None (default)
 _unusable: set[str] = set()              # directories found unsafe in this process (warned once)
 _session = dict.fromkeys(_STATS_KEYS, 0)
 
@@ -50,7 +51,10 @@ def configure(value) -> None:
 
 def directory() -> Path | None:
     """The cache directory in use (made if missing), or None when the cache is off or unsafe."""
-    value = _configured if _configured is not None else os.environ.get("PYDRON_CACHE_DIR")
+    if _configured is _UNSET:
+        from pydron import config
+        configure(config.resolve_for_enable({}).cache_dir)
+    value = _configured
     if value and value.strip().lower() == "off":
         return None
     if value:

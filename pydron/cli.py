@@ -239,6 +239,16 @@ def _run_parser() -> _Parser:
     return p
 
 
+def _print_report(cfg) -> None:
+    if cfg.disable:
+        return
+    from pydron import report
+    try:
+        report.print_report(sys.stderr, cfg.workers)
+    except Exception as exc:      # the report never fails the run
+        log.debug("pydron: no wait report: %s", exc)
+
+
 def _trim_traceback(exc: BaseException) -> None:
     """Print the script's traceback as plain Python would: without pydron's own frames (this
     file's, and those of _toplevel's helpers when the top level was scheduled)."""
@@ -322,6 +332,7 @@ def cmd_run(argv: list[str]) -> int:
     sys.modules["__main__"] = main
     namespace = (_NamingNamespace(main.__dict__, plan.script_names, decorators)
                  if plan.script_names else None)
+    reported = False
     try:
         if schedule_top and pydron.is_enabled():
             from . import _toplevel
@@ -334,15 +345,18 @@ def cmd_run(argv: list[str]) -> int:
         _trim_traceback(exc)
         return 130
     except BaseException as exc:  # the script's own failure, reported as Python would
+        sys.stdout.flush()
+        _print_report(cfg)        # before the traceback, which stays the last thing printed
         _trim_traceback(exc)
+        reported = True
         return 1
     finally:
         sys.stdout.flush()
         if not cfg.disable and hasattr(pydron, "stats"):
             try:
                 stats = pydron.stats()
-                from pydron import report
-                report.print_report(sys.stderr, cfg.workers)
+                if not reported:
+                    _print_report(cfg)
             except Exception:
                 stats = None
             if stats is not None:

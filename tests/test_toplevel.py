@@ -322,9 +322,12 @@ def test_a_run_that_schedules_nothing_says_so(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert "scheduled nothing" in lines[0] and "square" in lines[0] and "--schedule" in lines[0]
-    # once main is scheduled, the same run says nothing
+    # once main is scheduled, the same run does not warn: it prints the wait report only
     out = pydron_run("--functional", "square", "--schedule", "main", script, cwd=tmp_path)
-    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.returncode == 0, out.stderr
+    assert "scheduled nothing" not in out.stderr
+    assert out.stderr.startswith("pydron report (per scheduled function):\n  main: 1 call(s), "
+                                 "4 task(s)"), out.stderr
 
 
 # --- the rewrite of module code -------------------------------------------------------------------

@@ -1126,6 +1126,7 @@ exec_one(run_state *st, int *pc, int guessing)
     const rins *i = &p->code[*pc];
     PyObject **R = st->regs;
     int here = *pc;
+    graph_set_location(p->filename, i->line);
     int slice_of = guessing ? -2 : -1;        /* -2: computed on demand */
 #define SLICE() (slice_of == -2 ? (slice_of = slice_owner(p, here)) : slice_of)
 #define NEED(r)                                                                              \
@@ -2055,7 +2056,11 @@ ready:
                 st.taint[i->a] = OUTSIDE;
             }
         }
+        PyObject *outer_file;
+        int outer_line;
+        graph_get_location(&outer_file, &outer_line);
         rc = run(&st, result);
+        graph_set_location(outer_file, outer_line);
         if (rc == -2) {
             Py_XSETREF(p->reason, Py_XNewRef(st.bail_reason));
         }
