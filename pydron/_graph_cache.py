@@ -65,7 +65,9 @@ def directory() -> Path | None:
     if str(base) in _unusable:
         return None
     try:
-        (base / "graphs").mkdir(mode=0o700, parents=True, exist_ok=True)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.mkdir(mode=0o700, exist_ok=True)
+        (base / "graphs").mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         return _give_up(base, f"cannot be made ({exc.strerror})")
     for d in (base, base / "graphs"):
@@ -97,14 +99,21 @@ def _give_up(base: Path, why: str) -> None:
     return None
 
 
+def _fingerprint(code) -> str:
+    """What identifies a code object across processes (nested code objects, such as 3.11's
+    comprehension bodies, by their own fingerprint: their repr holds an address)."""
+    consts = ", ".join(f"<code {_fingerprint(c)}>" if isinstance(c, type(code)) else repr(c)
+                       for c in code.co_consts)
+    return "\x1f".join([code.co_filename, code.co_qualname, str(code.co_firstlineno),
+                        code.co_code.hex(), consts, repr(code.co_names),
+                        repr(code.co_varnames), repr(code.co_freevars),
+                        code.co_linetable.hex()])
+
+
 def key(fn) -> str:
     """The cache key of scheduled function fn's graph: hex XXH3 over what decides it."""
     from pydron import _core, __version__
-    code = fn.__code__
-    parts = [MAGIC, str(FORMAT), __version__, sys.version, code.co_filename, code.co_qualname,
-             str(code.co_firstlineno), code.co_code.hex(), repr(code.co_consts),
-             repr(code.co_names), repr(code.co_varnames), repr(code.co_freevars),
-             code.co_linetable.hex(), repr(fn.__defaults__ is not None)]
+    parts = [MAGIC, str(FORMAT), __version__, sys.version, _fingerprint(fn.__code__)]
     return "%016x" % _core._xxh3("\x1f".join(parts).encode("utf-8", "surrogatepass"))
 
 

@@ -1226,3 +1226,147 @@ class _Interpreter:
         if kind == "functional" and isinstance(fn, types.FunctionType) and len(calls) > 1:
             return self.attempt(line, self.core._map, fn, calls)
         return [self.attempt(line, self.core.call, fn, args, None) for args in calls]
+
+
+# ---- pydron.explain -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Explanation:
+    """What pydron.explain found: whether the function has a graph (and if not, why, where),
+    what each call site does when the graph runs, and with arguments, what their call did."""
+    function: str
+    graph: bool
+    reason: str
+    line: int | None
+    sites: list              # (line, callee as written, what the graph does there)
+    outcome: str | None = None
+    result: object = None
+
+    def __str__(self) -> str:
+        out = [f"{self.function}: " + (f"replays its graph ({self.reason})" if self.graph else
+                                        f"no graph, traced on every call: {self.reason}" +
+                                        (f" (line {self.line})" if self.line else ""))]
+        for line, callee, verdict in self.sites:
+            out.append(f"  line {line}: {callee}: {verdict}")
+        if self.outcome:
+            out.append(f"  this call: {self.outcome}")
+        return "\n".join(out)
+
+
+def _callee_text(program: Program, reg: int, upto: int) -> tuple[str, object]:
+    """How the callee in register reg was written (the last instruction before upto that set
+    it), and the object when it can be known before the call runs."""
+    for pc in range(upto - 1, -1, -1):
+        op, a, b, c, d, _ = program.code[pc]
+        if a != reg or OPS[op] in ("APPEND", "STORE_ITEM", "SET_ADD", "EXTEND", "JUMP",
+                                   "IF_FALSE", "IF_TRUE", "RETURN", "KWNAMES", "BAIL"):
+            continue
+        if OPS[op] == "GLOBAL":
+            return program.names[b], _Global(program.names[b])
+        if OPS[op] == "GETATTR":
+            base, obj = _callee_text(program, b, pc)
+            return f"{base}.{program.names[c]}", (_Attr(obj, program.names[c])
+                                                 if obj is not None else None)
+        if OPS[op] == "MOVE":
+            return _callee_text(program, b, pc)
+        return "a value computed in the function", None
+    return "a parameter", None
+
+
+@dataclasses.dataclass
+class _Global:
+    name: str
+
+
+@dataclasses.dataclass
+class _Attr:
+    base: object
+    name: str
+
+
+def _resolve(ref, fn):
+    if isinstance(ref, _Global):
+        g = fn.__globals__
+        if ref.name in g:
+            return g[ref.name]
+        b = g.get("__builtins__", builtins)
+        b = vars(b) if isinstance(b, types.ModuleType) else b
+        return b.get(ref.name, _MISSING)
+    if isinstance(ref, _Attr):
+        base = _resolve(ref.base, fn)
+        if isinstance(base, types.ModuleType):
+            return getattr(base, ref.name, _MISSING)
+    return _MISSING
+
+
+_MISSING = object()
+
+
+def _verdict(obj, tables) -> str:
+    from pydron import _core
+    if obj is _MISSING:
+        return "decided when it runs: functional -> a task, scheduled with a graph -> nested " \
+               "replay, a known-pure function or method -> called here, else the graph gives " \
+               "up to the trace"
+    kind = _core._kind(obj) if isinstance(obj, (types.FunctionType, types.MethodType)) else 0
+    if kind == 1:
+        return "functional: a task"
+    if kind == 2:
+        try:
+            lift(getattr(obj, "__func__", obj))
+        except (Unsupported, SyntaxError) as exc:
+            return f"scheduled, without a graph of its own ({exc}): the graph gives up here"
+        return "scheduled: replays nested through its own graph"
+    callables, methods, _ = tables
+    try:
+        if obj in callables:
+            return "known pure: called here with its arguments read"
+    except TypeError:
+        pass
+    return "neither functional nor known to be pure: the graph gives up to the trace here"
+
+
+def explain(fn, *args, **kwargs) -> Explanation:
+    """Whether scheduled function fn replays its graph on later calls, and if not why, with the
+    line; per call site what the graph does with the callee. Given arguments, fn is also called
+    once with them through its graph (its effects are its own: they happen) and the outcome is
+    told: replayed to the end, or given up to the trace and why."""
+    inner = getattr(fn, "__func__", fn)
+    name = getattr(inner, "__qualname__", repr(fn))
+    try:
+        program = lift(inner)
+    except Unsupported as exc:
+        return Explanation(name, False, str(exc), exc.line, [])
+    except SyntaxError as exc:
+        return Explanation(name, False, f"its source does not parse ({exc.msg})", exc.lineno, [])
+    tables = pure_tables()
+    sites = []
+    for pc, (op, a, b, c, d, line) in enumerate(program.code):
+        if OPS[op] == "CALL":
+            text, ref = _callee_text(program, b, pc)
+            sites.append((line, text + "()", _verdict(_resolve(ref, inner), tables)))
+        elif OPS[op] == "MAP":
+            text, ref = _callee_text(program, b, pc)
+            verdict = _verdict(_resolve(ref, inner), tables)
+            if verdict.startswith("functional"):
+                verdict = "functional, over a comprehension: sent as a few chunk tasks (a map)"
+            sites.append((line, f"[{text}(...) for ...]", verdict))
+    summary = (f"{len(program.code)} instructions, {program.maps} map(s), "
+               f"{program.sites} branch site(s)")
+    out = Explanation(name, True, summary, None, sites)
+    if args or kwargs:
+        from pydron import _core
+        previous = _core._replay_configure(after=0)
+        _core._replay_forget(inner)
+        hits = _core._replay_stats()["hits"]
+        try:
+            out.result = fn(*args, **kwargs)
+        finally:
+            _core._replay_configure(after=previous["after"])
+        state = _core._replay_state(inner)
+        if _core._replay_stats()["hits"] > hits:
+            out.outcome = (f"replayed to the end ({state['guesses']} branch guess(es), "
+                           f"{state['mispredicts']} wrong)")
+        else:
+            out.outcome = f"gave up to the trace: {state.get('reason')}"
+    return out
