@@ -73,6 +73,7 @@ static struct {
  * after: calls traced before a function's graph is lifted and replayed. */
 static int replay_mode = 1;
 static long replay_after = 1;
+static int replay_guess = 1;         /* branches on pending results guess (else they wait) */
 
 #define MAX_CHECKPOINTS 64
 #define BAILS_TO_GIVE_UP 3
@@ -453,7 +454,7 @@ is_unfinished_task(PyObject *x)
 static int
 may_guess(run_state *st, int if_pc)
 {
-    if (st->nospec_pc == if_pc || replay_mode != 1)
+    if (st->nospec_pc == if_pc || replay_mode != 1 || !replay_guess)
         return 0;
     rsite *site = &st->p->sites[st->p->code[if_pc].c];
     return !site->off;
@@ -2092,11 +2093,15 @@ done:
 static PyObject *
 core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mode", "after", NULL};
+    static char *kwlist[] = {"mode", "after", "guess", NULL};
     const char *mode = NULL;
     long after = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zl:_replay_configure", kwlist, &mode, &after))
+    int guess = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zli:_replay_configure", kwlist, &mode, &after,
+                                     &guess))
         return NULL;
+    if (guess >= 0)
+        replay_guess = guess != 0;
     if (mode != NULL) {
         if (strcmp(mode, "off") == 0)
             replay_mode = 0;
@@ -2113,7 +2118,8 @@ core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
     if (after >= 0)
         replay_after = after;
     static const char *const names[] = {"off", "on", "reference"};
-    return Py_BuildValue("{sssl}", "mode", names[replay_mode], "after", replay_after);
+    return Py_BuildValue("{ssslsO}", "mode", names[replay_mode], "after", replay_after, "guess",
+                         replay_guess ? Py_True : Py_False);
 }
 
 static PyObject *
@@ -2240,7 +2246,8 @@ core_replay_ops(PyObject *module, PyObject *noargs)
 static PyMethodDef replay_methods[] = {
     {"_replay_configure", (PyCFunction)(void (*)(void))core_replay_configure,
      METH_VARARGS | METH_KEYWORDS,
-     "_replay_configure(mode=None, after=-1): 'on', 'off' or 'reference'; calls traced first."},
+     "_replay_configure(mode=None, after=-1, guess=-1): 'on', 'off' or 'reference'; calls "
+     "traced first; whether branches on pending results guess."},
     {"_replay_stats", core_replay_stats, METH_NOARGS, "Replay counters of this process."},
     {"_replay_state", core_replay_state, METH_O, "What became of fn's graph."},
     {"_replay_forget", core_replay_forget, METH_O, "Drop fn's graph."},

@@ -113,13 +113,19 @@ _TCPI_BYTES_RECEIVED = 128
 
 def _runner(system, workers, timeline, backend="local"):
     """A function (workload, args) -> result for this system, and a closer."""
-    if system in ("sequential", "pydron"):
-        if system == "pydron":
+    from .peers import PYDRON_VARIANTS
+    if system in ("sequential", "pydron") or system in PYDRON_VARIANTS:
+        if system != "sequential":
             import pydron
             if not hasattr(pydron, "enable"):
                 raise RuntimeError("pydron.enable is missing (core not installed)")
+            variant = PYDRON_VARIANTS.get(system, {})
             pydron.enable(workers=workers, progress=False, timeline=timeline,
-                          cluster=f"local:{workers}" if backend == "cluster" else None)
+                          cluster=f"local:{workers}" if backend == "cluster" else None,
+                          replay=variant.get("replay"))
+            if "guess" in variant:
+                from pydron import _core
+                _core._replay_configure(guess=variant["guess"])
             if hasattr(pydron, "is_enabled") and not pydron.is_enabled():
                 raise RuntimeError("pydron.enable() did not enable pydron "
                                    "(PYDRON_DISABLE set?)")

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .peers import CLUSTER_SYSTEMS, PEERS, SYSTEMS, availability
+from .peers import CLUSTER_SYSTEMS, OPT_IN, PEERS, SYSTEMS, availability
 from .catalog import WORKLOADS
 
 SCHEMA = "pydron-bench/1"
@@ -99,7 +99,8 @@ def parse_args(argv):
         ns.workloads = ns.workloads or ["tiny,cpu,tree"]
         ns.systems = ns.systems or [",".join(CLUSTER_SYSTEMS)]
     ns.workloads = _names(ns.workloads, list(WORKLOADS), "workload")
-    ns.systems = _names(ns.systems, list(SYSTEMS), "system")
+    ns.systems = (_names(ns.systems, list(SYSTEMS), "system") if ns.systems else
+                  [s for s in SYSTEMS if s not in OPT_IN])
     if "sequential" not in ns.systems:
         ns.systems.insert(0, "sequential")
     ns.systems.sort(key=SYSTEMS.index)

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 
-SYSTEMS = ("sequential", "pydron", "processpool", "mp-pool", "joblib", "dask-threads",
-           "dask-processes", "dask-distributed", "dask-submit", "dask-map", "ray")
+SYSTEMS = ("sequential", "pydron", "pydron-trace", "pydron-wait", "processpool", "mp-pool",
+           "joblib", "dask-threads", "dask-processes", "dask-distributed", "dask-submit",
+           "dask-map", "ray")
+# pydron itself with parts of the replay off, to show what each part gains (named with
+# --systems, not run by default): every call traced (no graph), or graphs replayed without
+# guessing past branches on pending results (every such branch waits).
+PYDRON_VARIANTS = {"pydron-trace": {"replay": "off"}, "pydron-wait": {"guess": False}}
+OPT_IN = tuple(PYDRON_VARIANTS)
 # `pydron bench --backend cluster`: pydron on a Dask cluster against Dask itself on the same
 # kind of cluster (a scheduler and --workers single-threaded workers, each a subprocess).
 CLUSTER_SYSTEMS = ("sequential", "pydron", "dask-submit", "dask-map")
-PEERS = SYSTEMS[2:]
+PEERS = tuple(s for s in SYSTEMS[2:] if s not in PYDRON_VARIANTS)
 
 # system -> module that must be importable (else the system is "skipped")
 REQUIRES = {"joblib": "joblib", "dask-threads": "dask", "dask-processes": "dask",
