@@ -248,15 +248,29 @@ class _Lifter:
 
     def _condition_slices(self) -> None:
         """For each branch, where the straight run of pure instructions that computes its
-        condition into temporaries begins (its d slot): speculation may skip that run while an
-        operand is pending and compute it again later to check the guess."""
+        condition begins (its d slot): speculation may skip that run while an operand is
+        pending and compute it again later to check the guess. So every register the run
+        writes must be a temporary read nowhere but in the run and by the branch."""
         targets = {ins[JUMPS[OPS[ins[0]]]] for ins in self.code if OPS[ins[0]] in JUMPS}
+        readers: dict[int, list[int]] = {}
+        for pc, ins in enumerate(self.code):
+            regs = _reads(ins, self.consts)
+            if OPS[ins[0]] == "CALL":
+                kw = self.code[pc + 1][1]
+                regs += list(range(ins[3] + ins[4],
+                                   ins[3] + ins[4] + (len(self.consts[kw]) if kw >= 0 else 0)))
+            for r in regs:
+                readers.setdefault(r, []).append(pc)
         for pc, ins in enumerate(self.code):
             if OPS[ins[0]] not in ("IF_FALSE", "IF_TRUE"):
                 continue
             start = pc
-            while (start > 0 and start not in targets and OPS[self.code[start - 1][0]] in SLICE_OPS
-                   and self.code[start - 1][1] not in self.named):
+            while start > 0 and start not in targets:
+                prev = self.code[start - 1]
+                dst = prev[1]
+                if (OPS[prev[0]] not in SLICE_OPS or dst in self.named or
+                        any(not start <= r <= pc for r in readers.get(dst, ()))):
+                    break
                 start -= 1
             ins[4] = start
 
@@ -746,6 +760,35 @@ class _Lifter:
         level(0)
         self.regs, self.locals = saved_regs, saved_locals
         return out
+
+
+def _reads(ins, consts) -> list[int]:
+    """The registers an instruction reads."""
+    op, a, b, c, d, _ = ins
+    name = OPS[op]
+    if name in ("MOVE", "NOT", "ITER", "GETATTR", "UNARY", "FOR", "UNPACK"):
+        return [b]
+    if name in ("BINOP", "INPLACE", "COMPARE", "GETITEM"):
+        return [b, c]
+    if name in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET", "BUILD_STRING"):
+        return list(range(b, b + c))
+    if name == "BUILD_DICT":
+        return list(range(b, b + 2 * c))
+    if name == "BUILD_SLICE":
+        return [r for r in (b, c, d) if r >= 0]
+    if name in ("APPEND", "SET_ADD", "EXTEND"):
+        return [a, b]
+    if name == "STORE_ITEM":
+        return [a, b, c]
+    if name == "CALL":
+        return [b] + list(range(c, c + d))            # keyword values: see the KWNAMES after
+    if name in ("IF_FALSE", "IF_TRUE", "RETURN"):
+        return [a]
+    if name == "FORMAT":
+        return [b] + ([d] if d >= 0 else [])
+    if name == "MAP":
+        return [b, c] + [s[1] for s in consts[d][1] if s[0] == "reg"]
+    return []
 
 
 def lift(fn) -> Program:

@@ -88,6 +88,7 @@ def cluster_case_server(dask_cluster):
 def _server_for(mode, request):
     fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server",
                "pydron-cluster": "cluster_case_server", "pydron-replay": "case_server",
+               "pydron-replay-guess": "case_server",
                "pydron-replay-reference": "case_server"}.get(mode, "reference_server")
     return request.getfixturevalue(fixture)
 
@@ -119,6 +120,7 @@ def test_case(mode, case, expected_outcomes, request):
 # --- the replay modes really replayed --------------------------------------------------------------
 
 @pytest.mark.parametrize("interpreter, mode", [("on", "pydron-replay"),
+                                               ("on-guess", "pydron-replay-guess"),
                                                ("reference", "pydron-replay-reference")])
 def test_replay_modes_ran_graphs(interpreter, mode, case_server, expected_outcomes):
     """The replay modes are not the trace under another name: most cases that return ran their
@@ -133,6 +135,17 @@ def test_replay_modes_ran_graphs(interpreter, mode, case_server, expected_outcom
     assert len(replayed) >= len(returning) // 3, (
         f"{len(replayed)} of {len(returning)} returning cases replayed; the others: " +
         "; ".join(f"{n}: {log[n][1]} {log[n][2]}" for n in returning if not log[n][0]))
+
+
+def test_guessing_mode_guessed(case_server):
+    """In mode pydron-replay-guess, branches on results really guessed (and some wrong)."""
+    log = case_server.request("replay_log", "on-guess")
+    for case in CASES:
+        if case.name not in log and "pydron-replay-guess" not in case.known_differences:
+            assert not case_server.request("check", ("pydron-replay-guess", case.name))
+    log = case_server.request("replay_log", "on-guess")
+    guessing = [n for n, v in log.items() if v[3] > 0]
+    assert len(guessing) >= 15, guessing
 
 
 def test_both_interpreters_replay_the_same_cases(case_server):
