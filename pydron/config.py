@@ -385,6 +385,17 @@ def exported_environment(cfg: Config) -> dict[str, str]:
 _log_handler: logging.Handler | None = None
 
 
+class _Formatter(logging.Formatter):
+    """`pydron: WARNING: message`, once: most messages already begin with "pydron: " (they
+    read well through logging's last-resort handler, which prints the bare message)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if text.startswith("pydron: "):
+            text = text[len("pydron: "):]
+        return f"{record.name}: {record.levelname}: {text}"
+
+
 def apply_log_level(level: str | None) -> None:
     """PYDRON_LOG / `log`: show the `pydron` logger's records at this level on stderr. Only
     that logger: the root logger and other libraries' loggers (matplotlib, PIL) keep their
@@ -396,7 +407,7 @@ def apply_log_level(level: str | None) -> None:
     logger.setLevel(level.upper())
     if _log_handler is None:
         _log_handler = logging.StreamHandler(sys.stderr)
-        _log_handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        _log_handler.setFormatter(_Formatter())
         logger.addHandler(_log_handler)
         # The records go to stderr once, here, not again through the root's handlers.
         logger.propagate = False
