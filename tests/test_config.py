@@ -369,7 +369,7 @@ def test_log_debug_sets_the_pydron_logger_only_with_enable(tmp_path):
     # the sum; the root logger still at WARNING (30); the pydron logger at DEBUG (10)
     assert out.stdout.split() == ["30", "30", "10"]
     assert "noise" not in out.stderr
-    assert "pydron: DEBUG: pydron: enabled" in out.stderr, out.stderr
+    assert "pydron: DEBUG: enabled" in out.stderr, out.stderr
 
 
 def test_log_debug_with_pydron_run(tmp_path):
