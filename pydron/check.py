@@ -792,16 +792,16 @@ _unread_warned: set = set()
 
 
 def warn_result_unread(fn) -> None:
-    """Called by the C core when a task finished and its result was never read (not by the
-    scheduled code, not by another task): the call was made for a side effect, which a
-    functional task cannot have. One warning per function."""
+    """Called by the C core when scheduled code calls a functional function as a statement
+    (its result dropped at once): the call was made for a side effect, which a functional task
+    cannot have. One warning per function."""
     code = getattr(fn, "__code__", None)
     key = (code.co_filename, code.co_qualname, code.co_firstlineno) if code else repr(fn)
     if key in _unread_warned:
         return
     _unread_warned.add(key)
     name = code.co_qualname if code else getattr(fn, "__qualname__", repr(fn))
-    log.warning("pydron: the result of @functional %s was never read: if it was called for a "
+    log.warning("pydron: the result of @functional %s is never read: if it is called for a "
                 "side effect (printing, writing a file, changing an argument), that effect "
-                "happened in a worker process and is lost; a functional function should return "
+                "happens in a worker process and is lost; a functional function should return "
                 "what it computes", name)

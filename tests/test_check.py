@@ -330,3 +330,40 @@ def test_a_module_imported_by_the_workers_is_not_warned_about_again(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str([[-i] for i in range(8)])
     assert out.stderr.count("is not side-effect free") == 1, out.stderr
+
+
+UNREAD = """
+    import pydron
+
+    @pydron.functional
+    def save(path, value):
+        with open(path, "a") as f:          # a side effect: it happens in a worker
+            f.write(str(value))
+        return None
+
+    @pydron.functional
+    def square(x):
+        return x * x
+
+    @pydron.schedule
+    def main(path):
+        for i in range(3):
+            save(path, i)                   # called as a statement: its result is never read
+        r = square(3)                       # read: no warning
+        return r
+
+    pydron.enable(workers=2)
+    print(main("out.txt"), main("out.txt"))
+"""
+
+
+def test_a_functional_call_whose_result_is_dropped_is_warned_about_once(tmp_path):
+    script = write(tmp_path, "unread.py", UNREAD)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDRON_")}
+    out = subprocess.run([PY, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["9", "9"]
+    warnings = [ln for ln in out.stderr.splitlines() if "is never read" in ln]
+    assert len(warnings) == 1, out.stderr
+    assert "@functional save" in warnings[0] and "square" not in out.stderr

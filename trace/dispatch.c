@@ -309,6 +309,29 @@ helper_call(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     return trace_dispatch(argv[0], &PyTuple_GET_ITEM(argv[1], 0), n - nkw, kwnames);
 }
 
+/* call_discarded(callable, args, kwnames): a call statement, its result dropped. A functional
+ * callee is then called for a side effect its task cannot have (it happens in a worker, on
+ * copies): said once per function (pydron.check.warn_result_unread), then called as any call. */
+static PyObject *
+helper_call_discarded(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc >= 1 && trace__enabled) {
+        PyObject *fn = PyMethod_Check(argv[0]) ? PyMethod_GET_FUNCTION(argv[0]) : argv[0];
+        trace_codeinfo *info = trace__is_function(fn)
+                               ? trace__codeinfo_get(PyFunction_GET_CODE(fn)) : NULL;
+        if (info && info->kind == TRACE_FUNCTIONAL && !info->unread_warned) {
+            info->unread_warned = 1;
+            PyObject *check = PyImport_ImportModule("pydron.check");
+            PyObject *r = check ? PyObject_CallMethod(check, "warn_result_unread", "O", fn) : NULL;
+            Py_XDECREF(check);
+            if (r == NULL)
+                PyErr_Clear();         /* a warning never fails the call */
+            Py_XDECREF(r);
+        }
+    }
+    return helper_call(module, argv, argc);
+}
+
 /* call_ex(callable, args: iterable, kwargs: mapping | None) — f(*a, **k) */
 static PyObject *
 helper_call_ex(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
@@ -443,6 +466,8 @@ static PyMethodDef dispatch_methods[] = {
      "_mark_native(fn): a ctypes function pointer called from scheduled code is a thread task."},
     {"call", (PyCFunction)(void (*)(void))helper_call, METH_FASTCALL,
      "call(callable, args, kwnames=None): a call site of scheduled code."},
+    {"call_discarded", (PyCFunction)(void (*)(void))helper_call_discarded, METH_FASTCALL,
+     "call_discarded(callable, args, kwnames=None): a call statement (its result dropped)."},
     {"call_ex", (PyCFunction)(void (*)(void))helper_call_ex, METH_FASTCALL,
      "call_ex(callable, args, kwargs=None): f(*args, **kwargs) in scheduled code."},
     {"force", helper_force, METH_O, "force(x): the value of x, waiting if it is pending."},

@@ -16,6 +16,7 @@ typedef struct {
     int kind;
     graph_task_options options;   /* functional: how its tasks run */
     int refused;            /* scheduled, but the rewrite refused it: runs plainly */
+    int unread_warned;      /* functional: "result never read" was said once */
     PyObject *rewritten;    /* scheduled: the rewritten code object, made on first use */
     struct trace_replay *replay;   /* scheduled: its graph, once lifted (replay.c) */
 } trace_codeinfo;

@@ -56,6 +56,7 @@ class Helpers(NamedTuple):
     flush_names: object = None
     pending_names: object = None
     hide_locals: object = None
+    call_discarded: object = None      # optional: a call statement (its result dropped)
 
     @classmethod
     def of(cls, rt) -> "Helpers":
@@ -344,6 +345,12 @@ class _Emitter:
 
     # -- the instruction itself ---------------------------------------------------------------
     def _rewritten(self, i, x, e, plan, loc) -> list:
+        if (plan.action == CALL and self.h.call_discarded is not None and
+                i + 1 < len(self.instrs) and self.instrs[i + 1].name == "POP_TOP" and
+                not self.regions.enclosing(i)):
+            # f(x) as a statement: a functional f is then called for a side effect (inside a
+            # try it may be called for the exception it raises: not said there)
+            return self._call_site(x, plan, loc, self.h.call_discarded)
         site = _SITES.get(plan.action)
         if site is not None:
             return site(self, x, plan, loc)
@@ -364,12 +371,12 @@ class _Emitter:
             return self._jump(i, x, e, loc)
         return [x]
 
-    def _call_site(self, x, plan, loc) -> list:
+    def _call_site(self, x, plan, loc, helper=None) -> list:
         """A call site [NULL, c, args...] (3.13: [c, NULL, args...]) becomes
         rt.call(c, args, kwnames)."""
         return ([Instr("BUILD_TUPLE", plan.argc, location=loc),
                  Instr("LOAD_CONST", plan.kwnames, location=loc),
-                 Instr("LOAD_CONST", self.h.call, location=loc)]
+                 Instr("LOAD_CONST", helper or self.h.call, location=loc)]
                 + self._under_swaps(loc) + _call(3, loc))
 
     def _call_ex_site(self, x, plan, loc) -> list:
