@@ -192,6 +192,7 @@ def enable(workers: int | None = None, progress: bool | None = None,
     core._replay_configure(mode=cfg.replay)
     from pydron import _graph_cache
     _graph_cache.configure(cfg.cache_dir)
+    _graph_cache.directory()       # checked now, not at the first scheduled call
     core._set_rewrite(_rewrite_code)
     core._enable(cfg.workers, mode == "hook")
     _configure_progress(cfg.progress)

@@ -47,6 +47,10 @@ def configure(value) -> None:
     """The `cache_dir` setting of pydron.enable(): a directory, "off", or None for the default."""
     global _configured
     _configured = None if value in (None, "") else os.fspath(value)
+    _checked.clear()
+
+
+_checked: dict = {}          # setting -> the directory found usable (checked once per process)
 
 
 def directory() -> Path | None:
@@ -54,7 +58,13 @@ def directory() -> Path | None:
     if _configured is _UNSET:
         from pydron import config
         configure(config.resolve_for_enable({}).cache_dir)
-    value = _configured
+    if _configured in _checked:
+        return _checked[_configured]
+    _checked[_configured] = found = _directory(_configured)
+    return found
+
+
+def _directory(value) -> Path | None:
     if value and value.strip().lower() == "off":
         return None
     if value:

@@ -874,7 +874,23 @@ _NEW_OBJECT_METHODS = frozenset("copy astype flatten tolist union intersection d
                                 "symmetric_difference".split())
 
 
+_tables_memo: dict = {}
+
+
 def pure_tables() -> tuple:
+    """_pure_tables of the modules imported now (made again only when numpy or one of its
+    submodules appears)."""
+    import sys
+    key = (id(sys.modules.get("numpy")), "numpy.linalg" in sys.modules,
+           "numpy.fft" in sys.modules)
+    tables = _tables_memo.get(key)
+    if tables is None:
+        _tables_memo.clear()
+        tables = _tables_memo[key] = _pure_tables()
+    return tables
+
+
+def _pure_tables() -> tuple:
     """(callables, methods, new): what a graph may call besides functional and scheduled
     functions. callables: functions and types that compute a result from their arguments and
     change nothing; methods: {type: method names} likewise for methods of those exact types;
@@ -916,8 +932,12 @@ def pure_callees() -> set:
     out |= {getattr(math, n) for n in dir(math) if callable(getattr(math, n))}
     np = sys.modules.get("numpy")
     if np is not None:
-        for table, names in ((np, _NUMPY_PURE), (getattr(np, "linalg", None), _NUMPY_LINALG_PURE),
-                             (getattr(np, "fft", None), _NUMPY_FFT_PURE)):
+        # numpy imports its submodules on first access: only those already imported count
+        for table, names in ((np, _NUMPY_PURE), (sys.modules.get("numpy.linalg"),
+                                                 _NUMPY_LINALG_PURE),
+                             (sys.modules.get("numpy.fft"), _NUMPY_FFT_PURE)):
+            if table is None:
+                continue
             for n in names:
                 f = getattr(table, n, None)
                 if f is not None:

@@ -22,11 +22,12 @@ def pool():
 @pytest.fixture(autouse=True)
 def fresh():
     """Graphs made afresh by each test, from the second call (the default)."""
-    previous = _core._replay_configure(mode="on", after=1)
+    previous = _core._replay_configure(mode="on", after=1, compare=0)
     for fn in SCHEDULED + _more_scheduled():
         _core._replay_forget(fn)
     yield
-    _core._replay_configure(mode=previous["mode"], after=previous["after"])
+    _core._replay_configure(mode=previous["mode"], after=previous["after"],
+                            compare=previous["compare"])
 
 
 def plain(fn, *args):
@@ -481,3 +482,44 @@ def test_explain_of_a_function_without_graph():
 
     text = str(pydron.explain(prints))
     assert "print" in text and "no graph" in text
+
+
+# ---- the graph against its trace -------------------------------------------------------------
+
+@pydron.schedule
+def glue(n):
+    """Much pure-Python work in the scheduled function, one task: CPython runs the rewritten
+    bytecode faster than the graph's interpreter does."""
+    acc = 0
+    for i in range(n):
+        acc = (acc * 31 + i) % 1000003
+    return inc(acc)
+
+
+def test_a_graph_slower_than_its_trace_is_set_aside_and_compared_again():
+    _core._replay_configure(compare=1)
+    _core._replay_forget(glue)
+    expected = plain(glue, 20000)
+    for _ in range(8):
+        assert glue(20000) == expected
+    state = _core._replay_state(glue)
+    assert state["state"] == "slower than its trace", state
+    assert state["master_cpu"]["replay_us"] > state["master_cpu"]["trace_us"]
+    assert "slower than its trace" in state["reason"]
+    hits = state["hits"]
+    for _ in range(10):
+        assert glue(20000) == expected
+    assert _core._replay_state(glue)["hits"] == hits, "set aside: the calls are traced"
+    for _ in range(64):
+        glue(10)
+    assert _core._replay_state(glue)["hits"] > hits, "compared again after 64 calls"
+
+
+def test_a_graph_of_many_tasks_beats_its_trace_and_stays():
+    _core._replay_configure(compare=1)
+    xs = list(range(3000))
+    for _ in range(8):
+        assert comprehension(xs) == [x + 1 for x in xs]
+    state = _core._replay_state(comprehension)
+    assert state["state"] == "ready", state
+    assert state["master_cpu"]["replay_us"] < state["master_cpu"]["trace_us"]

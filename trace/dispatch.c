@@ -195,8 +195,11 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 goto done;
             }
             if (rewritten) {
+                uint64_t started = trace__replay_timing(info) ? trace__replay_clock() : 0;
                 if (self == NULL) {
                     result = trace__call_rewritten(fn, rewritten, args, nargs, kwnames);
+                    if (started)
+                        trace__replay_traced(info, started);
                     goto done;
                 }
                 Py_ssize_t ntotal = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
@@ -208,6 +211,8 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 with_self[0] = self;
                 memcpy(with_self + 1, args, ntotal * sizeof(PyObject *));
                 result = trace__call_rewritten(fn, rewritten, with_self, nargs + 1, kwnames);
+                if (started)
+                    trace__replay_traced(info, started);
                 PyMem_Free(with_self);
                 goto done;
             }

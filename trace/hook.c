@@ -171,8 +171,12 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     trace__session_begin(&session, co->co_qualname);
     PyObject *result = NULL;
     int replayed = replay_frame(frame, info, &result);
-    if (replayed == 0)
+    if (replayed == 0) {
+        uint64_t started = trace__replay_timing(info) ? trace__replay_clock() : 0;
         result = call_with_frame_args(frame, rewritten);
+        if (started)
+            trace__replay_traced(info, started);
+    }
     else if (replayed < 0)
         result = NULL;
     result = trace__session_end(&session, result);
@@ -266,8 +270,12 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
     PyObject *result = NULL;
     int replayed = trace__replay_call(func, info, args, PyVectorcall_NARGS(nargsf), kwnames,
                                       &result);
-    if (replayed == 0)
+    if (replayed == 0) {
+        uint64_t started = trace__replay_timing(info) ? trace__replay_clock() : 0;
         result = trace__call_rewritten(func, rewritten, args, nargsf, kwnames);
+        if (started)
+            trace__replay_traced(info, started);
+    }
     else if (replayed < 0)
         result = NULL;
     return trace__session_end(&session, result);

@@ -76,6 +76,12 @@ PyObject *trace__dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t 
 int trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args,
                        Py_ssize_t nargs, PyObject *kwnames, PyObject **result);
 void trace__replay_free(struct trace_replay *p);
+/* When trace__replay_call returned 0, the caller asks whether to time the traced call (the graph
+ * is being compared with its trace): started = trace__replay_clock() before the call,
+ * trace__replay_traced(info, started) after it. */
+int trace__replay_timing(trace_codeinfo *info);
+uint64_t trace__replay_clock(void);
+void trace__replay_traced(trace_codeinfo *info, uint64_t started);
 int trace__replay_init(PyObject *module);
 
 /* hook.c */

@@ -49,7 +49,16 @@ typedef struct {
     uint8_t off;               /* guessed wrong too often: waits like the trace */
 } rsite;
 
-enum { REPLAY_UNTRIED, REPLAY_READY, REPLAY_REFUSED, REPLAY_DEAD };
+enum { REPLAY_UNTRIED, REPLAY_READY, REPLAY_REFUSED, REPLAY_DEAD, REPLAY_SLOWER };
+
+/* Calls of each kind timed before deciding whether the graph is worth it: a graph of much
+ * pure-Python glue and few tasks can cost the master more than CPython running the rewritten
+ * bytecode does. The calls alternate between the graph and the trace, their master CPU time is
+ * compared, and a graph slower than SLOWER_RATIO times its trace is set aside. */
+#define COMPARE_CALLS 3
+#define SLOWER_RATIO 1.25
+#define SLOWER_SLACK_NS 2000
+#define RECOMPARE_CALLS 64
 
 /* A scheduled code object's graph and what became of it (trace_codeinfo.replay). */
 struct trace_replay {
@@ -62,15 +71,22 @@ struct trace_replay {
     rins *code;
     rsite *sites;
     uint64_t hits, bails, guesses, mispredicts;
+    /* The comparison with the trace (COMPARE_CALLS of each; master CPU ns). */
+    uint64_t replay_cpu[COMPARE_CALLS], trace_cpu[COMPARE_CALLS];
+    int nreplay_cpu, ntrace_cpu;
+    int timing_trace;              /* the call being traced now is one of the comparison's */
+    int since_compare;             /* calls since the comparison began */
+    uint64_t last_replay_ns, last_trace_ns;   /* the medians of the last comparison */
 };
 
 /* Process-wide counters (pydron info). */
 static struct {
-    uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps, disk_hits;
+    uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps, disk_hits, slower;
 } S;
 
 /* Settings: mode 0 off, 1 the C interpreter, 2 the Python reference interpreter (tests);
  * after: calls traced before a function's graph is lifted and replayed. */
+static int replay_compare = 1;       /* graphs are compared with their trace before they stay */
 static int replay_mode = 1;
 static long replay_after = 1;
 /* Branches on pending results guess (1), wait (0), or guess even when the result is in (2:
@@ -817,8 +833,9 @@ callee_kind(PyObject *callable, trace_codeinfo **info_out)
                 PyErr_Clear();
                 return CALLEE_OTHER;
             }
-            return info->replay && info->replay->state == REPLAY_READY ? CALLEE_SCHEDULED
-                                                                       : CALLEE_OTHER;
+            return info->replay && (info->replay->state == REPLAY_READY ||
+                                    info->replay->state == REPLAY_SLOWER)
+                   ? CALLEE_SCHEDULED : CALLEE_OTHER;
         }
     }
     if (pure_callees != NULL) {
@@ -1085,6 +1102,9 @@ done:
     return result;
 }
 
+static int replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args,
+                          Py_ssize_t nargs, PyObject *kwnames, PyObject **result);
+
 /* A nested scheduled call through its graph (self first for a bound method): 0 with *result,
  * -2 bail (it would have traced), -1 exception. */
 static int
@@ -1107,7 +1127,8 @@ call_scheduled(run_state *st, int here, PyObject *callable, trace_codeinfo *info
         argv[0] = self;
         memcpy(argv + 1, args, ntotal * sizeof(PyObject *));
     }
-    int rc = trace__replay_call(fn, info, argv, nargs + (self != NULL), kwnames, result);
+    int rc = replay_mode == 0 ? 0
+             : replay_execute(fn, info, argv, nargs + (self != NULL), kwnames, result);
     if (argv != args && argv != small)
         PyMem_Free(argv);
     if (rc == 1)
@@ -1978,6 +1999,78 @@ run_reference(struct trace_replay *p, PyObject *func, PyObject **bound, PyObject
     return -2;
 }
 
+static uint64_t
+thread_cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t
+median3(const uint64_t *v, int n)
+{
+    uint64_t s[COMPARE_CALLS];
+    memcpy(s, v, (size_t)n * sizeof(uint64_t));
+    for (int i = 1; i < n; i++)
+        for (int j = i; j > 0 && s[j - 1] > s[j]; j--) {
+            uint64_t t = s[j];
+            s[j] = s[j - 1];
+            s[j - 1] = t;
+        }
+    return s[n / 2];
+}
+
+/* Once both kinds are timed: keep the graph, or set it aside as slower than its trace. */
+static void
+compare_with_trace(struct trace_replay *p)
+{
+    if (p->nreplay_cpu < COMPARE_CALLS || p->ntrace_cpu < COMPARE_CALLS)
+        return;
+    uint64_t r = median3(p->replay_cpu, COMPARE_CALLS), t = median3(p->trace_cpu, COMPARE_CALLS);
+    p->last_replay_ns = r;
+    p->last_trace_ns = t;
+    if ((double)r <= SLOWER_RATIO * (double)t + SLOWER_SLACK_NS) {
+        p->state = REPLAY_READY;
+        return;
+    }
+    if (p->state != REPLAY_SLOWER) {
+        p->state = REPLAY_SLOWER;
+        Py_XSETREF(p->reason, PyUnicode_FromFormat(
+            "slower than its trace: %llu %s of the master's time per call replayed, %llu %s "
+            "traced (median of %d each)", (unsigned long long)(r / 1000), "\u00b5s",
+            (unsigned long long)(t / 1000), "\u00b5s", COMPARE_CALLS));
+        if (p->reason == NULL)
+            PyErr_Clear();
+        S.slower++;
+    }
+}
+
+int
+trace__replay_timing(trace_codeinfo *info)
+{
+    return info->replay != NULL && info->replay->timing_trace ? 1 : 0;
+}
+
+uint64_t
+trace__replay_clock(void)
+{
+    return thread_cpu_ns();
+}
+
+void
+trace__replay_traced(trace_codeinfo *info, uint64_t started)
+{
+    struct trace_replay *p = info->replay;
+    if (p == NULL || !p->timing_trace)
+        return;
+    p->timing_trace = 0;
+    if (p->ntrace_cpu < COMPARE_CALLS) {
+        p->trace_cpu[p->ntrace_cpu++] = thread_cpu_ns() - started;
+        compare_with_trace(p);
+    }
+}
+
 int
 trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_ssize_t nargs,
                    PyObject *kwnames, PyObject **result)
@@ -2009,10 +2102,41 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
         }
     }
 ready:
-    if (p->state != REPLAY_READY) {
+    if (p->state != REPLAY_READY && p->state != REPLAY_SLOWER) {
         S.misses++;
         return 0;
     }
+    /* The comparison with the trace: at first, then again every RECOMPARE_CALLS calls (the
+     * arguments, hence the costs, may change). */
+    if (replay_compare && replay_mode == 1 && ++p->since_compare >= RECOMPARE_CALLS) {
+        p->since_compare = 0;
+        p->nreplay_cpu = p->ntrace_cpu = 0;
+    }
+    int timing = replay_compare && replay_mode == 1 &&
+                 p->nreplay_cpu + p->ntrace_cpu < 2 * COMPARE_CALLS;
+    if ((timing && p->ntrace_cpu < p->nreplay_cpu) || (!timing && p->state == REPLAY_SLOWER)) {
+        /* The trace's turn (timed by the caller: trace__replay_traced), or the graph is set
+         * aside as slower than the trace. */
+        p->timing_trace = timing;
+        S.misses++;
+        return 0;
+    }
+    uint64_t cpu0 = timing ? thread_cpu_ns() : 0;
+    int rc = replay_execute(func, info, args, nargs, kwnames, result);
+    if (rc == 1 && timing && p->nreplay_cpu < COMPARE_CALLS) {
+        p->replay_cpu[p->nreplay_cpu++] = thread_cpu_ns() - cpu0;
+        compare_with_trace(p);
+    }
+    return rc;
+}
+
+/* One call through fn's graph (READY or set aside as SLOWER: nested calls of an outer graph
+ * replay whatever the comparison said), bound, run, counted: as trace__replay_call. */
+static int
+replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_ssize_t nargs,
+               PyObject *kwnames, PyObject **result)
+{
+    struct trace_replay *p = info->replay;
     PyObject *small[8], **bound = p->nargs <= 8 ? small
                                                 : PyMem_Malloc(p->nargs * sizeof(PyObject *));
     if (bound == NULL) {
@@ -2096,13 +2220,15 @@ done:
 static PyObject *
 core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mode", "after", "guess", NULL};
+    static char *kwlist[] = {"mode", "after", "guess", "compare", NULL};
     const char *mode = NULL;
     long after = -1;
-    int guess = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zli:_replay_configure", kwlist, &mode, &after,
-                                     &guess))
+    int guess = -1, compare = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zlii:_replay_configure", kwlist, &mode, &after,
+                                     &guess, &compare))
         return NULL;
+    if (compare >= 0)
+        replay_compare = compare != 0;
     if (guess >= 0)
         replay_guess = guess > 2 ? 1 : guess;
     if (mode != NULL) {
@@ -2121,14 +2247,15 @@ core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
     if (after >= 0)
         replay_after = after;
     static const char *const names[] = {"off", "on", "reference"};
-    return Py_BuildValue("{ssslsi}", "mode", names[replay_mode], "after", replay_after, "guess",
-                         replay_guess);
+    return Py_BuildValue("{ssslsisi}", "mode", names[replay_mode], "after", replay_after, "guess",
+                         replay_guess, "compare", replay_compare);
 }
 
 static PyObject *
 core_replay_stats(PyObject *module, PyObject *noargs)
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "disk_hits", (unsigned long long)S.disk_hits,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}", "slower", (unsigned long long)S.slower,
+                         "disk_hits", (unsigned long long)S.disk_hits,
                          "hits", (unsigned long long)S.hits, "misses",
                          (unsigned long long)S.misses, "lifts", (unsigned long long)S.lifts,
                          "refusals", (unsigned long long)S.refusals, "bails",
@@ -2149,7 +2276,8 @@ core_replay_state(PyObject *module, PyObject *fn)
     }
     trace_codeinfo *info = trace__codeinfo_get(PyFunction_GET_CODE(fn));
     struct trace_replay *p = info ? info->replay : NULL;
-    static const char *const states[] = {"untried", "ready", "refused", "given up"};
+    static const char *const states[] = {"untried", "ready", "refused", "given up",
+                                         "slower than its trace"};
     if (p == NULL)
         return Py_BuildValue("{sssl}", "state", "untried", "traced", 0L);
     PyObject *sites = PyList_New(p->state == REPLAY_READY ? p->nsites : 0);
@@ -2164,12 +2292,20 @@ core_replay_state(PyObject *module, PyObject *fn)
     }
     if (sites == NULL)
         return NULL;
-    return Py_BuildValue("{sssOslsKsKsKsKsisN}", "state", states[p->state], "reason",
+    PyObject *d = Py_BuildValue("{sssOslsKsKsKsKsisN}", "state", states[p->state], "reason",
                          p->reason ? p->reason : Py_None, "traced", p->traced, "hits",
                          (unsigned long long)p->hits, "bails", (unsigned long long)p->bails,
                          "guesses", (unsigned long long)p->guesses, "mispredicts",
                          (unsigned long long)p->mispredicts, "instructions", p->ncode, "sites",
                          sites);
+    if (d != NULL && p->last_trace_ns) {
+        PyObject *cmp = Py_BuildValue("{sdsd}", "replay_us", p->last_replay_ns / 1e3,
+                                      "trace_us", p->last_trace_ns / 1e3);
+        if (cmp == NULL || PyDict_SetItemString(d, "master_cpu", cmp) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(cmp);
+    }
+    return d;
 }
 
 /* _replay_forget(fn): drop fn's graph (tests; the next call counts as a first call). */
