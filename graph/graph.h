@@ -67,6 +67,10 @@ int graph_force_since(Py_ssize_t mark);     /* tasks from mark on; an earlier fa
 int graph_force_before(Py_ssize_t mark);    /* tasks before mark; 0, or -1 + the failure */
 /* Index of the task whose failure exc is, or -1 (exc was not raised by a task). */
 Py_ssize_t graph_raised_by(PyObject *exc);
+/* The call site a task was submitted from (an id of trace/sites.c; 0: unknown): set at its
+ * submission; read back for the task whose failure exc is (0 if none). */
+void graph_task_set_site(PyObject *task, uint32_t site);
+uint32_t graph_failed_site(PyObject *exc);
 /* A top-level scheduled call that began at mark has ended: forget its part of the order. */
 void graph_order_truncate(Py_ssize_t mark);
 /* A pending value was moved into an exact list or dict (list.append, d[k] = v, ...): the

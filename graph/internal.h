@@ -42,6 +42,7 @@ struct graph_task {
     uint8_t held;             /* the graph holds a reference while it waits or runs */
     uint8_t join;             /* a map's join: computed here from its chunk tasks (bulk.c) */
     uint8_t chunk;            /* a map's chunk: a loop of calls in one worker task */
+    uint32_t site;            /* where it was called (trace/sites.c), 0: unknown */
     PyObject *fn;
     exec_blob *args;          /* process tasks, until dispatched */
     exec_blob *blob;          /* encoded result */

@@ -166,6 +166,22 @@ graph_raised_by(PyObject *exc)
 }
 
 void
+graph_task_set_site(PyObject *task, uint32_t site)
+{
+    if (graph_is_task(task))
+        ((graph_task *)task)->site = site;
+}
+
+uint32_t
+graph_failed_site(PyObject *exc)
+{
+    Py_ssize_t k = graph_raised_by(exc);
+    if (k < 0 || order == NULL || k >= PyList_GET_SIZE(order))
+        return 0;
+    return order_item(k)->site;
+}
+
+void
 graph_order_truncate(Py_ssize_t mark)
 {
     if (order != NULL && mark < PyList_GET_SIZE(order)) {

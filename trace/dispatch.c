@@ -111,6 +111,8 @@ submit_task(PyObject *fn, PyObject *self, PyObject *const *args, Py_ssize_t narg
                 goto done;
     }
     task = graph_submit(fn, argtuple, kwargs, options);
+    if (task != NULL)
+        graph_task_set_site(task, trace__site_here());
 done:
     Py_DECREF(argtuple);
     Py_XDECREF(kwargs);

@@ -385,6 +385,9 @@ session_finish(trace_session *s, PyObject *result)
          * plain Python, so wait for those, unless the user interrupted us. */
         PyObject *exc = PyErr_GetRaisedException();
         Py_ssize_t k = graph_raised_by(exc);
+        /* A task's failure: its traceback shows the line of the call, as plain Python's. */
+        if (k >= 0)
+            trace__site_fix_traceback(exc, graph_failed_site(exc));
         if (k < 0 && PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt)) {
             /* Ctrl-C in this thread (not a task that raised KeyboardInterrupt itself): what
              * this call started is cancelled; other threads' calls go on. */

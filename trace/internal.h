@@ -84,6 +84,12 @@ uint64_t trace__replay_clock(void);
 void trace__replay_traced(trace_codeinfo *info, uint64_t started);
 int trace__replay_init(PyObject *module);
 
+/* sites.c: where functional calls are made (for the tracebacks of their failures). */
+uint32_t trace__site_here(void);
+/* The frames of exc's traceback that made the call of site id show its line, not the line
+ * where the failure surfaced. */
+void trace__site_fix_traceback(PyObject *exc, uint32_t id);
+
 /* hook.c */
 int trace__hook_init(void);
 int trace__hook_install(void);

@@ -784,8 +784,7 @@ note_append(run_state *st, PyObject *list)
 static int
 outside_iterator(run_state *st, int reg, PyObject *v)
 {
-    return st->taint[reg] == OUTSIDE && Py_TYPE(v)->tp_iternext != NULL &&
-           Py_TYPE(v)->tp_iternext != &_PyObject_NextNotImplemented;
+    return st->taint[reg] == OUTSIDE && PyIter_Check(v);
 }
 
 static int
@@ -1448,8 +1447,7 @@ exec_one(run_state *st, int *pc, int guessing)
             r = trace__dispatch(callable, &R[i->c], i->d, kwnames);
             if (r != NULL) {
                 taint = makes_new_object(callable) ? FRESH : OUTSIDE;
-                if (Py_TYPE(r)->tp_iternext != NULL &&
-                    Py_TYPE(r)->tp_iternext != &_PyObject_NextNotImplemented)
+                if (PyIter_Check(r))
                     taint = WRAPS;     /* zip(), enumerate(), ...: made here, over no iterator
                                         * of the caller's (checked above) */
                 for (Py_ssize_t k = 0; k < total; k++)
@@ -2357,7 +2355,10 @@ core_replay_call(PyObject *module, PyObject *args)
         stack[j++] = self;
     for (Py_ssize_t k = 0; k < n; k++)
         stack[j++] = PyTuple_GET_ITEM(argv, k);
-    int rc = trace__replay_call(fn, info, stack, n - nkw + (self != NULL), kwnames, &result);
+    /* As the C interpreter's nested calls: through the graph whatever the comparison with
+     * the trace said (call_scheduled). */
+    int rc = replay_mode == 0 ? 0
+             : replay_execute(fn, info, stack, n - nkw + (self != NULL), kwnames, &result);
     PyMem_Free(stack);
     if (rc < 0)
         return NULL;
