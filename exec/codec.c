@@ -9,9 +9,33 @@
 #include <string.h>
 
 static PyObject *helpers;          /* the module pydron._exec_helpers */
-static PyObject *pickle_loads, *pickle_dumps, *pickle_Pickler, *io_BytesIO;
+static PyObject *pickle_loads, *pickle_dumps, *io_BytesIO;
 static PyObject *str_buffers, *str_load, *kw_buffers;
 static exec_codec *master_codec;
+
+/* What the codec's reducer_override decided for classes, functions and methods that need no
+ * fresh look each time: obj -> None (pickle it by name) or a reduction (a module attribute).
+ * Emptied when a fork server is forked (what the workers have changes then). */
+static PyObject *ship_cache;
+/* pydron._ship.streams_seen: classes of open files met while pickling (new reference). */
+static PyObject *streams_seen;
+/* numpy.ndarray once numpy is imported (new reference), to let contiguous writable arrays take
+ * numpy's own reduction without a call into Python. */
+static PyObject *ndarray_type;
+
+/* The head of numpy's PyArrayObject, stable across NumPy 1.x and 2.x (the C-API's
+ * PyArrayObject_fields); only the flags are read. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    int nd;
+    Py_ssize_t *dimensions, *strides;
+    PyObject *base, *descr;
+    int flags;
+} np_array_head;
+#define NP_C_CONTIGUOUS 0x1
+#define NP_F_CONTIGUOUS 0x2
+#define NP_WRITEABLE 0x400
 
 /* ---- helpers in Python ------------------------------------------------------------------------ */
 
@@ -162,10 +186,92 @@ done:
     return Py_NewRef(in_band);
 }
 
+/* numpy.ndarray, or NULL while numpy is not imported (borrowed; never an error). */
+static PyObject *
+find_ndarray(void)
+{
+    if (ndarray_type != NULL)
+        return ndarray_type;
+    PyObject *np = PyDict_GetItemString(PyImport_GetModuleDict(), "numpy");   /* borrowed */
+    if (np == NULL)
+        return NULL;
+    PyObject *t = PyObject_GetAttrString(np, "ndarray");
+    if (t == NULL || !PyType_Check(t)) {     /* numpy half-imported: look again later */
+        PyErr_Clear();
+        Py_XDECREF(t);
+        return NULL;
+    }
+    ndarray_type = t;
+    return t;
+}
+
+/* Pickler.reducer_override (the C pickler calls it for every object that is not an int, str,
+ * bytes, float, None, bool or exact container): classes and functions travel by name when the
+ * workers can import them as they are, else by value (pydron/_ship.py); bound methods of
+ * module-level objects by reference; arrays with their layout. Everything else: NotImplemented,
+ * pickle's own way, decided here in C without a call into Python.
+ * Borrows obj; returns a new reference (a reduction or NotImplemented), NULL + exception. */
+static PyObject *
+codec_reducer_override(exec_codec *c, PyObject *obj)
+{
+    PyTypeObject *t = Py_TYPE(obj);
+    const char *name;
+    if (PyType_Check(obj)) {
+        name = "reduce_class";
+    }
+    else if (t == &PyFunction_Type) {
+        name = "reduce_function";
+    }
+    else if (PyCFunction_Check(obj)) {
+        PyObject *self = PyCFunction_GET_SELF(obj);
+        if (self == NULL || PyModule_Check(self))    /* a module's function: by name */
+            Py_RETURN_NOTIMPLEMENTED;
+        name = "reduce_method";
+    }
+    else if (t == &PyMethod_Type) {
+        name = "reduce_method";
+    }
+    else {
+        PyObject *nd = find_ndarray();
+        if (nd == NULL || (PyObject *)t != nd)
+            Py_RETURN_NOTIMPLEMENTED;
+        int flags = ((np_array_head *)obj)->flags;
+        if ((flags & NP_WRITEABLE) && (flags & (NP_C_CONTIGUOUS | NP_F_CONTIGUOUS)))
+            Py_RETURN_NOTIMPLEMENTED;               /* numpy's own reduction keeps it as it is */
+        return exec__call_helper("reduce_array", &obj, 1);
+    }
+    if (ship_cache == NULL && (ship_cache = PyDict_New()) == NULL)
+        return NULL;
+    PyObject *known = PyDict_GetItemWithError(ship_cache, obj);      /* borrowed */
+    if (known != NULL)
+        return known == Py_None ? Py_NewRef(Py_NotImplemented) : Py_NewRef(known);
+    int hashable = !PyErr_Occurred();
+    PyErr_Clear();
+    PyObject *r = exec__call_helper(name, &obj, 1);
+    if (r == NULL)
+        return NULL;
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2) {
+        Py_DECREF(r);
+        PyErr_Format(PyExc_RuntimeError, "pydron: %s returned a malformed answer", name);
+        return NULL;
+    }
+    PyObject *reduction = PyTuple_GET_ITEM(r, 0);
+    if (hashable && PyObject_IsTrue(PyTuple_GET_ITEM(r, 1)) == 1 &&
+        PyDict_SetItem(ship_cache, obj, reduction) < 0) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    PyObject *out = reduction == Py_None ? Py_NotImplemented : reduction;
+    Py_INCREF(out);
+    Py_DECREF(r);
+    return out;
+}
+
 static PyMethodDef codec_methods[] = {
     {"write", (PyCFunction)codec_write, METH_O, NULL},
     {"persistent_id", (PyCFunction)codec_persistent_id, METH_O, NULL},
     {"buffer_callback", (PyCFunction)codec_buffer_callback, METH_O, NULL},
+    {"reducer_override", (PyCFunction)codec_reducer_override, METH_O, NULL},
     {NULL},
 };
 
@@ -199,17 +305,12 @@ static int
 codec_make_pickler(exec_codec *c, int which)
 {
     int rc = -1;
-    PyObject *cls = pickle_Pickler, *cb = NULL, *kw = NULL, *args = NULL, *p = NULL;
-    if (which >= 2) {
-        PyObject *cloud = PyImport_ImportModule("cloudpickle");
-        cls = cloud ? PyObject_GetAttrString(cloud, "CloudPickler") : NULL;
-        Py_XDECREF(cloud);
-        if (cls == NULL)
-            return -1;
-    }
-    else {
-        Py_INCREF(cls);
-    }
+    PyObject *cls = NULL, *cb = NULL, *kw = NULL, *args = NULL, *p = NULL;
+    /* [0], [1]: the C pickler, as a subclass that can carry a reducer_override; [2], [3]:
+     * cloudpickle's, with pydron's rules (pydron/_ship.py). */
+    cls = exec__call_helper(which >= 2 ? "ship_pickler_class" : "fast_pickler_class", NULL, 0);
+    if (cls == NULL)
+        return -1;
     cb = PyObject_GetAttrString((PyObject *)c, "buffer_callback");
     kw = cb ? Py_BuildValue("{s:i,s:O}", "protocol", 5, "buffer_callback", cb) : NULL;
     args = PyTuple_Pack(1, (PyObject *)c);
@@ -217,10 +318,13 @@ codec_make_pickler(exec_codec *c, int which)
     if (p == NULL)
         goto done;
     if (which < 2) {
-        /* Reducers of our own (memoryview, ...); cloudpickle keeps its own table. */
+        /* Reducers of our own (memoryview, ...); cloudpickle's pickler keeps its own table. */
         PyObject *table = exec__call_helper("dispatch_table", NULL, 0);
         int err = table == NULL || PyObject_SetAttrString(p, "dispatch_table", table) < 0;
         Py_XDECREF(table);
+        PyObject *ro = err ? NULL : PyObject_GetAttrString((PyObject *)c, "reducer_override");
+        err = ro == NULL || PyObject_SetAttrString(p, "reducer_override", ro) < 0;
+        Py_XDECREF(ro);
         if (err)
             goto done;
     }
@@ -241,7 +345,7 @@ codec_make_pickler(exec_codec *c, int which)
     c->pickler[which] = Py_NewRef(p);
     rc = 0;
 done:
-    Py_DECREF(cls);
+    Py_XDECREF(cls);
     Py_XDECREF(cb);
     Py_XDECREF(kw);
     Py_XDECREF(args);
@@ -295,6 +399,9 @@ static int
 codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *ctx)
 {
     if (c->dump[which] == NULL && codec_make_pickler(c, which) < 0)
+        return -1;
+    if (streams_seen != NULL && PyList_GET_SIZE(streams_seen) > 0 &&
+        PyList_SetSlice(streams_seen, 0, PyList_GET_SIZE(streams_seen), NULL) < 0)
         return -1;
     c->busy = 1;
     exec__codec_reset(c);
@@ -589,6 +696,16 @@ exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep
             b = explain_encode_failure(c, fn, args, kwargs, dep, ctx);
     }
     else {
+        if (streams_seen != NULL && PyList_GET_SIZE(streams_seen) > 0) {
+            /* An open file among the arguments: say once per function that it is a copy. */
+            PyObject *r = exec__call_helper("note_streams", &fn, 1);
+            if (r == NULL) {
+                exec__bufs_release(exec__arena, bufs, nbufs);
+                exec__codec_reset(c);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
         b = exec__blob_new(data, len, bufs, nbufs);
         /* Its task reads these buffers from now on, however long it waits to run. */
         if (b != NULL && !exec__in_worker_flag)
@@ -632,14 +749,13 @@ exec__codec_module_init(PyObject *module)
     }
     pickle_loads = PyObject_GetAttrString(pk, "loads");
     pickle_dumps = PyObject_GetAttrString(pk, "dumps");
-    pickle_Pickler = PyObject_GetAttrString(pk, "Pickler");
     io_BytesIO = PyObject_GetAttrString(io, "BytesIO");
     Py_DECREF(pk);
     Py_DECREF(io);
     str_buffers = PyUnicode_InternFromString("buffers");
     str_load = PyUnicode_InternFromString("load");
     kw_buffers = str_buffers ? PyTuple_Pack(1, str_buffers) : NULL;
-    if (!pickle_loads || !pickle_dumps || !pickle_Pickler || !io_BytesIO || !kw_buffers ||
+    if (!pickle_loads || !pickle_dumps || !io_BytesIO || !kw_buffers ||
         !str_load)
         return -1;
     return 0;
@@ -648,6 +764,11 @@ exec__codec_module_init(PyObject *module)
 int
 exec__helpers_before_fork(void)
 {
+    /* What the new fork server's workers can import is decided afresh. */
+    if (ship_cache != NULL)
+        PyDict_Clear(ship_cache);
+    if (streams_seen == NULL && (streams_seen = exec__call_helper("streams_seen", NULL, 0)) == NULL)
+        return -1;
     PyObject *r = exec__call_helper("before_fork", NULL, 0);
     Py_XDECREF(r);
     return r == NULL ? -1 : 0;
