@@ -484,6 +484,9 @@ decode_bytes(const char *data, size_t len, const wire_buf *bufs, uint32_t nbufs,
 {
     PyObject *result = NULL, *holders = NULL, *unpickler = NULL, *file = NULL;
     if (nbufs == 0 && deps == NULL && len <= 4096) {
+        PyObject *scalar = exec__scalars_load(data, len);
+        if (scalar != NULL)
+            return scalar;
         /* Small and self-contained (most results): a bytes copy is cheaper than a view. */
         PyObject *bytes = PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
         if (bytes == NULL)
@@ -679,6 +682,16 @@ done:
 exec_blob *
 exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep, void *ctx)
 {
+    if (kwargs == NULL || PyDict_GET_SIZE(kwargs) == 0) {
+        /* Most calls pass a few numbers or names: written in C, no pickler involved. */
+        const char *data;
+        size_t len;
+        int fast = exec__scalars_dump_call(args, &data, &len);
+        if (fast < 0)
+            return NULL;
+        if (fast)
+            return exec__blob_new(data, len, NULL, 0);
+    }
     int temporary;
     exec_codec *c = codec_acquire(&temporary);
     if (c == NULL)

@@ -143,6 +143,8 @@ int exec_poll(double timeout_s, exec_completion *out, int cap);
  * again elsewhere) and their results are never handed over. Unknown ids are ignored. */
 void exec_cancel(const uint64_t *ids, Py_ssize_t n);
 
+/* Whether exec_poll(0) would find a completion now (cheap: loads of shared counters). */
+int exec_ready(void);
 /* Tasks submitted and not yet handed over by exec_poll. */
 Py_ssize_t exec_outstanding(void);
 

@@ -244,6 +244,17 @@ anything_ready(uint32_t notes)
 }
 
 int
+exec_ready(void)
+{
+    if (done.count)
+        return 1;
+    for (int k = 0; k < EXEC_NKINDS; k++)
+        if (backends[k]->ready())
+            return 1;
+    return 0;
+}
+
+int
 exec_poll(double timeout_s, exec_completion *out, int cap)
 {
     double deadline = timeout_s > 0 ? pydron_now() + timeout_s : 0;

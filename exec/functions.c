@@ -19,13 +19,31 @@ static struct {
     PyObject *ids;             /* dict fn -> index into entries (hashable functions) */
     fn_entry *entries;
     uint32_t count, cap;
+    PyObject *last_fn;         /* borrowed: entries[last_id].fn holds it */
+    uint32_t last_id;
 } F;
+
+static Py_ssize_t lookup_or_add(PyObject *fn);
 
 Py_ssize_t
 exec__fn_id(PyObject *fn)
 {
+    /* Tasks come in runs of one function: the last one answers without a dict lookup. */
+    if (F.last_fn == fn && F.last_id < F.count && F.entries[F.last_id].fn == fn)
+        return F.last_id;
     if (F.ids == NULL && (F.ids = PyDict_New()) == NULL)
         return -1;
+    Py_ssize_t id = lookup_or_add(fn);
+    if (id >= 0) {
+        F.last_fn = fn;
+        F.last_id = (uint32_t)id;
+    }
+    return id;
+}
+
+static Py_ssize_t
+lookup_or_add(PyObject *fn)
+{
     PyObject *idobj = PyDict_GetItemWithError(F.ids, fn);
     if (idobj)
         return PyLong_AsSsize_t(idobj);
@@ -110,6 +128,7 @@ exec__fn_table_clear(int with_python)
         exec_blob_decref(F.entries[i].blob);
     }
     F.count = 0;
+    F.last_fn = NULL;
     if (with_python && F.ids)
         PyDict_Clear(F.ids);
     else

@@ -166,6 +166,16 @@ int exec__codec_module_init(PyObject *module);
  * and notes which modules are still being imported. 0, or -1 + exception. */
 int exec__helpers_before_fork(void);
 
+/* ---- small values pickled in C (scalars.c) ------------------------------------------------------ */
+/* Pickle bytes of obj / of the call (args, None) when made only of ints, floats, bools, None,
+ * short strs and bytes (and small tuples of them): 1 with *data, *len (valid until the next
+ * call); 0 when the general codec must do it; -1 + MemoryError. */
+int exec__scalars_dump(PyObject *obj, const char **data, size_t *len);
+int exec__scalars_dump_call(PyObject *args, const char **data, size_t *len);
+/* The value of a pickle holding one such scalar (a result): new reference, or NULL (no
+ * exception) for anything else. */
+PyObject *exec__scalars_load(const char *data, size_t len);
+
 /* ---- shipping functions (functions.c) --------------------------------------------------------- */
 /* The id of fn, shipping-ready (by reference when workers can import it, else by value through
  * cloudpickle). -1 + TypeError naming fn. */

@@ -153,7 +153,12 @@ exec__install_array_allocator(void)
 {
     if (arrays_state != 0)
         return;
+    /* Called per task until numpy shows up: look only when sys.modules has grown. */
+    static Py_ssize_t modules_seen = -1;
     PyObject *modules = PySys_GetObject("modules");   /* borrowed */
+    if (modules == NULL || !PyDict_Check(modules) || PyDict_GET_SIZE(modules) == modules_seen)
+        return;
+    modules_seen = PyDict_GET_SIZE(modules);
     PyObject *umath = NULL;
     if (modules) {
         umath = PyDict_GetItemString(modules, "numpy._core._multiarray_umath");

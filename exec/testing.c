@@ -612,6 +612,51 @@ core_exec_worker_ring(PyObject *self, PyObject *unused)
                          "arena_size", (unsigned long long)(st.total_pages * ARENA_PAGE));
 }
 
+/* _exec_scalars_dump(obj) -> bytes | None: what the C fast path writes for a result (None when
+ * it leaves obj to the general pickler); _exec_scalars_load(bytes) -> value | NotImplemented. */
+static PyObject *
+core_scalars_dump(PyObject *self, PyObject *obj)
+{
+    const char *data;
+    size_t len;
+    int rc = exec__scalars_dump(obj, &data, &len);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+}
+
+static PyObject *
+core_scalars_dump_call(PyObject *self, PyObject *args)
+{
+    if (!PyTuple_Check(args)) {
+        PyErr_SetString(PyExc_TypeError, "_exec_scalars_dump_call expects the args tuple");
+        return NULL;
+    }
+    const char *data;
+    size_t len;
+    int rc = exec__scalars_dump_call(args, &data, &len);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0)
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+}
+
+static PyObject *
+core_scalars_load(PyObject *self, PyObject *bytes)
+{
+    if (!PyBytes_Check(bytes)) {
+        PyErr_SetString(PyExc_TypeError, "_exec_scalars_load expects bytes");
+        return NULL;
+    }
+    PyObject *v = exec__scalars_load(PyBytes_AS_STRING(bytes), (size_t)PyBytes_GET_SIZE(bytes));
+    if (v == NULL && !PyErr_Occurred())
+        Py_RETURN_NOTIMPLEMENTED;
+    return v;
+}
+
 static PyObject *
 core_exec_stats(PyObject *self, PyObject *unused)
 {
@@ -627,6 +672,10 @@ static PyMethodDef testing_methods[] = {
      "Forget every queued and running task of both pools."},
     {"_exec_info", core_exec_info, METH_NOARGS, "Process pool state: pids, arena accounting."},
     {"_exec_stats", core_exec_stats, METH_NOARGS, "Every executor's state."},
+    {"_exec_scalars_dump", core_scalars_dump, METH_O, "The C pickler of small results."},
+    {"_exec_scalars_dump_call", core_scalars_dump_call, METH_O,
+     "The C pickler of calls with small arguments: pickle of (args, None)."},
+    {"_exec_scalars_load", core_scalars_load, METH_O, "The C unpickler of small results."},
     {"_exec_worker_ring", core_exec_worker_ring, METH_NOARGS,
      "In a worker: where its result ring lives (for tests that scribble on it)."},
     {"_exec_map", (PyCFunction)(void (*)(void))core_exec_map, METH_VARARGS | METH_KEYWORDS,

@@ -174,6 +174,12 @@ send_result(ring *out, uint64_t task_id, PyObject *result, uint64_t elapsed_ns)
     size_t len;
     wire_buf *bufs;
     uint32_t nbufs;
+    int fast = exec__scalars_dump(result, &data, &len);
+    if (fast < 0)
+        return -1;
+    if (fast)
+        return send_blob(out, WIRE_RESULT, task_id, elapsed_ns, data, len, NULL, 0, NULL) == 0
+                   ? 0 : (PyErr_NoMemory(), -1);
     if (exec__codec_dump(codec, result, NULL, NULL, &data, &len, &bufs, &nbufs) < 0)
         return -1;
     int rc = send_blob(out, WIRE_RESULT, task_id, elapsed_ns, data, len, bufs, nbufs, codec);

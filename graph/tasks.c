@@ -332,7 +332,8 @@ take_completions(double timeout_s)
 int
 graph_pump(void)
 {
-    if (G.inflight == 0)
+    /* Called at every submission: a full poll only when some executor has something. */
+    if (G.inflight == 0 || !exec_ready())
         return 0;
     return take_completions(0) < 0 ? -1 : 0;
 }
