@@ -8,6 +8,11 @@
 
 #include <string.h>
 
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+
 static PyObject *helpers;          /* the module pydron._exec_helpers */
 static PyObject *pickle_loads, *pickle_dumps, *io_BytesIO;
 static PyObject *str_buffers, *str_load, *kw_buffers;
@@ -128,6 +133,120 @@ codec_persistent_id(exec_codec *c, PyObject *obj)
     return PyLong_FromSsize_t(i);
 }
 
+/* ---- large buffers copied into the arena once per call -----------------------------------------
+ * A buffer outside the arena (an array made before enable(), read from a file, a bytes object)
+ * is copied into the arena for each task that takes it: forty tasks taking the same two 34 MB
+ * frames copied 2.7 GB. While tasks are outstanding, the master remembers the blocks it copied
+ * large buffers into, by address, length and content hash: the same buffer with the same bytes
+ * (what the task would see had it been copied at its call) is sent as a reference to the block
+ * already made, at the cost of reading it once more to hash it, instead of a new block. Buffers
+ * already in the arena need none of this (they are sent by reference, guard.c keeps them as they
+ * were at the call). Master only; emptied when no task is outstanding and at shutdown. */
+#define COPY_MEMO_MIN ((size_t)1 << 20)
+#define COPY_MEMO_SLOTS 16
+
+typedef struct {
+    const void *src;            /* NULL: a free slot */
+    size_t len;
+    uint64_t blk;               /* one reference, the memo's */
+    XXH128_hash_t hash;
+    uint64_t used;              /* memo_clock at the last use, for eviction */
+} copy_memo_entry;
+
+static struct {
+    copy_memo_entry e[COPY_MEMO_SLOTS];
+    uint64_t clock;
+    size_t bytes;
+    uint64_t hits, copies, bytes_reused;
+} memo;
+
+static XXH128_hash_t
+hash_bytes(const void *p, size_t len)
+{
+    XXH128_hash_t h;
+    Py_BEGIN_ALLOW_THREADS
+    h = XXH3_128bits(p, len);
+    Py_END_ALLOW_THREADS
+    return h;
+}
+
+static void
+copy_memo_drop(copy_memo_entry *e, int release)
+{
+    if (e->src == NULL)
+        return;
+    if (release && exec__arena != NULL)
+        arena_decref(exec__arena, e->blk);
+    memo.bytes -= e->len;
+    e->src = NULL;
+}
+
+void
+exec__codec_memo_clear(int release)
+{
+    for (int i = 0; i < COPY_MEMO_SLOTS; i++)
+        copy_memo_drop(&memo.e[i], release);
+}
+
+/* A block already holding the len bytes at src, with a new reference for the caller: 0 and
+ * *blk, or -1 (none: copy them). */
+static int
+copy_memo_reuse(const void *src, size_t len, uint64_t *blk)
+{
+    for (int i = 0; i < COPY_MEMO_SLOTS; i++) {
+        copy_memo_entry *e = &memo.e[i];
+        if (e->src != src || e->len != len)
+            continue;
+        XXH128_hash_t h = hash_bytes(src, len);
+        if (!XXH128_isEqual(h, e->hash)) {
+            copy_memo_drop(e, 1);            /* written since: this call sees the new bytes */
+            return -1;
+        }
+        arena_incref(exec__arena, e->blk);
+        e->used = ++memo.clock;
+        memo.hits++;
+        memo.bytes_reused += len;
+        *blk = e->blk;
+        return 0;
+    }
+    return -1;
+}
+
+/* Remember that block blk now holds the len bytes at src (the memo takes its own reference).
+ * The memo keeps at most a quarter of the arena: the least recently used entries go first. */
+static void
+copy_memo_store(const void *src, size_t len, uint64_t blk)
+{
+    size_t cap = exec__arena_size / 4;
+    if (len > cap)
+        return;
+    copy_memo_entry *slot = NULL;
+    for (;;) {
+        copy_memo_entry *oldest = NULL;
+        slot = NULL;
+        for (int i = 0; i < COPY_MEMO_SLOTS; i++) {
+            copy_memo_entry *e = &memo.e[i];
+            if (e->src == NULL)
+                slot = slot ? slot : e;
+            else if (oldest == NULL || e->used < oldest->used)
+                oldest = e;
+        }
+        if (slot != NULL && memo.bytes + len <= cap)
+            break;
+        if (oldest == NULL)
+            return;
+        copy_memo_drop(oldest, 1);
+    }
+    arena_incref(exec__arena, blk);
+    slot->src = src;
+    slot->len = len;
+    slot->blk = blk;
+    slot->hash = hash_bytes(arena_ptr(exec__arena, blk), len);
+    slot->used = ++memo.clock;
+    memo.bytes += len;
+    memo.copies++;
+}
+
 /* Pickler buffer_callback: out-of-band buffers of EXEC_OOB_MIN bytes or more go to the arena, by
  * reference when they are already inside it (a result forwarded), else copied once. Smaller ones
  * stay in band (returns True), as does everything when the arena is full. */
@@ -169,11 +288,16 @@ codec_buffer_callback(exec_codec *c, PyObject *pb)
         b->off = (uint64_t)((char *)view.buf - (char *)a);
     }
     else {
-        if (arena_alloc(a, (size_t)view.len, &b->blk) < 0)
-            goto done;                         /* arena full: in band, slower but correct */
-        Py_BEGIN_ALLOW_THREADS
-        memcpy(arena_ptr(a, b->blk), view.buf, (size_t)view.len);
-        Py_END_ALLOW_THREADS
+        int memoised = !exec__in_worker_flag && (size_t)view.len >= COPY_MEMO_MIN;
+        if (!memoised || copy_memo_reuse(view.buf, (size_t)view.len, &b->blk) < 0) {
+            if (arena_alloc(a, (size_t)view.len, &b->blk) < 0)
+                goto done;                     /* arena full: in band, slower but correct */
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(arena_ptr(a, b->blk), view.buf, (size_t)view.len);
+            Py_END_ALLOW_THREADS
+            if (memoised)
+                copy_memo_store(view.buf, (size_t)view.len, b->blk);
+        }
         b->off = b->blk;
     }
     b->len = (uint64_t)view.len;
@@ -692,6 +816,9 @@ exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep
         if (fast)
             return exec__blob_new(data, len, NULL, 0);
     }
+    /* A new call (nothing outstanding): what the previous one copied is not kept for it. */
+    if (memo.bytes != 0 && exec_outstanding() == 0)
+        exec__codec_memo_clear(1);
     int temporary;
     exec_codec *c = codec_acquire(&temporary);
     if (c == NULL)
@@ -748,10 +875,29 @@ exec_encode_value(PyObject *value)
     return b;
 }
 
+/* _exec_copy_memo() -> counters of the copy memo, for tests and measurements. */
+static PyObject *
+core_copy_memo(PyObject *m, PyObject *unused)
+{
+    int live = 0;
+    for (int i = 0; i < COPY_MEMO_SLOTS; i++)
+        live += memo.e[i].src != NULL;
+    return Py_BuildValue("{s:K,s:K,s:K,s:n,s:i}", "hits", (unsigned long long)memo.hits,
+                         "copies", (unsigned long long)memo.copies,
+                         "bytes_reused", (unsigned long long)memo.bytes_reused,
+                         "bytes", (Py_ssize_t)memo.bytes, "entries", live);
+}
+
+static PyMethodDef codec_functions[] = {
+    {"_exec_copy_memo", core_copy_memo, METH_NOARGS,
+     "Counters of the arena copies of large buffers reused within a call."},
+    {NULL},
+};
+
 int
 exec__codec_module_init(PyObject *module)
 {
-    if (PyType_Ready(&Codec_Type) < 0)
+    if (PyType_Ready(&Codec_Type) < 0 || PyModule_AddFunctions(module, codec_functions) < 0)
         return -1;
     PyObject *pk = PyImport_ImportModule("_pickle");
     PyObject *io = PyImport_ImportModule("io");
@@ -777,6 +923,8 @@ exec__codec_module_init(PyObject *module)
 int
 exec__helpers_before_fork(void)
 {
+    /* Left from an arena this process no longer owns (a child forked by user code). */
+    exec__codec_memo_clear(0);
     /* What the new fork server's workers can import is decided afresh. */
     if (ship_cache != NULL)
         PyDict_Clear(ship_cache);

@@ -1149,6 +1149,7 @@ shutdown_pool(int with_python)
     }
     memset(M.slots, 0, sizeof(M.slots));
     M.outstanding = 0;
+    exec__codec_memo_clear(with_python);
     exec__fn_table_clear(with_python);
     exec__shared = NULL;
     /* Wake sleepers (they see the pool gone); if one is still inside, leave the control block
