@@ -567,6 +567,15 @@ exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx, const
             return -1;
         PyObject *first = PyErr_GetRaisedException();
         int rc = codec_dump_with(c, which + 2, obj, dep, ctx);
+        if (rc < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* Both failed: the error that says more (a class of the script that could not be
+             * sent by value says which and why) is the one to report. */
+            PyObject *second = PyErr_GetRaisedException();
+            PyObject *a[2] = {first, second};
+            PyObject *chosen = exec__call_helper("better_error", a, 2);
+            PyErr_SetRaisedException(chosen ? chosen : Py_NewRef(second));
+            Py_DECREF(second);
+        }
         Py_DECREF(first);
         if (rc < 0)
             return -1;

@@ -242,6 +242,10 @@ def ship_pickler_class():
     return _ship.ship_pickler_class()
 
 
+def better_error(first, second):
+    return _ship.better_error(first, second)
+
+
 def reduce_class(cls):
     return _ship.reduce_class(cls)
 

@@ -278,6 +278,17 @@ def _why_by_value(obj) -> str:
     return f"it is not reachable as {modname}.{qual}"
 
 
+class ByValueError(pickle.PicklingError):
+    """A class or function that travels by value could not be pickled: says which and why it
+    travels by value."""
+
+
+def better_error(first, second):
+    """Of two pickling errors for one value (the C pickler's, then cloudpickle's), the one to
+    report."""
+    return first if isinstance(first, ByValueError) else second
+
+
 def by_value(obj):
     """The reduction that sends class or function obj by value: (_load_by_value, (token,
     bytes)), pickled again only when obj changed since it was last sent. Raises
@@ -295,7 +306,7 @@ def by_value(obj):
     try:
         blob = dumps(obj)
     except Exception as err:
-        raise pickle.PicklingError(
+        raise ByValueError(
             f"{_describe(obj)} travels by value ({_why_by_value(obj)}), and pickling it "
             f"failed: {type(err).__name__}: {err}") from err
     reduction = (_load_by_value, (_new_token(), blob))
