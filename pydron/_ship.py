@@ -383,6 +383,15 @@ _SPAN_ALIGN = 64
 
 def _rebuild_array(buffer, dtype, shape, strides, offset, writeable):
     import numpy as np
+    span = np.frombuffer(buffer, dtype=np.uint8)
+    if span.__array_interface__["data"][0] % _SPAN_ALIGN:
+        # In band, the bytes sit wherever the unpickler put them: small, so copied to where
+        # the element alignment is the sender's again.
+        room = np.empty(span.size + _SPAN_ALIGN, dtype=np.uint8)
+        shift = -room.__array_interface__["data"][0] % _SPAN_ALIGN
+        aligned = room[shift:shift + span.size]
+        aligned[...] = span
+        buffer = aligned
     a = np.ndarray(shape, dtype=dtype, buffer=buffer, offset=offset, strides=strides)
     if not writeable:
         a.flags.writeable = False
