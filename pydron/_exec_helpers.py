@@ -332,3 +332,72 @@ def restore_builtin_state(exc):
 def undecodable_error(err):
     return RuntimeError(f"pydron: a task failed in a worker process, and its exception could not "
                         f"be rebuilt here: {type(err).__name__}: {err}")
+
+
+# ---- PYDRON_CHECK: arguments a task changed --------------------------------------------------
+
+def _digest(value):
+    """A digest of value's pickled state (its out-of-band buffers included), or None when it
+    cannot be pickled here."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+
+    def out_of_band(buffer):
+        h.update(buffer.raw())
+        return False
+
+    try:
+        data = pickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+    except Exception:
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            data = _ship.dumps(value)
+        except Exception:
+            return None
+    h.update(data)
+    return h.digest()
+
+
+def argument_digests(call):
+    """Worker side, before the task runs: [(where, digest)] of each argument."""
+    args, kwargs = call
+    where = [(i, a) for i, a in enumerate(args)] + list((kwargs or {}).items())
+    return [(w, _digest(v)) for w, v in where]
+
+
+def _argument_label(fn, where) -> str:
+    if isinstance(where, int):
+        code = getattr(fn, "__code__", None)
+        if code is not None and where < code.co_argcount:
+            return f"argument {where} ({code.co_varnames[where]!r})"
+        return f"argument {where}"
+    return f"argument {where!r}"
+
+
+def changed_arguments(fn, call, before):
+    """Worker side, after the task ran: the pickled (key, message) note naming the function
+    and the arguments it changed, or None."""
+    after = argument_digests(call)
+    changed = [w for (w, d0), (_, d1) in zip(before, after)
+               if d0 is not None and d1 is not None and d0 != d1]
+    if not changed:
+        return None
+    name = qualname(fn)
+    labels = ", ".join(_argument_label(fn, w) for w in changed)
+    message = (f"pydron: {name}() changed its {labels} while it ran (PYDRON_CHECK): a functional "
+               f"function must not write to its arguments; under pydron the change stays in the "
+               f"worker and the caller never sees it (plain Python would). Return the new value "
+               f"instead, or do not mark {name} functional.")
+    return pickle.dumps(((name, tuple(changed)), message), protocol=5)
+
+
+_noted: set = set()
+
+
+def worker_note(note) -> None:
+    """Master side: a worker's note (PYDRON_CHECK), logged once per key."""
+    key, message = note
+    if key in _noted:
+        return
+    _noted.add(key)
+    warn(message)

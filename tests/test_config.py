@@ -31,6 +31,7 @@ GOOD = {
     "PYDRON_ARENA_ARRAYS": ("0", False),
     "PYDRON_TASK_TIMEOUT": ("2.5", 2.5),
     "PYDRON_REPORT": ("1", True),
+    "PYDRON_CHECK": ("1", True),
     "PYDRON_LOG": ("warning", "warning"),
 }
 BAD = {
