@@ -480,7 +480,8 @@ def ship_pickler_class():
                 # Inline in one cloudpickle payload (cloudpickle keeps its identity across
                 # payloads with its class tracker).
                 from cloudpickle.cloudpickle import _dynamic_class_reduce
-                return _dynamic_class_reduce(obj)
+                make, newargs, state, _, _, _ = _dynamic_class_reduce(obj)
+                return _make_class, (make, newargs), state, None, None, _set_class_state
             if t is types.BuiltinFunctionType or t is types.MethodType:
                 reduced, _ = reduce_method(obj)
                 return NotImplemented if reduced is None else reduced
@@ -497,6 +498,34 @@ def ship_pickler_class():
 
     _ship_pickler = ShipPickler
     return ShipPickler
+
+
+# Classes this process made by unpickling, and those it got back by unpickling but defined
+# itself. cloudpickle maps a class sent by value back to the receiver's own class (by tracker
+# id) and then sets its attributes from the payload: in the process that defined the class (the
+# master, for the script's classes) that would replace its methods by copies whose globals are
+# a snapshot, so a global rebound later would not be seen by them. The defining process keeps
+# its class as it is; a process that got the class by value takes the sender's newer version.
+_unpickled_classes: "weakref.WeakSet" = weakref.WeakSet()
+_defined_here: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _make_class(make, newargs):
+    from cloudpickle.cloudpickle import _DYNAMIC_CLASS_TRACKER_BY_ID
+    known = _DYNAMIC_CLASS_TRACKER_BY_ID.get(newargs[-2])   # the tracker id, in both forms
+    cls = make(*newargs)
+    if known is not None and known not in _unpickled_classes:
+        _defined_here.add(cls)
+    else:
+        _unpickled_classes.add(cls)
+    return cls
+
+
+def _set_class_state(cls, state):
+    if cls in _defined_here:
+        return
+    from cloudpickle.cloudpickle import _class_setstate
+    _class_setstate(cls, state)
 
 
 def dumps(obj) -> bytes:

@@ -318,3 +318,33 @@ with open("data.txt") as f:
     warnings = [l for l in proc.stderr.splitlines() if "open file or stream" in l]
     assert len(warnings) == 1, proc.stderr
     assert "__main__.first_line()" in warnings[0] and "TextIOWrapper" in warnings[0]
+
+
+def test_classes_coming_back_stay_the_scripts(tmp_path):
+    """An instance of a script class comes back from a worker by value: the master's class is
+    its own (identity, methods reading the script's current globals), not a copy."""
+    both("""
+import pydron
+pydron.enable(workers=2)
+SCALE = 2
+
+class Meter:
+    def __init__(self, v):
+        self.v = v
+    def reading(self):
+        return self.v * SCALE
+
+@pydron.functional
+def measure(v):
+    return Meter(v)
+
+@pydron.schedule
+def measures(n):
+    return [measure(i) for i in range(n)]
+
+before = Meter.reading
+got = measures(3)
+print([type(m) is Meter for m in got], Meter.reading is before)
+SCALE = 7
+print([m.reading() for m in got])
+""", tmp_path, min_tasks=3)
