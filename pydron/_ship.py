@@ -45,6 +45,7 @@ def before_fork() -> None:
         if getattr(getattr(m, "__spec__", None), "_initializing", False))
     server_modules = set(sys.modules)
     _module_index.clear()
+    _indexed_modules.clear()
     _index_state[0] = -1
 
 
@@ -111,11 +112,25 @@ def _is_data(value) -> bool:
     return np is not None and isinstance(value, (np.ndarray, np.generic))
 
 
+_indexed_modules: set = set()
+
+
 def _rebuild_module_index() -> None:
-    index = {}
+    """Index the modules not indexed yet (all of them after a module was removed): with numpy,
+    dask and matplotlib loaded, 850 modules take ~35 ms, so a module imported later costs only
+    its own attributes."""
+    if len(sys.modules) < _index_state[0]:
+        _module_index.clear()
+        _indexed_modules.clear()
     for name, module in list(sys.modules.items()):
+        if name in _indexed_modules:
+            continue
         if not isinstance(module, types.ModuleType) or not worker_has_module(name, module):
             continue
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            continue                      # still being imported: look again next time
+        _indexed_modules.add(name)
         try:
             items = list(vars(module).items())
         except TypeError:
@@ -123,9 +138,7 @@ def _rebuild_module_index() -> None:
         for attr, value in items:
             if attr.startswith("__") or isinstance(value, types.ModuleType) or _is_data(value):
                 continue
-            index.setdefault(id(value), (name, attr))
-    _module_index.clear()
-    _module_index.update(index)
+            _module_index.setdefault(id(value), (name, attr))
     _index_state[0] = len(sys.modules)
 
 
