@@ -164,8 +164,8 @@ def _module_attribute(modname: str, attr: str):
     return getattr(importlib.import_module(modname), attr)
 
 
-def _method_of(self, name: str):
-    return getattr(self, name)
+def _method_of_attribute(modname: str, attr: str, name: str):
+    return getattr(_module_attribute(modname, attr), name)
 
 
 def reduce_method(method):
@@ -182,7 +182,7 @@ def reduce_method(method):
         return None, False
     where = module_attribute(owner)
     if where is not None:
-        return (_method_of, ((_module_attribute, where), name)), False
+        return (_method_of_attribute, (*where, name)), False
     return None, False
 
 
@@ -238,36 +238,43 @@ def _names_of(code) -> tuple:
     return names
 
 
-def _function_fingerprint(fn) -> tuple:
-    """What a by-value function is made of, by identity: its code, defaults, closure contents
-    and the globals it names. Another value there (a global rebound, a method replaced) makes
-    it travel again; a change inside one of them does not (like the task function itself, a
+def _function_parts(fn, parts: list) -> None:
+    """What a by-value function is made of: its code, defaults, closure contents and the
+    globals it names. Another object there (a global rebound, a method replaced) makes it
+    travel again; a change inside one of them does not (like the task function itself, a
     by-value function is a snapshot of the definitions it uses)."""
     g = fn.__globals__
-    cells = fn.__closure__ or ()
-    closure = []
-    for cell in cells:
+    parts += (fn.__code__, fn.__defaults__, fn.__kwdefaults__, fn.__dict__)
+    for cell in fn.__closure__ or ():
         try:
-            closure.append(id(cell.cell_contents))
+            parts.append(cell.cell_contents)
         except ValueError:           # an empty cell
-            closure.append(0)
-    return (id(fn.__code__), id(fn.__defaults__), id(fn.__kwdefaults__), id(fn.__dict__),
-            tuple(closure), tuple(id(g.get(n, _MISSING)) for n in _names_of(fn.__code__)))
+            parts.append(_MISSING)
+    parts.extend(g.get(n, _MISSING) for n in _names_of(fn.__code__))
 
 
-def _fingerprint(obj) -> tuple:
+def _fingerprint(obj) -> list:
+    """The objects obj is made of, compared by identity (_same); the list holds them, so an id
+    cannot be reused by another object while it is remembered."""
+    parts: list = []
     if isinstance(obj, types.FunctionType):
-        return _function_fingerprint(obj)
-    parts = [id(b) for b in obj.__bases__]
+        _function_parts(obj, parts)
+        return parts
+    parts.extend(obj.__bases__)
     for key, value in list(vars(obj).items()):
-        parts.append((key, id(value)))
+        parts += (key, value)
         inner = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
         if isinstance(inner, types.FunctionType):
-            parts.append(_function_fingerprint(inner))
+            _function_parts(inner, parts)
         elif isinstance(inner, property):
-            parts.extend(_function_fingerprint(f) for f in (inner.fget, inner.fset, inner.fdel)
-                         if isinstance(f, types.FunctionType))
-    return tuple(parts)
+            for f in (inner.fget, inner.fset, inner.fdel):
+                if isinstance(f, types.FunctionType):
+                    _function_parts(f, parts)
+    return parts
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y or (type(x) is str and x == y) for x, y in zip(a, b))
 
 
 def _describe(obj) -> str:
@@ -314,7 +321,7 @@ def by_value(obj):
         entry = _sent.get(obj)
     except TypeError:                 # unhashable or not weakly referenceable: no memory of it
         entry = None
-    if entry is not None and fp is not None and entry[0] == fp:
+    if entry is not None and fp is not None and _same(entry[0], fp):
         return entry[1]
     try:
         blob = dumps(obj)

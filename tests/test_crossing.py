@@ -138,12 +138,13 @@ def test_class_changed_between_calls_crosses_again(tmp_path):
 import pydron
 pydron.enable(workers=2)
 SCALE = 2
+OFFSET = 0.25
 
 class Box:
     def __init__(self, v):
         self.v = v
     def value(self):
-        return self.v * SCALE
+        return self.v * SCALE + OFFSET
 
 @pydron.functional
 def read(b):
@@ -157,9 +158,12 @@ print(reads(3))
 Box.value = lambda self: -self.v
 print(reads(3))
 del Box.value
-Box.value = lambda self: self.v * SCALE
+Box.value = lambda self: self.v * SCALE + OFFSET
 SCALE = 10
 print(reads(3))
+for offset in (0.5, 0.75, 1.5):   # floats: a freed one's address is soon another's
+    OFFSET = offset * 3
+    print(reads(2))
 """, tmp_path, min_tasks=9)
 
 
@@ -201,14 +205,15 @@ def test_module_attributes_stay_the_modules(tmp_path):
 import pydron, numpy as np, random
 from numpy.random import rand
 from random import random as rnd
-from lib import MISSING, is_missing
+from lib import MISSING, is_missing, REGISTRY
+lookup = REGISTRY.lookup          # a method of a module-level object, bound in the script
 pydron.enable(workers=2)
 
 @pydron.functional
 def draw(seed):
     np.random.seed(seed)
     random.seed(seed)
-    return round(float(rand()), 12), round(rnd(), 12), is_missing(MISSING)
+    return round(float(rand()), 12), round(rnd(), 12), is_missing(MISSING), lookup()
 
 @pydron.schedule
 def draws():
@@ -219,6 +224,10 @@ print(draws())
 MISSING = object()
 def is_missing(x):
     return x is MISSING
+class Registry:
+    def lookup(self):
+        return self is REGISTRY
+REGISTRY = Registry()
 """}, min_tasks=4)
 
 
