@@ -45,6 +45,7 @@ BAD = {
     "PYDRON_ARENA_ARRAYS": "sometimes",
     "PYDRON_TASK_TIMEOUT": "-3",
     "PYDRON_REPORT": "often",
+    "PYDRON_CHECK": "sometimes",
     "PYDRON_LOG": "loud",
 }
 
