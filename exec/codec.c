@@ -700,10 +700,10 @@ exec_explain_undecodable(PyObject *fn)
         Py_DECREF(err);
 }
 
-PyObject *
-exec__decode_error(exec_blob *b)
+/* The exception a worker pickled (pickle_exception), rebuilt: see exec_exception_from_bytes. */
+static PyObject *
+rebuild_exception(PyObject *exc)
 {
-    PyObject *exc = exec_blob_decode(b);
     if (exc != NULL && PyExceptionInstance_Check(exc)) {
         PyObject *fixed = exec__call_helper("restore_builtin_state", &exc, 1);
         if (fixed == NULL)
@@ -730,6 +730,21 @@ exec__decode_error(exec_blob *b)
         }
     }
     return r;
+}
+
+PyObject *
+exec__decode_error(exec_blob *b)
+{
+    return rebuild_exception(exec_blob_decode(b));
+}
+
+PyObject *
+exec_exception_from_bytes(PyObject *data)
+{
+    PyObject *exc = PyBytes_Check(data) ? PyObject_CallOneArg(pickle_loads, data) : NULL;
+    if (exc == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "the worker sent back something that is not bytes");
+    return rebuild_exception(exc);
 }
 
 PyObject *

@@ -66,6 +66,7 @@ typedef struct {
     double timeout_s;        /* run time after which it is stopped and fails with TimeoutError;
                                 0: the configured default (exec_options.task_timeout_s) */
     size_t memory_limit;     /* processes: the worker's resident memory while it runs; 0: none */
+    int chunk;               /* args is ([args tuple, ...], None): a chunk of a map (bulk.c) */
 } exec_task;
 
 /* A finished task as exec_poll hands it over. Exactly one of blob / object is set; both are the
@@ -105,6 +106,9 @@ typedef struct {
     int (*check)(void);
     /* Forget these tasks (ids sorted ascending); their completions must never come. */
     void (*cancel)(const uint64_t *sorted_ids, Py_ssize_t n);
+    /* Optional: the same, softly: what already runs may finish (its result is dropped); nothing
+     * is killed. NULL: cancel is used. */
+    void (*forget)(const uint64_t *sorted_ids, Py_ssize_t n);
     Py_ssize_t (*outstanding)(void);
     /* Stop; with_python: the interpreter is alive and Python references may be dropped. */
     void (*shutdown)(int with_python);
@@ -142,9 +146,18 @@ int exec_poll(double timeout_s, exec_completion *out, int cap);
  * that is possible (a worker process running one is killed and replaced; other tasks it held run
  * again elsewhere) and their results are never handed over. Unknown ids are ignored. */
 void exec_cancel(const uint64_t *ids, Py_ssize_t n);
+/* The same without killing anything: running tasks finish and their results are dropped (for
+ * tasks that are only no longer wanted: a replay that gave up, a speculation gone wrong). */
+void exec_forget(const uint64_t *ids, Py_ssize_t n);
 
 /* Whether exec_poll(0) would find a completion now (cheap: loads of shared counters). */
 int exec_ready(void);
+/* The measured run time of fn's tasks on the workers, a moving average in nanoseconds; < 0
+ * while none has run. */
+double exec_estimate_ns(PyObject *fn);
+/* An exception pickled in a worker (exec's own format, with its traceback): the exception
+ * rebuilt here (new reference; never NULL: an undecodable one becomes a RuntimeError saying so). */
+PyObject *exec_exception_from_bytes(PyObject *data);
 /* Tasks submitted and not yet handed over by exec_poll. */
 Py_ssize_t exec_outstanding(void);
 

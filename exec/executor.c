@@ -336,21 +336,37 @@ exec__id_in(const uint64_t *sorted, Py_ssize_t n, uint64_t id)
     return lo < n && sorted[lo] == id;
 }
 
-void
-exec_cancel(const uint64_t *ids, Py_ssize_t n)
+static void
+cancel_or_forget(const uint64_t *ids, Py_ssize_t n, int soft)
 {
     if (n <= 0)
         return;
     PyObject *exc = PyErr_GetRaisedException();   /* e.g. the KeyboardInterrupt being handled */
     uint64_t *sorted = exec__sorted_ids(ids, n);
     if (sorted != NULL) {
-        for (int k = 0; k < EXEC_NKINDS; k++)
-            backends[k]->cancel(sorted, n);
+        for (int k = 0; k < EXEC_NKINDS; k++) {
+            if (soft && backends[k]->forget)
+                backends[k]->forget(sorted, n);
+            else
+                backends[k]->cancel(sorted, n);
+        }
         drop_completions(sorted, n);
         PyMem_RawFree(sorted);
     }
     PyErr_Clear();
     PyErr_SetRaisedException(exc);
+}
+
+void
+exec_cancel(const uint64_t *ids, Py_ssize_t n)
+{
+    cancel_or_forget(ids, n, 0);
+}
+
+void
+exec_forget(const uint64_t *ids, Py_ssize_t n)
+{
+    cancel_or_forget(ids, n, 1);
 }
 
 void

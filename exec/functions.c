@@ -100,6 +100,20 @@ exec__fn_object(uint32_t fn_id)
 }
 
 double
+exec_estimate_ns(PyObject *fn)
+{
+    if (F.ids == NULL)
+        return -1;
+    PyObject *idobj = PyDict_GetItemWithError(F.ids, fn);
+    if (idobj == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_ssize_t id = PyLong_AsSsize_t(idobj);
+    return id >= 0 && (uint32_t)id < F.count ? F.entries[id].est_ns : -1;
+}
+
+double
 exec__fn_estimate(uint32_t fn_id)
 {
     return F.entries[fn_id].est_ns;

@@ -43,6 +43,8 @@ typedef struct mtask {
     double est_ns;             /* expected run time when dispatched */
     uint64_t timeout_ns;       /* 0: none */
     size_t memory_limit;       /* 0: none */
+    int chunk;                 /* a chunk of a map: WIRE_TASK_CHUNK */
+    int forgotten;             /* cancelled softly while in a ring: its result is dropped */
     PyObject *fn;              /* strong */
     PyObject *error;           /* WorkerLostError once given up on */
     exec_blob *args;           /* owned */
@@ -266,6 +268,8 @@ write_task(ring *r, mtask *t)
     hdr->task_id = t->id;
     hdr->fn_id = t->fn_id;
     hdr->ndeps = (uint32_t)t->ndeps;
+    hdr->flags = t->chunk ? WIRE_TASK_CHUNK : 0;
+    hdr->pad = 0;
     char *p = dst + sizeof(wire_task);
     for (Py_ssize_t d = 0; d < t->ndeps; d++)
         p += exec__blob_wire_write(p, t->deps[d]);
@@ -349,6 +353,8 @@ pool_submit(const exec_task *et)
     double timeout = et->timeout_s > 0 ? et->timeout_s : exec__options.task_timeout_s;
     t->timeout_ns = timeout > 0 ? (uint64_t)(timeout * 1e9) : 0;
     t->memory_limit = et->memory_limit;
+    t->chunk = et->chunk;
+    t->forgotten = 0;
     if (t->timeout_ns || t->memory_limit)
         M.limited++;
     t->fn = Py_NewRef(et->fn);
@@ -385,7 +391,14 @@ complete(mtask *t, int failed, exec_blob *blob, PyObject *object, int worker, ui
         c.started = c.finished - (double)elapsed_ns * 1e-9;
     }
     M.outstanding--;
+    int forgotten = t->forgotten;
     task_free(t);
+    if (forgotten) {
+        /* Nobody waits for it any more (exec_forget). */
+        exec_blob_decref(blob);
+        Py_XDECREF(object);
+        return 0;
+    }
     return exec__complete(&c);
 }
 
@@ -600,6 +613,11 @@ handle_death(int i, int blame)
     mtask *keep_head = NULL, *keep_tail = NULL;
     for (mtask *t = s->head, *next; t; t = next) {
         next = t->next;
+        if (t->forgotten) {
+            M.outstanding--;
+            task_free(t);
+            continue;
+        }
         if (blame && !s->killing && t->id == blamed && blamed != 0 && ++t->kills >= MAX_KILLS) {
             t->error = worker_lost_error(t, status, atomic_load(&sh->death_maxrss_kb));
             list_append(&M.failed_head, &M.failed_tail, t);
@@ -920,6 +938,22 @@ filter_cancelled(mtask *t, const uint64_t *sorted, Py_ssize_t n, mtask **tail)
     return head;
 }
 
+/* Soft cancel: queued tasks are dropped, tasks already in a worker's ring run to their end and
+ * their results are dropped (no worker is killed: for speculation gone wrong, where the tasks are
+ * tiny and side-effect free). */
+static void
+pool_forget(const uint64_t *sorted, Py_ssize_t n)
+{
+    if (!M.running)
+        return;
+    M.q_head = filter_cancelled(M.q_head, sorted, n, &M.q_tail);
+    M.failed_head = filter_cancelled(M.failed_head, sorted, n, &M.failed_tail);
+    for (int i = 0; i < M.nworkers; i++)
+        for (mtask *t = M.slots[i].head; t; t = t->next)
+            if (exec__id_in(sorted, n, t->id))
+                t->forgotten = 1;
+}
+
 static void
 pool_cancel(const uint64_t *sorted, Py_ssize_t n)
 {
@@ -1192,6 +1226,7 @@ const exec_backend exec__process_backend = {
     .ready = pool_ready,
     .check = pool_check,
     .cancel = pool_cancel,
+    .forget = pool_forget,
     .outstanding = pool_outstanding,
     .shutdown = shutdown_pool,
 };

@@ -14,7 +14,7 @@
 
 /* Bumped whenever a struct below changes; the master writes it into the shared control block
  * and a worker that finds another value refuses to run (it was built from another pydron). */
-#define WIRE_VERSION 2u
+#define WIRE_VERSION 3u
 
 #define WIRE_NO_BLOCK UINT64_MAX
 #define WIRE_ALIGN(n) (((uint64_t)(n) + 7u) & ~(uint64_t)7u)
@@ -50,7 +50,14 @@ typedef struct {
     uint64_t task_id;
     uint32_t fn_id;
     uint32_t ndeps;       /* dependency i is persistent id i in the arguments */
+    uint32_t flags;       /* WIRE_TASK_CHUNK */
+    uint32_t pad;
 } wire_task;
+
+/* The arguments are (calls, None), calls a list of argument tuples: the worker calls the
+ * function on each, in order, and returns ("ok", results), or at the first failure
+ * ("err", index, pickled exception). */
+#define WIRE_TASK_CHUNK 1u
 
 typedef struct {
     uint64_t task_id;

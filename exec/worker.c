@@ -195,9 +195,10 @@ send_result(ring *out, uint64_t task_id, PyObject *result, uint64_t elapsed_ns)
 /* PYDRON_CHECK: digests of a task's arguments (pydron/_exec_helpers.py), or NULL when they
  * cannot be taken (never an error: the check is advice). New reference. */
 static PyObject *
-check_digests(PyObject *call)
+check_digests(PyObject *call, int chunk)
 {
-    PyObject *d = exec__call_helper("argument_digests", &call, 1);
+    PyObject *args[2] = {call, chunk ? Py_True : Py_False};
+    PyObject *d = exec__call_helper("argument_digests", args, 2);
     if (d == NULL)
         PyErr_Clear();
     return d;
@@ -206,10 +207,11 @@ check_digests(PyObject *call)
 /* PYDRON_CHECK, after the task ran: if it changed an argument, a NOTE record naming the
  * function and the argument goes to the master (before the task's result). Steals before. */
 static void
-check_report(ring *out, uint64_t task_id, PyObject *fn, PyObject *call, PyObject *before)
+check_report(ring *out, uint64_t task_id, PyObject *fn, PyObject *call, PyObject *before,
+             int chunk)
 {
-    PyObject *args[3] = {fn, call, before};
-    PyObject *note = exec__call_helper("changed_arguments", args, 3);
+    PyObject *args[4] = {fn, call, before, chunk ? Py_True : Py_False};
+    PyObject *note = exec__call_helper("changed_arguments", args, 4);
     Py_DECREF(before);
     if (note != NULL && PyBytes_Check(note))
         send_blob(out, WIRE_NOTE, task_id, 0, PyBytes_AS_STRING(note),
@@ -279,6 +281,44 @@ done:
     return call;
 }
 
+/* A map's chunk: fn(*args) for every args tuple of calls, in order: ("ok", [results]), or at
+ * the first failure ("err", index, pickled exception), since plain Python would not have made
+ * the calls after it. New reference, or NULL + exception (calls is not a list of tuples). */
+static PyObject *
+run_chunk(PyObject *fn, PyObject *calls)
+{
+    if (!PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) != 1 ||
+        !PyList_Check(PyTuple_GET_ITEM(calls, 0))) {
+        PyErr_SetString(PyExc_RuntimeError, "pydron: malformed chunk of a map");
+        return NULL;
+    }
+    calls = PyTuple_GET_ITEM(calls, 0);
+    Py_ssize_t n = PyList_GET_SIZE(calls);
+    PyObject *results = PyList_New(0);
+    if (results == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *args = PyList_GET_ITEM(calls, i);
+        PyObject *r = PyTuple_Check(args) ? PyObject_Call(fn, args, NULL) : NULL;
+        if (r == NULL) {
+            if (!PyTuple_Check(args))
+                PyErr_SetString(PyExc_TypeError, "pydron: a map's call is not a tuple");
+            PyObject *exc = PyErr_GetRaisedException();
+            PyObject *data = exec__pickle_exception(exc, fn);
+            Py_DECREF(exc);
+            Py_DECREF(results);
+            return data ? Py_BuildValue("(snN)", "err", i, data) : NULL;
+        }
+        if (PyList_Append(results, r) < 0) {
+            Py_DECREF(r);
+            Py_DECREF(results);
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    return Py_BuildValue("(sN)", "ok", results);
+}
+
 /* Run the task of a TASK record and send its outcome; consumes the record. */
 static void
 run_task(wire_in *in, ring *out, const char *rec, size_t len)
@@ -290,6 +330,7 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
     }
     const wire_task *hdr = (const wire_task *)rec;
     uint64_t task_id = hdr->task_id, fn_id = hdr->fn_id;
+    uint32_t hdr_flags = hdr->flags;
     atomic_store(&slot->running_since_ns, pydron_now_ns());
     atomic_store(&slot->running_task, task_id);
     PyObject *call = decode_call(rec, len), *result = NULL, *exc = NULL;
@@ -320,14 +361,24 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
         goto failed;
     }
     PyObject *kwargs = PyTuple_GET_ITEM(call, 1);
-    PyObject *digests = exec__options.check ? check_digests(call) : NULL;
+    PyObject *digests = exec__options.check
+                            ? check_digests(call, hdr_flags & WIRE_TASK_CHUNK) : NULL;
     uint64_t t0 = pydron_now_ns();
-    result = PyObject_Call(fn, PyTuple_GET_ITEM(call, 0), kwargs == Py_None ? NULL : kwargs);
+    if (hdr_flags & WIRE_TASK_CHUNK)
+        result = run_chunk(fn, PyTuple_GET_ITEM(call, 0));
+    else
+        result = PyObject_Call(fn, PyTuple_GET_ITEM(call, 0), kwargs == Py_None ? NULL : kwargs);
     uint64_t elapsed = pydron_now_ns() - t0;
     if (digests != NULL) {
         PyObject *err = PyErr_GetRaisedException();
-        check_report(out, task_id, fn, call, digests);
+        check_report(out, task_id, fn, call, digests, hdr_flags & WIRE_TASK_CHUNK);
         PyErr_SetRaisedException(err);
+    }
+    if ((hdr_flags & WIRE_TASK_CHUNK) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(call, 0)) == 1 &&
+        PyList_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0))) {
+        /* The estimate is per call of fn, not per chunk. */
+        Py_ssize_t calls = PyList_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0));
+        elapsed /= (uint64_t)(calls > 0 ? calls : 1);
     }
     Py_CLEAR(call);
     if (result == NULL)

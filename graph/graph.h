@@ -26,6 +26,7 @@ typedef struct {
     int threads;             /* on the thread pool of this process */
     double timeout_s;        /* stopped and failed with TimeoutError past this; 0: the default */
     size_t memory_limit;     /* bytes of worker memory; 0: none */
+    int chunk;               /* args is one list of argument tuples: a map's chunk (bulk.c) */
 } graph_task_options;
 
 /* Record a call of functional fn(*args, **kwargs) as a task and dispatch it as soon as its
@@ -33,6 +34,10 @@ typedef struct {
  * a new reference to the task, or NULL + exception. */
 PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs,
                        const graph_task_options *options);
+/* fn(*args) for every args tuple in calls (a list), as a few chunk tasks that each run a loop in
+ * a worker, sized from fn's measured run time: a pending list of the results, in order, whose
+ * failure is that of the earliest failing call. Borrows; new reference or NULL + exception. */
+PyObject *graph_submit_map(PyObject *fn, PyObject *calls, const graph_task_options *options);
 /* Wait for a task and return its value (new reference), or raise the exception plain Python
  * would have raised first: the earliest failure among the tasks submitted before it. */
 PyObject *graph_wait(graph_task *t);
@@ -42,6 +47,17 @@ int graph_pump(void);
 /* Ctrl-C in this thread: cancel the unfinished tasks of its scheduled call (they fail with
  * KeyboardInterrupt if forced later); other threads' calls go on. */
 void graph_cancel_mine(void);
+/* The tasks submitted from mark on are not wanted any more (a replay gave up, a speculation went
+ * the wrong way): the unfinished ones are dropped without killing anything (they are side-effect
+ * free) and all of them leave the program order, so their failures are never raised. */
+void graph_cancel_since(Py_ssize_t mark);
+/* The parts of graph_cancel_since, for a speculation that may reuse some of the tasks: take the
+ * tasks from mark on out of the program order (a new list); put one back at the end of the order
+ * (1; 0 when it cannot be reused: it failed, or it is in the order; -1 + exception); drop the
+ * unfinished ones of a list softly. */
+PyObject *graph_detach_since(Py_ssize_t mark);
+int graph_order_readd(PyObject *task);
+void graph_forget_tasks(PyObject *tasks);
 
 /* ---- program order, try regions, the undo log (order.c) ------------------------------------- */
 

@@ -40,6 +40,8 @@ struct graph_task {
     uint8_t undone;           /* a handler was entered before plain Python finished this call */
     uint8_t read;             /* its value was asked for (or it fed another task) */
     uint8_t held;             /* the graph holds a reference while it waits or runs */
+    uint8_t join;             /* a map's join: computed here from its chunk tasks (bulk.c) */
+    uint8_t chunk;            /* a map's chunk: a loop of calls in one worker task */
     PyObject *fn;
     exec_blob *args;          /* process tasks, until dispatched */
     exec_blob *blob;          /* encoded result */
@@ -64,15 +66,25 @@ PyObject *graph__task_value(graph_task *t);
 /* Record t's outcome (stealing blob/object) and act on what it releases. 0, or -1 + exc. */
 int graph__task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object);
 Py_ssize_t graph__inflight(void);
+/* The graph's reference on an unfinished task (taken at submission, dropped at its finish). */
+void graph__hold(graph_task *t);
+void graph__release(graph_task *t);
+/* Make t wait for the tasks of deps (a tuple) and dispatch it once they are done. 0, or -1. */
+int graph__wait_for(graph_task *t, PyObject *deps);
 uint64_t graph__submitted(void);
 uint64_t graph__finished(void);
+
+/* ---- bulk.c: maps as chunk tasks ---------------------------------------------------------- */
+/* A join whose chunks are all done: compute its value here and finish it. 0, or -1 + exc. */
+int graph__join_run(graph_task *t);
+int graph__bulk_init(PyObject *module);
 
 /* ---- order.c --------------------------------------------------------------------------------- */
 int graph__order_append(graph_task *t);
 /* Raise t's exception (its own instance) and remember which task raised it. Always -1. */
 int graph__raise_task_error(graph_task *t);
 /* The unfinished tasks of this thread's order (new list), for a cancel. */
-PyObject *graph__order_unfinished(void);
+PyObject *graph__order_unfinished(Py_ssize_t from);
 int graph__order_init(PyObject *module);
 
 /* ---- observe.c ------------------------------------------------------------------------------- */

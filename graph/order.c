@@ -41,6 +41,27 @@ graph__order_append(graph_task *t)
     return PyList_Append(order, (PyObject *)t);
 }
 
+PyObject *
+graph_detach_since(Py_ssize_t mark)
+{
+    if (order == NULL || mark >= PyList_GET_SIZE(order))
+        return PyList_New(0);
+    PyObject *out = PyList_GetSlice(order, mark, PyList_GET_SIZE(order));
+    if (out == NULL)
+        return NULL;
+    graph_order_truncate(mark);
+    return out;
+}
+
+int
+graph_order_readd(PyObject *task)
+{
+    graph_task *t = (graph_task *)task;
+    if (!graph_is_task(task) || t->seq >= 0 || t->state == TASK_FAILED)
+        return 0;
+    return graph__order_append(t) < 0 ? -1 : 1;
+}
+
 Py_ssize_t
 graph_mark(void)
 {
@@ -55,10 +76,10 @@ order_item(Py_ssize_t k)
 }
 
 PyObject *
-graph__order_unfinished(void)
+graph__order_unfinished(Py_ssize_t from)
 {
     PyObject *out = PyList_New(0);
-    for (Py_ssize_t i = 0; out && order && i < PyList_GET_SIZE(order); i++) {
+    for (Py_ssize_t i = from; out && order && i < PyList_GET_SIZE(order); i++) {
         PyObject *t = PyList_GET_ITEM(order, i);
         if (!graph_task_finished((graph_task *)t) && PyList_Append(out, t) < 0)
             Py_CLEAR(out);

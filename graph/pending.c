@@ -312,7 +312,7 @@ graph__task_new(PyObject *fn, int threads)
     t->node = 0;
     t->state = TASK_WAITING;
     t->threads = (uint8_t)threads;
-    t->reported = t->undone = t->read = t->held = 0;
+    t->reported = t->undone = t->read = t->held = t->join = t->chunk = 0;
     t->fn = Py_NewRef(fn);
     t->args = NULL;
     t->blob = NULL;

@@ -42,8 +42,8 @@ graph__finished(void)
 
 /* The graph holds a reference on every unfinished task, so a completion always finds its task
  * (engine_owner) even when the user dropped the pending value. */
-static void
-hold(graph_task *t)
+void
+graph__hold(graph_task *t)
 {
     Py_INCREF(t);
     t->held = 1;
@@ -51,8 +51,8 @@ hold(graph_task *t)
 }
 
 /* Drop the hold (may deallocate t: call last). */
-static void
-release(graph_task *t)
+void
+graph__release(graph_task *t)
 {
     if (!t->held)
         return;
@@ -146,7 +146,7 @@ submit_process_task(graph_task *t)
     }
     exec_task et = {.task_id = t->node, .fn = t->fn, .args = t->args, .deps = deps, .ndeps = n,
                     .timeout_s = t->extra ? t->extra->timeout_s : 0,
-                    .memory_limit = t->extra ? t->extra->memory_limit : 0};
+                    .memory_limit = t->extra ? t->extra->memory_limit : 0, .chunk = t->chunk};
     rc = exec_submit(exec_task_kind(), &et);
     if (rc == 0) {
         exec_blob_decref(t->args);
@@ -165,6 +165,8 @@ done:
 static int
 dispatch(graph_task *t)
 {
+    if (t->join)
+        return graph__join_run(t);
     int rc = t->threads ? submit_thread_task(t) : submit_process_task(t);
     if (rc == 0) {
         t->state = TASK_QUEUED;
@@ -181,8 +183,8 @@ dispatch(graph_task *t)
 static int
 lend_to(graph_task *t, exec_blob *b)
 {
-    if (t->threads || b == NULL)
-        return 0;          /* thread tasks read the objects themselves */
+    if (t->threads || t->join || b == NULL)
+        return 0;          /* thread tasks read the objects themselves; joins run here */
     task_extra *x = graph__extra(t);
     if (x == NULL)
         return -1;
@@ -287,7 +289,7 @@ graph__task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
         if (d == NULL || graph_task_finished(d))
             continue;
         set_outcome(d, 1, NULL, Py_NewRef(t->value));
-        release(d);
+        graph__release(d);
     }
     for (size_t i = 0; i < ev.nready; i++) {
         graph_task *d = engine_owner(graph__engine, ev.ready[i]);
@@ -295,7 +297,7 @@ graph__task_finish(graph_task *t, int failed, exec_blob *blob, PyObject *object)
             rc = -1;
     }
     engine_events_free(&ev);
-    release(t);
+    graph__release(t);
     return rc;
 }
 
@@ -495,14 +497,30 @@ scan_deps(PyObject *obj, dep_list *l, int depth)
 static int
 wire_dependencies(graph_task *t, dep_list *l)
 {
-    graph_task *failed_dep = NULL;
+    PyObject *deps = NULL;
     if (l->n) {
-        if (graph__extra(t) == NULL || (t->extra->deps = PyTuple_New(l->n)) == NULL)
+        if ((deps = PyTuple_New(l->n)) == NULL)
             return -1;
-        for (Py_ssize_t i = 0; i < l->n; i++) {
-            graph_task *d = l->deps[i];
+        for (Py_ssize_t i = 0; i < l->n; i++)
+            PyTuple_SET_ITEM(deps, i, Py_NewRef(l->deps[i]));
+    }
+    int rc = graph__wait_for(t, deps);
+    Py_XDECREF(deps);
+    return rc;
+}
+
+int
+graph__wait_for(graph_task *t, PyObject *deps)
+{
+    graph_task *failed_dep = NULL;
+    Py_ssize_t n = deps ? PyTuple_GET_SIZE(deps) : 0;
+    if (n) {
+        if (graph__extra(t) == NULL)
+            return -1;
+        Py_XSETREF(t->extra->deps, Py_NewRef(deps));
+        for (Py_ssize_t i = 0; i < n; i++) {
+            graph_task *d = (graph_task *)PyTuple_GET_ITEM(deps, i);
             d->read = 1;               /* feeding another task is a use of its result */
-            PyTuple_SET_ITEM(t->extra->deps, i, Py_NewRef(d));
             int rc = engine_depend(graph__engine, t->node, d->node);
             if (rc < 0) {
                 PyErr_NoMemory();
@@ -510,7 +528,7 @@ wire_dependencies(graph_task *t, dep_list *l)
             }
             if (rc == 2 && failed_dep == NULL)
                 failed_dep = d;
-            if (rc == 0 && lend_to(t, d->blob) < 0)     /* already finished: read as it is now */
+            if (rc == 0 && !t->join && lend_to(t, d->blob) < 0)   /* done: read as it is now */
                 return -1;
         }
     }
@@ -531,7 +549,8 @@ graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs, const graph_task_op
     if (t == NULL)
         return NULL;
     G.submitted++;
-    hold(t);
+    t->chunk = (uint8_t)options->chunk;
+    graph__hold(t);
     if (options->timeout_s > 0 || options->memory_limit > 0) {
         if (graph__extra(t) == NULL)
             goto error;
@@ -574,7 +593,7 @@ error:
         engine_events ev = {0};
         engine_finish(graph__engine, t->node, 1, &ev);
         engine_events_free(&ev);
-        release(t);
+        graph__release(t);
         PyErr_SetRaisedException(exc);
     }
     Py_DECREF(t);
@@ -646,32 +665,78 @@ graph_wait(graph_task *t)
     return graph__task_value(t);
 }
 
-void
-graph_cancel_mine(void)
+/* Fail the unfinished ones of a list of tasks with exc_type(message); soft: through exec_forget
+ * (nothing is killed). Returns how many. */
+static Py_ssize_t
+cancel_tasks(PyObject *all, PyObject *exc_type, const char *message, int soft)
 {
-    PyObject *exc = PyErr_GetRaisedException();
-    PyObject *tasks = graph__order_unfinished();
+    PyObject *tasks = PyList_New(0);
+    for (Py_ssize_t i = 0; tasks && i < PyList_GET_SIZE(all); i++) {
+        PyObject *t = PyList_GET_ITEM(all, i);
+        if (graph_is_task(t) && !graph_task_finished((graph_task *)t) &&
+            PyList_Append(tasks, t) < 0)
+            Py_CLEAR(tasks);
+    }
     if (tasks == NULL) {
         PyErr_Clear();
-        PyErr_SetRaisedException(exc);
-        return;
+        return 0;
     }
     Py_ssize_t n = PyList_GET_SIZE(tasks);
     uint64_t *ids = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
     if (ids != NULL) {
         for (Py_ssize_t i = 0; i < n; i++)
             ids[i] = ((graph_task *)PyList_GET_ITEM(tasks, i))->node;
-        exec_cancel(ids, n);
+        if (soft)
+            exec_forget(ids, n);
+        else
+            exec_cancel(ids, n);
         PyMem_Free(ids);
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         graph_task *t = (graph_task *)PyList_GET_ITEM(tasks, i);
-        PyObject *err = PyObject_CallFunction(PyExc_KeyboardInterrupt, "s", "cancelled by Ctrl-C");
+        PyObject *err = PyObject_CallFunction(exc_type, "s", message);
         if (graph__task_finish(t, 1, NULL, err) < 0)
             PyErr_Clear();
+        if (soft)
+            t->reported = 1;      /* nobody is told about it: it was never wanted */
     }
-    graph__observe_cancelled(n);
     Py_DECREF(tasks);
+    return n;
+}
+
+void
+graph_cancel_mine(void)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *tasks = graph__order_unfinished(0);
+    if (tasks != NULL) {
+        graph__observe_cancelled(cancel_tasks(tasks, PyExc_KeyboardInterrupt,
+                                              "cancelled by Ctrl-C", 0));
+        Py_DECREF(tasks);
+    }
+    PyErr_Clear();
+    PyErr_SetRaisedException(exc);
+}
+
+void
+graph_forget_tasks(PyObject *tasks)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    graph__observe_cancelled(cancel_tasks(tasks, PyExc_RuntimeError,
+                                          "pydron: cancelled (no longer wanted)", 1));
+    PyErr_Clear();
+    PyErr_SetRaisedException(exc);
+}
+
+void
+graph_cancel_since(Py_ssize_t mark)
+{
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *tasks = graph_detach_since(mark);
+    if (tasks != NULL) {
+        graph_forget_tasks(tasks);
+        Py_DECREF(tasks);
+    }
     PyErr_Clear();
     PyErr_SetRaisedException(exc);
 }
@@ -684,7 +749,8 @@ graph_module_init(PyObject *module)
         return -1;
     }
     if (graph__pending_init(module) < 0 || graph__order_init(module) < 0 ||
-        graph__observe_init(module) < 0 || graph__keys_init(module) < 0)
+        graph__observe_init(module) < 0 || graph__keys_init(module) < 0 ||
+        graph__bulk_init(module) < 0)
         return -1;
     return 0;
 }

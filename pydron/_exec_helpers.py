@@ -358,11 +358,16 @@ def _digest(value):
     return h.digest()
 
 
-def argument_digests(call):
-    """Worker side, before the task runs: [(where, digest)] of each argument."""
-    args, kwargs = call
-    where = [(i, a) for i, a in enumerate(args)] + list((kwargs or {}).items())
-    return [(w, _digest(v)) for w, v in where]
+def argument_digests(call, chunk=False):
+    """Worker side, before the task runs: [(where, digest)] of each argument (of each call,
+    for a chunk of a map: call is ([args tuple, ...],), None)."""
+    calls = call[0][0] if chunk else [call[0]]
+    kwargs = None if chunk else call[1]
+    out = []
+    for args in calls:
+        where = [(i, a) for i, a in enumerate(args)] + list((kwargs or {}).items())
+        out += [(w, _digest(v)) for w, v in where]
+    return out
 
 
 def _argument_label(fn, where) -> str:
@@ -374,12 +379,12 @@ def _argument_label(fn, where) -> str:
     return f"argument {where!r}"
 
 
-def changed_arguments(fn, call, before):
+def changed_arguments(fn, call, before, chunk=False):
     """Worker side, after the task ran: the pickled (key, message) note naming the function
     and the arguments it changed, or None."""
-    after = argument_digests(call)
-    changed = [w for (w, d0), (_, d1) in zip(before, after)
-               if d0 is not None and d1 is not None and d0 != d1]
+    after = argument_digests(call, chunk)
+    changed = list(dict.fromkeys(w for (w, d0), (_, d1) in zip(before, after)
+                                 if d0 is not None and d1 is not None and d0 != d1))
     if not changed:
         return None
     name = qualname(fn)

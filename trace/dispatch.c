@@ -137,6 +137,29 @@ trace__call_rewritten(PyObject *func, PyObject *code, PyObject *const *args, siz
     return r;
 }
 
+/* A nested scheduled call through its graph (self prepended for a bound method): as
+ * trace__replay_call. */
+static int
+replay_nested(PyObject *fn, PyObject *self, trace_codeinfo *info, PyObject *const *args,
+              Py_ssize_t nargs, PyObject *kwnames, PyObject **result)
+{
+    if (self == NULL)
+        return trace__replay_call(fn, info, args, nargs, kwnames, result);
+    Py_ssize_t ntotal = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[9], **with_self = ntotal < 9 ? small
+                                                 : PyMem_Malloc((ntotal + 1) * sizeof(PyObject *));
+    if (with_self == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    with_self[0] = self;
+    memcpy(with_self + 1, args, ntotal * sizeof(PyObject *));
+    int rc = trace__replay_call(fn, info, with_self, nargs + 1, kwnames, result);
+    if (with_self != small)
+        PyMem_Free(with_self);
+    return rc;
+}
+
 /* Borrows its arguments; returns a new reference. */
 static PyObject *
 trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -160,6 +183,12 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
             goto done;
         }
         if (info && info->kind == TRACE_SCHEDULED && !info->refused) {
+            int replayed = replay_nested(fn, self, info, args, nargs, kwnames, &result);
+            if (replayed != 0) {
+                if (replayed < 0)
+                    result = NULL;
+                goto done;
+            }
             PyObject *rewritten = trace__rewritten(code, info);
             if (rewritten == NULL && PyErr_Occurred()) {
                 result = NULL;
@@ -254,6 +283,12 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
 done:
     Py_XDECREF(forced_callable);
     return result;
+}
+
+PyObject *
+trace__dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    return trace_dispatch(callable, args, nargs, kwnames);
 }
 
 /* ---- helpers loaded by rewritten code ---------------------------------------------------- */

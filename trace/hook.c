@@ -134,6 +134,18 @@ done:
     return result;
 }
 
+/* The frame's call through its code's graph (trace__replay_call), for a plain signature
+ * (positional-or-keyword parameters only: all of them are bound in the frame by now). */
+static int
+replay_frame(_PyInterpreterFrame *frame, trace_codeinfo *info, PyObject **result)
+{
+    PyCodeObject *co = FRAME_CODE(frame);
+    if (co->co_kwonlyargcount || (co->co_flags & (CO_VARARGS | CO_VARKEYWORDS)))
+        return 0;
+    return trace__replay_call(FRAME_FUNC(frame), info, &LOCAL_VALUE(frame, 0), co->co_argcount,
+                              NULL, result);
+}
+
 /* Returns a new reference. */
 static PyObject *
 trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
@@ -157,7 +169,12 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     }
     trace_session session;
     trace__session_begin(&session, co->co_qualname);
-    PyObject *result = call_with_frame_args(frame, rewritten);
+    PyObject *result = NULL;
+    int replayed = replay_frame(frame, info, &result);
+    if (replayed == 0)
+        result = call_with_frame_args(frame, rewritten);
+    else if (replayed < 0)
+        result = NULL;
     result = trace__session_end(&session, result);
     release_frame(ts, frame);
     return result;
@@ -246,7 +263,13 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
     }
     trace_session session;
     trace__session_begin(&session, ((PyFunctionObject *)func)->func_qualname);
-    PyObject *result = trace__call_rewritten(func, rewritten, args, nargsf, kwnames);
+    PyObject *result = NULL;
+    int replayed = trace__replay_call(func, info, args, PyVectorcall_NARGS(nargsf), kwnames,
+                                      &result);
+    if (replayed == 0)
+        result = trace__call_rewritten(func, rewritten, args, nargsf, kwnames);
+    else if (replayed < 0)
+        result = NULL;
     return trace__session_end(&session, result);
 }
 

@@ -17,6 +17,7 @@ typedef struct {
     graph_task_options options;   /* functional: how its tasks run */
     int refused;            /* scheduled, but the rewrite refused it: runs plainly */
     PyObject *rewritten;    /* scheduled: the rewritten code object, made on first use */
+    struct trace_replay *replay;   /* scheduled: its graph, once lifted (replay.c) */
 } trace_codeinfo;
 
 extern Py_ssize_t trace__extra_index;
@@ -63,6 +64,18 @@ PyObject *trace__session_end(trace_session *s, PyObject *result);
 PyObject *trace__call_rewritten(PyObject *func, PyObject *code, PyObject *const *args,
                                size_t nargsf, PyObject *kwnames);
 int trace__dispatch_init(PyObject *module);
+/* Every call site of scheduled code: a functional callee becomes a task, a scheduled one runs
+ * nested, anything else gets its arguments forced. Borrows; new reference or NULL + exc. */
+PyObject *trace__dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs,
+                          PyObject *kwnames);
+
+/* replay.c: a call of scheduled func through its graph instead of its bytecode. 1: done, *result
+ * the outcome (NULL + exception: propagate it); 0: trace the call (no graph, not yet, or the
+ * graph gave up without leaving a trace of itself); -1 + exception. */
+int trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args,
+                       Py_ssize_t nargs, PyObject *kwnames, PyObject **result);
+void trace__replay_free(struct trace_replay *p);
+int trace__replay_init(PyObject *module);
 
 /* hook.c */
 int trace__hook_init(void);

@@ -21,6 +21,7 @@ codeinfo_free(void *p)
     if (info == NULL)
         return;
     Py_XDECREF(info->rewritten);
+    trace__replay_free(info->replay);
     PyMem_Free(info);
 }
 
@@ -330,7 +331,7 @@ PyInit__core(void)
     if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
-    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__hook_init() < 0 ||
+    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__replay_init(m) < 0 || trace__hook_init() < 0 ||
         exec_module_init(m) < 0 || jit_module_init(m) < 0)
         goto error;
     /* After exec's own handler (registered by exec_module_init), which forgets the pool. */
