@@ -4,13 +4,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 BUILD  ?= build/dev
-APT_PACKAGES := cmake pkg-config libffi-dev libxxhash-dev llvm-dev graphviz
+APT_PACKAGES := cmake pkg-config libffi-dev libxxhash-dev llvm-dev graphviz openssl
 PIP_PACKAGES := bytecode cloudpickle tblib numpy threadpoolctl pytest pytest-timeout psutil \
                 joblib "dask[distributed]" matplotlib rich scikit-build-core
 
 # Other interpreters on the machine also run the semantics and rewrite tests (CPython 3.12, 3.13).
 EXTRA_PYTHONS := $(foreach v,3.12 3.13,$(shell tools/find-python.sh $(v)))
-EXTRA_PIP := bytecode cloudpickle tblib numpy threadpoolctl pytest pytest-timeout psutil
+EXTRA_PIP := bytecode cloudpickle tblib numpy threadpoolctl pytest pytest-timeout psutil \
+             "dask[distributed]"
 # A virtualenv made before a package joined the lists gets it at the next setup.
 PIP_STAMP := $(VENV)/.pip-$(shell echo '$(PIP_PACKAGES)' | cksum | cut -d' ' -f1)
 
@@ -57,7 +58,7 @@ test-versions:
 	  if [ ! -f $$venv/.ready ]; then $$py -m venv $$venv && $$venv/bin/pip install -q $(EXTRA_PIP) && \
 	    echo "$(CURDIR)" > $$($$venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pydron-dev.pth && \
 	    touch $$venv/.ready; fi; \
-	  $$venv/bin/python -c 'import threadpoolctl' 2>/dev/null || $$venv/bin/pip install -q $(EXTRA_PIP); \
+	  $$venv/bin/python -c 'import threadpoolctl, distributed' 2>/dev/null || $$venv/bin/pip install -q $(EXTRA_PIP); \
 	  cmake -S . -B build/py$$v -DPython_EXECUTABLE=$(CURDIR)/$$venv/bin/python -DCMAKE_BUILD_TYPE=Release >/dev/null; \
 	  cmake --build build/py$$v -j2 >/dev/null; \
 	  for so in build/py$$v/_core*.so; do cp $$so pydron/.core.new && mv -f pydron/.core.new pydron/$$(basename $$so); done; \

@@ -958,3 +958,9 @@ exec__helpers_before_fork(void)
     Py_XDECREF(r);
     return r == NULL ? -1 : 0;
 }
+
+PyObject *
+exec_chunk_runner(PyObject *fn)
+{
+    return exec__call_helper("chunk_runner", &fn, 1);
+}

@@ -117,6 +117,10 @@ typedef struct {
     PyObject *(*fetch)(PyObject *ref);
 } exec_backend;
 
+/* For executors that call functions themselves: a callable that runs a map's chunk of fn (an
+ * exec_task with chunk set: its one argument is a list of argument tuples) and returns what a
+ * local worker's chunk returns. New reference, or NULL + exception. */
+PyObject *exec_chunk_runner(PyObject *fn);
 /* Attach (or with NULL, detach) the executor of kind EXEC_REMOTE. */
 void exec_register_remote(const exec_backend *b);
 /* Append a finished task to the completion queue (takes the blob/object references). 0, or

@@ -88,6 +88,11 @@ void graph_session_exit(void);
  * each, but it is one read at one line). Nest freely. */
 void graph_wait_group_begin(void);
 void graph_wait_group_end(void);
+/* A replayed call runs no frame: it says which line of which file it is at (borrowed, kept
+ * alive by the caller until cleared with NULL), for the wait report and the timeline; get
+ * returns the current one (to restore it after a nested replay). */
+void graph_set_location(PyObject *filename, int line);
+void graph_get_location(PyObject **filename, int *line);
 /* Counters for tests and tools: submitted, finished, in flight, live pending values, engine
  * nodes and bytes. New reference. */
 PyObject *graph_stats(void);

@@ -43,10 +43,34 @@ static _Thread_local struct {
     double busy;                   /* run time of its tasks on workers */
 } session;
 
-/* Where the scheduled code is now (the innermost Python frame): borrowed filename, line. */
+/* Set by a replayed call, which runs no frame of its own: the line of its graph being run. */
+static _Thread_local PyObject *replay_filename;
+static _Thread_local int replay_line;
+
+void
+graph_set_location(PyObject *filename, int line)
+{
+    replay_filename = filename;
+    replay_line = line;
+}
+
+void
+graph_get_location(PyObject **filename, int *line)
+{
+    *filename = replay_filename;
+    *line = replay_line;
+}
+
+/* Where the scheduled code is now (the replayed line, else the innermost Python frame):
+ * borrowed filename, line. */
 static void
 current_location(PyObject **filename, int *line)
 {
+    if (replay_filename != NULL) {
+        *filename = replay_filename;
+        *line = replay_line;
+        return;
+    }
     PyFrameObject *frame = PyEval_GetFrame();
     *filename = Py_None;
     *line = 0;

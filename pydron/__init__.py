@@ -16,7 +16,10 @@ from pydron._api import (
     visualize,
 )
 
+from pydron._cluster import ClusterError, ClusterLostError, VersionMismatchError
+from pydron._replay import explain
+
 __all__ = ["enable", "disable", "is_enabled", "functional", "schedule", "WorkerLostError",
-           "stats",
-           "visualize"]
+           "stats", "explain",
+           "visualize", "ClusterError", "ClusterLostError", "VersionMismatchError"]
 __version__ = "0.1.0"

@@ -154,17 +154,27 @@ def _rewrite_code(code: types.CodeType):
 
 
 def enable(workers: int | None = None, progress: bool | None = None,
-           timeline: str | None = None, *, blas_threads: int | str | None = None):
+           timeline: str | None = None, *, blas_threads: int | str | None = None,
+           cluster: str | None = None, security=None, insecure: bool | None = None,
+           replay: str | bool | None = None):
     """Install the frame hook and start the local executor (its fork server now, workers on
     first use). Arguments left out come from pydron/config.py (PYDRON_* variables, then
     pydron.toml / [tool.pydron], then defaults: one worker per usable core, BLAS threads
-    per worker = cores // workers); `pydron info` shows them."""
+    per worker = cores // workers); `pydron info` shows them.
+
+    ``cluster="tls://host:8786"`` (or ``"local:4"``, a cluster of 4 worker processes on this
+    machine) runs the tasks on a Dask distributed cluster instead; ``security`` is its
+    ``distributed.security.Security`` (certificates), ``insecure=True`` allows an unencrypted
+    address off this machine. The local pool stays ready: if the scheduler is lost, tasks
+    submitted afterwards run here."""
     global _atexit_registered
     if _killed():
         log.info("pydron: PYDRON_DISABLE is set; running plain Python")
         return
     cfg = _config.resolve_for_enable({"workers": workers, "progress": progress,
-                                      "timeline": timeline, "blas_threads": blas_threads})
+                                      "timeline": timeline, "blas_threads": blas_threads,
+                                      "cluster": cluster, "cluster_insecure": insecure,
+                                      "replay": replay})
     _config.apply_log_level(cfg.log)
     if cfg.disable:
         log.info("pydron: disabled by %s; running plain Python", cfg.source("disable"))
@@ -179,6 +189,9 @@ def enable(workers: int | None = None, progress: bool | None = None,
                      "task_timeout": cfg.task_timeout, "check": int(cfg.check)})
     from pydron import _worker_setup
     _worker_setup.plan(cfg.blas_threads)
+    core._replay_configure(mode=cfg.replay)
+    from pydron import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
     core._set_rewrite(_rewrite_code)
     core._enable(cfg.workers, mode == "hook")
     _configure_progress(cfg.progress)
@@ -196,7 +209,25 @@ def enable(workers: int | None = None, progress: bool | None = None,
         atexit.register(report.print_report, None, cfg.workers)
     if not _atexit_registered:
         atexit.register(core._shutdown)
+        atexit.register(_note_cache_session)
         _atexit_registered = True
+    address = _config.cluster_address(cfg)
+    if address is not None:
+        from pydron import _cluster
+        try:
+            _cluster.connect(address, security=security, insecure=cfg.cluster_insecure)
+        except BaseException:
+            disable()
+            raise
+
+
+def _note_cache_session() -> None:
+    """At exit: this process's replay counters go to the disk cache's stats (pydron info)."""
+    try:
+        from pydron import _graph_cache
+        _graph_cache.note_session(_core._replay_stats())
+    except Exception as exc:        # never an error at exit
+        log.debug("pydron: graph cache counters not saved: %s", exc)
 
 
 def _start_import_sync(core) -> None:
@@ -219,8 +250,12 @@ def _start_import_sync(core) -> None:
 
 
 def disable():
-    """Remove the frame hook: every decorated function runs as plain Python again."""
+    """Remove the frame hook: every decorated function runs as plain Python again (and a
+    cluster given to enable() is let go)."""
     _write_timeline()
+    import sys
+    if "pydron._cluster" in sys.modules:
+        sys.modules["pydron._cluster"].disconnect()
     if _core is not None:
         if _core._is_enabled() and not _enabled_hook:
             for f in list(_scheduled):
@@ -233,8 +268,15 @@ def is_enabled() -> bool:
 
 
 def stats() -> dict:
-    """Task counters of this process (submitted, finished, in flight, live pending values)."""
-    return _require_core()._stats()
+    """Task counters of this process (submitted, finished, in flight, live pending values), and
+    the replay's (replay_hits: calls that ran their graph, replay_misses: calls traced,
+    replay_bails: graphs that gave up to the trace, replay_guesses / replay_mispredicts: branches
+    guessed past a pending result and guesses that were wrong, replay_maps: comprehensions sent
+    as chunk tasks, replay_disk_hits: graphs found in the disk cache)."""
+    core = _require_core()
+    out = core._stats()
+    out.update({f"replay_{k}": v for k, v in core._replay_stats().items()})
+    return out
 
 
 # ---- seeing what ran ----------------------------------------------------------------------------
@@ -365,11 +407,13 @@ def _configure_timeline(path) -> None:
 _timeline_atexit = False
 
 
-def timeline_events(records, origin: float, workers: int) -> dict:
+def timeline_events(records, origin: float, workers: int, lane_names=None) -> dict:
     """Chrome trace-event JSON (Perfetto, chrome://tracing) for timeline records: one lane per
-    worker process, one for the thread pool, a slice per task."""
+    worker process (or per Dask worker, named by lane_names), one for the thread pool, a slice
+    per task."""
     lanes = {0: "threads / unknown"}
     lanes.update({w: f"worker {w}" for w in range(1, workers + 1)})
+    lanes.update(lane_names or {})
     events = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0,
                "args": {"name": "pydron"}}]
     for qualname, worker, submitted, started, finished, failed in records:
@@ -395,7 +439,11 @@ def _write_timeline() -> None:
     import tempfile
     path, _timeline_path = _timeline_path, None
     records = _core._timeline(False)
-    data = timeline_events(records, _timeline_origin, os.cpu_count() or 1)
+    import sys
+    cluster = sys.modules.get("pydron._cluster")
+    adapter = cluster.current() if cluster is not None else None
+    data = timeline_events(records, _timeline_origin, os.cpu_count() or 1,
+                           adapter.lane_names() if adapter is not None else None)
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as tmp:
         json.dump(data, tmp)

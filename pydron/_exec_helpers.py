@@ -406,3 +406,38 @@ def worker_note(note) -> None:
         return
     _noted.add(key)
     warn(message)
+
+
+class ChunkRunner:
+    """A map's chunk for executors that call functions themselves (the cluster): fn(*args) for
+    each args of the list it is called with, in order; ("ok", results), or at the first failure
+    ("err", index, pickled exception), as exec/worker.c run_chunk answers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, calls):
+        results = []
+        for i, args in enumerate(calls):
+            try:
+                results.append(self.fn(*args))
+            except BaseException as exc:  # noqa: BLE001 — the element's failure, raised later
+                return ("err", i, pickle_exception(exc, self.fn))
+        return ("ok", results)
+
+    def __eq__(self, other):
+        return type(other) is ChunkRunner and other.fn is self.fn
+
+    def __hash__(self):
+        return hash(("chunk", id(self.fn)))
+
+
+_chunk_runners: dict = {}
+
+
+def chunk_runner(fn):
+    """One ChunkRunner per function (executors register functions once)."""
+    runner = _chunk_runners.get(id(fn))
+    if runner is None or runner.fn is not fn:
+        runner = _chunk_runners[id(fn)] = ChunkRunner(fn)
+    return runner

@@ -1,8 +1,41 @@
-"""Pure-Python reference runtime for rewritten scheduled code (the helpers named in _rewrite.py).
+"""Pure-Python reference runtime for rewritten scheduled code (the helpers named in
+pydron/_rewrite/__init__.py).
 
 The C core `pydron._core` provides the same helpers; this module is what it is tested against,
 and what the rewriter is tested with. Functional calls become tasks (run deferred, or on a
 thread pool), whose results are `Pending` objects until forced.
+
+At a call site it moves what the C dispatcher (trace/dispatch.c, trace/force.c) moves, and
+forces what it forces:
+  moved   functional calls (a pending argument is a dependency), scheduled calls (pendings flow
+          in and out), list.append/extend/insert on an exact list, c[k] = v into an exact list or
+          an exact dict that is not a module's namespace, len() (only its argument is forced,
+          shallow), a pending callable (forced, then dispatched as its value);
+  forced  everything else: the arguments of any other callee deep (exact lists, tuples and dicts,
+          in place), and the exact list, dict or tuple a builtin method is bound to (list.pop,
+          list.copy, dict.get, dict.setdefault, ... read their container); list.extend(pending)
+          reads its argument, so it is forced like any other call, list included; the index of
+          insert() and the key of c[k] = v deep, the container of c[k] = v shallow.
+tests/test_semantics.py::test_reference_moves_what_the_dispatcher_moves checks each of these in
+both runtimes.
+
+Differences from the C core, each shown by tests/test_semantics.py::test_reference_difference:
+  1. class_body_cell: a class body defined in scheduled code is plain code that reads the
+     scheduled code's cells. Here the pendings in those cells are forced before
+     `__build_class__` runs it; the C dispatcher forces only `__build_class__`'s arguments, so
+     the class body sees the pending object itself (`type(y)` is not the value's type): a gap
+     in the C core.
+  2. moved_into_log: here every list or dict a value was moved into is logged, and forced through
+     when the scheduled call returns. The C core logs a container only when the moved value is
+     itself pending (or, for append/extend, an exact list), so a pending inside a tuple moved
+     into a list or dict that is reachable only through an object (`box.items.append((f(x),))`)
+     is still pending after the call returns: a gap in the C core.
+  3. deep_nesting: forcing in place reaches pendings at any depth here; the C core stops 200
+     containers deep, so a non-functional callee can see a pending nested deeper: a limit of
+     the C core.
+  4. native_functional: a ctypes function pointer marked functional(executor="threads") is a
+     thread task in the C core; `pydron.functional` leaves no mark on it that this runtime can
+     read, so here it is called plainly, its arguments forced.
 """
 
 from __future__ import annotations
@@ -22,14 +55,10 @@ _BuiltinMethod = type([].append)
 _TUPLE_ITEMS = tuple.__basicsize__
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 
-# Methods of exact lists/dicts that only move values: per-argument force kinds
-# ("-" move, "S" shallow, "D" deep); the container itself is not forced.
-_MOVE_METHODS = {
-    list: {"append": "-", "extend": "S", "insert": "D-", "pop": "D", "copy": "", "clear": ""},
-    dict: {"get": "D-", "pop": "D-", "setdefault": "D-", "copy": "", "clear": ""},
-}
+# The methods of exact lists that move values instead of reading them (trace/dispatch.c).
+_LIST_MOVES = frozenset({"append", "extend", "insert"})
+_NOT_A_MOVE = object()
 _IMMUTABLE = frozenset({int, float, complex, str, bytes, bool, type(None), range, frozenset})
-_LEN_MOVES = (list, tuple, dict, set, frozenset, str, bytes)
 
 
 class Pending:
@@ -385,26 +414,34 @@ class ReferenceRuntime:
                     continue
                 if type(v) in (Pending, list, tuple, dict):
                     cell.cell_contents = self.force_deep(v)
-        t = type(fn)
-        if t is _BuiltinMethod:
+        if type(fn) is _BuiltinMethod:
             owner = fn.__self__
-            kinds = _MOVE_METHODS.get(type(owner), {}).get(fn.__name__)
-            if kinds is not None and not kwargs:
-                args = [self.force_deep(a) if k == "D" else self.force(a) if k == "S" else a
-                        for a, k in zip(args, kinds)]
-                if fn.__name__ in ("append", "extend", "insert", "setdefault"):
-                    self._note_move(owner)
-                return fn(*args)
+            if type(owner) is list and fn.__name__ in _LIST_MOVES and not kwargs:
+                moved = self._list_move(fn, owner, args)
+                if moved is not _NOT_A_MOVE:
+                    return moved
             if fn is len and len(args) == 1 and not kwargs:
-                a = self.force(args[0])
-                if type(a) in _LEN_MOVES:
-                    return len(a)
+                # only the container is read: the pendings inside stay where they are
+                return len(self.force(args[0]))
             if owner is not None and not isinstance(owner, types.ModuleType):
-                self.force_deep(owner)
+                self.force_deep(owner)   # a builtin method reads its list, dict or tuple
         args = [self.force_deep(a) for a in args]
         for k in kwargs:
             kwargs[k] = self.force_deep(kwargs[k])
         return fn(*args, **kwargs)
+
+    def _list_move(self, method, owner, args):
+        """list.append/extend/insert as the C dispatcher runs them: the value is moved into the
+        list, not read; _NOT_A_MOVE when the call must be forced like any other."""
+        name = method.__name__
+        if name == "insert":
+            if len(args) != 2:
+                return _NOT_A_MOVE
+            args = [self.force_deep(args[0]), args[1]]
+        elif name == "extend" and len(args) == 1 and type(args[0]) is Pending:
+            return _NOT_A_MOVE   # extend() iterates its argument: a read
+        self._note_move(owner)
+        return method(*args)
 
     # -- running a scheduled function ------------------------------------------------------
     def _rewritten(self, fn):

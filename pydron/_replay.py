@@ -60,6 +60,14 @@ OPS = [
     "RETURN",       # a=src
     "MAP",          # a=dst b=callee c=seq d=template (consts[d]: the argument sources)
     "NOT",          # a=dst b=x                  truth read
+    "BAIL",         # a=ci (a str)               give up: the trace raises what plain Python does
+    "STORE_ITEM",   # a=container b=key c=value  a container the call made; key read, value moved
+    "BUILD_SET",    # a=dst b=first c=n          items read
+    "SET_ADD",      # a=set b=value              a set the call made; value read
+    "EXTEND",       # a=list b=iterable          a list the call made; iterable read, items moved
+    "FORMAT",       # a=dst b=value c=conversion d=spec (-1: none)   f-string part; value read
+    "BUILD_STRING", # a=dst b=first c=n          joins n strings
+    "DEREF",        # a=dst b=k                  the value of the function's k-th closure cell
 ]
 OP = {name: i for i, name in enumerate(OPS)}
 
@@ -73,19 +81,29 @@ CMPOPS = [ast.Lt, ast.LtE, ast.Eq, ast.NotEq, ast.Gt, ast.GtE, ast.Is, ast.IsNot
 # none has a side effect or looks at anything but its arguments.
 PURE_BUILTINS = ("len", "range", "enumerate", "zip", "min", "max", "abs", "sum", "int", "float",
                  "str", "bool", "tuple", "list", "dict", "sorted", "reversed", "round", "divmod",
-                 "isinstance", "any", "all")
+                 "isinstance", "issubclass", "any", "all", "set", "frozenset", "type", "id",
+                 "hash", "repr", "format", "chr", "ord", "bin", "hex", "oct", "pow", "complex",
+                 "bytes", "slice", "callable", "getattr", "hasattr", "ascii")
+# Of those and pure_callees(), the ones whose result is always a new object the call may change.
+NEW_OBJECT_NAMES = ("list", "dict", "set", "sorted", "frozenset")
+# Builtins that read a whole iterable at once: a generator expression handed to one of them is
+# evaluated as a list comprehension (the same calls, made at once; a difference could only be
+# an exception, and an exception makes the replay give up to the trace).
+CONSUMERS = frozenset({"sum", "min", "max", "list", "tuple", "sorted", "set", "frozenset", "any",
+                       "all", "dict"})
 
 # Builtins that act on the world or on the caller's frame: a graph never calls them.
 IMPURE_BUILTINS = frozenset({"print", "open", "input", "exec", "eval", "compile", "setattr",
                              "delattr", "globals", "locals", "vars", "next", "iter",
                              "__import__", "breakpoint", "exit", "quit", "help", "memoryview",
-                             "id", "hash", "super", "object", "type"})
+                             "super", "object", "map", "filter", "aiter", "anext"})
 
 # Instructions a branch's condition may be computed with and computed again later (no call, no
 # task, no store to a named local): see _condition_slices.
 SLICE_OPS = frozenset({"CONST", "GLOBAL", "MOVE", "BINOP", "UNARY", "COMPARE", "GETITEM",
                        "GETATTR", "BUILD_LIST", "BUILD_TUPLE", "BUILD_SLICE", "NOT"})
 JUMPS = {"JUMP": 1, "IF_FALSE": 2, "IF_TRUE": 2, "FOR": 3}     # op -> the slot of its target
+SLICE_OPS = SLICE_OPS | {"FORMAT", "BUILD_STRING", "DEREF"}
 
 # A map's template (consts[d] of MAP): (n, sources): n the number of names each element is
 # unpacked into (0: the element is bound as it is), sources one per argument of the call:
@@ -157,6 +175,7 @@ class _Lifter:
         self.maps = 0
         self.line = tree.lineno
         self.named: set[int] = set()          # registers of named locals (not temporaries)
+        self.loops: list = []                 # (continue target, [break jumps]) per open loop
         self.own_lists: set[str] = set()      # locals that only ever hold a list made here
         args = tree.args
         if args.vararg or args.kwarg or args.kwonlyargs or args.posonlyargs:
@@ -164,6 +183,7 @@ class _Lifter:
                               tree)
         self.params = [a.arg for a in args.args]
         self.locals = self._assigned(tree) | set(self.params)
+        self.freevars = list(fn.__code__.co_freevars)
 
     # --- registers, constants, names
     def reg(self, name: str) -> int:
@@ -228,15 +248,29 @@ class _Lifter:
 
     def _condition_slices(self) -> None:
         """For each branch, where the straight run of pure instructions that computes its
-        condition into temporaries begins (its d slot): speculation may skip that run while an
-        operand is pending and compute it again later to check the guess."""
+        condition begins (its d slot): speculation may skip that run while an operand is
+        pending and compute it again later to check the guess. So every register the run
+        writes must be a temporary read nowhere but in the run and by the branch."""
         targets = {ins[JUMPS[OPS[ins[0]]]] for ins in self.code if OPS[ins[0]] in JUMPS}
+        readers: dict[int, list[int]] = {}
+        for pc, ins in enumerate(self.code):
+            regs = _reads(ins, self.consts)
+            if OPS[ins[0]] == "CALL":
+                kw = self.code[pc + 1][1]
+                regs += list(range(ins[3] + ins[4],
+                                   ins[3] + ins[4] + (len(self.consts[kw]) if kw >= 0 else 0)))
+            for r in regs:
+                readers.setdefault(r, []).append(pc)
         for pc, ins in enumerate(self.code):
             if OPS[ins[0]] not in ("IF_FALSE", "IF_TRUE"):
                 continue
             start = pc
-            while (start > 0 and start not in targets and OPS[self.code[start - 1][0]] in SLICE_OPS
-                   and self.code[start - 1][1] not in self.named):
+            while start > 0 and start not in targets:
+                prev = self.code[start - 1]
+                dst = prev[1]
+                if (OPS[prev[0]] not in SLICE_OPS or dst in self.named or
+                        any(not start <= r <= pc for r in readers.get(dst, ()))):
+                    break
                 start -= 1
             ins[4] = start
 
@@ -253,8 +287,19 @@ class _Lifter:
                 raise Unsupported("chained assignment", s)
             self.assign(s.targets[0], s.value)
         elif isinstance(s, ast.AugAssign):
+            if isinstance(s.target, ast.Subscript):
+                c = self.expr(s.target.value)
+                k = self.slice_expr(s.target.slice)
+                old = self.new()
+                self.emit("GETITEM", old, c, k)
+                v = self.expr(s.value)
+                r = self.new()
+                self.emit("INPLACE", r, old, v, BINOPS.index(type(s.op)))
+                self.emit("STORE_ITEM", c, k, r)
+                return
             if not isinstance(s.target, ast.Name) or s.target.id not in self.locals:
-                raise Unsupported("augmented assignment to something else than a local", s)
+                raise Unsupported("augmented assignment to something else than a local or an "
+                                  "item", s)
             r = self.reg(s.target.id)
             v = self.expr(s.value)
             self.emit("INPLACE", r, r, v, BINOPS.index(type(s.op)))
@@ -270,18 +315,49 @@ class _Lifter:
             lst = self.reg(s.value.func.value.id)
             v = self.expr(s.value.args[0])
             self.emit("APPEND", lst, v)
+        elif isinstance(s, ast.Expr) and self.is_append(s.value, "extend"):
+            lst = self.reg(s.value.func.value.id)
+            v = self.expr(s.value.args[0])
+            self.emit("EXTEND", lst, v)
+        elif isinstance(s, ast.Expr) and self.is_append(s.value, "add"):
+            st = self.reg(s.value.func.value.id)
+            v = self.expr(s.value.args[0])
+            self.emit("SET_ADD", st, v)
         elif isinstance(s, ast.Pass):
             pass
+        elif isinstance(s, ast.While):
+            self.while_stmt(s)
+        elif isinstance(s, ast.Break):
+            if not self.loops:
+                raise Unsupported("break outside a loop", s)
+            self.loops[-1][1].append(self.emit("JUMP", 0))
+        elif isinstance(s, ast.Continue):
+            if not self.loops:
+                raise Unsupported("continue outside a loop", s)
+            self.emit("JUMP", self.loops[-1][0])
+        elif isinstance(s, (ast.Raise, ast.Assert)):
+            if isinstance(s, ast.Assert):
+                ok = self.expr(s.test)
+                site = self.sites
+                self.sites += 1
+                j = self.emit("IF_TRUE", ok, 0, site)
+                self.emit("BAIL", self.const(f"line {s.lineno}: the assertion fails"))
+                self.patch(j, 2, len(self.code))
+            else:
+                self.emit("BAIL", self.const(f"line {s.lineno} raises"))
         else:
             what = type(s).__name__.lower()
             if isinstance(s, ast.Expr):
                 what = "a call whose result is not used (made for a side effect)"
             raise Unsupported(what, s)
 
-    def is_append(self, e) -> bool:
+    def is_append(self, e, method: str = "append") -> bool:
+        """x.append(v) (or x.extend, x.add) on a local: the interpreter checks at run time that
+        x is a list (set) the call made itself, and gives up otherwise."""
         return (isinstance(e, ast.Call) and isinstance(e.func, ast.Attribute) and
-                e.func.attr == "append" and isinstance(e.func.value, ast.Name) and
-                e.func.value.id in self.own_lists and len(e.args) == 1 and not e.keywords)
+                e.func.attr == method and isinstance(e.func.value, ast.Name) and
+                e.func.value.id in self.locals and len(e.args) == 1 and not e.keywords and
+                not isinstance(e.args[0], ast.Starred))
 
     def assign(self, target, value) -> None:
         if isinstance(target, ast.Name):
@@ -293,15 +369,17 @@ class _Lifter:
                 self.own_lists.discard(target.id)
             v = self.expr(value)
             self.emit("MOVE", self.reg(target.id), v)
-        elif isinstance(target, ast.Tuple) and all(isinstance(t, ast.Name) for t in target.elts):
+        elif isinstance(target, (ast.Tuple, ast.List)):
             v = self.expr(value)
-            first = self.new()
-            for _ in target.elts[1:]:
-                self.new()
-            self.emit("UNPACK", first, v, len(target.elts))
-            for i, t in enumerate(target.elts):
-                self.own_lists.discard(t.id)
-                self.emit("MOVE", self.reg(t.id), first + i)
+            for t in ast.walk(target):
+                if isinstance(t, ast.Name):
+                    self.own_lists.discard(t.id)
+            self.store_target(target, v)
+        elif isinstance(target, ast.Subscript):
+            v = self.expr(value)
+            c = self.expr(target.value)
+            k = self.slice_expr(target.slice)
+            self.emit("STORE_ITEM", c, k, v)
         else:
             raise Unsupported(f"a store to {type(target).__name__.lower()} "
                               "(attributes and items are changed in place)", target)
@@ -320,14 +398,28 @@ class _Lifter:
         else:
             self.patch(jf, 2, len(self.code))
 
+    def while_stmt(self, s) -> None:
+        top = len(self.code)
+        cond = self.expr(s.test)
+        site = self.sites
+        self.sites += 1
+        jf = self.emit("IF_FALSE", cond, 0, site)
+        self.loops.append((top, []))
+        self.block(s.body)
+        self.emit("JUMP", top)
+        _, breaks = self.loops.pop()
+        self.patch(jf, 2, len(self.code))
+        self.block(s.orelse)
+        for b in breaks:
+            self.patch(b, 1, len(self.code))
+
     def for_stmt(self, s) -> None:
-        if s.orelse:
-            raise Unsupported("for ... else", s)
-        if not isinstance(s.target, (ast.Name, ast.Tuple)):
+        if not isinstance(s.target, (ast.Name, ast.Tuple, ast.List)):
             raise Unsupported("a loop target that is not a name or names", s)
         # for x in seq: out.append(f(...)), out = [] just before: the whole loop is a map.
-        body = s.body[0] if len(s.body) == 1 else None
+        body = s.body[0] if len(s.body) == 1 and not s.orelse else None
         if (isinstance(body, ast.Expr) and self.is_append(body.value)
+                and body.value.func.value.id in self.own_lists
                 and self.map_source(s.target, body.value.args[0]) is not None
                 and self.loop_is_a_map(s, body.value.func.value.id)):
             m = self.comprehension_map(s.target, s.iter, body.value.args[0])
@@ -345,9 +437,14 @@ class _Lifter:
         for t in ast.walk(s.target):
             if isinstance(t, ast.Name):
                 self.own_lists.discard(t.id)
+        self.loops.append((top, []))
         self.block(s.body)
         self.emit("JUMP", top)
+        _, breaks = self.loops.pop()
         self.patch(f, 3, len(self.code))
+        self.block(s.orelse)
+        for b in breaks:
+            self.patch(b, 1, len(self.code))
 
     def loop_is_a_map(self, loop, out: str) -> bool:
         """The loop only appends to out, which the statement right before it made empty, and
@@ -375,16 +472,25 @@ class _Lifter:
 
     def store_target(self, target, value: int) -> None:
         if isinstance(target, ast.Name):
+            if target.id not in self.locals:
+                raise Unsupported("a store to a global", target)
             self.emit("MOVE", self.reg(target.id), value)
             return
+        if isinstance(target, ast.Subscript):
+            c = self.expr(target.value)
+            k = self.slice_expr(target.slice)
+            self.emit("STORE_ITEM", c, k, value)
+            return
+        if not isinstance(target, (ast.Tuple, ast.List)) or any(
+                isinstance(t, ast.Starred) for t in target.elts):
+            raise Unsupported(f"a store to {type(target).__name__.lower()} (attributes are "
+                              "changed in place; starred targets)", target)
         first = self.new()
         for _ in target.elts[1:]:
             self.new()
-        if not all(isinstance(t, ast.Name) for t in target.elts):
-            raise Unsupported("nested unpacking in a loop target", target)
         self.emit("UNPACK", first, value, len(target.elts))
         for i, t in enumerate(target.elts):
-            self.emit("MOVE", self.reg(t.id), first + i)
+            self.store_target(t, first + i)
 
     # --- expressions
     def constant(self, value) -> int:
@@ -398,6 +504,10 @@ class _Lifter:
         if isinstance(e, ast.Name):
             if e.id in self.locals:
                 return self.reg(e.id)
+            if e.id in self.freevars:
+                r = self.new()
+                self.emit("DEREF", r, self.freevars.index(e.id))
+                return r
             if e.id in IMPURE_BUILTINS and e.id not in self.fn.__globals__:
                 raise Unsupported(f"{e.id}() acts on the world or on the calling frame", e)
             r = self.new()
@@ -419,12 +529,43 @@ class _Lifter:
                 self.emit("UNARY", r, x, UNOPS.index(type(e.op)))
             return r
         if isinstance(e, ast.Compare):
-            if len(e.ops) != 1:
-                raise Unsupported("a chained comparison", e)
-            x, y = self.expr(e.left), self.expr(e.comparators[0])
+            # a < b < c: a < b and b < c, b computed once.
             r = self.new()
-            self.emit("COMPARE", r, x, y, CMPOPS.index(type(e.ops[0])))
+            ends = []
+            left = self.expr(e.left)
+            for k, (op, comp) in enumerate(zip(e.ops, e.comparators)):
+                right = self.expr(comp)
+                self.emit("COMPARE", r, left, right, CMPOPS.index(type(op)))
+                if k < len(e.ops) - 1:
+                    site = self.sites
+                    self.sites += 1
+                    ends.append(self.emit("IF_FALSE", r, 0, site))
+                left = right
+            for j in ends:
+                self.patch(j, 2, len(self.code))
             return r
+        if isinstance(e, ast.Slice):
+            return self.slice_expr(e)
+        if isinstance(e, ast.Set):
+            regs = [self.expr(x) for x in e.elts]
+            first = self.contiguous(regs)
+            r = self.new()
+            self.emit("BUILD_SET", r, first, len(regs))
+            return r
+        if isinstance(e, ast.JoinedStr):
+            regs = [self.expr(v) for v in e.values]
+            first = self.contiguous(regs)
+            r = self.new()
+            self.emit("BUILD_STRING", r, first, len(regs))
+            return r
+        if isinstance(e, ast.FormattedValue):
+            v = self.expr(e.value)
+            spec = self.expr(e.format_spec) if e.format_spec is not None else -1
+            r = self.new()
+            self.emit("FORMAT", r, v, e.conversion, spec)
+            return r
+        if isinstance(e, (ast.DictComp, ast.SetComp)):
+            return self.comprehension(e)
         if isinstance(e, ast.BoolOp):
             # a and b / a or b: the value of the operand that decides, read for its truth.
             r = self.new()
@@ -507,12 +648,12 @@ class _Lifter:
     def call(self, e: ast.Call) -> int:
         if any(isinstance(a, ast.Starred) for a in e.args) or any(k.arg is None for k in e.keywords):
             raise Unsupported("*args or **kwargs in a call", e)
-        if isinstance(e.func, ast.Attribute) and not (
-                isinstance(e.func.value, ast.Name) and e.func.value.id not in self.locals):
-            raise Unsupported(f"a method call .{e.func.attr}() (what it does to its object "
-                              f"cannot be told)", e)
+        # Methods and module functions are looked up as attributes; whether the interpreter may
+        # call one (functional, scheduled, or known to change nothing) is decided when it runs.
         callee = self.expr(e.func)
-        regs = [self.expr(a) for a in e.args] + [self.expr(k.value) for k in e.keywords]
+        consumer = isinstance(e.func, ast.Name) and e.func.id in CONSUMERS
+        regs = [self.comprehension(a) if consumer and isinstance(a, ast.GeneratorExp)
+                else self.expr(a) for a in e.args] + [self.expr(k.value) for k in e.keywords]
         first = self.contiguous(regs)
         r = self.new()
         self.emit("CALL", r, callee, first, len(e.args))
@@ -564,42 +705,90 @@ class _Lifter:
         return r
 
     def listcomp(self, e: ast.ListComp) -> int:
-        if len(e.generators) != 1:
-            raise Unsupported("a comprehension with several for clauses", e)
         g = e.generators[0]
-        if g.is_async:
-            raise Unsupported("an async comprehension", e)
-        if not g.ifs:
+        if len(e.generators) == 1 and not g.ifs and not g.is_async:
             m = self.comprehension_map(g.target, g.iter, e.elt)
             if m is not None:
                 return m
-        seq = self.expr(g.iter)
+        return self.comprehension(e)
+
+    def comprehension(self, e) -> int:
+        """A list, set or dict comprehension (or a generator expression read at once, as a
+        list) as loops in its own scope: its targets do not leak into the function's."""
+        if any(g.is_async for g in e.generators):
+            raise Unsupported("an async comprehension", e)
         out = self.new()
-        self.emit("BUILD_LIST", out, 0, 0)
-        it = self.new()
-        self.emit("ITER", it, seq)
-        top = len(self.code)
-        item = self.new()
-        f = self.emit("FOR", item, it, 0)
-        # The comprehension's own scope: its target does not leak into the function's.
-        saved = dict(self.regs)
-        for t in ast.walk(g.target):
-            if isinstance(t, ast.Name):
-                self.regs.pop(t.id, None)
-                self.locals.add(t.id)
-        self.store_target(g.target, item)
-        skips = []
-        for cond in g.ifs:
-            site = self.sites
-            self.sites += 1
-            skips.append(self.emit("IF_FALSE", self.expr(cond), 0, site))
-        self.emit("APPEND", out, self.expr(e.elt))
-        for j in skips:
-            self.patch(j, 2, top)
-        self.emit("JUMP", top)
-        self.patch(f, 3, len(self.code))
-        self.regs = saved
+        if isinstance(e, ast.DictComp):
+            self.emit("BUILD_DICT", out, 0, 0)
+        elif isinstance(e, ast.SetComp):
+            self.emit("BUILD_SET", out, 0, 0)
+        else:
+            self.emit("BUILD_LIST", out, 0, 0)
+        saved_regs, saved_locals = dict(self.regs), set(self.locals)
+        exits = []
+
+        def level(k):
+            g = e.generators[k]
+            seq = self.expr(g.iter)          # the first iterable is the enclosing scope's
+            for t in ast.walk(g.target):
+                if isinstance(t, ast.Name):
+                    self.regs.pop(t.id, None)
+                    self.locals.add(t.id)
+            it = self.new()
+            self.emit("ITER", it, seq)
+            top = len(self.code)
+            item = self.new()
+            f = self.emit("FOR", item, it, 0)
+            self.store_target(g.target, item)
+            for cond in g.ifs:
+                site = self.sites
+                self.sites += 1
+                j = self.emit("IF_FALSE", self.expr(cond), 0, site)
+                self.patch(j, 2, top)
+            if k + 1 < len(e.generators):
+                level(k + 1)
+            elif isinstance(e, ast.DictComp):
+                key = self.expr(e.key)
+                self.emit("STORE_ITEM", out, key, self.expr(e.value))
+            elif isinstance(e, ast.SetComp):
+                self.emit("SET_ADD", out, self.expr(e.elt))
+            else:
+                self.emit("APPEND", out, self.expr(e.elt))
+            self.emit("JUMP", top)
+            self.patch(f, 3, len(self.code))
+
+        level(0)
+        self.regs, self.locals = saved_regs, saved_locals
         return out
+
+
+def _reads(ins, consts) -> list[int]:
+    """The registers an instruction reads."""
+    op, a, b, c, d, _ = ins
+    name = OPS[op]
+    if name in ("MOVE", "NOT", "ITER", "GETATTR", "UNARY", "FOR", "UNPACK"):
+        return [b]
+    if name in ("BINOP", "INPLACE", "COMPARE", "GETITEM"):
+        return [b, c]
+    if name in ("BUILD_LIST", "BUILD_TUPLE", "BUILD_SET", "BUILD_STRING"):
+        return list(range(b, b + c))
+    if name == "BUILD_DICT":
+        return list(range(b, b + 2 * c))
+    if name == "BUILD_SLICE":
+        return [r for r in (b, c, d) if r >= 0]
+    if name in ("APPEND", "SET_ADD", "EXTEND"):
+        return [a, b]
+    if name == "STORE_ITEM":
+        return [a, b, c]
+    if name == "CALL":
+        return [b] + list(range(c, c + d))            # keyword values: see the KWNAMES after
+    if name in ("IF_FALSE", "IF_TRUE", "RETURN"):
+        return [a]
+    if name == "FORMAT":
+        return [b] + ([d] if d >= 0 else [])
+    if name == "MAP":
+        return [b, c] + [s[1] for s in consts[d][1] if s[0] == "reg"]
+    return []
 
 
 def lift(fn) -> Program:
@@ -616,8 +805,6 @@ def lift(fn) -> Program:
             raise Unsupported("global or nonlocal", node)
         if isinstance(node, (ast.Yield, ast.YieldFrom, ast.Await)):
             raise Unsupported("a generator or coroutine", node)
-    if inner.__code__.co_freevars:
-        raise Unsupported("a closure (free variables)", tree)
     return _Lifter(inner, tree).lift()
 
 
@@ -635,15 +822,25 @@ def explain_lift(fn) -> tuple[bool, str, int | None]:
 # ---- what the C core calls -----------------------------------------------------------------------
 
 def lift_for_core(fn):
-    """The program as trace/replay.c loads it, or a str: why fn has no graph."""
+    """The program as trace/replay.c loads it, or a str: why fn has no graph. Either is kept in
+    the disk cache for the next process."""
     try:
-        return lift(fn).as_tuple()
+        value = lift(fn).as_tuple()
     except Unsupported as exc:
-        return f"line {exc.line}: {exc}" if exc.line else str(exc)
+        value = f"line {exc.line}: {exc}" if exc.line else str(exc)
     except SyntaxError as exc:
-        return f"its source does not parse ({exc.msg})"
+        value = f"its source does not parse ({exc.msg})"
     except RecursionError:
-        return "its source is nested too deeply"
+        value = "its source is nested too deeply"
+    from pydron import _graph_cache
+    _graph_cache.store(fn, value)
+    return value
+
+
+def cached_for_core(fn):
+    """fn's graph from the disk cache, as lift_for_core gives it, or None."""
+    from pydron import _graph_cache
+    return _graph_cache.load(fn)
 
 
 # numpy functions that only compute their result from their arguments (none takes a random
@@ -664,6 +861,50 @@ _NUMPY_PURE = (
     "atleast_1d atleast_2d atleast_3d broadcast_to meshgrid tile repeat pad take").split()
 _NUMPY_LINALG_PURE = "norm inv pinv solve det eig eigh eigvals eigvalsh svd qr cholesky lstsq".split()
 _NUMPY_FFT_PURE = "fft ifft fft2 ifft2 fftn ifftn rfft irfft rfftn irfftn fftfreq fftshift".split()
+
+
+_STR_METHODS = frozenset(n for n in dir(str) if not n.startswith("_"))
+_BYTES_METHODS = frozenset(n for n in dir(bytes) if not n.startswith("_"))
+_NDARRAY_PURE_METHODS = frozenset(
+    "all any argmax argmin argsort astype clip conj conjugate copy cumprod cumsum diagonal dot "
+    "flatten max mean min nonzero prod ptp ravel repeat reshape round squeeze std sum swapaxes "
+    "take tolist tobytes trace transpose var view item".split())
+# Of the methods above, the ones that return a new object (not a view, not the object itself).
+_NEW_OBJECT_METHODS = frozenset("copy astype flatten tolist union intersection difference "
+                                "symmetric_difference".split())
+
+
+def pure_tables() -> tuple:
+    """(callables, methods, new): what a graph may call besides functional and scheduled
+    functions. callables: functions and types that compute a result from their arguments and
+    change nothing; methods: {type: method names} likewise for methods of those exact types;
+    new: the callables (and method names) whose result is always a new object."""
+    import sys
+    callables = pure_callees()
+    methods = {str: _STR_METHODS, bytes: _BYTES_METHODS,
+               int: frozenset({"bit_length", "bit_count", "conjugate", "to_bytes",
+                               "as_integer_ratio"}),
+               float: frozenset({"is_integer", "as_integer_ratio", "hex", "conjugate"}),
+               tuple: frozenset({"count", "index"}), list: frozenset({"count", "index", "copy"}),
+               dict: frozenset({"get", "keys", "values", "items", "copy"}),
+               set: frozenset({"union", "intersection", "difference", "symmetric_difference",
+                               "issubset", "issuperset", "isdisjoint", "copy"}),
+               frozenset: frozenset({"union", "intersection", "difference",
+                                     "symmetric_difference", "issubset", "issuperset",
+                                     "isdisjoint", "copy"})}
+    new = {getattr(builtins, n) for n in NEW_OBJECT_NAMES}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        methods[np.ndarray] = _NDARRAY_PURE_METHODS
+        methods[np.ufunc] = frozenset({"reduce", "accumulate", "outer"})
+        for n in ("array", "zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
+                  "stack", "vstack", "hstack", "dstack", "column_stack", "concatenate", "copy",
+                  "arange", "linspace", "logspace", "eye", "identity"):
+            f = getattr(np, n, None)
+            if f is not None:
+                new.add(f)
+        new |= {f for f in callables if isinstance(f, np.ufunc)}
+    return callables, methods, new | set(_NEW_OBJECT_METHODS)
 
 
 def pure_callees() -> set:
@@ -721,19 +962,19 @@ def run_reference(fn, args: tuple):
     code = fn.__code__
     entry = _programs.get(code)
     if entry is None:
-        entry = _programs[code] = (lift(fn), pure_callees())
-    program, pure = entry
+        entry = _programs[code] = (lift(fn), pure_tables())
+    program, tables = entry
     try:
-        return True, _Interpreter(program, fn, pure, _core).run(args)
+        return True, _Interpreter(program, fn, tables, _core).run(args)
     except _Bail as exc:
         return False, str(exc)
 
 
 class _Interpreter:
-    def __init__(self, program: Program, fn, pure: set, core):
+    def __init__(self, program: Program, fn, tables: tuple, core):
         self.p = program
         self.fn = fn
-        self.pure = pure
+        self.pure, self.pure_methods, self.new = tables
         self.core = core
         self.regs = [None] * program.nregs
         self.bound = [False] * program.nregs
@@ -771,19 +1012,31 @@ class _Interpreter:
         if kind == 1:
             return "functional"
         if kind == 2:
-            return "scheduled" if self.scheduled_ready(callable_) else None
+            return "scheduled"
         try:
-            return "pure" if callable_ in self.pure else None
+            if callable_ in self.pure:
+                return "pure"
         except TypeError:
             return None
+        owner = getattr(callable_, "__self__", None)
+        if isinstance(callable_, types.BuiltinMethodType) and owner is not None and \
+                not isinstance(owner, types.ModuleType) and \
+                callable_.__name__ in self.pure_methods.get(type(owner), ()):
+            return "pure"
+        return None
 
-    def scheduled_ready(self, callable_):
-        fn = getattr(callable_, "__func__", callable_)
+    def makes_new_object(self, callable_):
         try:
-            lift(fn)
-        except (Unsupported, SyntaxError):
+            if callable_ in self.new:
+                return True
+        except TypeError:
             return False
-        return True
+        owner = getattr(callable_, "__self__", None)
+        return (isinstance(callable_, types.BuiltinMethodType) and owner is not None and
+                not isinstance(owner, types.ModuleType) and callable_.__name__ in self.new)
+
+    def functional_threads(self, callable_):
+        return False       # the reference cannot see the options: results are taken as new
 
     def run(self, args):
         p, R = self.p, self.regs
@@ -826,7 +1079,7 @@ class _Interpreter:
                 if inplace and not isinstance(x, _IMMUTABLE) and self.taint[b] != _FRESH:
                     self.bail(line, "changes in place an object the call did not make")
                 r = self.attempt(line, (_INPLACE_FNS if inplace else _BINOP_FNS)[d], x, y)
-                self.set(a, r, self.taint[b] if inplace else _FRESH)
+                self.set(a, r, self.taint[b] if r is x else self.taint[c] if r is y else _FRESH)
             elif name == "UNARY":
                 self.set(a, self.attempt(line, _UNARY_FNS[c], self.read(b, line, True)), _FRESH)
             elif name == "NOT":
@@ -863,23 +1116,37 @@ class _Interpreter:
                 kw = p.code[pc]
                 kwnames = p.consts[kw[1]] if kw[1] >= 0 else ()
                 pc += 1
+                argv = [self.get(c + k, line) for k in range(d + len(kwnames))]
                 callable_ = self.attempt(line, self.core.force, self.get(b, line))
                 kind = self.callee_kind(callable_)
                 if kind is None:
                     self.bail(line, f"calls {getattr(callable_, '__qualname__', callable_)!s}, "
                                     "which is neither functional nor known to be pure")
-                argv = [self.get(c + k, line) for k in range(d + len(kwnames))]
-                taint = _FRESH
+                if kind == "scheduled":
+                    ok, r = self.attempt(line, self.core._replay_call, callable_, tuple(argv),
+                                         tuple(kwnames) or None)
+                    if not ok:
+                        self.bail(line, f"calls scheduled {callable_.__qualname__}, whose graph "
+                                        f"gave up ({r})")
+                    self.set(a, r, _OUTSIDE)
+                    continue
                 if kind == "pure":
                     for k in range(len(argv)):
-                        if self.taint[c + k] != _FRESH:
-                            if _is_outside_iterator(argv[k], self.taint[c + k]):
-                                self.bail(line, "hands on an iterator it was handed")
-                            taint = _WRAPS
+                        if _is_outside_iterator(argv[k], self.taint[c + k]):
+                            self.bail(line, "hands on an iterator it was handed")
                     if "out" in kwnames:
                         self.bail(line, "passes out=: the callee writes into it")
                 r = self.attempt(line, self.core.call, callable_, tuple(argv),
                                  tuple(kwnames) or None)
+                if kind == "functional":
+                    taint = _FRESH
+                else:
+                    taint = _FRESH if self.makes_new_object(callable_) else _OUTSIDE
+                    if hasattr(type(r), "__next__"):
+                        taint = _WRAPS
+                    for k, v in enumerate(argv):
+                        if r is v:
+                            taint = self.taint[c + k]
                 self.set(a, r, taint)
             elif name == "ITER":
                 x = self.read(b, line, False)
@@ -916,6 +1183,55 @@ class _Interpreter:
                 return self.get(a, line)
             elif name == "MAP":
                 self.set(a, self.map(b, c, d, line), _FRESH)
+            elif name == "BAIL":
+                self.bail(line, f"{p.consts[a]}: the trace raises what plain Python raises")
+            elif name in ("STORE_ITEM", "SET_ADD"):
+                cont = self.get(a, line)
+                if self.taint[a] != _FRESH:
+                    self.bail(line, "changes a container the call did not make")
+                cont = self.attempt(line, self.core.force, cont)
+                if name == "SET_ADD":
+                    if not isinstance(cont, (set, frozenset)):
+                        self.bail(line, "adds to something else than a set it made")
+                    self.attempt(line, cont.add, self.read(b, line, True))
+                else:
+                    key = self.read(b, line, True)
+                    value = self.get(c, line)
+                    if type(cont) not in (list, dict):
+                        value = self.read(c, line, True)
+                    self.attempt(line, operator.setitem, cont, key, value)
+            elif name == "EXTEND":
+                lst = self.get(a, line)
+                if type(lst) is not list or self.taint[a] != _FRESH:
+                    self.bail(line, "extends something else than a list it made")
+                items = self.read(b, line, False)
+                if _is_outside_iterator(items, self.taint[b]):
+                    self.bail(line, "consumes an iterator it was handed")
+                self.attempt(line, lst.extend, items)
+            elif name == "BUILD_SET":
+                items = [self.read(b + k, line, True) for k in range(c)]
+                self.set(a, self.attempt(line, set, items), _FRESH)
+            elif name == "FORMAT":
+                v = self.read(b, line, True)
+                spec = self.read(d, line, True) if d >= 0 else ""
+                conv = {ord("s"): str, ord("r"): repr, ord("a"): ascii}.get(c)
+                if conv is not None:
+                    v = self.attempt(line, conv, v)
+                self.set(a, self.attempt(line, format, v, spec), _FRESH)
+            elif name == "BUILD_STRING":
+                parts = [self.get(b + k, line) for k in range(c)]
+                if not all(isinstance(x, str) for x in parts):
+                    self.bail(line, "joins something that is not a str")
+                self.set(a, "".join(parts), _FRESH)
+            elif name == "DEREF":
+                cells = self.fn.__closure__ or ()
+                if b >= len(cells):
+                    self.bail(line, "reads a free variable the function does not have")
+                try:
+                    v = cells[b].cell_contents
+                except ValueError:
+                    self.bail(line, "reads a free variable that has no value")
+                self.set(a, v, _OUTSIDE)
             else:
                 self.bail(line, f"meets an unknown operation {name}")
 
@@ -923,6 +1239,8 @@ class _Interpreter:
         p = self.p
         fn = self.attempt(line, self.core.force, self.get(b, line))
         kind = self.callee_kind(fn)
+        if kind == "scheduled":
+            kind = None         # a map's calls are functional or pure (the C interpreter too)
         if kind is None:
             self.bail(line, f"calls {getattr(fn, '__qualname__', fn)!s}, which is neither "
                             "functional nor known to be pure")
@@ -951,3 +1269,147 @@ class _Interpreter:
         if kind == "functional" and isinstance(fn, types.FunctionType) and len(calls) > 1:
             return self.attempt(line, self.core._map, fn, calls)
         return [self.attempt(line, self.core.call, fn, args, None) for args in calls]
+
+
+# ---- pydron.explain -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Explanation:
+    """What pydron.explain found: whether the function has a graph (and if not, why, where),
+    what each call site does when the graph runs, and with arguments, what their call did."""
+    function: str
+    graph: bool
+    reason: str
+    line: int | None
+    sites: list              # (line, callee as written, what the graph does there)
+    outcome: str | None = None
+    result: object = None
+
+    def __str__(self) -> str:
+        out = [f"{self.function}: " + (f"replays its graph ({self.reason})" if self.graph else
+                                        f"no graph, traced on every call: {self.reason}" +
+                                        (f" (line {self.line})" if self.line else ""))]
+        for line, callee, verdict in self.sites:
+            out.append(f"  line {line}: {callee}: {verdict}")
+        if self.outcome:
+            out.append(f"  this call: {self.outcome}")
+        return "\n".join(out)
+
+
+def _callee_text(program: Program, reg: int, upto: int) -> tuple[str, object]:
+    """How the callee in register reg was written (the last instruction before upto that set
+    it), and the object when it can be known before the call runs."""
+    for pc in range(upto - 1, -1, -1):
+        op, a, b, c, d, _ = program.code[pc]
+        if a != reg or OPS[op] in ("APPEND", "STORE_ITEM", "SET_ADD", "EXTEND", "JUMP",
+                                   "IF_FALSE", "IF_TRUE", "RETURN", "KWNAMES", "BAIL"):
+            continue
+        if OPS[op] == "GLOBAL":
+            return program.names[b], _Global(program.names[b])
+        if OPS[op] == "GETATTR":
+            base, obj = _callee_text(program, b, pc)
+            return f"{base}.{program.names[c]}", (_Attr(obj, program.names[c])
+                                                 if obj is not None else None)
+        if OPS[op] == "MOVE":
+            return _callee_text(program, b, pc)
+        return "a value computed in the function", None
+    return "a parameter", None
+
+
+@dataclasses.dataclass
+class _Global:
+    name: str
+
+
+@dataclasses.dataclass
+class _Attr:
+    base: object
+    name: str
+
+
+def _resolve(ref, fn):
+    if isinstance(ref, _Global):
+        g = fn.__globals__
+        if ref.name in g:
+            return g[ref.name]
+        b = g.get("__builtins__", builtins)
+        b = vars(b) if isinstance(b, types.ModuleType) else b
+        return b.get(ref.name, _MISSING)
+    if isinstance(ref, _Attr):
+        base = _resolve(ref.base, fn)
+        if isinstance(base, types.ModuleType):
+            return getattr(base, ref.name, _MISSING)
+    return _MISSING
+
+
+_MISSING = object()
+
+
+def _verdict(obj, tables) -> str:
+    from pydron import _core
+    if obj is _MISSING:
+        return "decided when it runs: functional -> a task, scheduled with a graph -> nested " \
+               "replay, a known-pure function or method -> called here, else the graph gives " \
+               "up to the trace"
+    kind = _core._kind(obj) if isinstance(obj, (types.FunctionType, types.MethodType)) else 0
+    if kind == 1:
+        return "functional: a task"
+    if kind == 2:
+        try:
+            lift(getattr(obj, "__func__", obj))
+        except (Unsupported, SyntaxError) as exc:
+            return f"scheduled, without a graph of its own ({exc}): the graph gives up here"
+        return "scheduled: replays nested through its own graph"
+    callables, methods, _ = tables
+    try:
+        if obj in callables:
+            return "known pure: called here with its arguments read"
+    except TypeError:
+        pass
+    return "neither functional nor known to be pure: the graph gives up to the trace here"
+
+
+def explain(fn, *args, **kwargs) -> Explanation:
+    """Whether scheduled function fn replays its graph on later calls, and if not why, with the
+    line; per call site what the graph does with the callee. Given arguments, fn is also called
+    once with them through its graph (its effects are its own: they happen) and the outcome is
+    told: replayed to the end, or given up to the trace and why."""
+    inner = getattr(fn, "__func__", fn)
+    name = getattr(inner, "__qualname__", repr(fn))
+    try:
+        program = lift(inner)
+    except Unsupported as exc:
+        return Explanation(name, False, str(exc), exc.line, [])
+    except SyntaxError as exc:
+        return Explanation(name, False, f"its source does not parse ({exc.msg})", exc.lineno, [])
+    tables = pure_tables()
+    sites = []
+    for pc, (op, a, b, c, d, line) in enumerate(program.code):
+        if OPS[op] == "CALL":
+            text, ref = _callee_text(program, b, pc)
+            sites.append((line, text + "()", _verdict(_resolve(ref, inner), tables)))
+        elif OPS[op] == "MAP":
+            text, ref = _callee_text(program, b, pc)
+            verdict = _verdict(_resolve(ref, inner), tables)
+            if verdict.startswith("functional"):
+                verdict = "functional, over a comprehension: sent as a few chunk tasks (a map)"
+            sites.append((line, f"[{text}(...) for ...]", verdict))
+    summary = (f"{len(program.code)} instructions, {program.maps} map(s), "
+               f"{program.sites} branch site(s)")
+    out = Explanation(name, True, summary, None, sites)
+    if args or kwargs:
+        from pydron import _core
+        previous = _core._replay_configure(after=0)
+        _core._replay_forget(inner)
+        hits = _core._replay_stats()["hits"]
+        try:
+            out.result = fn(*args, **kwargs)
+        finally:
+            _core._replay_configure(after=previous["after"])
+        state = _core._replay_state(inner)
+        if _core._replay_stats()["hits"] > hits:
+            out.outcome = (f"replayed to the end ({state['guesses']} branch guess(es), "
+                           f"{state['mispredicts']} wrong)")
+        else:
+            out.outcome = f"gave up to the trace: {state.get('reason')}"
+    return out

@@ -23,7 +23,7 @@ from . import config as _config
 
 log = logging.getLogger("pydron")
 
-SUBCOMMANDS = ("run", "bench", "info", "check")
+SUBCOMMANDS = ("run", "bench", "info", "check", "cache")
 
 
 class UsageError(Exception):
@@ -180,11 +180,13 @@ class _NamingNamespace(MutableMapping):
             return _BUILTINS[key]
 
     def __setitem__(self, key, value):
+        # type(), not isinstance(): with the top level scheduled, value may be a pending
+        # result, which isinstance() would wait for (through its __class__)
         kind = self._names.get(key)
-        if kind is not None and isinstance(value, types.FunctionType):
+        if kind is not None and type(value) is types.FunctionType:
             value = self._decorators[kind](value)
             log.debug("decorated __main__.%s as %s", key, kind)
-        elif isinstance(value, type):
+        elif issubclass(type(value), type):
             for qual, kind in self._names.items():
                 cls, _, meth = qual.partition(".")
                 if cls == key and meth:
@@ -217,11 +219,15 @@ def _run_parser() -> _Parser:
     p = _Parser(prog="pydron run", description="Run a script with pydron enabled from "
                 "its first line.")
     p.add_argument("--workers", type=str, default=None, help="worker processes")
-    p.add_argument("--backend", default=None, help="where tasks run (local)")
+    p.add_argument("--backend", default=None, help="where tasks run (local, cluster)")
+    p.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run tasks on this Dask cluster (tls://host:8786, local:4)")
     p.add_argument("--functional", action="append", default=[], metavar="MOD.FUNC",
                    help="treat this function as @pydron.functional (repeatable)")
     p.add_argument("--schedule", action="append", default=[], metavar="MOD.FUNC",
-                   help="treat this function as @pydron.schedule (repeatable)")
+                   help="treat this function as @pydron.schedule (repeatable); __main__ "
+                        "schedules the script's top-level code, the default when functional "
+                        "functions are named and no scheduled one is")
     p.add_argument("--disable", action="store_true", default=None,
                    help="run as plain Python")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -233,13 +239,35 @@ def _run_parser() -> _Parser:
     return p
 
 
+def _print_report(cfg) -> None:
+    if cfg.disable:
+        return
+    from pydron import report
+    try:
+        report.print_report(sys.stderr, cfg.workers)
+    except Exception as exc:      # the report never fails the run
+        log.debug("pydron: no wait report: %s", exc)
+
+
 def _trim_traceback(exc: BaseException) -> None:
-    """Print the script's traceback as plain Python would: without pydron.cli's frames."""
-    tb = exc.__traceback__
-    here = os.path.abspath(__file__)
-    while tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename) == here:
-        tb = tb.tb_next
-    traceback.print_exception(type(exc), exc, tb)
+    """Print the script's traceback as plain Python would: without pydron's own frames (this
+    file's, and those of _toplevel's helpers when the top level was scheduled)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = {os.path.join(here, "cli.py"), os.path.join(here, "_toplevel.py")}
+    report = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    for part in _chain(report):
+        part.stack = traceback.StackSummary.from_list(
+            [frame for frame in part.stack if os.path.abspath(frame.filename) not in ours])
+    sys.stderr.write("".join(report.format()))
+
+
+def _chain(report: traceback.TracebackException):
+    """The report and those of its causes and contexts."""
+    seen = []
+    while report is not None and report not in seen:
+        seen.append(report)
+        report = report.__cause__ or (None if report.__suppress_context__ else report.__context__)
+    return seen
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -249,8 +277,8 @@ def cmd_run(argv: list[str]) -> int:
         raise UsageError(f"pydron run: script not found: {ns.script}")
     try:
         cfg = _config.resolve(
-            {"workers": ns.workers, "backend": ns.backend, "disable": ns.disable,
-             "progress": ns.progress, "timeline": ns.timeline,
+            {"workers": ns.workers, "backend": ns.backend, "cluster": ns.cluster,
+             "disable": ns.disable, "progress": ns.progress, "timeline": ns.timeline,
              "functional": ns.functional, "schedule": ns.schedule},
             search_dirs=[script.resolve().parent, Path.cwd()])
     except _config.ConfigError as exc:
@@ -260,7 +288,11 @@ def cmd_run(argv: list[str]) -> int:
     except OSError as exc:
         raise UsageError(f"pydron run: cannot read {script}: {exc.strerror}") from None
 
-    named = bool(cfg.functional or cfg.schedule)
+    # `--schedule __main__` names the script's top level; so does naming functional functions
+    # and no scheduled one.
+    schedule_top = "__main__" in cfg.schedule or bool(cfg.functional and not cfg.schedule)
+    schedule_functions = [name for name in cfg.schedule if name != "__main__"]
+    named = bool(cfg.functional or schedule_functions)
     try:
         code = compile(source, os.path.abspath(script), "exec", dont_inherit=True)
         tree = ast.parse(source, str(script)) if named else None
@@ -271,7 +303,7 @@ def cmd_run(argv: list[str]) -> int:
     # The script sees the same sys.argv and sys.path[0] as under `python script.py`.
     sys.argv[:] = [str(script)] + list(ns.args)
     sys.path[0] = str(script.resolve().parent)
-    plan = NamePlan(cfg.functional, cfg.schedule, script, tree)
+    plan = NamePlan(cfg.functional, schedule_functions, script, tree)
     plan.check_script()
     module_targets = plan.resolve_modules()
 
@@ -289,7 +321,7 @@ def cmd_run(argv: list[str]) -> int:
         log.debug("decorated %s.%s as %s", getattr(owner, "__name__", owner), attr, kind)
     if not cfg.disable:
         pydron.enable(workers=cfg.workers, progress=cfg.progress, timeline=cfg.timeline,
-                      blas_threads=cfg.blas_threads)
+                      blas_threads=cfg.blas_threads, cluster=_config.cluster_address(cfg))
         from pydron import report
         report.start()
     log.debug("running %s with %s", script, cfg.as_dict())
@@ -298,29 +330,43 @@ def cmd_run(argv: list[str]) -> int:
     main.__dict__.update(__file__=os.path.abspath(script), __builtins__=builtins,
                          __cached__=None, __loader__=None, __spec__=None)
     sys.modules["__main__"] = main
+    namespace = (_NamingNamespace(main.__dict__, plan.script_names, decorators)
+                 if plan.script_names else None)
+    reported = False
     try:
-        if plan.script_names:
-            exec(code, main.__dict__,
-                 _NamingNamespace(main.__dict__, plan.script_names, decorators))
+        if schedule_top and pydron.is_enabled():
+            from . import _toplevel
+            _toplevel.run_scheduled_module(code, main.__dict__, namespace)
         else:
-            exec(code, main.__dict__)
+            exec(code, main.__dict__, namespace)
     except SystemExit:
         raise
     except KeyboardInterrupt as exc:
         _trim_traceback(exc)
         return 130
     except BaseException as exc:  # the script's own failure, reported as Python would
+        sys.stdout.flush()
+        _print_report(cfg)        # before the traceback, which stays the last thing printed
         _trim_traceback(exc)
+        reported = True
         return 1
     finally:
         sys.stdout.flush()
         if not cfg.disable and hasattr(pydron, "stats"):
             try:
-                log.info("tasks of %s: %s", script.name, pydron.stats())
-                from pydron import report
-                report.print_report(sys.stderr, cfg.workers)
+                stats = pydron.stats()
+                if not reported:
+                    _print_report(cfg)
             except Exception:
-                pass
+                stats = None
+            if stats is not None:
+                log.info("tasks of %s: %s", script.name, stats)
+                if cfg.functional and stats.get("submitted") == 0:
+                    log.warning("pydron: the run scheduled nothing: %s named functional, but "
+                                "no scheduled code called %s (name the function that calls "
+                                "%s with --schedule)", ", ".join(cfg.functional),
+                                "it" if len(cfg.functional) == 1 else "them",
+                                "it" if len(cfg.functional) == 1 else "them")
     return 0
 
 
@@ -348,6 +394,7 @@ def cmd_info(argv: list[str]) -> int:
                 "versions in use and the workers.")
     p.add_argument("--workers", default=None)
     p.add_argument("--backend", default=None)
+    p.add_argument("--cluster", default=None, metavar="ADDRESS")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("script", nargs="?", help="look for config files beside this script")
     ns = p.parse_args(argv)
@@ -357,8 +404,8 @@ def cmd_info(argv: list[str]) -> int:
             raise UsageError(f"pydron info: script not found: {ns.script}")
         dirs.insert(0, Path(ns.script).resolve().parent)
     try:
-        cfg = _config.resolve({"workers": ns.workers, "backend": ns.backend},
-                              search_dirs=dirs)
+        cfg = _config.resolve({"workers": ns.workers, "backend": ns.backend,
+                               "cluster": ns.cluster}, search_dirs=dirs)
     except _config.ConfigError as exc:
         raise UsageError(f"pydron info: {exc}") from None
     versions = _versions()
@@ -371,6 +418,9 @@ def cmd_info(argv: list[str]) -> int:
     workers = {"backend": cfg.backend, "count": 0 if cfg.disable else cfg.workers,
                "usable_cores": _config.default_workers(), "cpu_count": os.cpu_count(),
                "blas_threads_per_worker": cfg.blas_threads}
+    cluster = _cluster_info(cfg)
+    if cluster is not None:
+        workers["cluster"] = cluster
     if ns.json:
         print(json.dumps({"pydron": pkg, "location": location,
                           "config_file": str(cfg.file) if cfg.file else None,
@@ -378,7 +428,8 @@ def cmd_info(argv: list[str]) -> int:
                                      for k, s in cfg.settings.items()},
                           "variables": {var: k for k, (_, var, _) in _config.KEYS.items()
                                         if var},
-                          "versions": versions, "workers": workers}, indent=2))
+                          "versions": versions, "workers": workers,
+                          "graph_cache": _graph_cache_stats(cfg)}, indent=2))
         return 0
     print(f"pydron {pkg} ({location})")
     print(f"config file: {cfg.file or 'none found'}")
@@ -395,8 +446,108 @@ def cmd_info(argv: list[str]) -> int:
     state = "none (disabled)" if cfg.disable else (
         f"{cfg.workers} local processes, {cfg.blas_threads} BLAS/OpenMP "
         f"thread{'s' * (cfg.blas_threads != 1)} each")
+    if cluster is not None and not cfg.disable:
+        state = _cluster_text(cluster)
     print(f"workers: {state}; {workers['usable_cores']} usable cores")
+    from . import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
+    print(_cache_text(_graph_cache.stats()))
     return 0
+
+
+def cmd_cache(argv: list[str]) -> int:
+    p = _Parser(prog="pydron cache", description="The graphs of scheduled functions kept "
+                "between runs (PYDRON_CACHE_DIR): list them, count what they saved, clear them.")
+    p.add_argument("action", choices=("list", "stats", "clear"))
+    p.add_argument("--json", action="store_true", help="print JSON")
+    ns = p.parse_args(argv)
+    try:
+        cfg = _config.resolve({})
+    except _config.ConfigError as exc:
+        raise UsageError(f"pydron cache: {exc}") from None
+    from . import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
+    if ns.action == "clear":
+        n = _graph_cache.clear()
+        print(f"removed {n} cached graph file(s) from {_graph_cache.directory() or '(no cache)'}")
+        return 0
+    if ns.action == "stats":
+        st = _graph_cache.stats()
+        if ns.json:
+            print(json.dumps(st, indent=2))
+        else:
+            print(_cache_text(st))
+        return 0
+    entries = _graph_cache.entries()
+    if ns.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    if not entries:
+        print(f"no cached graphs in {_graph_cache.directory() or '(no cache: off)'}")
+    for e in entries:
+        if e["kind"] == "graph":
+            what = f"{e['function']} ({e['file']}), {e['instructions']} instructions"
+        elif e["kind"] == "no graph":
+            what = f"no graph: {e['reason']}"
+        else:
+            what = f"unreadable, ignored: {e['problem']}"
+        print(f"{e['key']}  {e['bytes']:>7} B  {what}")
+    return 0
+
+
+def _graph_cache_stats(cfg) -> dict:
+    from . import _graph_cache
+    _graph_cache.configure(cfg.cache_dir)
+    return _graph_cache.stats()
+
+
+def _cache_text(st: dict) -> str:
+    if st.get("directory") is None:
+        return "graph cache: off"
+    return (f"graph cache: {st['directory']}: {st['graphs']} graph(s), {st['bytes']} bytes; "
+            f"over {st.get('processes', 0)} process(es): {st.get('replay_hits', 0)} replayed "
+            f"call(s), {st.get('replay_misses', 0)} traced, {st.get('lifts', 0)} graph(s) made "
+            f"lifted, {st.get('loads', 0)} loaded from disk, {st.get('mispredicts', 0)} "
+            f"misprediction(s), {st.get('bails', 0)} replay(s) given up, "
+            f"{st.get('rejected', 0)} file(s) rejected")
+
+
+def _cluster_info(cfg) -> dict | None:
+    """The cluster `cfg` names: its address and, for a running scheduler, its workers, threads
+    and dashboard (asked with a short timeout); a local:N cluster is only described."""
+    address = _config.cluster_address(cfg)
+    if address is None:
+        return None
+    info: dict[str, Any] = {"address": address}
+    from . import _cluster
+    n = _cluster.parse_local(address)
+    if n is not None:
+        info.update(workers=n or _config.default_workers(), threads=1,
+                    note="started by pydron.enable(), stopped at exit")
+        return info
+    try:
+        security = _cluster.check_security(address, None, cfg.cluster_insecure)
+        from distributed import Client
+        with Client(address, security=security, timeout=5, set_as_default=False) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+            info.update(workers=len(workers),
+                        threads=sum(w.get("nthreads", 0) for w in workers.values()),
+                        dashboard=_cluster._dashboard(client))
+    except Exception as exc:
+        info["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return info
+
+
+def _cluster_text(info: dict) -> str:
+    if "error" in info:
+        return f"Dask cluster {info['address']}: not reachable ({info['error']})"
+    text = (f"Dask cluster {info['address']}: {info['workers']} workers, {info['threads']} "
+            f"threads")
+    if info.get("note"):
+        text += f" ({info['note']})"
+    if info.get("dashboard"):
+        text += f"; dashboard {info['dashboard']}"
+    return text
 
 
 def _dist_version() -> str:
@@ -411,12 +562,13 @@ def _dist_version() -> str:
 
 def _usage() -> str:
     return ("usage: pydron {run,bench,info} ...\n"
-            "  pydron run [--workers N] [--functional MOD.FUNC] [--schedule MOD.FUNC] "
-            "script.py [args]\n"
+            "  pydron run [--workers N] [--cluster ADDRESS] [--functional MOD.FUNC] "
+            "[--schedule MOD.FUNC] script.py [args]\n"
             "  pydron bench [--quick] [--workloads W,..] [--systems S,..] [--workers N] "
             "[--repeat R] [--json FILE] [--plot FILE] [--timeline FILE]\n"
             "  pydron info [--json] [script.py]\n"
-            "  pydron check [--functional NAME] [--json] script.py\n")
+            "  pydron check [--functional NAME] [--json] script.py\n"
+            "  pydron cache list|stats|clear [--json]\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "check":
             from . import check
             return check.main(rest)
+        if cmd == "cache":
+            return cmd_cache(rest)
         raise UsageError(f"pydron: unknown command {cmd!r} "
                          f"(accepted: {', '.join(SUBCOMMANDS)})")
     except UsageError as exc:

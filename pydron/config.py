@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ConfigError", "Config", "Setting", "KEYS", "find_config_file", "resolve",
+           "cluster_address",
            "default_workers", "resolve_for_enable", "killed", "blas_threads_for", "apply_log_level",
            "apply_log_level_from_env", "resolve_log_level", "exported_environment"]
 
@@ -25,7 +26,12 @@ __all__ = ["ConfigError", "Config", "Setting", "KEYS", "find_config_file", "reso
 # reads is listed here, with its one default in _defaults().
 KEYS: dict[str, tuple[str, str | None, str]] = {
     "workers": ("int", "PYDRON_WORKERS", "worker processes (default: usable cores)"),
-    "backend": ("backend", "PYDRON_BACKEND", "where tasks run: local"),
+    "backend": ("backend", "PYDRON_BACKEND",
+                "where tasks run: local, or cluster (the `cluster` address, else local:workers)"),
+    "cluster": ("cluster", "PYDRON_CLUSTER",
+                "run tasks on this Dask cluster: tls://host:port, tcp://host:port or local:N"),
+    "cluster_insecure": ("bool", "PYDRON_CLUSTER_INSECURE",
+                         "allow a cluster address off this machine without TLS (logged)"),
     "disable": ("bool", "PYDRON_DISABLE", "run as plain Python, decorators change nothing"),
     "progress": ("bool", "PYDRON_PROGRESS", "progress bar for long scheduled calls"),
     "timeline": ("path", "PYDRON_TIMELINE", "write a Chrome trace-event timeline here"),
@@ -45,13 +51,20 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
               "the function that changed them (slower; for finding side effects)"),
     "task_timeout": ("seconds", "PYDRON_TASK_TIMEOUT",
                      "default timeout of every task in seconds (0 or off: none)"),
+    "cache_dir": ("path", "PYDRON_CACHE_DIR",
+                  "where graphs of scheduled functions are kept between runs "
+                  "(default: ~/.cache/pydron; off: no disk cache)"),
+    "replay": ("replay", "PYDRON_REPLAY",
+               "later calls of a scheduled function replay its graph instead of tracing it: "
+               "on, off, or reference (the Python interpreter, for tests)"),
     "log": ("log", "PYDRON_LOG", "level of the `pydron` logger on stderr "
                                  "(debug, info, warning, error; default: not set)"),
     "functional": ("names", None, "functions to run as functional tasks (mod.func)"),
     "schedule": ("names", None, "functions to schedule (mod.func)"),
 }
-BACKENDS = ("local",)
+BACKENDS = ("local", "cluster")
 INTERCEPTS = ("vectorcall", "hook")
+REPLAYS = ("on", "off", "reference")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_THREADS = 1024          # the thread pool's limit (exec/threads.c)
 _TRUE = {"1", "true", "yes", "on"}
@@ -105,10 +118,11 @@ def blas_threads_for(workers: int, cores: int | None = None) -> int:
 def _defaults() -> dict[str, Any]:
     # "auto" values (threads, blas_threads) are 0 here and worked out at the end of
     # resolve(), once the worker count is known.
-    return {"workers": default_workers(), "backend": "local", "disable": False,
+    return {"workers": default_workers(), "backend": "local", "cluster": None,
+            "cluster_insecure": False, "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
-            "report": False, "check": False,
+            "report": False, "check": False, "replay": "on", "cache_dir": None,
             "functional": [], "schedule": []}
 
 
@@ -157,6 +171,19 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
             raise ConfigError(f"{where}: unknown backend {value!r} "
                               f"(accepted: {', '.join(BACKENDS)})")
         return value
+    if kind == "cluster":
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: cluster must be an address like tls://host:8786 or "
+                              f"local:4, got {value!r}")
+        text = value.strip()
+        if text.lower() in ("", "none", "off"):
+            return None
+        if not _cluster_address_ok(text):
+            raise ConfigError(f"{where}: cluster must be an address like tls://host:8786, "
+                              f"tcp://host:8786 or local:4, got {value!r}")
+        return text
     if kind == "intercept":
         text = value.strip().lower() if isinstance(value, str) else value
         if text == "":
@@ -164,6 +191,15 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
         if text not in INTERCEPTS:
             raise ConfigError(f"{where}: intercept must be 'vectorcall' or 'hook', "
                               f"got {value!r}")
+        return text
+    if kind == "replay":
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text is True or text in _TRUE:
+            return "on"
+        if text is False or text in _FALSE:
+            return "off"
+        if text not in REPLAYS:
+            raise ConfigError(f"{where}: replay must be on, off or reference, got {value!r}")
         return text
     if kind == "seconds":
         given = value
@@ -205,6 +241,25 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
                               f"\"module.function\", got {value!r}")
         return list(value)
     raise AssertionError(kind)
+
+
+def _cluster_address_ok(text: str) -> bool:
+    """local, local:N, [scheme://]host:port (the check that needs no network)."""
+    import re
+    if text == "local" or text.startswith("local:"):
+        return re.fullmatch(r"local(:[1-9][0-9]*)?", text) is not None
+    return re.fullmatch(r"([a-z]+://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?/?",
+                        text) is not None
+
+
+def cluster_address(cfg: "Config") -> str | None:
+    """The cluster tasks run on under `cfg`: its `cluster` address; with backend=cluster and
+    no address, a local cluster of `workers` workers; None for the local pool."""
+    if cfg.cluster:
+        return cfg.cluster
+    if cfg.backend == "cluster":
+        return f"local:{cfg.workers}"
+    return None
 
 
 def find_config_file(dirs: list[Path]) -> tuple[Path | None, dict[str, Any]]:
@@ -272,6 +327,13 @@ def resolve(cli: dict[str, Any] | None = None, *, search_dirs: list[Path] | None
             raise ConfigError(f"unknown option {key!r}")
         label = _given_label(caller, key)
         settings[key] = Setting(_convert(key, value, label, parse=caller != "enable"), label)
+    # A cluster address given anywhere means the cluster backend, unless the backend itself
+    # was given (backend=local with an address is a contradiction said once, here).
+    if settings["cluster"].value and settings["backend"].source == "default":
+        settings["backend"] = Setting("cluster", settings["cluster"].source)
+    elif settings["cluster"].value and settings["backend"].value == "local":
+        raise ConfigError(f"backend=local ({settings['backend'].source}) contradicts cluster="
+                          f"{settings['cluster'].value!r} ({settings['cluster'].source})")
     # "auto" means: worked out from the cores and the workers actually used.
     if settings["threads"].value == 0:
         settings["threads"].value = default_workers()
@@ -326,6 +388,17 @@ def exported_environment(cfg: Config) -> dict[str, str]:
 _log_handler: logging.Handler | None = None
 
 
+class _Formatter(logging.Formatter):
+    """`pydron: WARNING: message`, once: most messages already begin with "pydron: " (they
+    read well through logging's last-resort handler, which prints the bare message)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if text.startswith("pydron: "):
+            text = text[len("pydron: "):]
+        return f"{record.name}: {record.levelname}: {text}"
+
+
 def apply_log_level(level: str | None) -> None:
     """PYDRON_LOG / `log`: show the `pydron` logger's records at this level on stderr. Only
     that logger: the root logger and other libraries' loggers (matplotlib, PIL) keep their
@@ -337,7 +410,7 @@ def apply_log_level(level: str | None) -> None:
     logger.setLevel(level.upper())
     if _log_handler is None:
         _log_handler = logging.StreamHandler(sys.stderr)
-        _log_handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        _log_handler.setFormatter(_Formatter())
         logger.addHandler(_log_handler)
         # The records go to stderr once, here, not again through the root's handlers.
         logger.propagate = False

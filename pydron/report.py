@@ -10,6 +10,8 @@ import sys
 
 from pydron import _core
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
 # A line waited at more often than this, in one call on average, is a wait inside a loop.
 _LOOP_WAITS = 3
 
@@ -40,7 +42,9 @@ def _hint(line_text: str) -> str:
 
 
 def format_report(data: dict, workers: int | None = None) -> str:
-    """The report as text; empty when nothing was scheduled."""
+    """The report as text; empty when no task was made (functions that made none are left
+    out)."""
+    data = {name: e for name, e in data.items() if e["tasks"]}
     if not data:
         return ""
     workers = workers or os.cpu_count() or 1
@@ -51,7 +55,12 @@ def format_report(data: dict, workers: int | None = None) -> str:
         lines.append(f"  {name}: {e['calls']} call(s), {e['tasks']} task(s), "
                      f"{wall:.3f} s, tasks busy {busy:.3f} s: {parallel:.2f} of {workers} "
                      f"worker(s) used")
-        waits = sorted(e["waits"].items(), key=lambda kv: -kv[1][1])
+        # Waits inside pydron's own Python (the scheduled top level's namespace) are not the
+        # user's lines.
+        waits = sorted(((k, v) for k, v in e["waits"].items()
+                        if not (isinstance(k[0], str) and
+                                os.path.dirname(os.path.abspath(k[0])) == _PACKAGE_DIR)),
+                       key=lambda kv: -kv[1][1])
         for (filename, line), (count, seconds) in waits[:5]:
             where = f"{os.path.basename(filename)}:{line}" if isinstance(filename, str) else "?"
             text = linecache.getline(filename, line).strip() if isinstance(filename, str) else ""

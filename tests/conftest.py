@@ -16,6 +16,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 
 SANITIZED = bool(os.environ.get("PYDRON_SANITIZED"))
 
+# The graph cache of this test run, empty at its start, for this process and the ones it starts:
+# never the user's, and nothing left from an earlier run decides what a test sees.
+if "PYDRON_TEST_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["PYDRON_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="pydron-test-cache-")
+    os.environ["PYDRON_CACHE_DIR"] = os.environ["PYDRON_TEST_CACHE_DIR"]
+
 
 def pytest_configure(config):
     config.addinivalue_line(

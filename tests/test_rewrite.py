@@ -1,12 +1,12 @@
-"""The bytecode rewrite (pydron._rewrite) run by the pure-Python reference runtime
-(pydron._reference): every case runs plainly and rewritten, and must give the same return value,
-exception (type and message) and printed output. Also: parallelism structure, forcing cost,
-tracebacks, and rewrite time."""
+"""The bytecode rewrite (pydron._rewrite) itself, run by the pure-Python reference runtime
+(pydron._reference): the parallel structure it leaves (nothing waits before a result is read),
+how often it forces, tracebacks, the structure of rewritten code, refusals, rewrite time, the
+standard library run as scheduled code, and random programs against plain Python.
+
+What rewritten code computes, construct by construct, is the semantics corpus's business
+(tests/semantics, run in every mode by test_semantics.py)."""
 
 import io
-import json
-import math
-import struct
 import sys
 import time
 import traceback
@@ -18,6 +18,8 @@ import re._parser as re_parser
 
 from pydron import _rewrite
 from pydron._reference import Pending, ReferenceRuntime
+from semantics import cases_constructs, cases_regions
+from semantics.registry import load_all
 
 
 def functional(f):
@@ -29,10 +31,6 @@ def scheduled(f):
     f.__pydron_kind__ = "scheduled"
     return f
 
-
-# ---------------------------------------------------------------------------------------
-# functional functions
-# ---------------------------------------------------------------------------------------
 
 @functional
 def sq(x):
@@ -49,1235 +47,6 @@ def fail(x):
     if x == 3:
         raise ValueError("bad %r" % (x,))
     return x
-
-
-@functional
-def boom(msg="boom"):
-    raise KeyError(msg)
-
-
-@functional
-def pair(x):
-    return (x, x + 1)
-
-
-@functional
-def mklist(n):
-    return list(range(n))
-
-
-@functional
-def name(x):
-    return "n%d" % x
-
-
-@functional
-def kw(a, b=2, *, c=3):
-    return (a, b, c)
-
-
-@functional
-def varargs(*a, **k):
-    return (a, sorted(k.items()))
-
-
-@functional
-def maybe_none(x):
-    return None if x % 2 else x
-
-
-@functional
-def mkdict(x):
-    return {"x": x, "y": [x, x]}
-
-
-class Point:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __eq__(self, other):
-        return type(other) is Point and (self.x, self.y) == (other.x, other.y)
-
-    def __repr__(self):
-        return "Point(%r, %r)" % (self.x, self.y)
-
-
-@functional
-def point(x):
-    return Point(x, -x)
-
-
-# ---------------------------------------------------------------------------------------
-# scheduled cases (plain Python is the reference)
-# ---------------------------------------------------------------------------------------
-
-def c_loop_append(xs):
-    r = []
-    for x in xs:
-        r.append(sq(x))
-    return sum(r), r
-
-
-def c_listcomp(xs):
-    return [sq(x) for x in xs]
-
-
-def c_dictcomp(xs):
-    return {x: sq(x) for x in xs}
-
-
-def c_setcomp(xs):
-    return {sq(x) % 3 for x in xs}
-
-
-def c_genexpr(xs):
-    return sum(sq(x) for x in xs), max(sq(x) for x in xs)
-
-
-def c_nested_comp(n):
-    return [[add(i, j) for j in range(i)] for i in range(n)]
-
-
-def c_comp_filter(xs):
-    return [v for v in [sq(x) for x in xs] if v % 2 == 0]
-
-
-def c_cond(x):
-    a = sq(x)
-    if a > 5:
-        return "big", a
-    elif a == 4:
-        return "four", a
-    return "small", a
-
-
-def c_while(n):
-    i = 0
-    v = sq(1)
-    while v < n:
-        v = add(v, sq(i))
-        i += 1
-    return v, i
-
-
-def c_try_caught(x):
-    try:
-        y = fail(x)
-        z = y + 1
-    except ValueError as e:
-        return "caught " + str(e)
-    return z
-
-
-def c_try_unread(x):
-    out = []
-    try:
-        fail(x)
-    except ValueError as e:
-        out.append("handler %s" % e)
-    out.append("after")
-    return out
-
-
-def c_try_nested(x):
-    try:
-        try:
-            v = boom("k%d" % x)
-            return v
-        except ValueError:
-            return "inner"
-    except KeyError as e:
-        return "outer " + repr(e)
-
-
-def c_try_earlier_wins(x):
-    a = fail(x)
-    try:
-        b = boom()
-        return b
-    except KeyError:
-        return "inner"
-
-
-def c_try_finally(x):
-    r = []
-    try:
-        r.append(sq(x))
-    finally:
-        print("finally", len(r))
-    return r
-
-
-def c_try_finally_raise(x):
-    try:
-        v = fail(x)
-    finally:
-        print("finally runs")
-    return v
-
-
-def c_try_else(x):
-    try:
-        v = fail(x)
-    except ValueError:
-        v = -1
-    else:
-        v = v * 10
-    finally:
-        print("done")
-    return v
-
-
-def c_return_in_finally(x):
-    try:
-        fail(x)
-    finally:
-        return "swallowed"
-
-
-def c_try_in_loop(xs):
-    out = []
-    for x in xs:
-        try:
-            v = fail(x)
-            if v == 5:
-                break
-            if v == 1:
-                continue
-            out.append(v)
-        except ValueError as e:
-            out.append(str(e))
-    return out
-
-
-def c_try_return_inside(x):
-    try:
-        return fail(x)
-    except ValueError:
-        return "handled"
-
-
-def c_raise_from(x):
-    try:
-        fail(x)
-        return sq(x)
-    except ValueError as e:
-        raise RuntimeError("wrapped") from e
-
-
-def c_exception_unread_at_end(x):
-    sq(2)
-    fail(x)
-    return 1
-
-
-class Recorder:
-    def __init__(self):
-        self.log = []
-
-    def __enter__(self):
-        self.log.append("enter")
-        return self
-
-    def __exit__(self, et, ev, tb):
-        self.log.append("exit %s" % (et.__name__ if et else None))
-        return et is KeyError
-
-
-def c_with(x):
-    rec = Recorder()
-    try:
-        with rec as r:
-            v = fail(x)
-            w = sq(x)
-    except ValueError as e:
-        rec.log.append("outer %s" % e)
-    with rec:
-        boom()
-    return rec.log
-
-
-def c_closure(xs):
-    total = 0
-    base = sq(2)
-
-    def inner(v):
-        nonlocal total
-        total += v + base
-        return total
-
-    for x in xs:
-        inner(sq(x))
-    return total, inner(0)
-
-
-def c_lambda(xs):
-    f = lambda v: sq(v) + 1  # noqa: E731
-    return [f(x) for x in xs], sorted(xs, key=lambda v: -sq(v))
-
-
-def c_defaults(x, y=3, *, z=4):
-    return kw(x, c=sq(y)), kw(b=sq(z), a=x), kw(*[x, y], **{"c": sq(z)})
-
-
-def c_starargs(*args, **kwargs):
-    return varargs(*args, **kwargs), varargs(*[sq(a) for a in args], k=sq(2))
-
-
-def c_unpack(x):
-    a, b = pair(sq(x))
-    first, *rest = mklist(5)
-    (c, d), e = pair(x), sq(x)
-    return a, b, first, rest, c, d, e
-
-
-@scheduled
-def s_helper(xs):
-    return [sq(x) for x in xs]
-
-
-@scheduled
-def s_fib(n):
-    if n < 2:
-        return sq(n)
-    return add(s_fib(n - 1), s_fib(n - 2))
-
-
-def c_nested_scheduled(xs):
-    r = s_helper(xs)
-    return sum(r), s_fib(8)
-
-
-def c_inner_generator(xs):
-    def gen():
-        for x in xs:
-            yield sq(x)
-        return "end"
-
-    out = list(gen())
-    g = gen()
-    first = next(g)
-    return out, first
-
-
-def c_early_return(xs):
-    for x in xs:
-        v = sq(x)
-        if v > 10:
-            return x, v
-    return None
-
-
-def c_break_continue(xs):
-    out = []
-    for x in xs:
-        v = sq(x)
-        if v == 4:
-            continue
-        if v > 30:
-            break
-        out.append(v)
-    else:
-        out.append("no break")
-    return out
-
-
-def c_match(x):
-    out = []
-    match pair(sq(x)):
-        case (a, b) if a > 3:
-            out.append(("big", a, b))
-        case (0, _):
-            out.append("zero")
-        case _:
-            out.append("other")
-    match mkdict(x):
-        case {"x": 2, "y": [p, q]}:
-            out.append(("two", p, q))
-        case {"x": v}:
-            out.append(("x", v))
-    match point(x):
-        case Point(x=0):
-            out.append("origin")
-        case Point(x=px, y=py):
-            out.append((px, py))
-    match sq(x):
-        case 4:
-            out.append("four")
-        case int(n):
-            out.append(n)
-    return out
-
-
-def c_fstrings(x):
-    a = sq(x)
-    return (f"{a} and {sq(x + 1):>5} {name(x)!r} {a:.2f}", "%d-%s" % (sq(2), name(3)),
-            "{}/{}".format(sq(1), a), "%(a)s" % {"a": a})
-
-
-def c_is_none(xs):
-    out = []
-    for x in xs:
-        r = maybe_none(x)
-        if r is None:
-            out.append("none")
-        elif r is not None and r > 2:
-            out.append(r)
-    return out
-
-
-def c_type_isinstance(x):
-    a = sq(x)
-    b = name(x)
-    return type(a).__name__, isinstance(b, str), type(pair(x)) is tuple, id(a) == id(a)
-
-
-def c_join(xs):
-    names = [name(x) for x in xs]
-    return ",".join(names), " ".join(name(x) for x in xs)
-
-
-def c_json_struct_numpy(xs):
-    r = [sq(x) for x in xs]
-    arr = np.array(r)
-    return json.dumps(r), struct.pack("%di" % len(r), *r), arr.sum(), np.array([sq(2), 5]).tolist()
-
-
-class Base:
-    def m(self, x):
-        return x + 100
-
-
-class Derived(Base):
-    def m(self, x):
-        return super().m(sq(x)) + sq(x)
-
-
-def c_super(x):
-    return Derived().m(x)
-
-
-class Derived2(Base):
-    @scheduled
-    def m(self, x):
-        return super().m(sq(x)) + sq(x)
-
-
-def c_introspection(x):
-    y = sq(x)
-    try:
-        z = sq(y)
-    except ValueError:
-        z = 0
-    loc = sorted(locals())
-    fr = sys._getframe()
-    return loc, fr.f_code.co_name, sorted(vars()), dir(), z
-
-
-def c_print(xs):
-    for x in xs:
-        print("value", sq(x), end=";")
-    print()
-    r = [sq(x) for x in xs]
-    print(r)
-    return len(r)
-
-
-def c_store_subscr(xs):
-    d = {}
-    lst = [0] * len(xs)
-    for i, x in enumerate(xs):
-        d[name(x)] = sq(x)
-        lst[i] = sq(x)
-    lst[0] += 1
-    del lst[-1]
-    return d, lst, d.get("n2"), lst[1:3], lst[::-1]
-
-
-G = None
-
-
-def c_global_attr(x):
-    global G
-    G = sq(x)
-    p = Point(0, 0)
-    p.x = sq(x)
-    p.y = pair(x)
-    return G, p
-
-
-def c_operators(x):
-    a, b = sq(x), sq(x + 1)
-    r = [sq(i) for i in range(4)]
-    return (a + b, a - b, a * b, b / a, b // a, b % a, -a, ~a, +a, a ** 2, a << 1, a & b,
-            a | b, a ^ b, not a, a < b, a == b, 0 < a < 10, a if b else -1, a and b, a or b,
-            sq(0) or sq(2), a in r, b not in r, r + [a], r * 2, [*r, *r], {**{"a": a}, "b": b},
-            (lambda: a)(), math.sqrt(a), abs(-a), divmod(b, a))
-
-
-def c_augmented(xs):
-    t = 0
-    s = ""
-    for x in xs:
-        t += sq(x)
-        s += name(x)
-    t -= 1
-    return t, s
-
-
-def c_walrus_assert(xs):
-    assert sq(2) == 4, "sq"
-    out = [y for x in xs if (y := sq(x)) > 3]
-    if (n := len(out)) > 1:
-        return n, out
-    return out
-
-
-def c_assert_fails(x):
-    assert sq(x) == 5, "sq(%d) is not 5" % x
-
-
-def c_class_inside(x):
-    class Local:
-        k = 7
-
-        def get(self):
-            return self.k
-
-    o = Local()
-    return o.get() + sq(x)
-
-
-def c_del_and_rebind(x):
-    a = sq(x)
-    b = a
-    del a
-    a = sq(x + 1)
-    return a, b
-
-
-def c_dict_methods(xs):
-    d = {}
-    for x in xs:
-        d.setdefault(x % 2, []).append(sq(x))
-    return sorted(d.items()), sum(d[0]), list(d.keys()), sorted(d.values())
-
-
-def c_list_methods(xs):
-    r = [sq(x) for x in xs]
-    r.insert(0, sq(9))
-    r.extend([sq(7)])
-    r.sort()
-    r.reverse()
-    idx = r.index(sq(3))
-    return r, idx, r.count(sq(2)), r.pop(), min(r), sorted(r)
-
-
-def c_zip_enumerate(xs):
-    r = [sq(x) for x in xs]
-    return list(zip(xs, r)), list(enumerate(r)), dict(zip(xs, r)), [a + b for a, b in zip(r, r)]
-
-
-def c_exception_in_comprehension(xs):
-    try:
-        return [fail(x) + 1 for x in xs]
-    except ValueError as e:
-        return "comp " + str(e)
-
-
-def c_nested_try_with_loop(xs):
-    out = []
-    for x in xs:
-        try:
-            try:
-                out.append(fail(x) * 2)
-            finally:
-                out.append("f%d" % x)
-        except ValueError:
-            out.append("e%d" % x)
-    return out
-
-
-def c_tuple_identity(x):
-    t = (sq(x), sq(x + 1))
-    u = t
-    print(t)
-    return t is u, id(t) == id(u), t
-
-
-def c_starred_call_pending(x):
-    args = pair(x)
-    return add(*args), kw(*pair(x)), varargs(*mklist(3), **mkdict(x))
-
-
-def c_bool_ops(xs):
-    r = [maybe_none(x) for x in xs]
-    return [bool(v) for v in r], all(r), any(r), [v for v in r if v]
-
-
-def c_yield_from_inner(xs):
-    def sub():
-        yield sq(1)
-        return sq(2)
-
-    def outer():
-        v = yield from sub()
-        yield v
-
-    return list(outer())
-
-
-def c_chain_calls(x):
-    return add(add(sq(x), sq(x + 1)), add(1, 2))
-
-
-def c_string_methods(x):
-    s = name(x)
-    return s.upper(), s.startswith("n"), s[1:], len(s), s * 2, s.split("1")
-
-
-def c_while_break_in_except(xs):
-    i = 0
-    out = []
-    while True:
-        try:
-            v = fail(xs[i])
-            out.append(v + 0)
-        except ValueError:
-            out.append("stop")
-            break
-        except IndexError:
-            break
-        finally:
-            i += 1
-    return out, i
-
-
-def c_continue_in_finally(xs):
-    out = []
-    for x in xs:
-        try:
-            out.append(sq(x))
-            if x == 2:
-                continue
-        finally:
-            out.append(-x)
-    return out
-
-
-def c_comp_in_try(xs):
-    try:
-        r = [fail(x) for x in xs]
-        s = {fail(x) for x in xs}
-        return r, s
-    except ValueError as e:
-        return "caught %s" % e
-
-
-def c_inner_function_try(xs):
-    def safe(x):
-        try:
-            return fail(x) * 2
-        except ValueError:
-            return -1
-
-    return [safe(x) for x in xs]
-
-
-def c_generator_try(xs):
-    def gen():
-        for x in xs:
-            try:
-                yield fail(x)
-            except ValueError:
-                yield "bad"
-            finally:
-                pass
-
-    return list(gen())
-
-
-def c_except_star(x):
-    out = []
-    try:
-        v = fail(x)
-        if v:
-            raise ExceptionGroup("eg", [KeyError("k")])
-    except* ValueError as eg:
-        out.append(("value", [str(e) for e in eg.exceptions]))
-    except* KeyError as eg:
-        out.append(("key", [str(e) for e in eg.exceptions]))
-    return out
-
-
-def c_async_inner(x):
-    async def co(v):
-        return v + 1
-
-    c = co(sq(x))
-    try:
-        c.send(None)
-    except StopIteration as e:
-        return e.value
-
-
-def c_lambda_default(xs):
-    f = lambda v, b=sq(2): v + b  # noqa: E731
-    return [f(x) for x in xs]
-
-
-def c_class_closure(x):
-    y = sq(x)
-
-    class A:
-        z = y
-        w = y is None
-
-    return A.z + 1, A.w, A.z is None
-
-
-def c_return_in_with(x):
-    rec = Recorder()
-    with rec:
-        v = sq(x)
-        if v > 2:
-            return v, rec.log
-    return rec.log
-
-
-def c_method_on_pending(x):
-    p = point(x)
-    t = pair(x)
-    return p.x, p.y, t.count(x), t.index(x + 1), mkdict(x)["y"], mkdict(x).get("x")
-
-
-def c_print_star(xs):
-    r = [sq(x) for x in xs]
-    print(*r, sep=",")
-    print(*[name(x) for x in xs], **{"sep": "|"})
-    return r
-
-
-def c_kwonly_mix(x):
-    return kw(sq(x), *[sq(x + 1)], c=sq(2)), varargs(*pair(x), **mkdict(x), z=sq(1))
-
-
-def c_many_calls(n):
-    r = []
-    r.append(add(sq(n), 0))
-    r.append(add(sq(n), 1))
-    r.append(add(sq(n), 2))
-    r.append(add(sq(n), 3))
-    r.append(add(sq(n), 4))
-    r.append(add(sq(n), 5))
-    r.append(add(sq(n), 6))
-    r.append(add(sq(n), 7))
-    r.append(add(sq(n), 8))
-    r.append(add(sq(n), 9))
-    r.append(add(sq(n), 10))
-    r.append(add(sq(n), 11))
-    r.append(add(sq(n), 12))
-    r.append(add(sq(n), 13))
-    r.append(add(sq(n), 14))
-    r.append(add(sq(n), 15))
-    r.append(add(sq(n), 16))
-    r.append(add(sq(n), 17))
-    r.append(add(sq(n), 18))
-    r.append(add(sq(n), 19))
-    r.append(add(sq(n), 20))
-    r.append(add(sq(n), 21))
-    r.append(add(sq(n), 22))
-    r.append(add(sq(n), 23))
-    r.append(add(sq(n), 24))
-    r.append(add(sq(n), 25))
-    r.append(add(sq(n), 26))
-    r.append(add(sq(n), 27))
-    r.append(add(sq(n), 28))
-    r.append(add(sq(n), 29))
-    r.append(add(sq(n), 30))
-    r.append(add(sq(n), 31))
-    r.append(add(sq(n), 32))
-    r.append(add(sq(n), 33))
-    r.append(add(sq(n), 34))
-    r.append(add(sq(n), 35))
-    r.append(add(sq(n), 36))
-    r.append(add(sq(n), 37))
-    r.append(add(sq(n), 38))
-    r.append(add(sq(n), 39))
-    r.append(add(sq(n), 40))
-    r.append(add(sq(n), 41))
-    r.append(add(sq(n), 42))
-    r.append(add(sq(n), 43))
-    r.append(add(sq(n), 44))
-    r.append(add(sq(n), 45))
-    r.append(add(sq(n), 46))
-    r.append(add(sq(n), 47))
-    r.append(add(sq(n), 48))
-    r.append(add(sq(n), 49))
-    r.append(add(sq(n), 50))
-    r.append(add(sq(n), 51))
-    r.append(add(sq(n), 52))
-    r.append(add(sq(n), 53))
-    r.append(add(sq(n), 54))
-    r.append(add(sq(n), 55))
-    r.append(add(sq(n), 56))
-    r.append(add(sq(n), 57))
-    r.append(add(sq(n), 58))
-    r.append(add(sq(n), 59))
-    r.append(add(sq(n), 60))
-    r.append(add(sq(n), 61))
-    r.append(add(sq(n), 62))
-    r.append(add(sq(n), 63))
-    r.append(add(sq(n), 64))
-    r.append(add(sq(n), 65))
-    r.append(add(sq(n), 66))
-    r.append(add(sq(n), 67))
-    r.append(add(sq(n), 68))
-    r.append(add(sq(n), 69))
-    r.append(add(sq(n), 70))
-    r.append(add(sq(n), 71))
-    r.append(add(sq(n), 72))
-    r.append(add(sq(n), 73))
-    r.append(add(sq(n), 74))
-    r.append(add(sq(n), 75))
-    r.append(add(sq(n), 76))
-    r.append(add(sq(n), 77))
-    r.append(add(sq(n), 78))
-    r.append(add(sq(n), 79))
-    r.append(add(sq(n), 80))
-    r.append(add(sq(n), 81))
-    r.append(add(sq(n), 82))
-    r.append(add(sq(n), 83))
-    r.append(add(sq(n), 84))
-    r.append(add(sq(n), 85))
-    r.append(add(sq(n), 86))
-    r.append(add(sq(n), 87))
-    r.append(add(sq(n), 88))
-    r.append(add(sq(n), 89))
-    r.append(add(sq(n), 90))
-    r.append(add(sq(n), 91))
-    r.append(add(sq(n), 92))
-    r.append(add(sq(n), 93))
-    r.append(add(sq(n), 94))
-    r.append(add(sq(n), 95))
-    r.append(add(sq(n), 96))
-    r.append(add(sq(n), 97))
-    r.append(add(sq(n), 98))
-    r.append(add(sq(n), 99))
-    r.append(add(sq(n), 100))
-    r.append(add(sq(n), 101))
-    r.append(add(sq(n), 102))
-    r.append(add(sq(n), 103))
-    r.append(add(sq(n), 104))
-    r.append(add(sq(n), 105))
-    r.append(add(sq(n), 106))
-    r.append(add(sq(n), 107))
-    r.append(add(sq(n), 108))
-    r.append(add(sq(n), 109))
-    r.append(add(sq(n), 110))
-    r.append(add(sq(n), 111))
-    r.append(add(sq(n), 112))
-    r.append(add(sq(n), 113))
-    r.append(add(sq(n), 114))
-    r.append(add(sq(n), 115))
-    r.append(add(sq(n), 116))
-    r.append(add(sq(n), 117))
-    r.append(add(sq(n), 118))
-    r.append(add(sq(n), 119))
-    r.append(add(sq(n), 120))
-    r.append(add(sq(n), 121))
-    r.append(add(sq(n), 122))
-    r.append(add(sq(n), 123))
-    r.append(add(sq(n), 124))
-    r.append(add(sq(n), 125))
-    r.append(add(sq(n), 126))
-    r.append(add(sq(n), 127))
-    r.append(add(sq(n), 128))
-    r.append(add(sq(n), 129))
-    r.append(add(sq(n), 130))
-    r.append(add(sq(n), 131))
-    r.append(add(sq(n), 132))
-    r.append(add(sq(n), 133))
-    r.append(add(sq(n), 134))
-    r.append(add(sq(n), 135))
-    r.append(add(sq(n), 136))
-    r.append(add(sq(n), 137))
-    r.append(add(sq(n), 138))
-    r.append(add(sq(n), 139))
-    r.append(add(sq(n), 140))
-    r.append(add(sq(n), 141))
-    r.append(add(sq(n), 142))
-    r.append(add(sq(n), 143))
-    r.append(add(sq(n), 144))
-    r.append(add(sq(n), 145))
-    r.append(add(sq(n), 146))
-    r.append(add(sq(n), 147))
-    r.append(add(sq(n), 148))
-    r.append(add(sq(n), 149))
-    return sum(r)
-
-
-def c_deep_recursion(n):
-    return s_count(n)
-
-
-@scheduled
-def s_count(n):
-    if n == 0:
-        return sq(0)
-    return add(s_count(n - 1), 1)
-
-
-def c_pending_in_nested_containers(x):
-    d = {"a": [sq(x), (sq(x + 1), {"b": sq(2)})]}
-    lst = [d, d]
-    s = json.dumps(lst)
-    return s, lst[0] is lst[1], d["a"][1][1]["b"]
-
-
-def c_raise_pending(x):
-    exc = pair(x)
-    try:
-        raise ValueError(exc)
-    except ValueError as e:
-        return e.args
-
-
-def c_exception_from_inner(x):
-    def inner():
-        return fail(x) + 1
-
-    try:
-        return inner()
-    except ValueError as e:
-        return "inner " + str(e)
-
-
-def c_sorted_key_fail(xs):
-    try:
-        return sorted(xs, key=lambda v: fail(v))
-    except ValueError as e:
-        return str(e)
-
-
-def c_nested_with_try_loop(xs):
-    out = []
-    rec = Recorder()
-    for x in xs:
-        with rec:
-            try:
-                v = fail(x)
-                if v == 4:
-                    break
-                out.append(v)
-            except ValueError:
-                out.append("e")
-                continue
-    return out, rec.log
-
-
-def c_slice_ops(xs):
-    r = [sq(x) for x in xs]
-    a, b = sq(1), sq(2)
-    r[a:b] = [sq(9)]
-    s = r[a:b + 1]
-    del r[a:b]
-    return r, s, r[sq(1)]
-
-
-def c_loop_in_try(xs):
-    out = []
-    try:
-        for x in xs:
-            out.append(fail(x))
-    except ValueError as e:
-        return "caught", str(e)
-    return out
-
-
-def c_while_in_try(n):
-    i = 0
-    try:
-        while i < n:
-            v = fail(i)
-            i += 1
-    except ValueError as e:
-        return "caught", str(e)  # not i: statements after a failing call may have run
-    return i
-
-
-def c_assignment_undone(x):
-    r = "unset"
-    items = []
-    d = {}
-    try:
-        r = fail(x)
-        items.append(r)
-        d["k"] = sq(x)
-    except ValueError:
-        pass
-    return r, items, d
-
-
-def c_container_assignment_undone(x):
-    t = None
-    lst = [0]
-    try:
-        lst = [sq(x), fail(x)]
-        t = (fail(x), 1)
-    except ValueError:
-        pass
-    return t, lst
-
-
-def c_undone_in_loop(xs):
-    last = None
-    done = []
-    for x in xs:
-        try:
-            last = fail(x)
-            done.append(last)
-        except ValueError:
-            continue
-    return last, done
-
-
-def c_arg_cell(x, y=2):
-    def g():
-        return x + sq(y)
-
-    x = sq(x)
-    return g(), (lambda: y)()
-
-
-def c_three_levels(a, b, c):
-    out = []
-    p = fail(a)
-    try:
-        q = fail(b)
-        try:
-            r = fail(c)
-            try:
-                out.append(boom("deep"))
-            except KeyError as e:
-                out.append("k1 %s" % e)
-            out.append(r + 1)
-        except ValueError as e:
-            out.append("v2 %s" % e)
-        out.append(q + 1)
-    except ValueError as e:
-        out.append("v3 %s" % e)
-    out.append(p + 1)
-    return out
-
-
-def c_with_in_generator(xs):
-    rec = Recorder()
-
-    def gen():
-        for x in xs:
-            with rec:
-                yield sq(x)
-
-    return list(gen()), rec.log
-
-
-def c_finally_return_pending(x):
-    try:
-        return sq(x)
-    finally:
-        print("cleanup")
-
-
-def c_handler_uses_pending(x):
-    before = sq(x)
-    try:
-        boom()
-    except KeyError:
-        return before + 1
-
-
-def c_gen_region_not_consumers(x):
-    def gen():
-        try:
-            yield 1
-        except ValueError as e:
-            yield "gen caught %s" % e
-        yield "after"
-
-    g = gen()
-    first = next(g)
-    fail(x)  # the consumer's failure is not the generator's to catch
-    second = next(g)
-    return first, second
-
-
-def c_gen_region_own_failure(xs):
-    def gen():
-        for x in xs:
-            try:
-                v = fail(x)
-                yield "got"
-                yield v
-            except ValueError as e:
-                yield "gen caught %s" % e
-
-    return list(gen())
-
-
-def c_with_loop_then_try(xs):
-    # once made the assembler's stack-size estimate fail (3.11)
-    out = []
-    with Suppress():
-        with Suppress():
-            for x in xs:
-                v = sq(x)
-    try:
-        for x in xs:
-            out.append(sq(x))
-            break
-    except Exception:
-        out.append("e")
-    return out, v
-
-
-def c_comp_var_in_try(xs):
-    x = "outer"
-    r = "unset"
-    try:
-        r = [sq(x) for x in xs]
-        v = fail(3)
-    except ValueError:
-        pass
-    return x, r
-
-
-def c_comp_var_unbound_in_try(xs):
-    r = "unset"
-    try:
-        r = [sq(y) for y in xs] + [fail(y) for y in xs]
-    except ValueError:
-        pass
-    try:
-        return r, y  # noqa: F821 - unbound in plain Python too (3.12+: the same name)
-    except NameError as e:
-        return r, type(e).__name__
-
-
-CASES = [
-    (c_loop_append, (range(6),)),
-    (c_listcomp, ([1, 2, 3],)),
-    (c_dictcomp, (range(5),)),
-    (c_setcomp, (range(7),)),
-    (c_genexpr, (range(5),)),
-    (c_nested_comp, (4,)),
-    (c_comp_filter, (range(6),)),
-    (c_cond, (3,)), (c_cond, (2,)), (c_cond, (1,)),
-    (c_while, (50,)),
-    (c_try_caught, (3,)), (c_try_caught, (1,)),
-    (c_try_unread, (3,)), (c_try_unread, (1,)),
-    (c_try_nested, (1,)),
-    (c_try_earlier_wins, (3,)), (c_try_earlier_wins, (2,)),
-    (c_try_finally, (2,)),
-    (c_try_finally_raise, (3,)), (c_try_finally_raise, (2,)),
-    (c_try_else, (3,)), (c_try_else, (2,)),
-    (c_return_in_finally, (3,)),
-    (c_try_in_loop, ([2, 1, 3, 4, 5, 6],)),
-    (c_try_return_inside, (3,)), (c_try_return_inside, (4,)),
-    (c_raise_from, (3,)),
-    (c_exception_unread_at_end, (3,)),
-    (c_with, (2,)), (c_with, (3,)),
-    (c_closure, ([1, 2, 3],)),
-    (c_lambda, ([3, 1, 2],)),
-    (c_defaults, (1,)), (c_defaults, (1, 2)), (c_defaults, (1,), {"z": 9}),
-    (c_starargs, (1, 2, 3), {"a": 1}),
-    (c_unpack, (2,)),
-    (c_nested_scheduled, ([1, 2, 3],)),
-    (c_inner_generator, ([1, 2, 3],)),
-    (c_early_return, (range(10),)),
-    (c_break_continue, (range(10),)),
-    (c_match, (2,)), (c_match, (0,)), (c_match, (1,)),
-    (c_fstrings, (3,)),
-    (c_is_none, (range(6),)),
-    (c_type_isinstance, (3,)),
-    (c_join, (range(4),)),
-    (c_json_struct_numpy, ([1, 2, 3],)),
-    (c_super, (3,)),
-    (Derived2().m, (3,)),
-    (c_introspection, (2,)),
-    (c_print, ([1, 2, 3],)),
-    (c_store_subscr, ([1, 2, 3, 4],)),
-    (c_global_attr, (3,)),
-    (c_operators, (2,)),
-    (c_augmented, (range(4),)),
-    (c_walrus_assert, (range(5),)),
-    (c_assert_fails, (2,)),
-    (c_class_inside, (2,)),
-    (c_del_and_rebind, (2,)),
-    (c_dict_methods, (range(6),)),
-    (c_list_methods, ([1, 2, 3, 4],)),
-    (c_zip_enumerate, ([1, 2, 3],)),
-    (c_exception_in_comprehension, ([1, 2, 3, 4],)), (c_exception_in_comprehension, ([1, 2],)),
-    (c_nested_try_with_loop, ([1, 3, 2],)),
-    (c_tuple_identity, (2,)),
-    (c_starred_call_pending, (2,)),
-    (c_bool_ops, (range(5),)),
-    (c_yield_from_inner, ([1],)),
-    (c_chain_calls, (2,)),
-    (c_string_methods, (12,)),
-    (c_while_break_in_except, ([1, 2, 3, 4],)), (c_while_break_in_except, ([1, 2],)),
-    (c_continue_in_finally, ([1, 2, 3],)),
-    (c_comp_in_try, ([1, 2, 3],)), (c_comp_in_try, ([1, 2],)),
-    (c_inner_function_try, ([1, 3, 2],)),
-    (c_generator_try, ([1, 3, 2],)),
-    (c_except_star, (3,)), (c_except_star, (2,)), (c_except_star, (0,)),
-    (c_async_inner, (2,)),
-    (c_lambda_default, ([1, 2],)),
-    (c_class_closure, (2,)),
-    (c_return_in_with, (2,)), (c_return_in_with, (1,)),
-    (c_method_on_pending, (2,)),
-    (c_print_star, ([1, 2, 3],)),
-    (c_kwonly_mix, (2,)),
-    (c_many_calls, (3,)),
-    (c_deep_recursion, (150,)),
-    (c_pending_in_nested_containers, (2,)),
-    (c_raise_pending, (2,)),
-    (c_exception_from_inner, (3,)),
-    (c_sorted_key_fail, ([1, 3, 2],)),
-    (c_nested_with_try_loop, ([1, 3, 2, 4, 5],)),
-    (c_slice_ops, ([1, 2, 3, 4],)),
-    (c_loop_in_try, ([1, 2, 3, 4],)), (c_loop_in_try, ([1, 2],)),
-    (c_while_in_try, (5,)), (c_while_in_try, (2,)),
-    (c_assignment_undone, (3,)), (c_assignment_undone, (2,)),
-    (c_container_assignment_undone, (3,)), (c_container_assignment_undone, (2,)),
-    (c_undone_in_loop, ([1, 2, 3],)), (c_undone_in_loop, ([3, 1, 3],)),
-    (c_arg_cell, (3,)),
-    (c_three_levels, (1, 2, 4)), (c_three_levels, (1, 2, 3)), (c_three_levels, (1, 3, 4)),
-    (c_three_levels, (3, 1, 2)), (c_three_levels, (1, 3, 3)),
-    (c_with_in_generator, ([1, 2],)),
-    (c_finally_return_pending, (3,)),
-    (c_handler_uses_pending, (3,)),
-    (c_gen_region_not_consumers, (3,)), (c_gen_region_not_consumers, (2,)),
-    (c_gen_region_own_failure, ([1, 3, 2],)),
-    (c_with_loop_then_try, ([1, 2],)),
-    (c_comp_var_in_try, ([1, 2],)),
-    (c_comp_var_unbound_in_try, ([1, 3],)),
-]
-
-
-def _case_id(case):
-    fn = case[0]
-    return "%s%r" % (getattr(fn, "__qualname__", fn), case[1])
-
-
-def _outcome(thunk, capsys):
-    capsys.readouterr()
-    try:
-        value, exc = thunk(), None
-    except Exception as e:  # noqa: BLE001
-        value, exc = None, e
-    out = capsys.readouterr().out
-    return value, exc, out
 
 
 def _same(a, b):
@@ -1306,30 +75,6 @@ def _no_pending(v, seen=None):
     if isinstance(v, dict):
         return all(_no_pending(x, seen) for x in v.values())
     return True
-
-
-@pytest.mark.parametrize("threads", [0, 2], ids=["deferred", "threads"])
-@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
-def test_same_as_plain(case, threads, capsys):
-    fn, args = case[0], case[1]
-    kwargs = case[2] if len(case) > 2 else {}
-    global G
-    G = None
-    plain = _outcome(lambda: fn(*args, **kwargs), capsys)
-    G = None
-    rt = ReferenceRuntime(threads=threads)
-    try:
-        ours = _outcome(lambda: rt.run(fn, *args, **kwargs), capsys)
-    finally:
-        rt.close()
-    pv, pe, pout = plain
-    ov, oe, oout = ours
-    assert (type(oe), str(oe)) == (type(pe), str(pe)), ("exception differs", pe, oe)
-    if pe is not None and pe.__cause__ is not None:
-        assert type(oe.__cause__) is type(pe.__cause__) and str(oe.__cause__) == str(pe.__cause__)
-    assert _same(ov, pv), (ov, pv)
-    assert _no_pending(ov)
-    assert oout == pout
 
 
 # ---------------------------------------------------------------------------------------
@@ -1473,9 +218,14 @@ def k_len_loop(n):
     return r
 
 
+_spans = []  # (start, end) of each slow() task
+
+
 @functional
 def slow(x):
+    start = time.perf_counter()
     time.sleep(0.2)
+    _spans.append((start, time.perf_counter()))
     return x
 
 
@@ -1484,14 +234,18 @@ def p_slow_fanout(n):
 
 
 def test_tasks_really_overlap():
+    """The list comprehension submits all four tasks before the sum reads any: on a pool of
+    four threads they run at the same time."""
+    _spans.clear()
     rt = ReferenceRuntime(threads=4)
     try:
-        t0 = time.perf_counter()
         assert rt.run(p_slow_fanout, 4) == 6
-        elapsed = time.perf_counter() - t0
     finally:
         rt.close()
-    assert elapsed < 0.6, elapsed  # 0.8 s one after the other
+    assert len(_spans) == 4
+    overlapping = [(a, b) for i, a in enumerate(_spans) for b in _spans[i + 1:]
+                   if a[0] < b[1] and b[0] < a[1]]
+    assert overlapping, _spans
 
 
 def test_try_in_loop_waits_per_iteration():
@@ -1532,7 +286,8 @@ def test_traceback_points_at_user_line():
 
 def test_rewritten_code_keeps_identity():
     rt = ReferenceRuntime()
-    for fn in (c_closure, c_try_in_loop, c_defaults, c_starargs, c_with):
+    for fn in (cases_constructs.closure, cases_regions.try_in_loop, cases_constructs.defaults,
+               cases_constructs.starargs, cases_regions.with_statement):
         code = fn.__code__
         new = _rewrite.rewrite(code, rt)
         assert new.co_name == code.co_name and new.co_qualname == code.co_qualname
@@ -1553,12 +308,13 @@ def test_rewritten_code_keeps_identity():
 
 def test_nested_code_rewritten_by_role():
     rt = ReferenceRuntime()
-    new = _rewrite.rewrite(c_class_inside.__code__, rt)
+    class_inside = cases_constructs.class_inside
+    new = _rewrite.rewrite(class_inside.__code__, rt)
     consts = [c for c in new.co_consts if isinstance(c, types.CodeType)]
     body = [c for c in consts if c.co_name == "Local"][0]
-    assert body is [c for c in c_class_inside.__code__.co_consts
+    assert body is [c for c in class_inside.__code__.co_consts
                     if isinstance(c, types.CodeType) and c.co_name == "Local"][0]
-    new = _rewrite.rewrite(c_lambda.__code__, rt)
+    new = _rewrite.rewrite(cases_constructs.lambdas.__code__, rt)
     inner = [c for c in new.co_consts if isinstance(c, types.CodeType)][0]
     assert rt.call in inner.co_consts and rt.force_deep in inner.co_consts
 
@@ -1576,7 +332,7 @@ async def _agen():
 
 
 def test_is_rewritable_refusals():
-    assert _rewrite.is_rewritable(c_listcomp.__code__) == (True, "")
+    assert _rewrite.is_rewritable(cases_constructs.listcomp.__code__) == (True, "")
     for f, word in ((_coro, "coroutine"), (_gen, "generator"), (_agen, "async generator")):
         ok, reason = _rewrite.is_rewritable(f.__code__)
         assert not ok and word in reason
@@ -1586,26 +342,40 @@ def test_is_rewritable_refusals():
     assert rt.run(_gen) is not None  # refused: runs plainly
 
 
+def test_refusal_message_says_its_point_once(caplog):
+    """The warning for a scheduled generator: what runs plainly and why, each said once."""
+    from pydron import _api
+    with caplog.at_level("WARNING", logger="pydron"):
+        assert _api._rewrite_code(_gen.__code__) is None
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "pydron"]
+    assert "_gen runs plainly" in message and "generators" in message, message
+    assert message.count("plainly") == 1, message
+
+
 def test_rewrite_time(capsys):
+    """Every scheduled function of the semantics corpus is rewritten (none refused); the time
+    per code object is printed, not asserted (the machine is shared)."""
     rt = ReferenceRuntime()
     times = []
-    for case in CASES:
-        fn = case[0]
-        code = getattr(fn, "__code__", None)
-        if code is None or not _rewrite.is_rewritable(code)[0]:
+    seen = set()
+    for case in load_all():
+        code = case.fn.__code__
+        if code in seen:
             continue
+        seen.add(code)
         _rewrite._cache.clear()
         t0 = time.perf_counter()
-        _rewrite.rewrite(code, rt)
+        _rewrite.rewrite(code, rt)   # a RewriteError fails the test
         dt = time.perf_counter() - t0
         n_codes = 1 + sum(isinstance(c, types.CodeType) for c in code.co_consts)
-        times.append((dt / n_codes, len(code.co_code) // 2, code.co_name))
+        times.append((dt / n_codes, len(code.co_code) // 2, code.co_qualname))
     per_code = sorted(t for t, _, _ in times)
+    slowest = max(times)
     with capsys.disabled():
         print("\nrewrite time per code object: median %.2f ms, max %.2f ms (%s, %d instrs),"
-              " over %d functions" % (per_code[len(per_code) // 2] * 1e3, per_code[-1] * 1e3,
-                                      max(times)[2], max(times)[1], len(times)))
-    assert per_code[len(per_code) // 2] < 0.05
+              " over %d functions" % (per_code[len(per_code) // 2] * 1e3, slowest[0] * 1e3,
+                                      slowest[2], slowest[1], len(times)))
+    assert len(times) >= 250, len(times)
 
 
 # ---------------------------------------------------------------------------------------
@@ -2008,19 +778,29 @@ def test_random_consumer_programs(seed):
                 rt.close()
 
 
+@scheduled
+def s_helper(xs):
+    return [sq(x) for x in xs]
+
+
+def calls_s_helper(xs):
+    r = s_helper(xs)
+    return sum(r), r
+
+
 def test_refused_rewrite_runs_plainly(monkeypatch):
-    real = _rewrite._Rewriter._run
+    real = _rewrite.translate
 
-    def refuse(self):
-        if self.code is s_helper.__code__:
+    def refuse(code, rt, role):
+        if code is s_helper.__code__:
             raise _rewrite.RewriteError("refused for the test")
-        return real(self)
+        return real(code, rt, role)
 
-    monkeypatch.setattr(_rewrite._Rewriter, "_run", refuse)
+    monkeypatch.setattr(_rewrite, "translate", refuse)
     rt = ReferenceRuntime()
     try:
         with pytest.warns(RuntimeWarning, match="s_helper runs plainly"):
-            assert rt.run(c_nested_scheduled, [1, 2, 3]) == c_nested_scheduled([1, 2, 3])
+            assert rt.run(calls_s_helper, [1, 2, 3]) == calls_s_helper([1, 2, 3])
         with pytest.warns(RuntimeWarning, match="refused for the test"):
             assert ReferenceRuntime().run(s_helper, [2]) == [4]
     finally:

@@ -65,9 +65,31 @@ def reference_server():
     server.close()
 
 
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real `dask scheduler` and two single-threaded `dask worker` processes on loopback,
+    started in a directory where the cases' modules cannot be imported (so their functions and
+    classes travel by value); gone again, processes and port, at the end."""
+    from dask_processes import DaskProcesses
+    cluster = DaskProcesses(workers=2)
+    yield cluster
+    cluster.close()
+    assert not cluster.leftovers(), cluster.leftovers()
+
+
+@pytest.fixture(scope="session")
+def cluster_case_server(dask_cluster):
+    """Pydron with its tasks on the Dask cluster."""
+    server = CaseServer(timeout=60, workers=2, cluster=dask_cluster.address)
+    yield server
+    server.close()
+
+
 def _server_for(mode, request):
-    fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server"}.get(
-        mode, "reference_server")
+    fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server",
+               "pydron-cluster": "cluster_case_server", "pydron-replay": "case_server",
+               "pydron-replay-guess": "case_server",
+               "pydron-replay-reference": "case_server"}.get(mode, "reference_server")
     return request.getfixturevalue(fixture)
 
 
@@ -93,6 +115,46 @@ def test_case(mode, case, expected_outcomes, request):
     else:
         problems = _server_for(mode, request).request("check", (mode, case.name))
     assert not problems, f"{case.name} ({mode}):\n" + "\n".join(problems)
+
+
+# --- the replay modes really replayed --------------------------------------------------------------
+
+@pytest.mark.parametrize("interpreter, mode", [("on", "pydron-replay"),
+                                               ("on-guess", "pydron-replay-guess"),
+                                               ("reference", "pydron-replay-reference")])
+def test_replay_modes_ran_graphs(interpreter, mode, case_server, expected_outcomes):
+    """The replay modes are not the trace under another name: most cases that return ran their
+    graph to the end, both interpreters took the same cases, and guesses were made."""
+    log = case_server.request("replay_log", interpreter)
+    for case in CASES:
+        if case.name not in log and mode not in case.known_differences:
+            assert not case_server.request("check", (mode, case.name))
+    log = case_server.request("replay_log", interpreter)
+    returning = [c.name for c in CASES if expected_outcomes[c.name].exc_type is None]
+    replayed = [n for n in returning if log[n][0]]
+    assert len(replayed) >= len(returning) // 3, (
+        f"{len(replayed)} of {len(returning)} returning cases replayed; the others: " +
+        "; ".join(f"{n}: {log[n][1]} {log[n][2]}" for n in returning if not log[n][0]))
+
+
+def test_guessing_mode_guessed(case_server):
+    """In mode pydron-replay-guess, branches on results really guessed (and some wrong)."""
+    log = case_server.request("replay_log", "on-guess")
+    for case in CASES:
+        if case.name not in log and "pydron-replay-guess" not in case.known_differences:
+            assert not case_server.request("check", ("pydron-replay-guess", case.name))
+    log = case_server.request("replay_log", "on-guess")
+    guessing = [n for n, v in log.items() if v[3] > 0]
+    assert len(guessing) >= 15, guessing
+
+
+def test_both_interpreters_replay_the_same_cases(case_server):
+    c_log = case_server.request("replay_log", "on")
+    py_log = case_server.request("replay_log", "reference")
+    assert c_log and py_log
+    differ = {n: (c_log[n][:3], py_log[n][:3]) for n in c_log
+              if n in py_log and c_log[n][0] != py_log[n][0]}
+    assert not differ, differ
 
 
 # --- tracebacks: the functional function's frames appear when the exception is printed ----------
@@ -197,6 +259,77 @@ def test_parallel_cases_are_sequential_when_disabled():
     assert not _overlapping_pairs(records) and submitted >= records[-1]["end"]
 
 
+# --- the reference runtime against the C dispatcher ----------------------------------------------
+
+def _reference_run(fn, *args):
+    """fn(*args) through the deferred reference runtime: (result, tasks submitted)."""
+    from pydron._reference import ReferenceRuntime
+    with harness.pydron_disabled():
+        runtime = ReferenceRuntime(is_functional=lambda f: harness._kind_of(f) == 1,
+                                   is_scheduled=lambda f: harness._kind_of(f) == 2)
+        try:
+            return runtime.run(fn, *args), runtime.submitted
+        finally:
+            runtime.close()
+
+
+def test_reference_moves_what_the_dispatcher_moves(case_server):
+    """Each kind of call site, in both runtimes: moved (no wait) or forced (waits) alike."""
+    from semantics import dispatch_probes as probes
+    expected = {probe.__name__: waits for probe, waits in probes.PROBES.items()}
+    reference = {probe.__name__: probes.waited(_reference_run(probe, 0.0)[0])
+                 for probe in probes.PROBES}
+    pid, thread, native = case_server.request(
+        "call", ("semantics.dispatch_probes", "run_probes", (0.5,)))
+    assert native == expected, "the C dispatcher"
+    assert reference == expected, "the reference runtime"
+
+
+def _difference_class_body_cell(probes, server):
+    plain = probes.class_body_cell(3)
+    return plain, _reference_run(probes.class_body_cell, 3)[0], server(
+        "call", ("semantics.dispatch_probes", "class_body_cell", (3,)))[2]
+
+
+def _difference_moved_into_log(probes, server):
+    box = _reference_run(probes.tuple_moved_into_object_list, 2)[0]
+    reference = type(box.items[0][0]).__name__, type(box.table["k"][0]).__name__
+    return probes.moved_into_log(2), reference, server(
+        "call", ("semantics.dispatch_probes", "moved_into_log", (2,)))[2]
+
+
+def _difference_deep_nesting(probes, server):
+    return probes.deep_nesting(250), _reference_run(probes.deep_nesting, 250)[0], server(
+        "call", ("semantics.dispatch_probes", "deep_nesting", (250,)))[2]
+
+
+def _difference_native_functional(probes, server):
+    """Compared: the values, and whether the calls became tasks."""
+    plain = probes.native_functional(1.0), False
+    value, submitted = _reference_run(probes.native_functional, 1.0)
+    native, native_submitted = server(
+        "call", ("semantics.dispatch_probes", "submitted_by", (probes.native_functional, 1.0)))[2]
+    return plain, (value, submitted > 0), (native, native_submitted > 0)
+
+
+@pytest.mark.parametrize("difference", ["class_body_cell", "moved_into_log", "deep_nesting",
+                                        "native_functional"])
+def test_reference_difference(difference, case_server):
+    """A difference between the reference runtime and the C core that pydron/_reference.py lists:
+    the reference runtime does what plain Python does, the C core does not. When this fails
+    because the C core now matches plain Python, delete the item from that list and here."""
+    from semantics import dispatch_probes as probes
+    with harness.pydron_disabled():
+        plain, reference, native = globals()[f"_difference_{difference}"](
+            probes, case_server.request)
+    if difference == "native_functional":
+        assert reference == (plain[0], False), "the reference runs it plainly"
+        assert native == (plain[0], True), "the C core makes the calls thread tasks"
+        return
+    assert reference == plain
+    assert native != plain, f"the C core now does what plain Python does: {native!r}"
+
+
 # --- the kill switch (`make test-versions` runs this file under the other interpreters) -----------
 
 KILL_SWITCH_SCRIPT = r"""
@@ -209,7 +342,8 @@ out = {}
 for case in load_all():
     args, kwargs = case.fresh_arguments()
     o = harness.capture(lambda: case.fn(*args, **kwargs))
-    out[case.name] = (o.value, o.exc_type, o.exc_message, o.stdout, pydron.is_enabled())
+    out[case.name] = (o.value, o.exc_type, o.exc_message, o.exc_cause, o.stdout,
+                      pydron.is_enabled())
 sys.stdout.buffer.write(pickle.dumps(out, protocol=5))  # 4 makes arrays native-endian
 """
 
@@ -225,10 +359,29 @@ def test_kill_switch_runs_corpus_plainly(expected_outcomes):
     assert set(results) == set(expected_outcomes)
     problems = []
     assert not any(enabled for *_, enabled in results.values()), "enabled despite PYDRON_DISABLE"
-    for name, (value, exc_type, message, stdout, _) in results.items():
-        got = harness.Outcome(value=value, exc_type=exc_type, exc_message=message, stdout=stdout)
+    for name, (value, exc_type, message, cause, stdout, _) in results.items():
+        got = harness.Outcome(value=value, exc_type=exc_type, exc_message=message,
+                              exc_cause=cause, stdout=stdout)
         expected = expected_outcomes[name]
         expected = harness.Outcome(value=expected.value, exc_type=expected.exc_type,
-                                   exc_message=expected.exc_message, stdout=expected.stdout)
+                                   exc_message=expected.exc_message,
+                                   exc_cause=expected.exc_cause, stdout=expected.stdout)
         problems += [f"{name}: {p}" for p in harness.outcome_differences(expected, got)]
     assert not problems, "\n".join(problems)
+
+
+def test_outcome_differences_compare_the_cause():
+    """`raise ... from e` in plain Python: the run compared with it must have the same cause."""
+    def wrapping(cause):
+        def run():
+            try:
+                raise cause
+            except Exception as e:
+                raise RuntimeError("wrapped") from e
+        return run
+
+    plain = harness.capture(wrapping(ValueError("v")))
+    assert plain.exc_cause == (ValueError, "v")
+    assert harness.outcome_differences(plain, harness.capture(wrapping(ValueError("v")))) == []
+    other = harness.capture(wrapping(KeyError("v")))
+    assert any("cause" in d for d in harness.outcome_differences(plain, other))

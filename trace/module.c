@@ -4,6 +4,7 @@
 #include "trace/trace.h"
 #include "exec/exec.h"
 #include "jit/jit.h"
+#include "remote/remote.h"
 
 #include <pthread.h>
 #include <xxhash.h>
@@ -270,6 +271,30 @@ core_stats(PyObject *module, PyObject *unused)
     return graph_stats();
 }
 
+/* _run_scheduled_module(code, globals, locals=None): run a module's rewritten code object as a
+ * top-level scheduled call does its function (`pydron run` scheduling a script's top level): in
+ * a trace session, so that whatever it submitted is waited for, first failure first, and the
+ * containers pendings were moved into are forced through before it returns. Returns the code's
+ * result (None for a module), new reference, or NULL with the exception. */
+static PyObject *
+core_run_scheduled_module(PyObject *module, PyObject *args)
+{
+    PyObject *code, *globals, *locals = Py_None;
+    if (!PyArg_ParseTuple(args, "O!O!|O:_run_scheduled_module", &PyCode_Type, &code,
+                          &PyDict_Type, &globals, &locals))
+        return NULL;
+    if (locals == Py_None)
+        locals = globals;
+    else if (!PyMapping_Check(locals)) {
+        PyErr_Format(PyExc_TypeError, "_run_scheduled_module: locals must be a mapping, not %.100s",
+                     Py_TYPE(locals)->tp_name);
+        return NULL;
+    }
+    trace_session session;
+    trace__session_begin(&session, ((PyCodeObject *)code)->co_qualname);
+    PyObject *result = PyEval_EvalCode(code, globals, locals);
+    return trace__session_end(&session, result);
+}
 
 static PyObject *
 core_versions(PyObject *module, PyObject *unused)
@@ -297,6 +322,9 @@ static PyMethodDef core_methods[] = {
     {"_shutdown", core_shutdown, METH_NOARGS, "Remove the hook and stop every worker."},
     {"_is_enabled", core_is_enabled, METH_NOARGS, NULL},
     {"_stats", core_stats, METH_NOARGS, "Task counters of this process."},
+    {"_run_scheduled_module", core_run_scheduled_module, METH_VARARGS,
+     "_run_scheduled_module(code, globals, locals=None): run a module's rewritten code as "
+     "scheduled code."},
     {"versions", core_versions, METH_NOARGS, "Versions of CPython, LLVM, libffi and xxHash."},
     {NULL},
 };
@@ -331,8 +359,9 @@ PyInit__core(void)
     if (PyModule_AddIntConstant(m, "FUNCTIONAL", TRACE_FUNCTIONAL) < 0 ||
         PyModule_AddIntConstant(m, "SCHEDULED", TRACE_SCHEDULED) < 0)
         goto error;
-    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__replay_init(m) < 0 || trace__hook_init() < 0 ||
-        exec_module_init(m) < 0 || jit_module_init(m) < 0)
+    if (graph_module_init(m) < 0 || trace__dispatch_init(m) < 0 || trace__replay_init(m) < 0 ||
+        trace__hook_init() < 0 || exec_module_init(m) < 0 || jit_module_init(m) < 0 ||
+        remote_module_init(m) < 0)
         goto error;
     /* After exec's own handler (registered by exec_module_init), which forgets the pool. */
     static int atfork_registered;

@@ -29,12 +29,14 @@ enum rop {
     R_ARG, R_CONST, R_GLOBAL, R_MOVE, R_BINOP, R_INPLACE, R_UNARY, R_COMPARE, R_GETITEM,
     R_GETATTR, R_BUILD_LIST, R_BUILD_TUPLE, R_BUILD_DICT, R_BUILD_SLICE, R_APPEND, R_CALL,
     R_KWNAMES, R_ITER, R_FOR, R_JUMP, R_IF_FALSE, R_IF_TRUE, R_UNPACK, R_RETURN, R_MAP, R_NOT,
+    R_BAIL, R_STORE_ITEM, R_BUILD_SET, R_SET_ADD, R_EXTEND, R_FORMAT, R_BUILD_STRING, R_DEREF,
     R_NOPS
 };
 static const char *const rop_names[R_NOPS] = {
     "ARG", "CONST", "GLOBAL", "MOVE", "BINOP", "INPLACE", "UNARY", "COMPARE", "GETITEM",
     "GETATTR", "BUILD_LIST", "BUILD_TUPLE", "BUILD_DICT", "BUILD_SLICE", "APPEND", "CALL",
     "KWNAMES", "ITER", "FOR", "JUMP", "IF_FALSE", "IF_TRUE", "UNPACK", "RETURN", "MAP", "NOT",
+    "BAIL", "STORE_ITEM", "BUILD_SET", "SET_ADD", "EXTEND", "FORMAT", "BUILD_STRING", "DEREF",
 };
 
 typedef struct {
@@ -64,13 +66,16 @@ struct trace_replay {
 
 /* Process-wide counters (pydron info). */
 static struct {
-    uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps;
+    uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps, disk_hits;
 } S;
 
 /* Settings: mode 0 off, 1 the C interpreter, 2 the Python reference interpreter (tests);
  * after: calls traced before a function's graph is lifted and replayed. */
 static int replay_mode = 1;
 static long replay_after = 1;
+/* Branches on pending results guess (1), wait (0), or guess even when the result is in (2:
+ * tests, so that every guess and rollback path runs on the whole semantics corpus). */
+static int replay_guess = 1;
 
 #define MAX_CHECKPOINTS 64
 #define BAILS_TO_GIVE_UP 3
@@ -80,9 +85,12 @@ static long replay_after = 1;
 static PyObject *str_out;            /* "out": numpy's output argument writes into an array */
 static PyObject *str_builtins;       /* "__builtins__" */
 static PyObject *pure_callees;       /* set: callables known to have no effect but their result */
+static PyObject *pure_methods;       /* {exact type: set of method names}: likewise */
+static PyObject *new_objects;        /* set: callables and method names whose result is new */
 static PyObject *lift_fn;            /* pydron._replay.lift_for_core */
 static PyObject *reference_fn;       /* pydron._replay.run_reference */
-static PyObject *pure_fn;            /* pydron._replay.pure_callees */
+static PyObject *pure_fn;            /* pydron._replay.pure_tables */
+static PyObject *cached_fn;          /* pydron._replay.cached_for_core */
 
 /* ---- the program ----------------------------------------------------------------------------- */
 
@@ -134,7 +142,19 @@ check_ins(const struct trace_replay *p, int pc, const rins *i)
         return in_range(i->a, R) && in_range(i->b, R) && in_range(i->c, R) ? NULL : "GETITEM";
     case R_GETATTR:
         return in_range(i->a, R) && in_range(i->b, R) && i->c >= 0 && i->c < M ? NULL : "GETATTR";
-    case R_BUILD_LIST: case R_BUILD_TUPLE:
+    case R_BAIL:
+        return i->a >= 0 && i->a < C && PyUnicode_Check(PyTuple_GET_ITEM(p->consts, i->a))
+               ? NULL : "BAIL operand";
+    case R_STORE_ITEM:
+        return in_range(i->a, R) && in_range(i->b, R) && in_range(i->c, R) ? NULL : "STORE_ITEM";
+    case R_SET_ADD: case R_EXTEND:
+        return in_range(i->a, R) && in_range(i->b, R) ? NULL : "operands";
+    case R_FORMAT:
+        return in_range(i->a, R) && in_range(i->b, R) && (i->d == -1 || in_range(i->d, R)) &&
+               (i->c == -1 || i->c == 's' || i->c == 'r' || i->c == 'a') ? NULL : "FORMAT";
+    case R_DEREF:
+        return in_range(i->a, R) && i->b >= 0 ? NULL : "DEREF operands";
+    case R_BUILD_LIST: case R_BUILD_TUPLE: case R_BUILD_SET: case R_BUILD_STRING:
         return in_range(i->a, R) && i->c >= 0 && (i->c == 0 || (in_range(i->b, R) &&
                i->b + i->c <= R)) ? NULL : "BUILD operands";
     case R_BUILD_DICT:
@@ -436,7 +456,7 @@ is_unfinished_task(PyObject *x)
 static int
 may_guess(run_state *st, int if_pc)
 {
-    if (st->nospec_pc == if_pc || replay_mode != 1)
+    if (st->nospec_pc == if_pc || replay_mode != 1 || !replay_guess)
         return 0;
     rsite *site = &st->p->sites[st->p->code[if_pc].c];
     return !site->off;
@@ -453,12 +473,9 @@ guess(run_state *st, int if_pc, PyObject *wait_on, int *pc)
     struct trace_replay *p = st->p;
     if (st->ncp == MAX_CHECKPOINTS) {
         /* Too many guesses open: settle the oldest first (waits). */
-        int at = *pc;
-        int rc = validate_oldest(st, &at);
-        if (rc != 0 || at != *pc) {
-            *pc = at;
-            return rc;
-        }
+        int rc = validate_oldest(st, pc);
+        if (rc != 0)
+            return rc < 0 ? -1 : 0;       /* rolled back: *pc is where to go on */
     }
     const rins *br = &p->code[if_pc];
     rsite *site = &p->sites[br->c];
@@ -513,10 +530,11 @@ checkpoint_clear(checkpoint *c, int nregs)
 static PyObject *
 operand(run_state *st, int *pc, PyObject *x, int deep, int slice_of)
 {
-    if (slice_of >= 0 && is_unfinished_task(x) && may_guess(st, slice_of)) {
-        if (graph_pump() < 0)
+    if (slice_of >= 0 && graph_is_task(x) && (replay_guess == 2 || is_unfinished_task(x)) &&
+        may_guess(st, slice_of)) {
+        if (replay_guess != 2 && graph_pump() < 0)
             return NULL;
-        if (is_unfinished_task(x)) {
+        if (replay_guess == 2 || is_unfinished_task(x)) {
             if (guess(st, slice_of, x, pc) < 0)
                 return NULL;
             return NULL;
@@ -525,20 +543,23 @@ operand(run_state *st, int *pc, PyObject *x, int deep, int slice_of)
     return deep ? trace__force_deep(x) : trace__force(x);
 }
 
-/* Registers of the program point pc belongs to the condition of: the branch at slice_of[pc]. */
+/* The branch whose condition the instruction at pc helps compute (pc in [d, branch) of a branch,
+ * with only pure instructions between), or -1. */
 static int
 slice_owner(const struct trace_replay *p, int pc)
 {
-    /* The condition runs from the branch's d up to the branch; the branches after pc in the
-     * straight run are few, so look ahead a little. */
     for (int k = pc; k < p->ncode && k < pc + 64; k++) {
         const rins *i = &p->code[k];
-        if (i->op == R_IF_FALSE || i->op == R_IF_TRUE)
+        switch (i->op) {
+        case R_IF_FALSE: case R_IF_TRUE:
             return i->d <= pc ? k : -1;
-        if (i->op == R_JUMP || i->op == R_FOR || i->op == R_CALL || i->op == R_MAP ||
-            i->op == R_APPEND || i->op == R_RETURN || i->op == R_INPLACE || i->op == R_ITER ||
-            i->op == R_UNPACK || i->op == R_ARG || i->op == R_BUILD_DICT)
+        case R_CONST: case R_GLOBAL: case R_MOVE: case R_BINOP: case R_UNARY: case R_COMPARE:
+        case R_GETITEM: case R_GETATTR: case R_BUILD_LIST: case R_BUILD_TUPLE:
+        case R_BUILD_SLICE: case R_NOT: case R_FORMAT: case R_BUILD_STRING: case R_DEREF:
+            continue;
+        default:
             return -1;
+        }
     }
     return -1;
 }
@@ -625,8 +646,8 @@ settle_oldest(run_state *st)
 
 /* Compute the condition of the oldest checkpoint's branch, waiting, from its registers; compare
  * with the guess. Held: the checkpoint goes, 0. Wrong: roll back to it and go on the other way
- * (*pc), 0. The condition raised: roll back to it and evaluate the branch without guessing (the
- * error comes again there, in order), 0. -1 + exception: interrupted. */
+ * (*pc), 1. The condition raised: roll back to it and evaluate the branch without guessing (the
+ * error comes again there, in order), 1. -1 + exception: interrupted. */
 static int
 validate_oldest(run_state *st, int *pc)
 {
@@ -675,7 +696,7 @@ validate_oldest(run_state *st, int *pc)
         roll_back(st, 0);
         st->nospec_pc = if_pc;
         *pc = start;
-        return 0;
+        return 1;
     }
     site->last = (int8_t)truth;
     if (truth == c->guess) {
@@ -691,33 +712,31 @@ validate_oldest(run_state *st, int *pc)
     roll_back(st, 0);
     int jumps = br->op == R_IF_FALSE ? !truth : truth;
     *pc = jumps ? br->b : if_pc + 1;
-    return 0;
+    return 1;
 }
 
-/* Settle the checkpoints whose awaited value has arrived (without waiting). */
+/* Settle the checkpoints whose awaited value has arrived (without waiting): as settle_all. */
 static int
 settle_arrived(run_state *st, int *pc)
 {
     if (graph_pump() < 0)
         return -1;
     while (st->ncp > 0 && !is_unfinished_task(st->cp[0].wait_on)) {
-        int before = *pc;
         int rc = validate_oldest(st, pc);
-        if (rc != 0 || *pc != before)
+        if (rc != 0)
             return rc;
     }
     return 0;
 }
 
-/* Settle every checkpoint (waiting): 0 with *pc unchanged when all held, 0 with *pc moved after
- * a wrong guess, -1 + exception. */
+/* Settle every checkpoint (waiting): 0 when all held, 1 after a rollback (*pc is where to go
+ * on), -1 + exception. */
 static int
 settle_all(run_state *st, int *pc)
 {
     while (st->ncp > 0) {
-        int before = *pc;
         int rc = validate_oldest(st, pc);
-        if (rc != 0 || *pc != before)
+        if (rc != 0)
             return rc;
     }
     return 0;
@@ -766,6 +785,22 @@ enum { CALLEE_OTHER, CALLEE_FUNCTIONAL, CALLEE_SCHEDULED, CALLEE_PURE };
 
 static int replay_prepare(PyObject *fn, trace_codeinfo *info);
 
+/* A builtin method bound to an object (not a module function): its name (new reference), or
+ * NULL without exception. */
+static PyObject *
+builtin_method_name(PyObject *callable)
+{
+    if (pure_methods == NULL || !PyCFunction_Check(callable))
+        return NULL;
+    PyObject *self = PyCFunction_GET_SELF(callable);
+    if (self == NULL || PyModule_Check(self))
+        return NULL;
+    PyObject *name = PyUnicode_FromString(((PyCFunctionObject *)callable)->m_ml->ml_name);
+    if (name == NULL)
+        PyErr_Clear();
+    return name;
+}
+
 static int
 callee_kind(PyObject *callable, trace_codeinfo **info_out)
 {
@@ -795,7 +830,38 @@ callee_kind(PyObject *callable, trace_codeinfo **info_out)
         if (found)
             return CALLEE_PURE;
     }
+    PyObject *name = builtin_method_name(callable);
+    if (name != NULL) {
+        PyObject *names = PyDict_GetItemWithError(
+            pure_methods, (PyObject *)Py_TYPE(PyCFunction_GET_SELF(callable)));
+        int found = names ? PySet_Contains(names, name) : 0;
+        Py_DECREF(name);
+        if (found < 0 || PyErr_Occurred())
+            PyErr_Clear();
+        if (found > 0)
+            return CALLEE_PURE;
+    }
     return CALLEE_OTHER;
+}
+
+/* Whether a pure callee's result is always a new object (the call may change it in place). */
+static int
+makes_new_object(PyObject *callable)
+{
+    int found = PySet_Contains(new_objects, callable);
+    if (found < 0) {
+        PyErr_Clear();
+        found = 0;
+    }
+    if (!found) {
+        PyObject *name = builtin_method_name(callable);
+        if (name != NULL) {
+            found = PySet_Contains(new_objects, name) > 0;
+            Py_DECREF(name);
+        }
+        PyErr_Clear();
+    }
+    return found;
 }
 
 static PyObject *
@@ -920,7 +986,8 @@ run_map(run_state *st, int pc, const rins *i, int *bailed)
         return NULL;
     trace_codeinfo *info = NULL;
     int kind = callee_kind(fn, &info);
-    if (kind == CALLEE_OTHER) {
+    if (kind == CALLEE_OTHER || kind == CALLEE_SCHEDULED) {
+        /* A scheduled callee would run nested, traced when its graph gives up: not here. */
         PyObject *n = callee_name(fn);
         *bailed = bail(st, pc, "line %d calls %S, which is neither functional nor known to be "
                        "pure", i->line, n ? n : Py_None);
@@ -1018,6 +1085,41 @@ done:
     return result;
 }
 
+/* A nested scheduled call through its graph (self first for a bound method): 0 with *result,
+ * -2 bail (it would have traced), -1 exception. */
+static int
+call_scheduled(run_state *st, int here, PyObject *callable, trace_codeinfo *info,
+               PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **result)
+{
+    PyObject *fn = callable, *self = NULL;
+    if (PyMethod_Check(callable)) {
+        fn = PyMethod_GET_FUNCTION(callable);
+        self = PyMethod_GET_SELF(callable);
+    }
+    Py_ssize_t ntotal = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[9], **argv = (PyObject **)args;
+    if (self != NULL) {
+        argv = ntotal < 9 ? small : PyMem_Malloc((ntotal + 1) * sizeof(PyObject *));
+        if (argv == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        argv[0] = self;
+        memcpy(argv + 1, args, ntotal * sizeof(PyObject *));
+    }
+    int rc = trace__replay_call(fn, info, argv, nargs + (self != NULL), kwnames, result);
+    if (argv != args && argv != small)
+        PyMem_Free(argv);
+    if (rc == 1)
+        return 0;
+    if (rc < 0)
+        return failed(st, here, "a scheduled call");
+    PyObject *reason = info->replay ? info->replay->reason : NULL;
+    return bail(st, here, "line %d calls scheduled %U, whose graph gave up (%S)",
+                st->p->code[here].line, ((PyFunctionObject *)fn)->func_qualname,
+                reason ? reason : Py_None);
+}
+
 /* Execute the instruction at *pc and move *pc on. 0: go on; 1: returned (*pc is the RETURN);
  * -1: exception to propagate; -2: bail. With guessing 0 no branch guesses (a condition being
  * checked). */
@@ -1028,6 +1130,7 @@ exec_one(run_state *st, int *pc, int guessing)
     const rins *i = &p->code[*pc];
     PyObject **R = st->regs;
     int here = *pc;
+    graph_set_location(p->filename, i->line);
     int slice_of = guessing ? -2 : -1;        /* -2: computed on demand */
 #define SLICE() (slice_of == -2 ? (slice_of = slice_owner(p, here)) : slice_of)
 #define NEED(r)                                                                              \
@@ -1114,18 +1217,21 @@ exec_one(run_state *st, int *pc, int guessing)
             /* A change in place cannot be undone: the guesses are checked first. */
             Py_DECREF(x);
             Py_DECREF(y);
-            if (settle_all(st, pc) < 0)
+            int rc = settle_all(st, pc);
+            if (rc < 0)
                 return -1;
-            if (*pc == here + 1)
+            if (rc == 0)
                 *pc = here;           /* all held: do it again, without guesses open */
             return 0;
         }
         PyObject *r = binop_fn(i->d, x, y, inplace);
+        /* A new object, unless the operator handed back an operand. */
+        uint8_t taint = r == x ? st->taint[i->b] : r == y ? st->taint[i->c] : FRESH;
         Py_DECREF(x);
         Py_DECREF(y);
         if (r == NULL)
             return failed(st, here, "an operator");
-        set_reg(st, i->a, r, inplace ? st->taint[i->b] : FRESH);
+        set_reg(st, i->a, r, taint);
         return 0;
     }
     case R_UNARY: case R_NOT: {
@@ -1270,33 +1376,13 @@ exec_one(run_state *st, int *pc, int guessing)
         PyObject *kwnames = kw->a >= 0 ? PyTuple_GET_ITEM(p->consts, kw->a) : NULL;
         Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, total = i->d + nkw;
         *pc = here + 2;
+        for (Py_ssize_t k = 0; k < total; k++)
+            NEED(i->c + k);
         PyObject *callable = trace__force(R[i->b]);
         if (callable == NULL)
             return failed(st, here, "a call");
-        int kind = callee_kind(callable, NULL);
-        uint8_t taint = FRESH;
-        for (Py_ssize_t k = 0; k < total; k++) {
-            if (R[i->c + k] == NULL) {
-                Py_DECREF(callable);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            if (kind == CALLEE_PURE && st->taint[i->c + k] != FRESH) {
-                if (outside_iterator(st, i->c + k, R[i->c + k])) {
-                    Py_DECREF(callable);
-                    return bail(st, here, "line %d hands on an iterator it was handed", i->line);
-                }
-                taint = WRAPS;
-            }
-        }
-        if (kind == CALLEE_PURE && nkw) {
-            int has_out = PySequence_Contains(kwnames, str_out);
-            if (has_out != 0) {
-                Py_DECREF(callable);
-                if (has_out < 0)
-                    return failed(st, here, "a call");
-                return bail(st, here, "line %d passes out=: the callee writes into it", i->line);
-            }
-        }
+        trace_codeinfo *info = NULL;
+        int kind = callee_kind(callable, &info);
         if (kind == CALLEE_OTHER) {
             PyObject *n = callee_name(callable);
             int rc = bail(st, here, "line %d calls %S, which is neither functional nor known to "
@@ -1305,9 +1391,51 @@ exec_one(run_state *st, int *pc, int guessing)
             Py_DECREF(callable);
             return rc;
         }
-        PyObject *r = kind == CALLEE_FUNCTIONAL
-                      ? functional_call(st, callable, &R[i->c], i->d, kwnames)
-                      : trace__dispatch(callable, &R[i->c], i->d, kwnames);
+        PyObject *r = NULL;
+        uint8_t taint = FRESH;
+        if (kind == CALLEE_FUNCTIONAL) {
+            r = functional_call(st, callable, &R[i->c], i->d, kwnames);
+            /* A thread task may hand back what it was given. */
+            taint = info && info->options.threads ? OUTSIDE : FRESH;
+        }
+        else if (kind == CALLEE_SCHEDULED) {
+            /* Nested, through its own graph: it must replay too (its trace would run under no
+             * frame of ours), else this call gives up. */
+            int rc = call_scheduled(st, here, callable, info, &R[i->c], i->d, kwnames, &r);
+            Py_DECREF(callable);
+            if (rc != 0)
+                return rc;
+            set_reg(st, i->a, r, OUTSIDE);
+            return 0;
+        }
+        else {
+            for (Py_ssize_t k = 0; k < total; k++)
+                if (outside_iterator(st, i->c + k, R[i->c + k])) {
+                    Py_DECREF(callable);
+                    return bail(st, here, "line %d hands on an iterator it was handed", i->line);
+                }
+            if (nkw) {
+                int has_out = PySequence_Contains(kwnames, str_out);
+                if (has_out != 0) {
+                    Py_DECREF(callable);
+                    if (has_out < 0)
+                        return failed(st, here, "a call");
+                    return bail(st, here, "line %d passes out=: the callee writes into it",
+                                i->line);
+                }
+            }
+            r = trace__dispatch(callable, &R[i->c], i->d, kwnames);
+            if (r != NULL) {
+                taint = makes_new_object(callable) ? FRESH : OUTSIDE;
+                if (Py_TYPE(r)->tp_iternext != NULL &&
+                    Py_TYPE(r)->tp_iternext != &_PyObject_NextNotImplemented)
+                    taint = WRAPS;     /* zip(), enumerate(), ...: made here, over no iterator
+                                        * of the caller's (checked above) */
+                for (Py_ssize_t k = 0; k < total; k++)
+                    if (r == R[i->c + k])
+                        taint = st->taint[i->c + k];
+            }
+        }
         Py_DECREF(callable);
         if (r == NULL)
             return failed(st, here, "a call");
@@ -1349,10 +1477,11 @@ exec_one(run_state *st, int *pc, int guessing)
         return 0;
     case R_IF_FALSE: case R_IF_TRUE: {
         NEED(i->a);
-        if (guessing && st->ncp > 0 && settle_arrived(st, pc) < 0)
-            return -1;
-        if (*pc != here + 1)
-            return 0;                         /* a wrong guess was found: *pc moved */
+        if (guessing && st->ncp > 0) {
+            int rc = settle_arrived(st, pc);
+            if (rc != 0)
+                return rc < 0 ? -1 : 0;       /* a wrong guess was found: *pc moved */
+        }
         PyObject *x;
         int own = guessing && may_guess(st, here) ? here : -1;
         x = operand(st, pc, R[i->a], 0, own);
@@ -1396,6 +1525,147 @@ exec_one(run_state *st, int *pc, int guessing)
         NEED(i->a);
         *pc = here;
         return 1;
+    case R_BAIL:
+        return bail(st, here, "%U: the trace raises what plain Python raises",
+                    PyTuple_GET_ITEM(p->consts, i->a));
+    case R_STORE_ITEM: case R_SET_ADD: {
+        /* Into a list, dict or set the call made: it cannot be undone, so guesses are checked
+         * first. */
+        NEED(i->a);
+        NEED(i->b);
+        if (i->op == R_STORE_ITEM)
+            NEED(i->c);
+        if (st->taint[i->a] != FRESH)
+            return bail(st, here, "line %d changes a container the call did not make", i->line);
+        if (st->ncp > 0) {
+            int rc = settle_all(st, pc);
+            if (rc < 0)
+                return -1;
+            if (rc == 0)
+                *pc = here;
+            return 0;
+        }
+        PyObject *c = trace__force(R[i->a]);
+        if (c == NULL)
+            return failed(st, here, "a store");
+        int rc;
+        if (i->op == R_SET_ADD) {
+            PyObject *v = PyAnySet_Check(c) ? trace__force_deep(R[i->b]) : NULL;
+            if (v == NULL && !PyErr_Occurred()) {
+                Py_DECREF(c);
+                return bail(st, here, "line %d adds to something else than a set it made",
+                            i->line);
+            }
+            rc = v ? PySet_Add(c, v) : -1;
+            Py_XDECREF(v);
+        }
+        else {
+            PyObject *k = trace__force_deep(R[i->b]);
+            /* Into an exact list or dict a pending value is moved; elsewhere it is read. */
+            PyObject *v = !k ? NULL : (PyList_CheckExact(c) || PyDict_CheckExact(c))
+                                      ? Py_NewRef(R[i->c]) : trace__force_deep(R[i->c]);
+            rc = k && v ? PyObject_SetItem(c, k, v) : -1;
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+        }
+        Py_DECREF(c);
+        return rc < 0 ? failed(st, here, "a store") : 0;
+    }
+    case R_EXTEND: {
+        NEED(i->a);
+        NEED(i->b);
+        if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
+            return bail(st, here, "line %d extends something else than a list it made",
+                        i->line);
+        PyObject *items = trace__force(R[i->b]);
+        if (items == NULL)
+            return failed(st, here, "extend()");
+        if (outside_iterator(st, i->b, items)) {
+            Py_DECREF(items);
+            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
+        }
+        int rc = note_append(st, R[i->a]);
+        PyObject *r = rc < 0 ? NULL : PySequence_InPlaceConcat(R[i->a], items);
+        Py_DECREF(items);
+        if (r == NULL)
+            return failed(st, here, "extend()");
+        Py_DECREF(r);
+        return 0;
+    }
+    case R_BUILD_SET: {
+        PyObject *r = PySet_New(NULL);
+        if (r == NULL)
+            return failed(st, here, "building a set");
+        for (int k = 0; k < i->c; k++) {
+            if (R[i->b + k] == NULL) {
+                Py_DECREF(r);
+                return bail(st, here, "line %d reads a name that has no value", i->line);
+            }
+            PyObject *v = trace__force_deep(R[i->b + k]);
+            if (v == NULL || PySet_Add(r, v) < 0) {
+                Py_XDECREF(v);
+                Py_DECREF(r);
+                return failed(st, here, "building a set");
+            }
+            Py_DECREF(v);
+        }
+        set_reg(st, i->a, r, FRESH);
+        return 0;
+    }
+    case R_FORMAT: {
+        PyObject *v, *spec = NULL;
+        READ(v, i->b, 1);
+        if (i->d >= 0) {
+            NEED(i->d);
+            spec = trace__force_deep(R[i->d]);
+            if (spec == NULL) {
+                Py_DECREF(v);
+                return failed(st, here, "a format");
+            }
+        }
+        PyObject *conv = i->c == 's' ? PyObject_Str(v) : i->c == 'r' ? PyObject_Repr(v)
+                         : i->c == 'a' ? PyObject_ASCII(v) : Py_NewRef(v);
+        Py_DECREF(v);
+        PyObject *r = conv ? PyObject_Format(conv, spec) : NULL;
+        Py_XDECREF(conv);
+        Py_XDECREF(spec);
+        if (r == NULL)
+            return failed(st, here, "a format");
+        set_reg(st, i->a, r, FRESH);
+        return 0;
+    }
+    case R_BUILD_STRING: {
+        PyObject *parts = PyTuple_New(i->c);
+        if (parts == NULL)
+            return failed(st, here, "an f-string");
+        for (int k = 0; k < i->c; k++) {
+            PyObject *v = R[i->b + k];
+            if (v == NULL || !PyUnicode_Check(v)) {
+                Py_DECREF(parts);
+                return bail(st, here, "line %d joins something that is not a str", i->line);
+            }
+            PyTuple_SET_ITEM(parts, k, Py_NewRef(v));
+        }
+        PyObject *empty = PyUnicode_New(0, 0);
+        PyObject *r = empty ? PyUnicode_Join(empty, parts) : NULL;
+        Py_XDECREF(empty);
+        Py_DECREF(parts);
+        if (r == NULL)
+            return failed(st, here, "an f-string");
+        set_reg(st, i->a, r, FRESH);
+        return 0;
+    }
+    case R_DEREF: {
+        PyObject *closure = PyFunction_GET_CLOSURE(st->func);
+        if (closure == NULL || i->b >= PyTuple_GET_SIZE(closure))
+            return bail(st, here, "line %d reads a free variable the function does not have",
+                        i->line);
+        PyObject *v = PyCell_GET(PyTuple_GET_ITEM(closure, i->b));
+        if (v == NULL)
+            return bail(st, here, "line %d reads a free variable that has no value", i->line);
+        set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
+        return 0;
+    }
     case R_MAP: {
         int bailed = 0;
         PyObject *r = run_map(st, here, i, &bailed);
@@ -1502,25 +1772,22 @@ run(run_state *st, PyObject **result)
                 return 1;
             }
             /* Every guess is checked before the call returns. */
-            int at = pc;
-            if (settle_all(st, &at) < 0)
+            int settled = settle_all(st, &pc);
+            if (settled < 0)
                 return -1;
-            if (at == pc) {
+            if (settled == 0) {
                 *result = Py_NewRef(st->regs[st->p->code[pc].a]);
                 return 1;
             }
-            pc = at;
             continue;
         }
         if (rc == -2 && st->ncp > 0) {
             /* A bail on a path taken by a guess may be the guess's fault. */
-            int at = pc;
-            if (settle_all(st, &at) < 0)
+            int settled = settle_all(st, &pc);
+            if (settled < 0)
                 return -1;
-            if (at != pc) {
-                pc = at;
+            if (settled > 0)
                 continue;
-            }
         }
         return rc;
     }
@@ -1558,6 +1825,82 @@ state_clear(run_state *st)
 
 /* ---- entering a call --------------------------------------------------------------------------- */
 
+static int replay_load_helpers(void);
+static int refresh_pure_tables(void);
+static int take_lifted(struct trace_replay *p, PyObject *t);
+
+/* The first call of fn in this process: its graph from the disk cache (pydron/_graph_cache.py)
+ * when a process before this one made it, so that this call replays at once. 0 (found or not),
+ * or -1 + exception. */
+static int
+replay_from_disk(PyObject *fn, trace_codeinfo *info)
+{
+    if (replay_load_helpers() < 0)
+        return -1;
+    PyObject *t = PyObject_CallOneArg(cached_fn, fn);
+    if (t == NULL)
+        return -1;
+    if (t == Py_None) {
+        Py_DECREF(t);
+        return 0;
+    }
+    S.disk_hits++;
+    if (refresh_pure_tables() < 0) {
+        Py_DECREF(t);
+        return -1;
+    }
+    return take_lifted(info->replay, t);
+}
+
+/* What lift_for_core (or the disk cache) gave: a program, or a str saying why there is none.
+ * Steals t. 0, or -1 + exception. */
+static int
+take_lifted(struct trace_replay *p, PyObject *t)
+{
+    if (PyUnicode_Check(t)) {
+        p->state = REPLAY_REFUSED;
+        Py_XSETREF(p->reason, t);
+        S.refusals++;
+        return 0;
+    }
+    int rc = program_load(p, t);
+    Py_DECREF(t);
+    if (rc < 0) {
+        /* Our own lifter made something the interpreter cannot trust: say so, trace on. */
+        PyObject *exc = PyErr_GetRaisedException();
+        p->state = REPLAY_REFUSED;
+        Py_XSETREF(p->reason, PyObject_Str(exc));
+        Py_XDECREF(exc);
+        if (p->reason == NULL)
+            PyErr_Clear();
+        S.refusals++;
+        return 0;
+    }
+    p->state = REPLAY_READY;
+    return 0;
+}
+
+static int
+replay_load_helpers(void)
+{
+    if (lift_fn != NULL)
+        return 0;
+    PyObject *mod = PyImport_ImportModule("pydron._replay");
+    lift_fn = mod ? PyObject_GetAttrString(mod, "lift_for_core") : NULL;
+    reference_fn = mod ? PyObject_GetAttrString(mod, "run_reference") : NULL;
+    pure_fn = mod ? PyObject_GetAttrString(mod, "pure_tables") : NULL;
+    cached_fn = mod ? PyObject_GetAttrString(mod, "cached_for_core") : NULL;
+    Py_XDECREF(mod);
+    if (lift_fn == NULL || reference_fn == NULL || pure_fn == NULL || cached_fn == NULL) {
+        Py_CLEAR(lift_fn);
+        Py_CLEAR(reference_fn);
+        Py_CLEAR(pure_fn);
+        Py_CLEAR(cached_fn);
+        return -1;
+    }
+    return 0;
+}
+
 /* Lift fn's graph if it is time. 0, or -1 + exception (an internal error, not a refusal). */
 static int
 replay_prepare(PyObject *fn, trace_codeinfo *info)
@@ -1572,53 +1915,36 @@ replay_prepare(PyObject *fn, trace_codeinfo *info)
     }
     if (p->state != REPLAY_UNTRIED)
         return 0;
-    if (lift_fn == NULL) {
-        PyObject *mod = PyImport_ImportModule("pydron._replay");
-        lift_fn = mod ? PyObject_GetAttrString(mod, "lift_for_core") : NULL;
-        reference_fn = mod ? PyObject_GetAttrString(mod, "run_reference") : NULL;
-        pure_fn = mod ? PyObject_GetAttrString(mod, "pure_callees") : NULL;
-        Py_XDECREF(mod);
-        if (lift_fn == NULL || reference_fn == NULL || pure_fn == NULL) {
-            Py_CLEAR(lift_fn);
-            Py_CLEAR(reference_fn);
-            Py_CLEAR(pure_fn);
-            return -1;
-        }
-    }
-    /* Again at every lift: numpy may have been imported since. */
-    PyObject *pure = PyObject_CallNoArgs(pure_fn);
-    if (pure == NULL)
+    if (refresh_pure_tables() < 0)
         return -1;
-    if (!PySet_Check(pure)) {
-        Py_DECREF(pure);
-        PyErr_SetString(PyExc_TypeError, "pydron: pure_callees() must return a set");
-        return -1;
-    }
-    Py_XSETREF(pure_callees, pure);
     S.lifts++;
     PyObject *t = PyObject_CallOneArg(lift_fn, fn);
     if (t == NULL)
         return -1;
-    if (PyUnicode_Check(t)) {
-        p->state = REPLAY_REFUSED;
-        p->reason = t;
-        S.refusals++;
-        return 0;
+    return take_lifted(p, t);
+}
+
+/* The tables of known-pure callees, again at every lift: numpy may have been imported since.
+ * 0, or -1 + exception. */
+static int
+refresh_pure_tables(void)
+{
+    if (replay_load_helpers() < 0)
+        return -1;
+    PyObject *tables = PyObject_CallNoArgs(pure_fn);
+    if (tables == NULL)
+        return -1;
+    if (!PyTuple_Check(tables) || PyTuple_GET_SIZE(tables) != 3 ||
+        !PySet_Check(PyTuple_GET_ITEM(tables, 0)) || !PyDict_Check(PyTuple_GET_ITEM(tables, 1)) ||
+        !PySet_Check(PyTuple_GET_ITEM(tables, 2))) {
+        Py_DECREF(tables);
+        PyErr_SetString(PyExc_TypeError, "pydron: pure_tables() must return (set, dict, set)");
+        return -1;
     }
-    int rc = program_load(p, t);
-    Py_DECREF(t);
-    if (rc < 0) {
-        /* Our own lifter made something the interpreter cannot trust: say so, trace on. */
-        PyObject *exc = PyErr_GetRaisedException();
-        p->state = REPLAY_REFUSED;
-        p->reason = PyObject_Str(exc);
-        Py_XDECREF(exc);
-        if (p->reason == NULL)
-            PyErr_Clear();
-        S.refusals++;
-        return 0;
-    }
-    p->state = REPLAY_READY;
+    Py_XSETREF(pure_callees, Py_NewRef(PyTuple_GET_ITEM(tables, 0)));
+    Py_XSETREF(pure_methods, Py_NewRef(PyTuple_GET_ITEM(tables, 1)));
+    Py_XSETREF(new_objects, Py_NewRef(PyTuple_GET_ITEM(tables, 2)));
+    Py_DECREF(tables);
     return 0;
 }
 
@@ -1664,6 +1990,10 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
         return -1;
     }
     if (p->state == REPLAY_UNTRIED) {
+        if (p->traced == 0 && replay_from_disk(func, info) < 0)
+            PyErr_Clear();            /* the disk cache is only ever a shortcut */
+        if (p->state != REPLAY_UNTRIED)
+            goto ready;
         if (p->traced < replay_after) {
             p->traced++;
             S.misses++;
@@ -1678,6 +2008,7 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
             PyErr_Clear();
         }
     }
+ready:
     if (p->state != REPLAY_READY) {
         S.misses++;
         return 0;
@@ -1729,7 +2060,11 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
                 st.taint[i->a] = OUTSIDE;
             }
         }
+        PyObject *outer_file;
+        int outer_line;
+        graph_get_location(&outer_file, &outer_line);
         rc = run(&st, result);
+        graph_set_location(outer_file, outer_line);
         if (rc == -2) {
             Py_XSETREF(p->reason, Py_XNewRef(st.bail_reason));
         }
@@ -1761,11 +2096,15 @@ done:
 static PyObject *
 core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mode", "after", NULL};
+    static char *kwlist[] = {"mode", "after", "guess", NULL};
     const char *mode = NULL;
     long after = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zl:_replay_configure", kwlist, &mode, &after))
+    int guess = -1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zli:_replay_configure", kwlist, &mode, &after,
+                                     &guess))
         return NULL;
+    if (guess >= 0)
+        replay_guess = guess > 2 ? 1 : guess;
     if (mode != NULL) {
         if (strcmp(mode, "off") == 0)
             replay_mode = 0;
@@ -1782,13 +2121,15 @@ core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
     if (after >= 0)
         replay_after = after;
     static const char *const names[] = {"off", "on", "reference"};
-    return Py_BuildValue("{sssl}", "mode", names[replay_mode], "after", replay_after);
+    return Py_BuildValue("{ssslsi}", "mode", names[replay_mode], "after", replay_after, "guess",
+                         replay_guess);
 }
 
 static PyObject *
 core_replay_stats(PyObject *module, PyObject *noargs)
 {
-    return Py_BuildValue("{sKsKsKsKsKsKsKsK}", "hits", (unsigned long long)S.hits, "misses",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}", "disk_hits", (unsigned long long)S.disk_hits,
+                         "hits", (unsigned long long)S.hits, "misses",
                          (unsigned long long)S.misses, "lifts", (unsigned long long)S.lifts,
                          "refusals", (unsigned long long)S.refusals, "bails",
                          (unsigned long long)S.bails, "guesses", (unsigned long long)S.guesses,
@@ -1849,6 +2190,48 @@ core_replay_forget(PyObject *module, PyObject *fn)
     Py_RETURN_NONE;
 }
 
+/* _replay_call(callable, args, kwnames=None) -> (True, result) | (False, why): a nested scheduled
+ * call through its graph only (the reference interpreter's CALL of a scheduled callee). */
+static PyObject *
+core_replay_call(PyObject *module, PyObject *args)
+{
+    PyObject *callable, *argv, *kwnames = Py_None, *result = NULL;
+    if (!PyArg_ParseTuple(args, "OO!|O:_replay_call", &callable, &PyTuple_Type, &argv, &kwnames))
+        return NULL;
+    if (kwnames == Py_None || (PyTuple_Check(kwnames) && PyTuple_GET_SIZE(kwnames) == 0))
+        kwnames = NULL;
+    else if (!PyTuple_Check(kwnames)) {
+        PyErr_SetString(PyExc_TypeError, "pydron: _replay_call's kwnames must be a tuple");
+        return NULL;
+    }
+    trace_codeinfo *info = NULL;
+    if (callee_kind(callable, &info) != CALLEE_SCHEDULED)
+        return Py_BuildValue("(Os)", Py_False, "not a scheduled function with a graph");
+    PyObject *fn = callable, *self = NULL;
+    if (PyMethod_Check(callable)) {
+        fn = PyMethod_GET_FUNCTION(callable);
+        self = PyMethod_GET_SELF(callable);
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(argv), nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    PyObject **stack = PyMem_Malloc((size_t)(n + 1) * sizeof(PyObject *));
+    if (stack == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t j = 0;
+    if (self)
+        stack[j++] = self;
+    for (Py_ssize_t k = 0; k < n; k++)
+        stack[j++] = PyTuple_GET_ITEM(argv, k);
+    int rc = trace__replay_call(fn, info, stack, n - nkw + (self != NULL), kwnames, &result);
+    PyMem_Free(stack);
+    if (rc < 0)
+        return NULL;
+    if (rc == 0) {
+        PyObject *reason = info->replay && info->replay->reason ? info->replay->reason : Py_None;
+        return Py_BuildValue("(OO)", Py_False, reason);
+    }
+    return Py_BuildValue("(ON)", Py_True, result);
+}
+
 static PyObject *
 core_replay_ops(PyObject *module, PyObject *noargs)
 {
@@ -1866,11 +2249,14 @@ core_replay_ops(PyObject *module, PyObject *noargs)
 static PyMethodDef replay_methods[] = {
     {"_replay_configure", (PyCFunction)(void (*)(void))core_replay_configure,
      METH_VARARGS | METH_KEYWORDS,
-     "_replay_configure(mode=None, after=-1): 'on', 'off' or 'reference'; calls traced first."},
+     "_replay_configure(mode=None, after=-1, guess=-1): 'on', 'off' or 'reference'; calls "
+     "traced first; whether branches on pending results guess."},
     {"_replay_stats", core_replay_stats, METH_NOARGS, "Replay counters of this process."},
     {"_replay_state", core_replay_state, METH_O, "What became of fn's graph."},
     {"_replay_forget", core_replay_forget, METH_O, "Drop fn's graph."},
     {"_replay_ops", core_replay_ops, METH_NOARGS, "The interpreter's operation names, in order."},
+    {"_replay_call", core_replay_call, METH_VARARGS,
+     "_replay_call(fn, args, kwnames=None): a nested scheduled call through its graph only."},
     {NULL},
 };
 

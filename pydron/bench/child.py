@@ -81,14 +81,51 @@ class PeakRss:
         self.added = self.peak - self.start
 
 
-def _runner(system, workers, timeline):
+def tcp_bytes_received() -> int:
+    """Bytes this process has received on its open TCP sockets (the kernel's tcp_info
+    bytes_received, summed over /proc/self/fd): what reached the client of a cluster."""
+    import socket
+    import struct
+    total = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            s = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:
+            continue
+        with s:
+            if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET,
+                                                                 socket.AF_INET6):
+                continue
+            try:
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+            except OSError:
+                continue
+            if len(info) >= _TCPI_BYTES_RECEIVED + 8:
+                total += struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0]
+    return total
+
+
+# Offset of tcpi_bytes_received in Linux's struct tcp_info (linux/tcp.h, since 4.1).
+_TCPI_BYTES_RECEIVED = 128
+
+
+def _runner(system, workers, timeline, backend="local"):
     """A function (workload, args) -> result for this system, and a closer."""
-    if system in ("sequential", "pydron"):
-        if system == "pydron":
+    from .peers import PYDRON_VARIANTS
+    if system in ("sequential", "pydron") or system in PYDRON_VARIANTS:
+        if system != "sequential":
             import pydron
             if not hasattr(pydron, "enable"):
                 raise RuntimeError("pydron.enable is missing (core not installed)")
-            pydron.enable(workers=workers, progress=False, timeline=timeline)
+            variant = PYDRON_VARIANTS.get(system, {})
+            pydron.enable(workers=workers, progress=False, timeline=timeline,
+                          cluster=f"local:{workers}" if backend == "cluster" else None,
+                          replay=variant.get("replay"))
+            if "guess" in variant:
+                from pydron import _core
+                _core._replay_configure(guess=variant["guess"])
             if hasattr(pydron, "is_enabled") and not pydron.is_enabled():
                 raise RuntimeError("pydron.enable() did not enable pydron "
                                    "(PYDRON_DISABLE set?)")
@@ -111,7 +148,8 @@ def run(spec: dict, emit) -> None:
     system, workers, repeat = spec["system"], spec["workers"], spec["repeat"]
     t0 = time.perf_counter()
     try:
-        call, close = _runner(system, workers, spec.get("timeline"))
+        call, close = _runner(system, workers, spec.get("timeline"),
+                              spec.get("backend", "local"))
     except Exception as exc:
         emit({"event": "system", "system": system, "status": "failed",
               "error": _error_text(exc)})
@@ -148,7 +186,9 @@ def run(spec: dict, emit) -> None:
                     emit(record)
                     continue
                 try:
-                    _measure(w, case, call, repeat, record, warm=(i == 0))
+                    _measure(w, case, call, repeat, record, warm=(i == 0),
+                             on_cluster=spec.get("backend") == "cluster" and
+                             system != "sequential")
                     record["status"] = "ok"
                     per_task = min(record["times_s"]) / record["tasks"]
                 except Exception as exc:
@@ -162,17 +202,29 @@ def run(spec: dict, emit) -> None:
             pass
 
 
-def _measure(w, case, call, repeat, record, warm):
+def _fetched_results() -> int | None:
+    cluster = sys.modules.get("pydron._cluster")
+    adapter = cluster.current() if cluster is not None else None
+    return adapter.stats["fetched_results"] if adapter is not None else None
+
+
+def _measure(w, case, call, repeat, record, warm, on_cluster=False):
     args = w.args(case)
     if warm:
         call(w, w.args(w.warm) if w.warm is not None else args)
     reps = repeat if record["tasks"] < 100_000 else 1
     digests = []
     for _ in range(reps):
+        rx0 = tcp_bytes_received() if on_cluster else 0
+        fetched0 = _fetched_results() if on_cluster else None
         with PeakRss() as mem:
             t0 = time.perf_counter()
             result = call(w, args)
             elapsed = time.perf_counter() - t0
+        if on_cluster:
+            record.setdefault("client_rx_bytes", []).append(tcp_bytes_received() - rx0)
+            if fetched0 is not None:
+                record.setdefault("fetched_results", []).append(_fetched_results() - fetched0)
         record["times_s"].append(elapsed)
         record.setdefault("master_bytes", []).append(mem.added)
         digests.append(digest(result))

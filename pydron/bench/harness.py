@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .peers import PEERS, SYSTEMS, availability
+from .peers import CLUSTER_SYSTEMS, OPT_IN, PEERS, SYSTEMS, availability
 from .catalog import WORKLOADS
 
 SCHEMA = "pydron-bench/1"
@@ -90,9 +90,17 @@ def parse_args(argv):
     p.add_argument("--table", choices=("rich", "plain", "markdown"), default="rich",
                    help="table style (rich when installed, else plain)")
     p.add_argument("--list", action="store_true", help="list workloads and systems")
+    p.add_argument("--backend", choices=("local", "cluster"), default="local",
+                   help="where pydron's tasks run: local processes, or a Dask cluster of "
+                        "--workers single-threaded workers on this machine (peers: Dask's "
+                        "client.submit per task and client.map on the same kind of cluster)")
     ns = p.parse_args(argv)
+    if ns.backend == "cluster":
+        ns.workloads = ns.workloads or ["tiny,cpu,tree"]
+        ns.systems = ns.systems or [",".join(CLUSTER_SYSTEMS)]
     ns.workloads = _names(ns.workloads, list(WORKLOADS), "workload")
-    ns.systems = _names(ns.systems, list(SYSTEMS), "system")
+    ns.systems = (_names(ns.systems, list(SYSTEMS), "system") if ns.systems else
+                  [s for s in SYSTEMS if s not in OPT_IN])
     if "sequential" not in ns.systems:
         ns.systems.insert(0, "sequential")
     ns.systems.sort(key=SYSTEMS.index)
@@ -155,7 +163,8 @@ def run_system(system, ns, log) -> tuple[dict, list[dict]]:
     spec = {"system": system, "workloads": ns.workloads, "quick": ns.quick,
             "repeat": ns.repeat, "workers": ns.workers, "out": out.name,
             "budget_s": ns.budget,
-            "timeline": ns.timeline if system == "pydron" else None}
+            "timeline": ns.timeline if system == "pydron" else None,
+            "backend": ns.backend}
     env = dict(os.environ)
     env.pop("PYDRON_DISABLE", None)
     if system == "sequential":
@@ -362,6 +371,22 @@ def print_table(results, systems, file=sys.stdout, style="rich"):
         print(f"{name}: {why}", file=file)
 
 
+def print_client_bytes(results, file=sys.stdout):
+    """What the client process received over TCP in each timed run (results, and everything
+    else Dask sent it), and for pydron how many task results it fetched: a workload whose
+    intermediate results stay on the workers shows only its final result here."""
+    rows = [r for r in results if r.get("client_rx_bytes")]
+    if not rows:
+        return
+    print("client side (cluster runs): bytes received over TCP per run (min), results fetched",
+          file=file)
+    for r in rows:
+        fetched = r.get("fetched_results")
+        extra = f", {min(fetched)} results fetched" if fetched else ""
+        print(f"  {_label(r):<10} {r['system']:<16} {min(r['client_rx_bytes']):>10} B"
+              f" ({min(r['client_rx_bytes']) / r['tasks']:.1f} B/task){extra}", file=file)
+
+
 def main(argv=None) -> int:
     try:
         ns = parse_args(sys.argv[1:] if argv is None else argv)
@@ -411,6 +436,8 @@ def main(argv=None) -> int:
     results.sort(key=sort_key)
     summarise(results)
     print_table(results, systems, style=ns.table)
+    if ns.backend == "cluster":
+        print_client_bytes(results)
     doc = {"schema": SCHEMA, "created": started.isoformat(timespec="seconds"),
            "command": ["pydron", "bench"] + list(sys.argv[1:] if argv is None else argv),
            "quick": ns.quick, "repeat": ns.repeat, "workers": ns.workers,

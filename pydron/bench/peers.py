@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import importlib.util
 
-SYSTEMS = ("sequential", "pydron", "processpool", "mp-pool", "joblib", "dask-threads",
-           "dask-processes", "dask-distributed", "ray")
-PEERS = SYSTEMS[2:]
+SYSTEMS = ("sequential", "pydron", "pydron-trace", "pydron-wait", "processpool", "mp-pool",
+           "joblib", "dask-threads", "dask-processes", "dask-distributed", "dask-submit",
+           "dask-map", "ray")
+# pydron itself with parts of the replay off, to show what each part gains (named with
+# --systems, not run by default): every call traced (no graph), or graphs replayed without
+# guessing past branches on pending results (every such branch waits).
+PYDRON_VARIANTS = {"pydron-trace": {"replay": "off"}, "pydron-wait": {"guess": False}}
+OPT_IN = tuple(PYDRON_VARIANTS)
+# `pydron bench --backend cluster`: pydron on a Dask cluster against Dask itself on the same
+# kind of cluster (a scheduler and --workers single-threaded workers, each a subprocess).
+CLUSTER_SYSTEMS = ("sequential", "pydron", "dask-submit", "dask-map")
+PEERS = tuple(s for s in SYSTEMS[2:] if s not in PYDRON_VARIANTS)
 
 # system -> module that must be importable (else the system is "skipped")
 REQUIRES = {"joblib": "joblib", "dask-threads": "dask", "dask-processes": "dask",
-            "dask-distributed": "distributed", "ray": "ray"}
+            "dask-distributed": "distributed", "dask-submit": "distributed",
+            "dask-map": "distributed", "ray": "ray"}
 
 
 def availability(system: str) -> tuple[bool, str | None]:
@@ -264,6 +274,29 @@ class DaskDistributedPeer:
         self.cluster.close()
 
 
+class DaskClusterPeer(DaskDistributedPeer):
+    """Dask on the cluster pydron's cluster backend uses in the bench (a scheduler and
+    single-threaded workers, each a subprocess): futures as arguments for dependencies, and
+    many small calls either one client.submit each (per_task=True) or one client.map."""
+
+    def __init__(self, workers, per_task):
+        from distributed import Client
+        from pydron import _cluster
+        self.workers = workers
+        self.per_task = per_task
+        self.cluster = _cluster._start_local(workers)
+        self.client = Client(self.cluster, set_as_default=False)
+        self.client.wait_for_workers(workers)
+        self.scattered = {}
+
+    def map(self, fn, args):
+        if self.per_task:
+            futures = [self.client.submit(fn, *a, pure=False) for a in args]
+        else:
+            futures = self.client.map(fn, *zip(*args), pure=False) if args else []
+        return self.client.gather(futures)
+
+
 def _ray_call(fn, spec, *flat):
     """Rebuild list arguments from refs passed at top level (so Ray resolves them)."""
     it = iter(flat)
@@ -322,6 +355,10 @@ def start_peer(system: str, workers: int):
         return DaskLocalPeer(workers, "processes")
     if system == "dask-distributed":
         return DaskDistributedPeer(workers)
+    if system == "dask-submit":
+        return DaskClusterPeer(workers, per_task=True)
+    if system == "dask-map":
+        return DaskClusterPeer(workers, per_task=False)
     if system == "ray":
         return RayPeer(workers)
     raise ValueError(f"unknown peer {system!r}")

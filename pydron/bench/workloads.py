@@ -168,6 +168,28 @@ def blas_program(n, size):
     return [svd_top(seed, size) for seed in range(n)]
 
 
+@pydron.functional
+def probe(seed, iters):
+    """Some work, then the seed back: what the loop's branch reads."""
+    burn(seed, iters)
+    return seed
+
+
+@pydron.schedule
+def branch_program(n, iters, modulus):
+    """A loop whose `if` reads each result as it comes (the way scripts are written). With
+    modulus 1 the branch always goes the same way (a guess holds), with 2 it flips every time
+    (every guess would fail)."""
+    out = []
+    for seed in range(n):
+        r = probe(seed, iters)
+        if r % modulus == 0:
+            out.append(inc(r))
+        else:
+            out.append(-r)
+    return out
+
+
 @pydron.schedule
 def scale_program(n):
     return [inc(i) for i in range(n)]
@@ -175,6 +197,14 @@ def scale_program(n):
 
 # ---------------------------------------------------------------------------------------
 # The same programs against the peer API (see peers.py).
+
+
+def branch_peer(api, n, iters, modulus):
+    """The same, restructured the way the peers need it: all probes first, then decide."""
+    rs = api.map(probe, [(seed, iters) for seed in range(n)])
+    keep = [r % modulus == 0 for r in rs]
+    incs = iter(api.map(inc, [(r,) for r, k in zip(rs, keep) if k]))
+    return [next(incs) if k else -r for r, k in zip(rs, keep)]
 
 
 def tiny_peer(api, n):

@@ -24,7 +24,12 @@ import pydron
 from .registry import Case, load_all
 
 WORKERS = 2
-MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker")
+# "pydron-cluster": pydron with its tasks on a Dask cluster (CLUSTER, the scheduler's address;
+# tests/test_semantics.py starts one). "pydron-replay(-reference)": the case's call through its
+# graph (trace/replay.c, or the Python reference interpreter).
+MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker", "pydron-cluster",
+         "pydron-replay", "pydron-replay-guess", "pydron-replay-reference")
+CLUSTER: str | None = None
 
 
 @dataclasses.dataclass
@@ -35,11 +40,13 @@ class Outcome:
     exc_type: type | None = None
     exc_message: str | None = None
     exc_args: tuple = ()
+    exc_cause: tuple | None = None          # (class, message) of the exception's __cause__
     stdout: str = ""
     exception: BaseException | None = None
     traceback_text: str = ""
     tasks_submitted: int | None = None      # pydron mode: tasks this run submitted
     pydron_warnings: list = dataclasses.field(default_factory=list)
+    replayed: bool | None = None            # replay modes: the graph ran to the end
 
     def describe(self) -> str:
         if self.exc_type is not None:
@@ -58,6 +65,8 @@ def capture(call: Callable[[], Any]) -> Outcome:
             outcome.exc_type = type(exc)
             outcome.exc_message = str(exc)
             outcome.exc_args = exc.args
+            if exc.__cause__ is not None:
+                outcome.exc_cause = (type(exc.__cause__), str(exc.__cause__))
             outcome.exception = exc
             outcome.traceback_text = "".join(traceback.format_exception(exc))
     outcome.stdout = out.getvalue()
@@ -76,12 +85,12 @@ def pydron_disabled():
         yield
     finally:
         if was_enabled and not pydron.is_enabled():
-            pydron.enable(workers=WORKERS)
+            pydron.enable(workers=WORKERS, cluster=CLUSTER)
 
 
 def ensure_enabled() -> None:
     if not pydron.is_enabled():
-        pydron.enable(workers=WORKERS)
+        pydron.enable(workers=WORKERS, cluster=CLUSTER)
 
 
 def reference_available() -> bool:
@@ -134,6 +143,37 @@ def run_pydron(case: Case) -> Outcome:
     return outcome
 
 
+# interpreter -> {case name: (replayed, graph state, reason, guesses)}: what the replay modes did
+# in this process (test_semantics checks that the graphs really ran).
+REPLAY_LOG: dict[str, dict[str, tuple]] = {}
+
+
+def run_replayed(case: Case, interpreter: str, guess: int = 1) -> Outcome:
+    """Under pydron, the case's call through its graph from the first call (trace/replay.c, or
+    the Python reference interpreter): the graph is made afresh, and when it gives up the call
+    is traced, as in production. `outcome.replayed` says whether the graph ran to the end.
+    guess=2: every branch on a task's result guesses, even when the result is in (so that the
+    checkpoints, checks, rollbacks and reuse run on every case)."""
+    from pydron import _core
+    fn = getattr(case.fn, "__func__", case.fn)
+    ensure_enabled()
+    previous = _core._replay_configure(mode=interpreter, after=0, guess=guess)
+    _core._replay_forget(fn)
+    try:
+        hits = _core._replay_stats()["hits"]
+        outcome = run_pydron(case)
+        outcome.replayed = _core._replay_stats()["hits"] > hits
+        state = _core._replay_state(fn)
+        REPLAY_LOG.setdefault(interpreter if guess == 1 else f"{interpreter}-guess", {})[
+            case.name] = (
+            outcome.replayed, state["state"], state.get("reason"), state.get("guesses", 0))
+    finally:
+        _core._replay_configure(mode=previous["mode"], after=previous["after"],
+                                guess=previous["guess"])
+        _core._replay_forget(fn)
+    return outcome
+
+
 def _kind_of(fn) -> int:
     """0 plain, 1 functional, 2 scheduled: the mark pydron's decorators left on fn's code."""
     from pydron import _core
@@ -175,6 +215,10 @@ def run_reference(case: Case, threads: int = 0) -> Outcome:
 # "pydron-1worker" is run_pydron in a process that enabled pydron with one worker (the case
 # server does that): a task must never wait for one queued behind it.
 RUNNERS = {"plain": run_plain, "pydron": run_pydron, "pydron-1worker": run_pydron,
+           "pydron-cluster": run_pydron,
+           "pydron-replay": lambda case: run_replayed(case, "on"),
+           "pydron-replay-guess": lambda case: run_replayed(case, "on", guess=2),
+           "pydron-replay-reference": lambda case: run_replayed(case, "reference"),
            "reference": run_reference,
            "reference-threads": lambda case: run_reference(case, threads=WORKERS)}
 
@@ -257,7 +301,7 @@ def _has_attributes(obj: Any) -> bool:
 
 
 def outcome_differences(expected: Outcome, actual: Outcome) -> list[str]:
-    """Differences in what was returned, raised (class, message, args) and printed."""
+    """Differences in what was returned, raised (class, message, args, cause) and printed."""
     out = []
     if expected.exc_type is not actual.exc_type:
         out.append(f"exception: expected {expected.describe()}, got {actual.describe()}")
@@ -265,6 +309,8 @@ def outcome_differences(expected: Outcome, actual: Outcome) -> list[str]:
         if expected.exc_message != actual.exc_message:
             out.append(f"exception message: {expected.exc_message!r} != {actual.exc_message!r}")
         out += value_differences(expected.exc_args, actual.exc_args, "exception.args")
+        if expected.exc_cause != actual.exc_cause:
+            out.append(f"exception cause: {expected.exc_cause!r} != {actual.exc_cause!r}")
     else:
         out += value_differences(expected.value, actual.value)
     if expected.stdout != actual.stdout:
@@ -307,8 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mode", action="append", choices=MODES)
     parser.add_argument("-k", dest="keyword", default="")
+    parser.add_argument("--cluster", default=None, help="scheduler address for pydron-cluster")
     options = parser.parse_args(argv)
     modes = options.mode or list(MODES)
+    global CLUSTER
+    CLUSTER = options.cluster
+    if "pydron-cluster" in modes and CLUSTER is None:
+        print("no --cluster address: skipping mode pydron-cluster")
+        modes.remove("pydron-cluster")
+    if CLUSTER is not None and modes != ["pydron-cluster"]:
+        print("--cluster runs only mode pydron-cluster here (one enable per process)")
+        modes = ["pydron-cluster"]
     for mode in ("reference", "reference-threads"):
         if mode in modes and not (reference_available() and reference_marks_known()):
             print(f"pydron._reference or pydron._core._kind is missing: skipping mode {mode}")

@@ -65,6 +65,8 @@ def _handle(kind: str, arg, expected: dict, cases: dict):
     if kind == "check":                       # (mode, case name) -> list of problems
         mode, name = arg
         return harness.check(cases[name], mode, expected[name])
+    if kind == "replay_log":                  # interpreter -> {case: (replayed, state, ...)}
+        return harness.REPLAY_LOG.get(arg, {})
     if kind == "outcome":                     # (mode, case name) -> (exc type name, traceback)
         mode, name = arg
         outcome = harness.RUNNERS[mode](cases[name])
@@ -78,13 +80,15 @@ def _handle(kind: str, arg, expected: dict, cases: dict):
     raise ValueError(f"unknown request {kind!r}")
 
 
-def serve(rfd: int, wfd: int, workers: int) -> None:
-    """workers=0: pydron stays disabled (reference modes); otherwise enabled with that many."""
+def serve(rfd: int, wfd: int, workers: int, cluster: str | None = None) -> None:
+    """workers=0: pydron stays disabled (reference modes); otherwise enabled with that many, and
+    with its tasks on the Dask cluster at `cluster` when given."""
     faulthandler.enable()
     from semantics import harness
     from semantics.registry import load_all
     if workers:
         harness.WORKERS = workers
+    harness.CLUSTER = cluster
     cases = {c.name: c for c in load_all()}
     with harness.pydron_disabled():
         expected = {name: harness.run_plain(c) for name, c in cases.items()}
@@ -118,9 +122,10 @@ class CaseServer:
 
     MAX_HANGS_IN_A_ROW = 3
 
-    def __init__(self, timeout: float = 120.0, workers: int = 2):
+    def __init__(self, timeout: float = 120.0, workers: int = 2, cluster: str | None = None):
         self.timeout = timeout
         self.workers = workers
+        self.cluster = cluster
         self.proc = None
         self.answered = False        # has the current server answered anything yet?
         self.broken = None           # why a server could not even start (then: fail fast)
@@ -133,9 +138,12 @@ class CaseServer:
         tests_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "semantics.server", str(to_server_r), str(from_server_w),
-             str(self.workers)],
+             str(self.workers)] + ([self.cluster] if self.cluster else []),
             pass_fds=(to_server_r, from_server_w), cwd=tests_dir, stdout=subprocess.DEVNULL,
-            stderr=self._stderr)
+            stderr=self._stderr,
+            # No graph from the disk cache: in mode "pydron" a case's call is traced, as a
+            # first call is; the replay modes make their graphs afresh.
+            env={**os.environ, "PYDRON_CACHE_DIR": "off"})
         os.close(to_server_r)
         os.close(from_server_w)
 
@@ -218,4 +226,5 @@ class CaseServer:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    serve(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+          sys.argv[4] if len(sys.argv) > 4 else None)

@@ -248,3 +248,33 @@ def task_exits(code):
 @pydron.functional
 def task_interrupts(x):
     raise KeyboardInterrupt(f"interrupt {x}")
+
+
+# --- for cases_constructs.py and cases_regions.py ---------------------------------------------------
+
+@pydron.functional
+def fail_on_3(x):
+    """Fails for 3 only, with a builtin exception class."""
+    if x == 3:
+        raise ValueError("bad %r" % (x,))
+    return x
+
+
+@pydron.functional
+def raise_key(message="boom"):
+    raise KeyError(message)
+
+
+@pydron.functional
+def succ_pair(x):
+    return (x, x + 1)
+
+
+@pydron.functional
+def triple(a, b=2, *, c=3):
+    return (a, b, c)
+
+
+@pydron.functional
+def xy_dict(x):
+    return {"x": x, "y": [x, x]}

@@ -1,0 +1,368 @@
+"""The graph cache on disk: lifted graphs of scheduled functions, kept between processes so that
+the first call of a fresh process replays at once.
+
+Where: the `cache_dir` setting (PYDRON_CACHE_DIR, pydron/config.py), else $XDG_CACHE_HOME/pydron, else
+~/.cache/pydron; `off` turns the cache off. Layout: <dir>/graphs/<key>.graph, one file per graph,
+and <dir>/stats.json (counters summed over the processes that used the cache).
+
+What is trusted: nothing that could have been written by someone else, or half-written.
+  - the directory is made with mode 0700; a directory (or file) that is not owned by this user
+    or that others may write is not used: the cache is off for this process, with one warning;
+  - a file is written to a temporary name in the same directory and renamed into place, so
+    readers see a whole file or none, and processes share the directory safely;
+  - every file starts with a header line holding the XXH3 hash of the rest; a file whose hash,
+    format or owner does not check out is ignored (and replaced by the next store), never
+    parsed further; the payload is JSON, which decodes to data only;
+  - the key covers the code object (bytecode, constants, names, line table, file, qualified
+    name), the Python version, pydron's version and the graph format: a change to any of them is
+    another key.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import stat
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("pydron")
+
+FORMAT = 1
+MAGIC = "pydron-graph"
+_STATS_KEYS = ("stores", "loads", "rejected", "replay_hits", "replay_misses", "lifts",
+               "mispredicts", "bails")
+
+_UNSET = object()
+_configured = _UNSET                     # what enable() said: a path, "off", or None (default)
+_unusable: set[str] = set()              # directories found unsafe in this process (warned once)
+_session = dict.fromkeys(_STATS_KEYS, 0)
+
+
+def configure(value) -> None:
+    """The `cache_dir` setting of pydron.enable(): a directory, "off", or None for the default."""
+    global _configured
+    _configured = None if value in (None, "") else os.fspath(value)
+
+
+def directory() -> Path | None:
+    """The cache directory in use (made if missing), or None when the cache is off or unsafe."""
+    if _configured is _UNSET:
+        from pydron import config
+        configure(config.resolve_for_enable({}).cache_dir)
+    value = _configured
+    if value and value.strip().lower() == "off":
+        return None
+    if value:
+        base = Path(value).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".cache") / "pydron"
+    if str(base) in _unusable:
+        return None
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.mkdir(mode=0o700, exist_ok=True)
+        (base / "graphs").mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return _give_up(base, f"cannot be made ({exc.strerror})")
+    for d in (base, base / "graphs"):
+        problem = _unsafe(d)
+        if problem:
+            return _give_up(base, problem)
+    return base
+
+
+def _unsafe(path: Path) -> str | None:
+    """Why path may not be trusted, or None."""
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"others may write to {path} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _give_up(base: Path, why: str) -> None:
+    if str(base) not in _unusable:
+        _unusable.add(str(base))
+        log.warning("pydron: the graph cache is off for this process: %s", why)
+    return None
+
+
+def _fingerprint(code) -> str:
+    """What identifies a code object across processes (nested code objects, such as 3.11's
+    comprehension bodies, by their own fingerprint: their repr holds an address)."""
+    consts = ", ".join(f"<code {_fingerprint(c)}>" if isinstance(c, type(code)) else repr(c)
+                       for c in code.co_consts)
+    return "\x1f".join([code.co_filename, code.co_qualname, str(code.co_firstlineno),
+                        code.co_code.hex(), consts, repr(code.co_names),
+                        repr(code.co_varnames), repr(code.co_freevars),
+                        code.co_linetable.hex()])
+
+
+def key(fn) -> str:
+    """The cache key of scheduled function fn's graph: hex XXH3 over what decides it."""
+    from pydron import _core, __version__
+    parts = [MAGIC, str(FORMAT), __version__, sys.version, _fingerprint(fn.__code__)]
+    return "%016x" % _core._xxh3("\x1f".join(parts).encode("utf-8", "surrogatepass"))
+
+
+def _path(base: Path, k: str) -> Path:
+    return base / "graphs" / f"{k}.graph"
+
+
+# ---- encoding (JSON only: decoding makes data, nothing else) ------------------------------------
+
+def _enc(v):
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, int):
+        return {"i": str(v)} if abs(v) > 2 ** 53 else v
+    if isinstance(v, float):
+        return {"f": repr(v)}
+    if isinstance(v, complex):
+        return {"c": [repr(v.real), repr(v.imag)]}
+    if isinstance(v, bytes):
+        return {"b": v.hex()}
+    if isinstance(v, tuple):
+        return {"t": [_enc(x) for x in v]}
+    if isinstance(v, frozenset):
+        return {"s": [_enc(x) for x in v]}
+    if v is Ellipsis:
+        return {"e": 0}
+    raise TypeError(f"a graph constant of type {type(v).__name__} is not cached")
+
+
+def _dec(v):
+    if v is None or isinstance(v, (bool, str, int)):
+        return v
+    if isinstance(v, dict) and len(v) == 1:
+        (tag, x), = v.items()
+        if tag == "i":
+            return int(x)
+        if tag == "f":
+            return float(x)
+        if tag == "c":
+            return complex(float(x[0]), float(x[1]))
+        if tag == "b":
+            return bytes.fromhex(x)
+        if tag == "t":
+            return tuple(_dec(y) for y in x)
+        if tag == "s":
+            return frozenset(_dec(y) for y in x)
+        if tag == "e":
+            return Ellipsis
+    raise ValueError("malformed graph constant")
+
+
+def encode(program) -> bytes:
+    """A program tuple (or a refusal reason, a str) as the bytes of a cache file."""
+    payload = json.dumps({"graph": _enc(program)}, separators=(",", ":")).encode()
+    from pydron import _core
+    return b"%s %d %016x\n" % (MAGIC.encode(), FORMAT, _core._xxh3(payload)) + payload
+
+
+def decode(data: bytes):
+    """The program tuple (or refusal str) of a cache file's bytes; ValueError if anything is
+    off (header, hash, JSON, shape)."""
+    from pydron import _core
+    head, sep, payload = data.partition(b"\n")
+    fields = head.split(b" ")
+    if not sep or len(fields) != 3 or fields[0] != MAGIC.encode() or fields[1] != b"%d" % FORMAT:
+        raise ValueError("not a pydron graph file of this format")
+    if fields[2] != b"%016x" % _core._xxh3(payload):
+        raise ValueError("the hash does not match (truncated or corrupt)")
+    doc = json.loads(payload)
+    if not isinstance(doc, dict) or set(doc) != {"graph"}:
+        raise ValueError("malformed graph file")
+    value = _dec(doc["graph"])
+    if not isinstance(value, (tuple, str)):
+        raise ValueError("malformed graph file")
+    return value
+
+
+# ---- load and store ---------------------------------------------------------------------------
+
+def load(fn):
+    """fn's graph from the cache (a program tuple, or a str: why it has none), or None."""
+    base = directory()
+    if base is None:
+        return None
+    path = _path(base, key(fn))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _reject(path, f"cannot be opened ({exc.strerror})")
+        return None
+    with os.fdopen(fd, "rb") as f:
+        problem = _unsafe_file(os.fstat(f.fileno()), path)
+        if problem:
+            _reject(path, problem)
+            return None
+        data = f.read()
+    try:
+        value = decode(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        _reject(path, str(exc))
+        return None
+    _session["loads"] += 1
+    return value
+
+
+def _unsafe_file(st, path) -> str | None:
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_uid != os.getuid():
+        return f"belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"others may write to it (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _reject(path: Path, why: str) -> None:
+    """A file that is not loaded: said once at debug level, left for the next store to
+    replace."""
+    _session["rejected"] += 1
+    log.debug("pydron: graph cache file %s ignored: %s", path, why)
+
+
+def store(fn, program) -> bool:
+    """Write fn's graph (program tuple or refusal str): to a temporary file, then renamed into
+    place. False when the cache is off or the write failed (never an error for the caller)."""
+    base = directory()
+    if base is None:
+        return False
+    try:
+        data = encode(program)
+    except TypeError as exc:
+        log.debug("pydron: graph of %s not cached: %s", fn.__qualname__, exc)
+        return False
+    path = _path(base, key(fn))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".graph")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        log.debug("pydron: graph of %s not cached: %s", fn.__qualname__, exc)
+        return False
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    _session["stores"] += 1
+    return True
+
+
+# ---- counters, listing, clearing (pydron cache, pydron info) ------------------------------------
+
+def note_session(replay_stats: dict) -> None:
+    """Add this process's counters to <dir>/stats.json (under a lock: processes share it)."""
+    base = directory()
+    if base is None:
+        return
+    counts = dict(_session)
+    for ours, theirs in (("replay_hits", "hits"), ("replay_misses", "misses"),
+                         ("lifts", "lifts"), ("mispredicts", "mispredicts"),
+                         ("bails", "bails")):
+        counts[ours] = replay_stats.get(theirs, 0)
+    if not any(counts.values()):
+        return
+    path = base / "stats.json"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return
+    with os.fdopen(fd, "r+") as f:
+        if _unsafe_file(os.fstat(f.fileno()), path):
+            return
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            old = json.loads(f.read() or "{}")
+            if not isinstance(old, dict):
+                old = {}
+        except ValueError:
+            old = {}
+        merged = {k: int(old.get(k, 0)) + counts.get(k, 0) for k in _STATS_KEYS}
+        merged["processes"] = int(old.get("processes", 0)) + 1
+        merged["updated"] = time.time()
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(merged))
+    for k in _session:
+        _session[k] = 0
+
+
+def stats() -> dict:
+    """What the cache holds and the counters of the processes that used it."""
+    base = directory()
+    if base is None:
+        return {"directory": None}
+    files = list((base / "graphs").glob("*.graph"))
+    out = {"directory": str(base), "graphs": len(files),
+           "bytes": sum(f.stat().st_size for f in files)}
+    try:
+        with open(base / "stats.json") as f:
+            counters = json.load(f)
+        if isinstance(counters, dict):
+            out.update({k: counters.get(k, 0) for k in _STATS_KEYS + ("processes",)})
+    except (OSError, ValueError):
+        out.update(dict.fromkeys(_STATS_KEYS + ("processes",), 0))
+    return out
+
+
+def entries() -> list[dict]:
+    """One dict per cached graph: key, function, file, line, size, kind (graph or refusal),
+    age, and whether it loads."""
+    base = directory()
+    if base is None:
+        return []
+    out = []
+    for path in sorted((base / "graphs").glob("*.graph")):
+        entry = {"key": path.stem, "bytes": path.stat().st_size,
+                 "age_s": time.time() - path.stat().st_mtime}
+        try:
+            value = decode(path.read_bytes())
+        except (ValueError, OSError) as exc:
+            entry.update(kind="unreadable", problem=str(exc))
+        else:
+            if isinstance(value, str):
+                entry.update(kind="no graph", reason=value)
+            else:
+                entry.update(kind="graph", function=value[0], file=value[8],
+                             instructions=len(value[3]))
+        out.append(entry)
+    return out
+
+
+def clear() -> int:
+    """Remove every cached graph and the counters; the number of files removed."""
+    base = directory()
+    if base is None:
+        return 0
+    n = 0
+    for path in list((base / "graphs").iterdir()):
+        if path.suffix == ".graph" or path.name.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                n += 1
+    with contextlib.suppress(OSError):
+        (base / "stats.json").unlink()
+    return n

@@ -1,0 +1,174 @@
+"""The graph cache on disk (pydron/_graph_cache.py): a fresh process replays its first call from
+it; a file that is truncated, corrupt, foreign-owned or world-writable is never loaded, and is
+rebuilt; processes share one directory; `pydron cache` lists, counts and clears."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pydron import _graph_cache
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import pydron
+    from pydron import _core
+
+    @pydron.functional
+    def inc(x):
+        return x + 1
+
+    @pydron.schedule
+    def work(xs, k):
+        out = [inc(x) for x in xs]
+        total = 0
+        for r in out:
+            if r > k:
+                total += r
+        return out, total
+
+    pydron.enable(workers=2)
+    results = [work(list(range(20)), 5) for _ in range(int(sys.argv[1]))]
+    assert all(r == (list(range(1, 21)), sum(range(6, 21))) for r in results), results
+    print(json.dumps(_core._replay_stats()))
+""")
+
+
+def run(tmp_path, cache, calls=1, extra_env=None):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYDRON_CACHE_DIR": str(cache), **(extra_env or {})}
+    out = subprocess.run([sys.executable, str(script), str(calls)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+def graph_files(cache):
+    return sorted((cache / "graphs").glob("*.graph"))
+
+
+def test_a_fresh_process_replays_its_first_call_from_the_cache(tmp_path):
+    cache = tmp_path / "cache"
+    first, _ = run(tmp_path, cache, calls=2)
+    assert first["disk_hits"] == 0 and first["lifts"] == 1 and first["hits"] == 1
+    assert len(graph_files(cache)) == 1
+    second, _ = run(tmp_path, cache, calls=1)
+    assert second["disk_hits"] == 1 and second["lifts"] == 0
+    assert second["hits"] == 1 and second["misses"] == 0, "the first call replayed"
+
+
+def test_cache_directory_and_files_are_private(tmp_path):
+    cache = tmp_path / "cache"
+    run(tmp_path, cache, calls=2)
+    assert oct(os.stat(cache).st_mode & 0o777) == oct(0o700)
+    for f in graph_files(cache):
+        assert os.stat(f).st_mode & 0o077 == 0
+    assert not list((cache / "graphs").glob(".tmp-*")), "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "header", "foreign", "world-writable",
+                                    "symlink", "empty", "json"])
+def test_a_damaged_or_untrusted_file_is_ignored_and_rebuilt(tmp_path, damage):
+    cache = tmp_path / "cache"
+    run(tmp_path, cache, calls=2)
+    path, = graph_files(cache)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        i = len(data) - 10
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:])
+    elif damage == "header":
+        path.write_bytes(b"pydron-graph 99 0000000000000000\n" + data.partition(b"\n")[2])
+    elif damage == "foreign":
+        if os.getuid() != 0:
+            pytest.skip("changing a file's owner needs root")   # the check itself is covered
+        os.chown(path, 65534, 65534)
+    elif damage == "world-writable":
+        os.chmod(path, 0o666)
+    elif damage == "symlink":
+        target = tmp_path / "elsewhere.graph"
+        target.write_bytes(data)
+        path.unlink()
+        path.symlink_to(target)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "json":
+        payload = b'{"graph": {"x": 1}}'
+        from pydron import _core
+        path.write_bytes(b"pydron-graph 1 %016x\n" % _core._xxh3(payload) + payload)
+    stats, _ = run(tmp_path, cache, calls=2)
+    assert stats["disk_hits"] == 0, f"a {damage} file was loaded"
+    assert stats["lifts"] == 1, "the graph was made again"
+    # rebuilt: the next process loads the new file
+    path, = graph_files(cache)
+    assert not path.is_symlink()
+    again, _ = run(tmp_path, cache, calls=1)
+    assert again["disk_hits"] == 1
+
+
+def test_an_unsafe_directory_turns_the_cache_off_with_a_warning(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "graphs").mkdir(parents=True)
+    os.chmod(cache, 0o777)
+    stats, err = run(tmp_path, cache, calls=2, extra_env={"PYDRON_LOG": "warning"})
+    assert "graph cache is off" in err and "others may write" in err
+    assert stats["hits"] == 1 and not graph_files(cache)
+
+
+def test_off_turns_the_cache_off(tmp_path):
+    stats, _ = run(tmp_path, "off", calls=2)
+    assert stats["hits"] == 1 and stats["disk_hits"] == 0
+
+
+def test_two_processes_share_one_cache(tmp_path):
+    cache = tmp_path / "cache"
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYDRON_CACHE_DIR": str(cache)}
+    procs = [subprocess.Popen([sys.executable, str(script), "3"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    path, = graph_files(cache)
+    assert _graph_cache.decode(path.read_bytes())[0] == "work"
+    assert not list((cache / "graphs").glob(".tmp-*"))
+    stats = json.loads((cache / "stats.json").read_text())
+    assert stats["processes"] == 3 and stats["replay_hits"] >= 6
+
+
+def test_constants_round_trip():
+    value = ("f", 2, 5, ((0, 1, 2, 3, 4, 7),), (None, True, 1.5, float("inf"), -0.0, 2 ** 80,
+                                              1 + 2j, b"\x00\xff", "é", (1, (2,)),
+                                              frozenset({1}), ...), ("x",), 0, ("a",), "f.py")
+    back = _graph_cache.decode(_graph_cache.encode(value))
+    assert back == value and repr(back) == repr(value)
+
+
+def test_pydron_cache_commands(tmp_path):
+    cache = tmp_path / "cache"
+    run(tmp_path, cache, calls=2)
+    env = {**os.environ, "PYDRON_CACHE_DIR": str(cache)}
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "pydron", "cache", *args],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    listing = cli("list")
+    assert "work (" in listing and "instructions" in listing
+    stats = json.loads(cli("stats", "--json"))
+    assert stats["graphs"] == 1 and stats["replay_hits"] == 1 and stats["lifts"] == 1
+    assert "graph cache:" in subprocess.run([sys.executable, "-m", "pydron", "info"],
+                                            capture_output=True, text=True, env=env).stdout
+    assert "removed 1" in cli("clear")
+    assert not graph_files(cache)
+    bad = subprocess.run([sys.executable, "-m", "pydron", "cache", "shred"], capture_output=True,
+                         text=True, env=env)
+    assert bad.returncode == 2 and "shred" in bad.stderr

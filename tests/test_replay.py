@@ -1,0 +1,483 @@
+"""Replay (issue 8): the second and later calls of a scheduled function run its graph instead of
+its bytecode. Every result is compared with plain Python's run of the same code; the counters
+show the graph really ran (or gave up to the trace, where that is the point)."""
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+import pydron
+from pydron import _core, _replay
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pool():
+    pydron.enable(workers=2, replay="on")
+    yield
+    pydron.disable()
+
+
+@pytest.fixture(autouse=True)
+def fresh():
+    """Graphs made afresh by each test, from the second call (the default)."""
+    previous = _core._replay_configure(mode="on", after=1)
+    for fn in SCHEDULED + _more_scheduled():
+        _core._replay_forget(fn)
+    yield
+    _core._replay_configure(mode=previous["mode"], after=previous["after"])
+
+
+def plain(fn, *args):
+    with _disabled():
+        return fn(*args)
+
+
+class _disabled:
+    def __enter__(self):
+        pydron.disable()
+
+    def __exit__(self, *exc):
+        pydron.enable(workers=2, replay="on")
+
+
+def replayed(fn, *args):
+    """fn(*args) twice: traced, then through its graph; the second result, and whether the
+    graph ran to the end."""
+    fn(*args)
+    hits = _core._replay_stats()["hits"]
+    out = fn(*args)
+    return out, _core._replay_stats()["hits"] > hits
+
+
+# ---- functions under test --------------------------------------------------------------------
+
+@pydron.functional
+def inc(x):
+    return x + 1
+
+
+@pydron.functional
+def square(x):
+    return x * x
+
+
+@pydron.functional
+def slow_square(x):
+    time.sleep(0.02)
+    return x * x
+
+
+@pydron.functional
+def fails_on(x, bad):
+    if x in bad:
+        raise ValueError(f"bad element {x}")
+    return x
+
+
+@pydron.functional
+def other_inc(x):
+    return x + 100
+
+
+OFFSET = 10
+
+
+@pydron.schedule
+def comprehension(xs):
+    return [inc(x) for x in xs]
+
+
+@pydron.schedule
+def loop_with_globals(xs):
+    total = 0
+    out = []
+    for x in xs:
+        r = inc(x)
+        out.append(r)
+        total += x
+    return out, total + OFFSET
+
+
+@pydron.schedule
+def calls_global_callee(xs):
+    return [callee(x) for x in xs]
+
+
+callee = inc
+
+
+@pydron.schedule
+def branch_on_results(xs):
+    out = []
+    for x in xs:
+        r = slow_square(x)
+        if r > 10:
+            out.append(inc(r))
+        else:
+            out.append(-1)
+    return out
+
+
+@pydron.schedule
+def filter_on_results(xs):
+    return [x for x in xs if square(x) > 10]
+
+
+@pydron.schedule
+def map_with_failure(xs, bad):
+    return [fails_on(x, bad) for x in xs]
+
+
+@pydron.schedule
+def divides(xs, d):
+    out = []
+    for x in xs:
+        out.append(inc(x) // d)
+    return out
+
+
+side_effects = []
+
+
+def plain_helper(x):
+    side_effects.append(x)
+    return x
+
+
+@pydron.schedule
+def calls_plain_helper(x):
+    r = inc(x)
+    return plain_helper(r)
+
+
+@pydron.schedule
+def extends_argument(lst):
+    lst += [inc(1)]
+    return len(lst)
+
+
+@pydron.schedule
+def consumes(it):
+    out = []
+    for x in it:
+        out.append(inc(x))
+    return out
+
+
+@pydron.schedule
+def numpy_pipeline(images):
+    out = [square(im) for im in images]
+    total = np.zeros_like(images[0])
+    for r in out:
+        total += r
+    return np.stack(out).mean(axis=0), total
+
+
+@pydron.schedule
+def inner(x):
+    return inc(x) * 2
+
+
+@pydron.schedule
+def outer(xs):
+    return [inner(x) for x in xs]
+
+
+@pydron.schedule
+def while_loop(n):
+    x = n
+    steps = 0
+    while x > 1:
+        x = square(x) % 7 if steps < 3 else 1
+        steps += 1
+    return x, steps
+
+
+@pydron.schedule
+def builds_things(xs, label):
+    d = {}
+    for i, x in enumerate(xs):
+        d[f"{label}-{i}"] = inc(x)
+    s = {x % 3 for x in xs}
+    return d, s, [v for v in d.values()], label.upper()
+
+
+SCHEDULED = [comprehension, loop_with_globals, calls_global_callee, branch_on_results,
+             filter_on_results, map_with_failure, divides, calls_plain_helper, extends_argument,
+             consumes, numpy_pipeline, inner, outer, while_loop, builds_things]
+
+
+def _more_scheduled():
+    return [logged_branch]
+
+
+# ---- the program format --------------------------------------------------------------------------
+
+def test_c_and_python_agree_on_the_operations():
+    assert _core._replay_ops() == tuple(_replay.OPS)
+
+
+def test_a_second_call_replays_and_returns_what_plain_python_does():
+    out, ran = replayed(comprehension, list(range(50)))
+    assert ran
+    assert out == plain(comprehension, list(range(50)))
+    state = _core._replay_state(comprehension)
+    assert state["state"] == "ready" and state["hits"] == 1 and state["traced"] == 1
+
+
+# ---- guards: what decided a trace changes, the graph still computes plain Python's result -------
+
+@pytest.mark.parametrize("args", [
+    ([1, 2, 3],), ([1.5, 2.5],), ([],), (list(range(1000)),), ((1, 2),), (range(5),),
+    ([np.int64(3), np.float32(2.0)],), ([True, False],)])
+def test_new_argument_types_and_lengths(args):
+    comprehension([0])                      # the graph exists, made from other arguments
+    out, ran = replayed(comprehension, *args)
+    assert ran
+    assert out == plain(comprehension, *args)
+
+
+def test_a_changed_global_is_read_again():
+    global OFFSET
+    first, _ = replayed(loop_with_globals, [1, 2, 3])
+    OFFSET = 1000
+    try:
+        out, ran = replayed(loop_with_globals, [1, 2, 3])
+        assert ran
+        assert out == plain(loop_with_globals, [1, 2, 3]) == ([2, 3, 4], 1006)
+    finally:
+        OFFSET = 10
+    assert first == ([2, 3, 4], 16)
+
+
+def test_a_rebound_functional_callee_is_called():
+    global callee
+    assert replayed(calls_global_callee, [1, 2]) == ([2, 3], True)
+    callee = other_inc
+    try:
+        out, ran = replayed(calls_global_callee, [1, 2])
+        assert ran and out == [101, 102]
+        callee = plain_helper              # not functional: the graph gives up, before calling
+        side_effects.clear()
+        assert calls_global_callee([5, 6]) == [5, 6]
+        assert side_effects == [5, 6]      # called once each, by the trace
+    finally:
+        callee = inc
+
+
+# ---- never a side effect twice, never a change to what the caller owns --------------------------
+
+def test_a_plain_callee_makes_the_graph_give_up_before_calling_it():
+    side_effects.clear()
+    for i in range(5):
+        assert calls_plain_helper(i) == i + 1
+    assert side_effects == [1, 2, 3, 4, 5]
+    state = _core._replay_state(calls_plain_helper)
+    assert state["bails"] >= 1 and "plain_helper" in state["reason"]
+
+
+def test_a_graph_that_always_gives_up_is_dropped():
+    for i in range(8):
+        calls_plain_helper(i)
+    assert _core._replay_state(calls_plain_helper)["state"] == "given up"
+
+
+def test_an_argument_changed_in_place_is_changed_once():
+    lst = [0]
+    extends_argument(lst)
+    lst2 = [0]
+    assert extends_argument(lst2) == 2
+    assert lst2 == [0, 2]
+    assert "in place" in _core._replay_state(extends_argument)["reason"]
+
+
+def test_an_iterator_argument_is_consumed_once():
+    consumes(iter([1]))
+    out = consumes(iter([1, 2, 3]))
+    assert out == [2, 3, 4]
+    assert "iterator" in _core._replay_state(consumes)["reason"]
+
+
+# ---- exceptions: what plain Python raises, from the trace ----------------------------------------
+
+def test_an_error_in_the_graph_is_raised_by_the_trace():
+    divides([1, 2], 1)
+    with pytest.raises(ZeroDivisionError) as info:
+        divides([1, 2], 0)
+    assert any(f.name == "divides" for f in info.traceback), "the scheduled function's frame"
+
+
+@pytest.mark.parametrize("bad", [{0}, {7}, {999}, {3, 500}])
+def test_a_failure_inside_a_batch_is_the_earliest_one(bad):
+    xs = list(range(1000))
+    map_with_failure(xs, frozenset())                 # the graph exists
+    with pytest.raises(ValueError) as info:
+        map_with_failure(xs, frozenset(bad))
+    assert str(info.value) == f"bad element {min(bad)}"
+    assert map_with_failure(xs, frozenset()) == xs    # the pool is fine afterwards
+
+
+# ---- batching -------------------------------------------------------------------------------------
+
+def test_a_comprehension_is_sent_as_a_few_chunk_tasks():
+    xs = list(range(2000))
+    comprehension(xs)
+    before = pydron.stats()["submitted"]
+    out, ran = replayed(comprehension, xs)
+    assert ran and out == [x + 1 for x in xs]
+    # the second call's tasks: far fewer than one per element
+    assert pydron.stats()["submitted"] - before < 2000 + 100
+    assert _core._replay_stats()["maps"] >= 1
+
+
+# ---- speculation ------------------------------------------------------------------------------------
+
+def test_guesses_past_pending_branches_give_plain_results():
+    xs = list(range(8))
+    branch_on_results(xs)
+    stats = _core._replay_stats()
+    out, ran = replayed(branch_on_results, xs)
+    assert ran and out == plain(branch_on_results, xs)
+    after = _core._replay_stats()
+    assert after["guesses"] > stats["guesses"], "no branch was guessed"
+    assert after["mispredicts"] > stats["mispredicts"], "x < 4 goes the other way: some miss"
+
+
+def test_wrong_guesses_reuse_the_tasks_of_the_right_path(tmp_path):
+    """After a wrong guess the right path makes the same calls again: their tasks are taken
+    back, not made twice. Each logged_square call leaves a line in a file (a test's window into
+    the workers)."""
+    global LOG
+    xs = list(range(8))
+    expected = plain(logged_branch, xs)
+    LOG = str(tmp_path / "calls.log")
+    try:
+        assert logged_branch(xs) == logged_branch(xs) == expected   # traced, then the graph
+        open(LOG, "w").close()
+        mis = _core._replay_stats()["mispredicts"]
+        assert logged_branch(xs) == expected
+        assert _core._replay_stats()["mispredicts"] > mis, "x < 4 goes the other way: some miss"
+        with open(LOG) as f:
+            calls = sorted(int(line) for line in f)
+        assert calls == xs, "every square was computed once, on the right path or reused"
+    finally:
+        LOG = None
+
+
+LOG = None
+
+
+@pydron.functional
+def logged_square(x, log):
+    time.sleep(0.02)
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{x}\n")
+    return x * x
+
+
+@pydron.schedule
+def logged_branch(xs):
+    out = []
+    for x in xs:
+        r = logged_square(x, LOG)
+        if r > 10:
+            out.append(inc(r))
+        else:
+            out.append(-1)
+    return out
+
+
+def test_random_inputs_with_guesses():
+    rng = random.Random(1234)
+    for _ in range(150):
+        xs = [rng.randint(0, 6) for _ in range(rng.randint(0, 9))]
+        if rng.random() < 0.3:
+            _core._replay_forget(filter_on_results)
+        assert filter_on_results(xs) == [x for x in xs if x * x > 10], xs
+
+
+def test_a_site_that_guesses_wrong_too_often_stops_guessing():
+    for i in range(12):
+        xs = [1, 5] if i % 2 else [5, 1]
+        assert filter_on_results(xs) == [x for x in xs if x * x > 10]
+    assert _core._replay_state(filter_on_results)["sites"][0]["guesses"] > 0
+
+
+def test_a_loop_whose_condition_reads_results():
+    for n in (2, 3, 5, 9):
+        assert while_loop(n) == plain(while_loop, n)
+    assert _core._replay_state(while_loop)["hits"] >= 2
+
+
+# ---- what scientists write --------------------------------------------------------------------------
+
+def test_numpy_pipeline_with_in_place_accumulation():
+    images = [np.full((4, 4), float(i)) for i in range(6)]
+    out, ran = replayed(numpy_pipeline, images)
+    expected = plain(numpy_pipeline, images)
+    assert ran
+    assert np.array_equal(out[0], expected[0]) and np.array_equal(out[1], expected[1])
+    assert all(np.array_equal(im, np.full((4, 4), float(i))) for i, im in enumerate(images))
+
+
+def test_nested_scheduled_calls_replay_too():
+    out, ran = replayed(outer, [1, 2, 3])
+    assert ran and out == [4, 6, 8]
+    assert _core._replay_state(inner)["state"] == "ready"
+
+
+def test_dicts_sets_fstrings_and_methods():
+    out, ran = replayed(builds_things, [3, 4, 5], "run")
+    assert ran
+    assert out == plain(builds_things, [3, 4, 5], "run")
+
+
+# ---- the reference interpreter -------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn, args", [
+    (comprehension, ([1, 2, 3],)), (loop_with_globals, ([4, 5],)),
+    (branch_on_results, ([1, 5, 2],)), (builds_things, ([1, 2], "x")), (outer, ([1, 2],)),
+    (while_loop, (5,))])
+def test_the_reference_interpreter_gives_the_same_results(fn, args):
+    _core._replay_configure(mode="reference", after=0)
+    for f in SCHEDULED:
+        _core._replay_forget(f)
+    hits = _core._replay_stats()["hits"]
+    out = fn(*args)
+    assert _core._replay_stats()["hits"] > hits
+    assert out == plain(fn, *args)
+
+
+# ---- no leaks ---------------------------------------------------------------------------------------
+
+def test_replays_leave_no_pending_value_behind():
+    for _ in range(3):
+        branch_on_results([1, 5, 2])
+        comprehension(list(range(300)))
+    live = pydron.stats()["live"]
+    for _ in range(20):
+        branch_on_results([1, 5, 2])
+        comprehension(list(range(300)))
+        filter_on_results([1, 5, 2, 6])
+    assert pydron.stats()["live"] <= live
+
+
+# ---- explain ----------------------------------------------------------------------------------------
+
+def test_explain_names_the_reason_and_each_call_site():
+    text = str(pydron.explain(calls_plain_helper, 3))
+    assert "plain_helper" in text and "neither functional nor known to be pure" in text
+    text = str(pydron.explain(comprehension, [1, 2]))
+    assert "replays" in text and "inc" in text and "functional" in text
+
+
+def test_explain_of_a_function_without_graph():
+    @pydron.schedule
+    def prints(x):
+        print(inc(x))
+
+    text = str(pydron.explain(prints))
+    assert "print" in text and "no graph" in text
