@@ -64,7 +64,8 @@ test-versions:
 	  for so in build/py$$v/_core*.so; do cp $$so pydron/.core.new && mv -f pydron/.core.new pydron/$$(basename $$so); done; \
 	  echo "== semantics and rewrite tests under $$($$venv/bin/python -V)"; \
 	  $$venv/bin/python -m pytest -q tests/test_semantics.py tests/test_rewrite.py tests/test_api.py \
-	    tests/test_check.py; \
+	    tests/test_check.py tests/test_crossing.py tests/test_array_layout.py \
+	    tests/test_check_runtime.py tests/test_copy_memo.py; \
 	done
 
 # The C core under AddressSanitizer + UndefinedBehaviorSanitizer, running the test suite.

@@ -8,10 +8,39 @@
 
 #include <string.h>
 
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL
+#endif
+#include <xxhash.h>
+
 static PyObject *helpers;          /* the module pydron._exec_helpers */
-static PyObject *pickle_loads, *pickle_dumps, *pickle_Pickler, *io_BytesIO;
+static PyObject *pickle_loads, *pickle_dumps, *io_BytesIO;
 static PyObject *str_buffers, *str_load, *kw_buffers;
 static exec_codec *master_codec;
+
+/* What the codec's reducer_override decided for classes, functions and methods that need no
+ * fresh look each time: obj -> None (pickle it by name) or a reduction (a module attribute).
+ * Emptied when a fork server is forked (what the workers have changes then). */
+static PyObject *ship_cache;
+/* pydron._ship.streams_seen: classes of open files met while pickling (new reference). */
+static PyObject *streams_seen;
+/* numpy.ndarray once numpy is imported (new reference), to let contiguous writable arrays take
+ * numpy's own reduction without a call into Python. */
+static PyObject *ndarray_type;
+
+/* The head of numpy's PyArrayObject, stable across NumPy 1.x and 2.x (the C-API's
+ * PyArrayObject_fields); only the flags are read. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    int nd;
+    Py_ssize_t *dimensions, *strides;
+    PyObject *base, *descr;
+    int flags;
+} np_array_head;
+#define NP_C_CONTIGUOUS 0x1
+#define NP_F_CONTIGUOUS 0x2
+#define NP_WRITEABLE 0x400
 
 /* ---- helpers in Python ------------------------------------------------------------------------ */
 
@@ -104,6 +133,120 @@ codec_persistent_id(exec_codec *c, PyObject *obj)
     return PyLong_FromSsize_t(i);
 }
 
+/* ---- large buffers copied into the arena once per call -----------------------------------------
+ * A buffer outside the arena (an array made before enable(), read from a file, a bytes object)
+ * is copied into the arena for each task that takes it: forty tasks taking the same two 34 MB
+ * frames copied 2.7 GB. While tasks are outstanding, the master remembers the blocks it copied
+ * large buffers into, by address, length and content hash: the same buffer with the same bytes
+ * (what the task would see had it been copied at its call) is sent as a reference to the block
+ * already made, at the cost of reading it once more to hash it, instead of a new block. Buffers
+ * already in the arena need none of this (they are sent by reference, guard.c keeps them as they
+ * were at the call). Master only; emptied when no task is outstanding and at shutdown. */
+#define COPY_MEMO_MIN ((size_t)1 << 20)
+#define COPY_MEMO_SLOTS 16
+
+typedef struct {
+    const void *src;            /* NULL: a free slot */
+    size_t len;
+    uint64_t blk;               /* one reference, the memo's */
+    XXH128_hash_t hash;
+    uint64_t used;              /* memo_clock at the last use, for eviction */
+} copy_memo_entry;
+
+static struct {
+    copy_memo_entry e[COPY_MEMO_SLOTS];
+    uint64_t clock;
+    size_t bytes;
+    uint64_t hits, copies, bytes_reused;
+} memo;
+
+static XXH128_hash_t
+hash_bytes(const void *p, size_t len)
+{
+    XXH128_hash_t h;
+    Py_BEGIN_ALLOW_THREADS
+    h = XXH3_128bits(p, len);
+    Py_END_ALLOW_THREADS
+    return h;
+}
+
+static void
+copy_memo_drop(copy_memo_entry *e, int release)
+{
+    if (e->src == NULL)
+        return;
+    if (release && exec__arena != NULL)
+        arena_decref(exec__arena, e->blk);
+    memo.bytes -= e->len;
+    e->src = NULL;
+}
+
+void
+exec__codec_memo_clear(int release)
+{
+    for (int i = 0; i < COPY_MEMO_SLOTS; i++)
+        copy_memo_drop(&memo.e[i], release);
+}
+
+/* A block already holding the len bytes at src, with a new reference for the caller: 0 and
+ * *blk, or -1 (none: copy them). */
+static int
+copy_memo_reuse(const void *src, size_t len, uint64_t *blk)
+{
+    for (int i = 0; i < COPY_MEMO_SLOTS; i++) {
+        copy_memo_entry *e = &memo.e[i];
+        if (e->src != src || e->len != len)
+            continue;
+        XXH128_hash_t h = hash_bytes(src, len);
+        if (!XXH128_isEqual(h, e->hash)) {
+            copy_memo_drop(e, 1);            /* written since: this call sees the new bytes */
+            return -1;
+        }
+        arena_incref(exec__arena, e->blk);
+        e->used = ++memo.clock;
+        memo.hits++;
+        memo.bytes_reused += len;
+        *blk = e->blk;
+        return 0;
+    }
+    return -1;
+}
+
+/* Remember that block blk now holds the len bytes at src (the memo takes its own reference).
+ * The memo keeps at most a quarter of the arena: the least recently used entries go first. */
+static void
+copy_memo_store(const void *src, size_t len, uint64_t blk)
+{
+    size_t cap = exec__arena_size / 4;
+    if (len > cap)
+        return;
+    copy_memo_entry *slot = NULL;
+    for (;;) {
+        copy_memo_entry *oldest = NULL;
+        slot = NULL;
+        for (int i = 0; i < COPY_MEMO_SLOTS; i++) {
+            copy_memo_entry *e = &memo.e[i];
+            if (e->src == NULL)
+                slot = slot ? slot : e;
+            else if (oldest == NULL || e->used < oldest->used)
+                oldest = e;
+        }
+        if (slot != NULL && memo.bytes + len <= cap)
+            break;
+        if (oldest == NULL)
+            return;
+        copy_memo_drop(oldest, 1);
+    }
+    arena_incref(exec__arena, blk);
+    slot->src = src;
+    slot->len = len;
+    slot->blk = blk;
+    slot->hash = hash_bytes(arena_ptr(exec__arena, blk), len);
+    slot->used = ++memo.clock;
+    memo.bytes += len;
+    memo.copies++;
+}
+
 /* Pickler buffer_callback: out-of-band buffers of EXEC_OOB_MIN bytes or more go to the arena, by
  * reference when they are already inside it (a result forwarded), else copied once. Smaller ones
  * stay in band (returns True), as does everything when the arena is full. */
@@ -145,11 +288,16 @@ codec_buffer_callback(exec_codec *c, PyObject *pb)
         b->off = (uint64_t)((char *)view.buf - (char *)a);
     }
     else {
-        if (arena_alloc(a, (size_t)view.len, &b->blk) < 0)
-            goto done;                         /* arena full: in band, slower but correct */
-        Py_BEGIN_ALLOW_THREADS
-        memcpy(arena_ptr(a, b->blk), view.buf, (size_t)view.len);
-        Py_END_ALLOW_THREADS
+        int memoised = !exec__in_worker_flag && (size_t)view.len >= COPY_MEMO_MIN;
+        if (!memoised || copy_memo_reuse(view.buf, (size_t)view.len, &b->blk) < 0) {
+            if (arena_alloc(a, (size_t)view.len, &b->blk) < 0)
+                goto done;                     /* arena full: in band, slower but correct */
+            Py_BEGIN_ALLOW_THREADS
+            memcpy(arena_ptr(a, b->blk), view.buf, (size_t)view.len);
+            Py_END_ALLOW_THREADS
+            if (memoised)
+                copy_memo_store(view.buf, (size_t)view.len, b->blk);
+        }
         b->off = b->blk;
     }
     b->len = (uint64_t)view.len;
@@ -162,10 +310,92 @@ done:
     return Py_NewRef(in_band);
 }
 
+/* numpy.ndarray, or NULL while numpy is not imported (borrowed; never an error). */
+static PyObject *
+find_ndarray(void)
+{
+    if (ndarray_type != NULL)
+        return ndarray_type;
+    PyObject *np = PyDict_GetItemString(PyImport_GetModuleDict(), "numpy");   /* borrowed */
+    if (np == NULL)
+        return NULL;
+    PyObject *t = PyObject_GetAttrString(np, "ndarray");
+    if (t == NULL || !PyType_Check(t)) {     /* numpy half-imported: look again later */
+        PyErr_Clear();
+        Py_XDECREF(t);
+        return NULL;
+    }
+    ndarray_type = t;
+    return t;
+}
+
+/* Pickler.reducer_override (the C pickler calls it for every object that is not an int, str,
+ * bytes, float, None, bool or exact container): classes and functions travel by name when the
+ * workers can import them as they are, else by value (pydron/_ship.py); bound methods of
+ * module-level objects by reference; arrays with their layout. Everything else: NotImplemented,
+ * pickle's own way, decided here in C without a call into Python.
+ * Borrows obj; returns a new reference (a reduction or NotImplemented), NULL + exception. */
+static PyObject *
+codec_reducer_override(exec_codec *c, PyObject *obj)
+{
+    PyTypeObject *t = Py_TYPE(obj);
+    const char *name;
+    if (PyType_Check(obj)) {
+        name = "reduce_class";
+    }
+    else if (t == &PyFunction_Type) {
+        name = "reduce_function";
+    }
+    else if (PyCFunction_Check(obj)) {
+        PyObject *self = PyCFunction_GET_SELF(obj);
+        if (self == NULL || PyModule_Check(self))    /* a module's function: by name */
+            Py_RETURN_NOTIMPLEMENTED;
+        name = "reduce_method";
+    }
+    else if (t == &PyMethod_Type) {
+        name = "reduce_method";
+    }
+    else {
+        PyObject *nd = find_ndarray();
+        if (nd == NULL || (PyObject *)t != nd)
+            Py_RETURN_NOTIMPLEMENTED;
+        int flags = ((np_array_head *)obj)->flags;
+        if ((flags & NP_WRITEABLE) && (flags & (NP_C_CONTIGUOUS | NP_F_CONTIGUOUS)))
+            Py_RETURN_NOTIMPLEMENTED;               /* numpy's own reduction keeps it as it is */
+        return exec__call_helper("reduce_array", &obj, 1);
+    }
+    if (ship_cache == NULL && (ship_cache = PyDict_New()) == NULL)
+        return NULL;
+    PyObject *known = PyDict_GetItemWithError(ship_cache, obj);      /* borrowed */
+    if (known != NULL)
+        return known == Py_None ? Py_NewRef(Py_NotImplemented) : Py_NewRef(known);
+    int hashable = !PyErr_Occurred();
+    PyErr_Clear();
+    PyObject *r = exec__call_helper(name, &obj, 1);
+    if (r == NULL)
+        return NULL;
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 2) {
+        Py_DECREF(r);
+        PyErr_Format(PyExc_RuntimeError, "pydron: %s returned a malformed answer", name);
+        return NULL;
+    }
+    PyObject *reduction = PyTuple_GET_ITEM(r, 0);
+    if (hashable && PyObject_IsTrue(PyTuple_GET_ITEM(r, 1)) == 1 &&
+        PyDict_SetItem(ship_cache, obj, reduction) < 0) {
+        Py_DECREF(r);
+        return NULL;
+    }
+    PyObject *out = reduction == Py_None ? Py_NotImplemented : reduction;
+    Py_INCREF(out);
+    Py_DECREF(r);
+    return out;
+}
+
 static PyMethodDef codec_methods[] = {
     {"write", (PyCFunction)codec_write, METH_O, NULL},
     {"persistent_id", (PyCFunction)codec_persistent_id, METH_O, NULL},
     {"buffer_callback", (PyCFunction)codec_buffer_callback, METH_O, NULL},
+    {"reducer_override", (PyCFunction)codec_reducer_override, METH_O, NULL},
     {NULL},
 };
 
@@ -199,17 +429,12 @@ static int
 codec_make_pickler(exec_codec *c, int which)
 {
     int rc = -1;
-    PyObject *cls = pickle_Pickler, *cb = NULL, *kw = NULL, *args = NULL, *p = NULL;
-    if (which >= 2) {
-        PyObject *cloud = PyImport_ImportModule("cloudpickle");
-        cls = cloud ? PyObject_GetAttrString(cloud, "CloudPickler") : NULL;
-        Py_XDECREF(cloud);
-        if (cls == NULL)
-            return -1;
-    }
-    else {
-        Py_INCREF(cls);
-    }
+    PyObject *cls = NULL, *cb = NULL, *kw = NULL, *args = NULL, *p = NULL;
+    /* [0], [1]: the C pickler, as a subclass that can carry a reducer_override; [2], [3]:
+     * cloudpickle's, with pydron's rules (pydron/_ship.py). */
+    cls = exec__call_helper(which >= 2 ? "ship_pickler_class" : "fast_pickler_class", NULL, 0);
+    if (cls == NULL)
+        return -1;
     cb = PyObject_GetAttrString((PyObject *)c, "buffer_callback");
     kw = cb ? Py_BuildValue("{s:i,s:O}", "protocol", 5, "buffer_callback", cb) : NULL;
     args = PyTuple_Pack(1, (PyObject *)c);
@@ -217,10 +442,13 @@ codec_make_pickler(exec_codec *c, int which)
     if (p == NULL)
         goto done;
     if (which < 2) {
-        /* Reducers of our own (memoryview, ...); cloudpickle keeps its own table. */
+        /* Reducers of our own (memoryview, ...); cloudpickle's pickler keeps its own table. */
         PyObject *table = exec__call_helper("dispatch_table", NULL, 0);
         int err = table == NULL || PyObject_SetAttrString(p, "dispatch_table", table) < 0;
         Py_XDECREF(table);
+        PyObject *ro = err ? NULL : PyObject_GetAttrString((PyObject *)c, "reducer_override");
+        err = ro == NULL || PyObject_SetAttrString(p, "reducer_override", ro) < 0;
+        Py_XDECREF(ro);
         if (err)
             goto done;
     }
@@ -241,7 +469,7 @@ codec_make_pickler(exec_codec *c, int which)
     c->pickler[which] = Py_NewRef(p);
     rc = 0;
 done:
-    Py_DECREF(cls);
+    Py_XDECREF(cls);
     Py_XDECREF(cb);
     Py_XDECREF(kw);
     Py_XDECREF(args);
@@ -296,6 +524,9 @@ codec_dump_with(exec_codec *c, int which, PyObject *obj, exec_dep_fn dep, void *
 {
     if (c->dump[which] == NULL && codec_make_pickler(c, which) < 0)
         return -1;
+    if (streams_seen != NULL && PyList_GET_SIZE(streams_seen) > 0 &&
+        PyList_SetSlice(streams_seen, 0, PyList_GET_SIZE(streams_seen), NULL) < 0)
+        return -1;
     c->busy = 1;
     exec__codec_reset(c);
     c->dep = dep;
@@ -336,6 +567,15 @@ exec__codec_dump(exec_codec *c, PyObject *obj, exec_dep_fn dep, void *ctx, const
             return -1;
         PyObject *first = PyErr_GetRaisedException();
         int rc = codec_dump_with(c, which + 2, obj, dep, ctx);
+        if (rc < 0 && PyErr_ExceptionMatches(PyExc_Exception)) {
+            /* Both failed: the error that says more (a class of the script that could not be
+             * sent by value says which and why) is the one to report. */
+            PyObject *second = PyErr_GetRaisedException();
+            PyObject *a[2] = {first, second};
+            PyObject *chosen = exec__call_helper("better_error", a, 2);
+            PyErr_SetRaisedException(chosen ? chosen : Py_NewRef(second));
+            Py_DECREF(second);
+        }
         Py_DECREF(first);
         if (rc < 0)
             return -1;
@@ -600,6 +840,9 @@ exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep
         if (fast)
             return exec__blob_new(data, len, NULL, 0);
     }
+    /* A new call (nothing outstanding): what the previous one copied is not kept for it. */
+    if (memo.bytes != 0 && exec_outstanding() == 0)
+        exec__codec_memo_clear(1);
     int temporary;
     exec_codec *c = codec_acquire(&temporary);
     if (c == NULL)
@@ -617,6 +860,16 @@ exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep
             b = explain_encode_failure(c, fn, args, kwargs, dep, ctx);
     }
     else {
+        if (streams_seen != NULL && PyList_GET_SIZE(streams_seen) > 0) {
+            /* An open file among the arguments: say once per function that it is a copy. */
+            PyObject *r = exec__call_helper("note_streams", &fn, 1);
+            if (r == NULL) {
+                exec__bufs_release(exec__arena, bufs, nbufs);
+                exec__codec_reset(c);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
         b = exec__blob_new(data, len, bufs, nbufs);
         /* Its task reads these buffers from now on, however long it waits to run. */
         if (b != NULL && !exec__in_worker_flag)
@@ -646,10 +899,29 @@ exec_encode_value(PyObject *value)
     return b;
 }
 
+/* _exec_copy_memo() -> counters of the copy memo, for tests and measurements. */
+static PyObject *
+core_copy_memo(PyObject *m, PyObject *unused)
+{
+    int live = 0;
+    for (int i = 0; i < COPY_MEMO_SLOTS; i++)
+        live += memo.e[i].src != NULL;
+    return Py_BuildValue("{s:K,s:K,s:K,s:n,s:i}", "hits", (unsigned long long)memo.hits,
+                         "copies", (unsigned long long)memo.copies,
+                         "bytes_reused", (unsigned long long)memo.bytes_reused,
+                         "bytes", (Py_ssize_t)memo.bytes, "entries", live);
+}
+
+static PyMethodDef codec_functions[] = {
+    {"_exec_copy_memo", core_copy_memo, METH_NOARGS,
+     "Counters of the arena copies of large buffers reused within a call."},
+    {NULL},
+};
+
 int
 exec__codec_module_init(PyObject *module)
 {
-    if (PyType_Ready(&Codec_Type) < 0)
+    if (PyType_Ready(&Codec_Type) < 0 || PyModule_AddFunctions(module, codec_functions) < 0)
         return -1;
     PyObject *pk = PyImport_ImportModule("_pickle");
     PyObject *io = PyImport_ImportModule("io");
@@ -660,14 +932,13 @@ exec__codec_module_init(PyObject *module)
     }
     pickle_loads = PyObject_GetAttrString(pk, "loads");
     pickle_dumps = PyObject_GetAttrString(pk, "dumps");
-    pickle_Pickler = PyObject_GetAttrString(pk, "Pickler");
     io_BytesIO = PyObject_GetAttrString(io, "BytesIO");
     Py_DECREF(pk);
     Py_DECREF(io);
     str_buffers = PyUnicode_InternFromString("buffers");
     str_load = PyUnicode_InternFromString("load");
     kw_buffers = str_buffers ? PyTuple_Pack(1, str_buffers) : NULL;
-    if (!pickle_loads || !pickle_dumps || !pickle_Pickler || !io_BytesIO || !kw_buffers ||
+    if (!pickle_loads || !pickle_dumps || !io_BytesIO || !kw_buffers ||
         !str_load)
         return -1;
     return 0;
@@ -676,6 +947,13 @@ exec__codec_module_init(PyObject *module)
 int
 exec__helpers_before_fork(void)
 {
+    /* Left from an arena this process no longer owns (a child forked by user code). */
+    exec__codec_memo_clear(0);
+    /* What the new fork server's workers can import is decided afresh. */
+    if (ship_cache != NULL)
+        PyDict_Clear(ship_cache);
+    if (streams_seen == NULL && (streams_seen = exec__call_helper("streams_seen", NULL, 0)) == NULL)
+        return -1;
     PyObject *r = exec__call_helper("before_fork", NULL, 0);
     Py_XDECREF(r);
     return r == NULL ? -1 : 0;

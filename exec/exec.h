@@ -194,6 +194,7 @@ typedef struct {
     int thread_workers;      /* threads of the thread pool; 0: one per core */
     int arena_arrays;        /* workers allocate large numpy arrays in the shared arena */
     double task_timeout_s;   /* default timeout of every task; 0: none */
+    int check;               /* workers hash each task's arguments before and after it runs */
 } exec_options;
 void exec_configure(const exec_options *o);
 exec_options exec_current_options(void);

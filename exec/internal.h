@@ -162,6 +162,9 @@ PyObject *exec__call_helper(const char *name, PyObject *const *args, size_t narg
 /* Set the exception returned by helper `name` (for errors built in Python). Always -1. */
 int exec__raise_from_helper(const char *name, PyObject *const *args, size_t nargs);
 int exec__codec_module_init(PyObject *module);
+/* Forget the arena copies of large buffers kept for reuse within a call (release: drop their
+ * references; 0 when the arena is not this process's any more). */
+void exec__codec_memo_clear(int release);
 /* Just before the fork server is forked: pydron._exec_helpers is imported (workers inherit it)
  * and notes which modules are still being imported. 0, or -1 + exception. */
 int exec__helpers_before_fork(void);

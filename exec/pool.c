@@ -459,6 +459,20 @@ drain_slot(int i, int discard)
         }
         const wire_result *hdr;
         wire_blob_view view;
+        if (kind == WIRE_NOTE) {              /* PYDRON_CHECK: said once, the task goes on */
+            err = wire_check_result(p, len, exec__arena, &hdr, &view);
+            exec_blob *note = err ? NULL : exec__blob_from_view(&view);
+            wire_done(&in);
+            if (err != NULL)
+                return reject_record(i, "note record", err) < 0 ? -1 : n;
+            PyObject *v = note ? exec_blob_decode(note) : NULL;
+            exec_blob_decref(note);
+            PyObject *r = v ? exec__call_helper("worker_note", &v, 1) : NULL;
+            Py_XDECREF(r);
+            Py_XDECREF(v);
+            PyErr_Clear();
+            continue;
+        }
         if (kind != WIRE_RESULT && kind != WIRE_ERROR)
             err = "record of an unknown kind";
         else
@@ -1183,6 +1197,7 @@ shutdown_pool(int with_python)
     }
     memset(M.slots, 0, sizeof(M.slots));
     M.outstanding = 0;
+    exec__codec_memo_clear(with_python);
     exec__fn_table_clear(with_python);
     exec__shared = NULL;
     /* Wake sleepers (they see the pool gone); if one is still inside, leave the control block

@@ -25,6 +25,8 @@ enum wire_kind {
     WIRE_RESULT = 3,      /* worker -> master: wire_result, then the result's blob */
     WIRE_ERROR = 4,       /* worker -> master: wire_result, then the pickled exception's blob */
     WIRE_INDIRECT = 5,    /* either way: wire_indirect; the real record is in an arena block */
+    WIRE_NOTE = 6,        /* worker -> master: wire_result, then a pickled (key, message) to
+                             log once per key (PYDRON_CHECK); before the task's RESULT/ERROR */
 };
 
 /* An out-of-band buffer: a reference on arena block blk, whose bytes are [off, off + len). */

@@ -192,6 +192,34 @@ send_result(ring *out, uint64_t task_id, PyObject *result, uint64_t elapsed_ns)
     return rc;
 }
 
+/* PYDRON_CHECK: digests of a task's arguments (pydron/_exec_helpers.py), or NULL when they
+ * cannot be taken (never an error: the check is advice). New reference. */
+static PyObject *
+check_digests(PyObject *call, int chunk)
+{
+    PyObject *args[2] = {call, chunk ? Py_True : Py_False};
+    PyObject *d = exec__call_helper("argument_digests", args, 2);
+    if (d == NULL)
+        PyErr_Clear();
+    return d;
+}
+
+/* PYDRON_CHECK, after the task ran: if it changed an argument, a NOTE record naming the
+ * function and the argument goes to the master (before the task's result). Steals before. */
+static void
+check_report(ring *out, uint64_t task_id, PyObject *fn, PyObject *call, PyObject *before,
+             int chunk)
+{
+    PyObject *args[4] = {fn, call, before, chunk ? Py_True : Py_False};
+    PyObject *note = exec__call_helper("changed_arguments", args, 4);
+    Py_DECREF(before);
+    if (note != NULL && PyBytes_Check(note))
+        send_blob(out, WIRE_NOTE, task_id, 0, PyBytes_AS_STRING(note),
+                  (size_t)PyBytes_GET_SIZE(note), NULL, 0, NULL);
+    Py_XDECREF(note);
+    PyErr_Clear();
+}
+
 /* Steals fn. */
 static int
 store_function(uint64_t id, PyObject *fn, int failed)
@@ -333,12 +361,19 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
         goto failed;
     }
     PyObject *kwargs = PyTuple_GET_ITEM(call, 1);
+    PyObject *digests = exec__options.check
+                            ? check_digests(call, hdr_flags & WIRE_TASK_CHUNK) : NULL;
     uint64_t t0 = pydron_now_ns();
     if (hdr_flags & WIRE_TASK_CHUNK)
         result = run_chunk(fn, PyTuple_GET_ITEM(call, 0));
     else
         result = PyObject_Call(fn, PyTuple_GET_ITEM(call, 0), kwargs == Py_None ? NULL : kwargs);
     uint64_t elapsed = pydron_now_ns() - t0;
+    if (digests != NULL) {
+        PyObject *err = PyErr_GetRaisedException();
+        check_report(out, task_id, fn, call, digests, hdr_flags & WIRE_TASK_CHUNK);
+        PyErr_SetRaisedException(err);
+    }
     if ((hdr_flags & WIRE_TASK_CHUNK) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(call, 0)) == 1 &&
         PyList_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0))) {
         /* The estimate is per call of fn, not per chunk. */

@@ -186,7 +186,7 @@ def enable(workers: int | None = None, progress: bool | None = None,
         disable()
     # Options the C core and the workers read: set before the fork server forks.
     core._configure({"thread_workers": cfg.threads, "arena_arrays": int(cfg.arena_arrays),
-                     "task_timeout": cfg.task_timeout})
+                     "task_timeout": cfg.task_timeout, "check": int(cfg.check)})
     from pydron import _worker_setup
     _worker_setup.plan(cfg.blas_threads)
     core._replay_configure(mode=cfg.replay)

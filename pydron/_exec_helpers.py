@@ -10,7 +10,8 @@ from __future__ import annotations
 import io
 import pickle
 import traceback
-import types
+
+from pydron import _ship
 
 
 def qualname(fn) -> str:
@@ -199,25 +200,9 @@ def bad_record(what, detail):
                         f"the worker was replaced")
 
 
-# Modules that were still being imported when the fork server was forked (a module that calls
-# pydron.enable() at import time and defines its functions after that): the workers hold them
-# half-executed, so their functions cannot be found there by name and travel by value.
-_half_imported: frozenset = frozenset()
-
-
-# The modules the fork server has (the master's when it was forked, plus those it was asked to
-# import since): what it still lacks is what the master imported after.
-_server_modules: set = set()
-
-
 def before_fork() -> None:
     """Called by exec_start just before the fork server is forked."""
-    global _half_imported, _server_modules
-    import sys
-    _half_imported = frozenset(
-        name for name, m in list(sys.modules.items())
-        if getattr(getattr(m, "__spec__", None), "_initializing", False))
-    _server_modules = set(sys.modules)
+    _ship.before_fork()
 
 
 def imports_since_fork() -> bytes:
@@ -227,45 +212,82 @@ def imports_since_fork() -> bytes:
     import sys
     names = []
     for name, m in list(sys.modules.items()):
-        if name in _server_modules or name == "__main__" or name in _half_imported:
+        if name in _ship.server_modules or name == "__main__" or name in _ship.half_imported:
             continue
         spec = getattr(m, "__spec__", None)
         if spec is None or getattr(spec, "_initializing", False) or spec.origin in (None, "frozen"):
             continue
         names.append(name)
-    _server_modules.update(names)
+    _ship.server_modules.update(names)
     return "\n".join(names).encode()
 
 
 def pickle_function(fn) -> bytes:
-    import sys
-    import cloudpickle
+    """A task's function for the workers: by reference when they can import it as it is, else
+    by value (pydron/_ship.py decides, as for functions passed as arguments)."""
     code = getattr(fn, "__code__", None)
-    shipped = (fn, getattr(code, "co_filename", None))
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    if module is None or module.__name__ not in _half_imported or module.__name__ == "__main__":
-        return cloudpickle.dumps(shipped, protocol=5)
-    cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps(shipped, protocol=5)
-    finally:
-        cloudpickle.unregister_pickle_by_value(module)
+    return _ship.dumps((fn, getattr(code, "co_filename", None)))
 
 
 def unpack_function(shipped):
-    """cloudpickle ships code by value with co_filename '<dynamic-code>': put the real file back,
-    so worker tracebacks name it (and the master can show its source lines)."""
-    fn, filename = shipped
-    code = getattr(fn, "__code__", None)
-    if filename and code is not None and code.co_filename != filename:
-        def fix(c):
-            consts = tuple(fix(k) if isinstance(k, types.CodeType) else k for k in c.co_consts)
-            return c.replace(co_filename=filename, co_consts=consts)
-        try:
-            fn.__code__ = fix(code)
-        except Exception:
-            pass
+    fn, _filename = shipped       # the code kept its file name (_ship._reduce_code)
     return fn
+
+
+def fast_pickler_class():
+    return _ship.FastPickler
+
+
+def ship_pickler_class():
+    return _ship.ship_pickler_class()
+
+
+def better_error(first, second):
+    return _ship.better_error(first, second)
+
+
+def reduce_class(cls):
+    return _ship.reduce_class(cls)
+
+
+def reduce_function(fn):
+    return _ship.reduce_function(fn)
+
+
+def reduce_method(method):
+    return _ship.reduce_method(method)
+
+
+def reduce_array(a):
+    return _ship.reduce_array(a)
+
+
+def streams_seen() -> list:
+    return _ship.streams_seen
+
+
+_warned_streams: set = set()
+
+
+def note_streams(fn) -> None:
+    """An open file or stream was among fn's arguments: it crossed as a copy (cloudpickle reads
+    a text file's content), so what the task reads does not move the caller's position and two
+    tasks reading "the next line" both read the same one. Said once per function."""
+    seen = list(dict.fromkeys(_ship.streams_seen))
+    _ship.streams_seen.clear()
+    key = qualname(fn)
+    if key in _warned_streams:
+        return
+    _warned_streams.add(key)
+    kinds = ", ".join(sorted({typename_of_class(c) for c in seen}))
+    warn(f"pydron: {key}() was given an open file or stream ({kinds}) as an argument: each task "
+         f"gets its own copy, so reads in a task do not advance the caller's file (two tasks "
+         f"calling readline() both read the same line). Read the data in the caller and pass "
+         f"it, or pass the file name and open it in the task.")
+
+
+def typename_of_class(cls) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
 def pickle_exception(exc, fn) -> bytes:
@@ -274,10 +296,9 @@ def pickle_exception(exc, fn) -> bytes:
         pickling_support.install(exc)
     except Exception:
         pass
-    import cloudpickle
     # By reference first; classes the worker got by value (defined in __main__, or after
     # enable()) go back by value with cloudpickle, which maps them to the master's own class.
-    for dumps in (pickle.dumps, cloudpickle.dumps):
+    for dumps in (pickle.dumps, lambda obj, protocol: _ship.dumps(obj)):
         try:
             data = dumps(exc, protocol=5)
             if type(pickle.loads(data)) is type(exc):
@@ -311,6 +332,80 @@ def restore_builtin_state(exc):
 def undecodable_error(err):
     return RuntimeError(f"pydron: a task failed in a worker process, and its exception could not "
                         f"be rebuilt here: {type(err).__name__}: {err}")
+
+
+# ---- PYDRON_CHECK: arguments a task changed --------------------------------------------------
+
+def _digest(value):
+    """A digest of value's pickled state (its out-of-band buffers included), or None when it
+    cannot be pickled here."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+
+    def out_of_band(buffer):
+        h.update(buffer.raw())
+        return False
+
+    try:
+        data = pickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+    except Exception:
+        h = hashlib.blake2b(digest_size=16)
+        try:
+            data = _ship.dumps(value)
+        except Exception:
+            return None
+    h.update(data)
+    return h.digest()
+
+
+def argument_digests(call, chunk=False):
+    """Worker side, before the task runs: [(where, digest)] of each argument (of each call,
+    for a chunk of a map: call is ([args tuple, ...],), None)."""
+    calls = call[0][0] if chunk else [call[0]]
+    kwargs = None if chunk else call[1]
+    out = []
+    for args in calls:
+        where = [(i, a) for i, a in enumerate(args)] + list((kwargs or {}).items())
+        out += [(w, _digest(v)) for w, v in where]
+    return out
+
+
+def _argument_label(fn, where) -> str:
+    if isinstance(where, int):
+        code = getattr(fn, "__code__", None)
+        if code is not None and where < code.co_argcount:
+            return f"argument {where} ({code.co_varnames[where]!r})"
+        return f"argument {where}"
+    return f"argument {where!r}"
+
+
+def changed_arguments(fn, call, before, chunk=False):
+    """Worker side, after the task ran: the pickled (key, message) note naming the function
+    and the arguments it changed, or None."""
+    after = argument_digests(call, chunk)
+    changed = list(dict.fromkeys(w for (w, d0), (_, d1) in zip(before, after)
+                                 if d0 is not None and d1 is not None and d0 != d1))
+    if not changed:
+        return None
+    name = qualname(fn)
+    labels = ", ".join(_argument_label(fn, w) for w in changed)
+    message = (f"pydron: {name}() changed its {labels} while it ran (PYDRON_CHECK): a functional "
+               f"function must not write to its arguments; under pydron the change stays in the "
+               f"worker and the caller never sees it (plain Python would). Return the new value "
+               f"instead, or do not mark {name} functional.")
+    return pickle.dumps(((name, tuple(changed)), message), protocol=5)
+
+
+_noted: set = set()
+
+
+def worker_note(note) -> None:
+    """Master side: a worker's note (PYDRON_CHECK), logged once per key."""
+    key, message = note
+    if key in _noted:
+        return
+    _noted.add(key)
+    warn(message)
 
 
 class ChunkRunner:

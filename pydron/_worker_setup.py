@@ -58,9 +58,25 @@ def _thread_pools_loaded() -> bool:
     return any(name in text for name in _POOL_LIBRARIES)
 
 
+def reseed_random() -> None:
+    """A worker is a fork: it starts with the fork server's numpy global generator, the same
+    in every worker, so unseeded draws (np.random.rand()) would repeat across workers. Each
+    worker reseeds it from the OS's entropy. Python's random module needs nothing: it reseeds
+    itself at every fork (os.register_at_fork, run by PyOS_AfterFork_Child). numpy imported
+    later by a task seeds itself from the OS."""
+    import sys
+    mtrand = sys.modules.get("numpy.random.mtrand")
+    if mtrand is not None:
+        mtrand.seed()
+
+
 def start_worker(workers: int) -> int:
-    """Worker side, once, before the first task: limit BLAS/OpenMP threads. Returns the
-    limit applied."""
+    """Worker side, once, before the first task: reseed numpy's global generator, limit
+    BLAS/OpenMP threads. Returns the limit applied."""
+    try:
+        reseed_random()
+    except Exception:       # a numpy without the legacy generator: nothing to reseed
+        pass
     limit = _resolved_blas_threads(workers)
     for var in THREAD_VARIABLES:
         os.environ[var] = str(limit)

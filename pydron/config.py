@@ -46,6 +46,9 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
     "report": ("bool", "PYDRON_REPORT",
                "print the wait report at exit (tasks, parallelism, where scheduled code "
                "waited); pydron run prints it anyway"),
+    "check": ("bool", "PYDRON_CHECK",
+              "workers hash each task's arguments before and after it runs and warn about "
+              "the function that changed them (slower; for finding side effects)"),
     "task_timeout": ("seconds", "PYDRON_TASK_TIMEOUT",
                      "default timeout of every task in seconds (0 or off: none)"),
     "cache_dir": ("path", "PYDRON_CACHE_DIR",
@@ -119,7 +122,7 @@ def _defaults() -> dict[str, Any]:
             "cluster_insecure": False, "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
-            "report": False, "replay": "on", "cache_dir": None,
+            "report": False, "check": False, "replay": "on", "cache_dir": None,
             "functional": [], "schedule": []}
 
 

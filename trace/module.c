@@ -201,16 +201,18 @@ core_configure(PyObject *module, PyObject *options)
         int known = PyUnicode_Check(key) &&
                     (PyUnicode_CompareWithASCIIString(key, "thread_workers") == 0 ||
                      PyUnicode_CompareWithASCIIString(key, "arena_arrays") == 0 ||
-                     PyUnicode_CompareWithASCIIString(key, "task_timeout") == 0);
+                     PyUnicode_CompareWithASCIIString(key, "task_timeout") == 0 ||
+                     PyUnicode_CompareWithASCIIString(key, "check") == 0);
         if (!known) {
             PyErr_Format(PyExc_ValueError, "pydron._configure: unknown option %R "
-                         "(accepted: thread_workers, arena_arrays, task_timeout)", key);
+                         "(accepted: thread_workers, arena_arrays, task_timeout, check)", key);
             return NULL;
         }
     }
     exec_options o = exec_current_options();
     if (configure_int(options, "thread_workers", 0, 1024, &o.thread_workers) < 0 ||
-        configure_int(options, "arena_arrays", 0, 1, &o.arena_arrays) < 0)
+        configure_int(options, "arena_arrays", 0, 1, &o.arena_arrays) < 0 ||
+        configure_int(options, "check", 0, 1, &o.check) < 0)
         return NULL;
     PyObject *timeout = PyDict_GetItemString(options, "task_timeout");   /* borrowed */
     if (timeout != NULL && timeout != Py_None) {
