@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import traceback
 
 from pydron import _ship
@@ -290,7 +291,87 @@ def typename_of_class(cls) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _frame_positions(exc) -> list:
+    """(line, end_line, column, end_column) of the instruction each frame of exc's traceback was
+    at, or None: what plain Python's traceback underlines with carets."""
+    out = []
+    tb = exc.__traceback__
+    while tb is not None:
+        pos = None
+        if tb.tb_lasti >= 0:
+            try:
+                pos = list(tb.tb_frame.f_code.co_positions())[tb.tb_lasti // 2]
+            except (IndexError, ValueError, AttributeError):
+                pos = None
+        out.append(pos if pos is not None and None not in pos else None)
+        tb = tb.tb_next
+    return out
+
+
+def _with_positions(exc):
+    """Rebuild the worker frames of exc's traceback (tblib's, which point every frame at column
+    0 of a stub) so that each one's instruction spans the columns it spanned in the worker: the
+    carets fall where plain Python puts them. Each frame is a stub compiled with its file name,
+    placing an undefined name of the right width at the right line and column."""
+    positions = exc.__dict__.pop("__pydron_positions__", None)
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        frames.append((code.co_filename, code.co_name, tb.tb_lineno))
+        tb = tb.tb_next
+    if not positions or len(positions) != len(frames):
+        return exc
+    first = last = None
+    for (filename, name, lineno), pos in zip(frames, positions):
+        new = stub_entry(filename, name, lineno, pos)
+        if new is None:
+            return exc
+        if last is None:
+            first = new
+        else:
+            last.tb_next = new
+        last = new
+    return exc.with_traceback(first)
+
+
+def stub_entry(filename, name, lineno, pos):
+    """A traceback entry of a stub frame named `name` in `filename`, at line lineno and the
+    columns of pos (line, end_line, column, end_column), or None."""
+    if pos is None or pos[0] != lineno or pos[1] != lineno or pos[3] <= pos[2]:
+        pos = (lineno, lineno, 0, 1)         # one column: a whole line is never underlined
+    line, _, col, end_col = pos
+    # an undefined name at its columns, in parentheses, which allow any indentation
+    name_at = ("(" + " " * (col - 1) if col else "") + "_" * (end_col - col)
+    source = "\n" * (line - 1) + name_at + (")" if col else "")
+    try:
+        stub = compile(source, filename, "exec").replace(co_name=name)
+        exec(stub, {"__builtins__": {}})     # NameError at exactly those columns
+    except NameError:
+        return sys.exc_info()[2].tb_next
+    except Exception:                # noqa: BLE001 — no entry rather than a failure
+        return None
+    return None
+
+
+def site_entry(code, lasti):
+    """A traceback entry for a frame that has finished since it made a call (a comprehension's
+    on 3.11): its file, name, line and the call's columns."""
+    try:
+        pos = list(code.co_positions())[lasti]
+    except (IndexError, ValueError):
+        return None
+    if pos[0] is None:
+        return None
+    return stub_entry(code.co_filename, code.co_name, pos[0],
+                      None if None in pos else pos)
+
+
 def pickle_exception(exc, fn) -> bytes:
+    try:
+        exc.__pydron_positions__ = _frame_positions(exc)
+    except Exception:               # noqa: BLE001 — an exception that takes no attributes
+        pass
     try:
         from tblib import pickling_support
         pickling_support.install(exc)
@@ -317,7 +398,10 @@ def pickle_exception(exc, fn) -> bytes:
 def restore_builtin_state(exc):
     """tblib rebuilds exceptions that carry attributes with __new__, skipping __init__: the
     builtin classes that derive state from their arguments (SystemExit.code, OSError.errno,
-    StopIteration.value) get it back by running their own __init__ again."""
+    StopIteration.value) get it back by running their own __init__ again. The worker frames
+    get their columns back (_with_positions)."""
+    if isinstance(getattr(exc, "__dict__", None), dict) and "__pydron_positions__" in exc.__dict__:
+        exc = _with_positions(exc)
     for cls in type(exc).__mro__:
         if cls.__module__ == "builtins" and cls.__init__ is not BaseException.__init__ \
                 and cls is not object and "__init__" in cls.__dict__:

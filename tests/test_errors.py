@@ -115,3 +115,56 @@ def test_oom_killer_is_named_when_the_peak_is_near_the_limit():
     assert "out-of-memory killer" in str(big) and "memory_limit" in str(big)
     small = _exec_helpers.worker_lost(describe, "killed by SIGKILL", 3, b"", (), 10 << 20, True)
     assert "out-of-memory" not in str(small) and "peak memory 10 MiB" in str(small)
+
+
+TRACEBACK_SCRIPT = """
+    import pydron
+    pydron.enable(workers=2)
+
+    def helper(a, b):
+        return a / b + 1
+
+    @pydron.functional
+    def check(x):
+        y = x - 3
+        return helper(10, y) * 2
+
+    @pydron.schedule
+    def main(n):
+        rs = [check(i) for i in range(n)]
+        total = 0
+        for r in rs:
+            total += r
+        return total
+
+    @pydron.schedule
+    def direct(n):
+        r = check(n)
+        s = check(n + 1)
+        return r + s
+
+    import sys
+    fn = {"main": main, "direct": direct}[sys.argv[1]]
+    fn(0)
+    fn(1)                  # a later call: through the graph
+    fn(4 if fn is main else 2)   # fails: the graph gives up to the trace, which raises
+"""
+
+
+@pytest.mark.parametrize("which", ["main", "direct"])
+def test_a_task_failure_shows_plain_pythons_traceback(tmp_path, which):
+    """The scheduled function's frame at the line and columns of the failing call (not where
+    its result was read), the comprehension's frame, and the worker's frames with plain
+    Python's carets: the whole printed traceback is plain Python's."""
+    import subprocess
+    import sys
+    script = tmp_path / "tb.py"
+    script.write_text(textwrap.dedent(TRACEBACK_SCRIPT))
+    runs = {}
+    for mode, env in (("plain", {"PYDRON_DISABLE": "1"}), ("pydron", {})):
+        out = subprocess.run([sys.executable, str(script), which], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, **env})
+        assert out.returncode == 1
+        runs[mode] = out.stderr[out.stderr.index("Traceback"):]
+    assert runs["pydron"] == runs["plain"]
+    assert "ZeroDivisionError" in runs["plain"]

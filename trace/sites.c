@@ -111,6 +111,33 @@ trace__site_here(void)
     return nsites++;
 }
 
+/* The call was made in a frame that has finished since (a comprehension's on 3.11): after
+ * entry t, an entry for it at the call, as plain Python shows it (a stub frame with its file,
+ * name, line and columns: pydron/_exec_helpers.py site_entry). */
+static void
+insert_finished_frame(PyTracebackObject *t, PyObject *code, int lasti)
+{
+    if (t->tb_next != NULL) {
+        PyCodeObject *next = PyFrame_GetCode(t->tb_next->tb_frame);
+        int there = (PyObject *)next == code;
+        Py_DECREF(next);
+        if (there)
+            return;
+    }
+    PyObject *helpers = PyImport_ImportModule("pydron._exec_helpers");
+    PyObject *entry = helpers ? PyObject_CallMethod(helpers, "site_entry", "Oi", code, lasti)
+                              : NULL;
+    Py_XDECREF(helpers);
+    if (entry == NULL || !PyTraceBack_Check(entry)) {
+        PyErr_Clear();             /* the entry is only missing, as it was */
+        Py_XDECREF(entry);
+        return;
+    }
+    PyTracebackObject *e = (PyTracebackObject *)entry;
+    Py_XSETREF(e->tb_next, t->tb_next);     /* steals t's reference to its next */
+    t->tb_next = e;                          /* steals entry */
+}
+
 void
 trace__site_fix_traceback(PyObject *exc, uint32_t id)
 {
@@ -121,12 +148,14 @@ trace__site_fix_traceback(PyObject *exc, uint32_t id)
     for (PyTracebackObject *t = (PyTracebackObject *)tb; t != NULL; t = t->tb_next) {
         PyCodeObject *code = PyFrame_GetCode(t->tb_frame);
         for (int k = 0; k < SITE_FRAMES; k++) {
-            if (s->code[k] == (PyObject *)code) {
-                /* This frame's entry is where the result was read: make it the call. */
-                t->tb_lasti = s->lasti[k] * (int)sizeof(_Py_CODEUNIT);
-                t->tb_lineno = PyCode_Addr2Line(code, t->tb_lasti);
-                break;
-            }
+            if (s->code[k] != (PyObject *)code)
+                continue;
+            /* This frame's entry is where the result was read: make it the call. */
+            t->tb_lasti = s->lasti[k] * (int)sizeof(_Py_CODEUNIT);
+            t->tb_lineno = PyCode_Addr2Line(code, t->tb_lasti);
+            if (k > 0 && s->code[k - 1] != NULL)
+                insert_finished_frame(t, s->code[k - 1], s->lasti[k - 1]);
+            break;
         }
         Py_DECREF(code);
     }
