@@ -155,7 +155,7 @@ exec__install_array_allocator(void)
         return;
     /* Called per task until numpy shows up: look only when sys.modules has grown. */
     static Py_ssize_t modules_seen = -1;
-    PyObject *modules = PySys_GetObject("modules");   /* borrowed */
+    PyObject *modules = PyImport_GetModuleDict();    /* borrowed; no lookup by name */
     if (modules == NULL || !PyDict_Check(modules) || PyDict_GET_SIZE(modules) == modules_seen)
         return;
     modules_seen = PyDict_GET_SIZE(modules);
