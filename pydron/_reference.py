@@ -30,10 +30,7 @@ Differences from the C core, each shown by tests/test_semantics.py::test_referen
      itself pending (or, for append/extend, an exact list), so a pending inside a tuple moved
      into a list or dict that is reachable only through an object (`box.items.append((f(x),))`)
      is still pending after the call returns: a gap in the C core.
-  3. deep_nesting: forcing in place reaches pendings at any depth here; the C core stops 200
-     containers deep, so a non-functional callee can see a pending nested deeper: a limit of
-     the C core.
-  4. native_functional: a ctypes function pointer marked functional(executor="threads") is a
+  3. native_functional: a ctypes function pointer marked functional(executor="threads") is a
      thread task in the C core; `pydron.functional` leaves no mark on it that this runtime can
      read, so here it is called plainly, its arguments forced.
 """

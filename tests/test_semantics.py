@@ -298,11 +298,6 @@ def _difference_moved_into_log(probes, server):
         "call", ("semantics.dispatch_probes", "moved_into_log", (2,)))[2]
 
 
-def _difference_deep_nesting(probes, server):
-    return probes.deep_nesting(250), _reference_run(probes.deep_nesting, 250)[0], server(
-        "call", ("semantics.dispatch_probes", "deep_nesting", (250,)))[2]
-
-
 def _difference_native_functional(probes, server):
     """Compared: the values, and whether the calls became tasks."""
     plain = probes.native_functional(1.0), False
@@ -312,7 +307,7 @@ def _difference_native_functional(probes, server):
     return plain, (value, submitted > 0), (native, native_submitted > 0)
 
 
-@pytest.mark.parametrize("difference", ["class_body_cell", "moved_into_log", "deep_nesting",
+@pytest.mark.parametrize("difference", ["class_body_cell", "moved_into_log",
                                         "native_functional"])
 def test_reference_difference(difference, case_server):
     """A difference between the reference runtime and the C core that pydron/_reference.py lists:
@@ -328,6 +323,18 @@ def test_reference_difference(difference, case_server):
         return
     assert reference == plain
     assert native != plain, f"the C core now does what plain Python does: {native!r}"
+
+
+@pytest.mark.parametrize("depth", [3, 250, 900])
+def test_deep_nesting_forced_at_any_depth(depth, case_server):
+    """A pending value `depth` lists deep, handed to repr (plain code): the C core forces it in
+    place at any depth, as the reference runtime and plain Python see it."""
+    from semantics import dispatch_probes as probes
+    with harness.pydron_disabled():
+        plain = probes.deep_nesting(depth)
+        reference = _reference_run(probes.deep_nesting, depth)[0]
+    native = case_server.request("call", ("semantics.dispatch_probes", "deep_nesting", (depth,)))[2]
+    assert plain is True and reference == plain and native == plain
 
 
 # --- the kill switch (`make test-versions` runs this file under the other interpreters) -----------

@@ -17,17 +17,26 @@ trace__force(PyObject *x)
  * Pending values live in exact lists, tuples and dicts (where the trace moved them). While this
  * thread has moved some into containers (the undo log is not empty), such a container may also
  * hang off an object of the user's own classes (self.items, vars(obj)[k], a slot): then the walk
- * descends into instance dicts and slots too, with a visited set and a budget of
- * WALK_BUDGET objects per walk, so a large object graph costs a bounded amount. */
+ * descends into instance dicts and slots too, with a budget of WALK_BUDGET instances per walk, so
+ * a large object graph costs a bounded amount. The walk keeps its own stack (any depth, as plain
+ * Python's repr or pickle would reach) and a visited set (each container once, cycles end). */
 
 #define WALK_BUDGET 100000
-#define MAX_DEPTH 200
+
+typedef struct {
+    PyObject *obj;             /* the container or instance (strong) */
+    PyObject *items;           /* dict: its (key, value) pairs worth a look; instance: its dict
+                                * and slot values; else NULL (strong) */
+    Py_ssize_t i;              /* next item */
+} walk_frame;
 
 typedef struct {
     int objects;               /* descend into instances of heap types */
-    PyObject **seen;           /* open addressing set of visited instances */
+    PyObject **seen;           /* open addressing set of visited containers and instances */
     size_t seen_cap, seen_count;
     size_t budget;
+    walk_frame *stack;
+    Py_ssize_t depth, stack_cap;
 } walk;
 
 static void
@@ -37,12 +46,15 @@ walk_init(walk *w, int objects)
     w->seen = NULL;
     w->seen_cap = w->seen_count = 0;
     w->budget = WALK_BUDGET;
+    w->stack = NULL;
+    w->depth = w->stack_cap = 0;
 }
 
 static void
 walk_clear(walk *w)
 {
     PyMem_Free(w->seen);
+    PyMem_Free(w->stack);
 }
 
 /* 1 if obj was not seen before (it is now), 0 if it was, -1 + MemoryError. */
@@ -90,34 +102,38 @@ is_user_instance(PyObject *obj)
            !graph_is_task(obj);
 }
 
-static int force_inplace(PyObject *obj, int depth, walk *w);
+/* Whether the walk has anything to look at inside obj. */
+static inline int
+walkable(PyObject *obj, walk *w)
+{
+    return PyList_CheckExact(obj) || PyTuple_CheckExact(obj) || PyDict_CheckExact(obj) ||
+           (w->objects && is_user_instance(obj));
+}
+
 static PyObject *str_dict;         /* "__dict__", interned on first use */
 
-/* Walk an instance's dict and slots. Borrows obj. 0, or -1 + exception. */
-static int
-force_instance(PyObject *obj, int depth, walk *w)
+/* An instance's dict (when exact) and the object slots of the user's classes along its MRO, as
+ * a new list. NULL + exception on error. */
+static PyObject *
+instance_items(PyObject *obj)
 {
-    if (w->budget == 0)
-        return 0;
-    int first = walk_first_visit(w, obj);
-    if (first <= 0)
-        return first;
-    w->budget--;
+    PyObject *items = PyList_New(0);
+    if (items == NULL)
+        return NULL;
     PyTypeObject *t = Py_TYPE(obj);
     if (t->tp_dictoffset != 0 || PyType_HasFeature(t, Py_TPFLAGS_MANAGED_DICT)) {
         PyObject *dict;
         if (str_dict == NULL && (str_dict = PyUnicode_InternFromString("__dict__")) == NULL)
-            return -1;
+            goto error;
         if (compat_lookup_attr(obj, str_dict, &dict) < 0)
-            return -1;
+            goto error;
         if (dict != NULL) {
-            int rc = PyDict_CheckExact(dict) ? force_inplace(dict, depth + 1, w) : 0;
+            int rc = PyDict_CheckExact(dict) ? PyList_Append(items, dict) : 0;
             Py_DECREF(dict);
             if (rc < 0)
-                return -1;
+                goto error;
         }
     }
-    /* Slots: object members of the user's classes along the MRO. */
     PyObject *mro = t->tp_mro;
     for (Py_ssize_t i = 0; mro && i < PyTuple_GET_SIZE(mro); i++) {
         PyTypeObject *base = (PyTypeObject *)PyTuple_GET_ITEM(mro, i);
@@ -129,37 +145,90 @@ force_instance(PyObject *obj, int depth, walk *w)
             PyObject *v = PyMember_GetOne((const char *)obj, m);
             if (v == NULL) {
                 if (!PyErr_ExceptionMatches(PyExc_AttributeError))
-                    return -1;
+                    goto error;
                 PyErr_Clear();          /* an unset slot */
                 continue;
             }
-            int rc = force_inplace(v, depth + 1, w);
+            int rc = PyList_Append(items, v);
             Py_DECREF(v);
             if (rc < 0)
-                return -1;
+                goto error;
         }
     }
+    return items;
+error:
+    Py_DECREF(items);
+    return NULL;
+}
+
+/* A dict's (key, value) pairs whose value is a task or walkable, as a new list (a snapshot: a
+ * wait may let another thread change the dict). NULL + exception on error. */
+static PyObject *
+dict_items(PyObject *dict, walk *w)
+{
+    PyObject *found = PyList_New(0), *k, *v;
+    Py_ssize_t pos = 0;
+    if (found == NULL)
+        return NULL;
+    while (PyDict_Next(dict, &pos, &k, &v)) {
+        if (v != dict && (graph_is_task(v) || walkable(v, w))) {
+            PyObject *pair = PyTuple_Pack(2, k, v);
+            if (pair == NULL || PyList_Append(found, pair) < 0) {
+                Py_XDECREF(pair);
+                Py_DECREF(found);
+                return NULL;
+            }
+            Py_DECREF(pair);
+        }
+    }
+    return found;
+}
+
+/* Push obj on the walk's stack if it is walkable and not visited yet. Borrows obj.
+ * 0, or -1 + exception. */
+static int
+walk_push(walk *w, PyObject *obj)
+{
+    int instance = !PyList_CheckExact(obj) && !PyTuple_CheckExact(obj) && !PyDict_CheckExact(obj);
+    if (instance && w->budget == 0)
+        return 0;
+    int first = walk_first_visit(w, obj);
+    if (first <= 0)
+        return first;
+    PyObject *items = NULL;
+    if (instance) {
+        w->budget--;
+        items = instance_items(obj);
+    }
+    else if (PyDict_CheckExact(obj))
+        items = dict_items(obj, w);
+    if ((instance || PyDict_CheckExact(obj)) && items == NULL)
+        return -1;
+    if (w->depth == w->stack_cap) {
+        Py_ssize_t cap = w->stack_cap ? w->stack_cap * 2 : 32;
+        walk_frame *stack = PyMem_Realloc(w->stack, cap * sizeof(walk_frame));
+        if (stack == NULL) {
+            Py_XDECREF(items);
+            PyErr_NoMemory();
+            return -1;
+        }
+        w->stack = stack;
+        w->stack_cap = cap;
+    }
+    w->stack[w->depth++] = (walk_frame){Py_NewRef(obj), items, 0};
     return 0;
 }
 
-/* Whether force_inplace has anything to look at inside obj. */
-static inline int
-walkable(PyObject *obj, walk *w)
-{
-    return PyList_CheckExact(obj) || PyTuple_CheckExact(obj) || PyDict_CheckExact(obj) ||
-           (w->objects && is_user_instance(obj));
-}
-
-/* Replace every task reachable from obj (through exact containers, and with w->objects through
- * instances) by its value. Borrows obj; replaced items become its own references. */
+/* The next item of the top frame worth descending into, as a new reference in *child; a task met
+ * on the way is waited for and replaced in place (if its slot still holds it). 1 with a child,
+ * 0 when the frame is done, -1 + exception. */
 static int
-force_inplace(PyObject *obj, int depth, walk *w)
+walk_next(walk *w, walk_frame *f, PyObject **child)
 {
-    if (depth > MAX_DEPTH)
-        return 0;
+    PyObject *obj = f->obj;
     if (PyList_CheckExact(obj)) {
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(obj); i++) {
-            PyObject *item = PyList_GET_ITEM(obj, i);
+        for (; f->i < PyList_GET_SIZE(obj); f->i++) {
+            PyObject *item = PyList_GET_ITEM(obj, f->i);
             if (graph_is_task(item)) {
                 Py_INCREF(item);
                 PyObject *v = graph_wait((graph_task *)item);
@@ -168,88 +237,96 @@ force_inplace(PyObject *obj, int depth, walk *w)
                     return -1;
                 }
                 /* Another thread may have changed the list while we waited. */
-                if (i < PyList_GET_SIZE(obj) && PyList_GET_ITEM(obj, i) == item)
-                    PyList_SetItem(obj, i, v);
+                if (f->i < PyList_GET_SIZE(obj) && PyList_GET_ITEM(obj, f->i) == item)
+                    PyList_SetItem(obj, f->i, v);
                 else
                     Py_DECREF(v);
                 Py_DECREF(item);
             }
             else if (item != obj && walkable(item, w)) {
-                Py_INCREF(item);
-                int rc = force_inplace(item, depth + 1, w);
-                Py_DECREF(item);
-                if (rc < 0)
-                    return -1;
+                *child = Py_NewRef(item);
+                f->i++;
+                return 1;
             }
         }
     }
     else if (PyTuple_CheckExact(obj)) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(obj); i++) {
-            PyObject *item = PyTuple_GET_ITEM(obj, i);
+        for (; f->i < PyTuple_GET_SIZE(obj); f->i++) {
+            PyObject *item = PyTuple_GET_ITEM(obj, f->i);
             if (graph_is_task(item)) {
                 PyObject *v = graph_wait((graph_task *)item);
                 if (v == NULL)
                     return -1;
-                if (PyTuple_GET_ITEM(obj, i) == item) {
-                    PyTuple_SET_ITEM(obj, i, v);
+                if (PyTuple_GET_ITEM(obj, f->i) == item) {
+                    PyTuple_SET_ITEM(obj, f->i, v);
                     Py_DECREF(item);
                 }
                 else
                     Py_DECREF(v);
             }
             else if (walkable(item, w)) {
-                if (force_inplace(item, depth + 1, w) < 0)
-                    return -1;
+                *child = Py_NewRef(item);
+                f->i++;
+                return 1;
             }
         }
     }
     else if (PyDict_CheckExact(obj)) {
-        PyObject *k, *v, *found = NULL;
-        Py_ssize_t pos = 0;
-        while (PyDict_Next(obj, &pos, &k, &v)) {
-            if (graph_is_task(v) || walkable(v, w)) {
-                if (found == NULL && (found = PyList_New(0)) == NULL)
-                    return -1;
-                PyObject *pair = PyTuple_Pack(2, k, v);
-                if (pair == NULL || PyList_Append(found, pair) < 0) {
-                    Py_XDECREF(pair);
-                    Py_DECREF(found);
-                    return -1;
-                }
-                Py_DECREF(pair);
+        for (; f->i < PyList_GET_SIZE(f->items); f->i++) {
+            PyObject *pair = PyList_GET_ITEM(f->items, f->i);
+            PyObject *k = PyTuple_GET_ITEM(pair, 0), *v = PyTuple_GET_ITEM(pair, 1);
+            if (!graph_is_task(v)) {
+                *child = Py_NewRef(v);
+                f->i++;
+                return 1;
             }
-        }
-        if (found == NULL)
-            return 0;
-        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++) {
-            PyObject *pair = PyList_GET_ITEM(found, i);
-            k = PyTuple_GET_ITEM(pair, 0);
-            v = PyTuple_GET_ITEM(pair, 1);
-            if (graph_is_task(v)) {
-                PyObject *value = graph_wait((graph_task *)v);
-                if (value == NULL) {
-                    Py_DECREF(found);
-                    return -1;
-                }
-                PyObject *now = PyDict_GetItemWithError(obj, k);
-                int rc = now == v ? PyDict_SetItem(obj, k, value) : 0;
-                Py_DECREF(value);
-                if (rc < 0) {
-                    Py_DECREF(found);
-                    return -1;
-                }
-            }
-            else if (v != obj && force_inplace(v, depth + 1, w) < 0) {
-                Py_DECREF(found);
+            PyObject *value = graph_wait((graph_task *)v);
+            if (value == NULL)
                 return -1;
-            }
+            PyObject *now = PyDict_GetItemWithError(obj, k);
+            int rc = now == v ? PyDict_SetItem(obj, k, value) : 0;
+            Py_DECREF(value);
+            if (rc < 0 || (now == NULL && PyErr_Occurred()))
+                return -1;
         }
-        Py_DECREF(found);
     }
-    else if (w->objects && is_user_instance(obj)) {
-        return force_instance(obj, depth, w);
+    else if (f->i < PyList_GET_SIZE(f->items)) {          /* an instance: dict and slots */
+        *child = Py_NewRef(PyList_GET_ITEM(f->items, f->i++));
+        return 1;
     }
     return 0;
+}
+
+/* Replace every task reachable from obj (through exact containers, and with w->objects through
+ * instances) by its value, depth first in the order plain Python would meet them. Borrows obj;
+ * replaced items become its own references. 0, or -1 + exception. */
+static int
+force_inplace(PyObject *obj, walk *w)
+{
+    Py_ssize_t base = w->depth;
+    int rc = walk_push(w, obj);
+    while (rc == 0 && w->depth > base) {
+        walk_frame *f = &w->stack[w->depth - 1];
+        PyObject *child = NULL;
+        int more = walk_next(w, f, &child);
+        if (more < 0)
+            rc = -1;
+        else if (more > 0) {
+            rc = walkable(child, w) ? walk_push(w, child) : 0;
+            Py_DECREF(child);
+        }
+        else {
+            w->depth--;
+            Py_DECREF(f->obj);
+            Py_XDECREF(f->items);
+        }
+    }
+    while (w->depth > base) {          /* after an error: drop what is left */
+        walk_frame *f = &w->stack[--w->depth];
+        Py_DECREF(f->obj);
+        Py_XDECREF(f->items);
+    }
+    return rc;
 }
 
 PyObject *
@@ -262,7 +339,7 @@ trace__force_deep(PyObject *x)
     walk w;
     walk_init(&w, graph_moves_count() > 0);
     graph_wait_group_begin();
-    int rc = walkable(x, &w) ? force_inplace(x, 0, &w) : 0;
+    int rc = walkable(x, &w) ? force_inplace(x, &w) : 0;
     graph_wait_group_end();
     walk_clear(&w);
     return rc < 0 ? NULL : Py_NewRef(x);
@@ -322,15 +399,15 @@ static int
 force_reached(PyObject *v, const logged *l, walk *w)
 {
     if ((PyList_CheckExact(v) || PyDict_CheckExact(v)) && is_logged(l, v))
-        return force_inplace(v, 0, w);
+        return force_inplace(v, w);
     if (is_user_instance(v))
-        return force_inplace(v, 0, w);
+        return force_inplace(v, w);
     if (PyType_Check(v) && PyType_HasFeature((PyTypeObject *)v, Py_TPFLAGS_HEAPTYPE)) {
         PyObject *dict = ((PyTypeObject *)v)->tp_dict, *k, *a;
         Py_ssize_t pos = 0;
         while (dict && PyDict_Next(dict, &pos, &k, &a))
             if ((PyList_CheckExact(a) || PyDict_CheckExact(a)) && is_logged(l, a) &&
-                force_inplace(a, 0, w) < 0)
+                force_inplace(a, w) < 0)
                 return -1;
     }
     return 0;
