@@ -27,6 +27,7 @@ static PyObject *streams_seen;
 /* numpy.ndarray once numpy is imported (new reference), to let contiguous writable arrays take
  * numpy's own reduction without a call into Python. */
 static PyObject *ndarray_type;
+static PyObject *memmap_type;      /* numpy.memmap, found with ndarray */
 
 /* The head of numpy's PyArrayObject, stable across NumPy 1.x and 2.x (the C-API's
  * PyArrayObject_fields); only the flags are read. */
@@ -325,6 +326,14 @@ find_ndarray(void)
         Py_XDECREF(t);
         return NULL;
     }
+    PyObject *mm = PyObject_GetAttrString(np, "memmap");
+    if (mm == NULL || !PyType_Check(mm)) {
+        PyErr_Clear();
+        Py_XDECREF(mm);
+        Py_DECREF(t);
+        return NULL;
+    }
+    memmap_type = mm;
     ndarray_type = t;
     return t;
 }
@@ -332,8 +341,9 @@ find_ndarray(void)
 /* Pickler.reducer_override (the C pickler calls it for every object that is not an int, str,
  * bytes, float, None, bool or exact container): classes and functions travel by name when the
  * workers can import them as they are, else by value (pydron/_ship.py); bound methods of
- * module-level objects by reference; arrays with their layout. Everything else: NotImplemented,
- * pickle's own way, decided here in C without a call into Python.
+ * module-level objects by reference; arrays with their layout; read-only memmaps as their file.
+ * Everything else: NotImplemented, pickle's own way, decided here in C without a call into
+ * Python.
  * Borrows obj; returns a new reference (a reduction or NotImplemented), NULL + exception. */
 static PyObject *
 codec_reducer_override(exec_codec *c, PyObject *obj)
@@ -357,8 +367,15 @@ codec_reducer_override(exec_codec *c, PyObject *obj)
     }
     else {
         PyObject *nd = find_ndarray();
-        if (nd == NULL || (PyObject *)t != nd)
+        if (nd == NULL)
             Py_RETURN_NOTIMPLEMENTED;
+        if ((PyObject *)t != nd) {
+            /* A read-only memmap crosses as its file: this codec serves this machine's
+             * workers only (the cluster pickles its own way: other machines lack the file). */
+            if (PyObject_TypeCheck(obj, (PyTypeObject *)memmap_type))
+                return exec__call_helper("reduce_memmap", &obj, 1);
+            Py_RETURN_NOTIMPLEMENTED;
+        }
         int flags = ((np_array_head *)obj)->flags;
         if ((flags & NP_WRITEABLE) && (flags & (NP_C_CONTIGUOUS | NP_F_CONTIGUOUS)))
             Py_RETURN_NOTIMPLEMENTED;               /* numpy's own reduction keeps it as it is */

@@ -263,6 +263,10 @@ def reduce_array(a):
     return _ship.reduce_array(a)
 
 
+def reduce_memmap(a):
+    return _ship.reduce_memmap(a)
+
+
 def streams_seen() -> list:
     return _ship.streams_seen
 

@@ -448,6 +448,98 @@ def reduce_array(a):
     return _rebuild_array, (buffer, a.dtype, a.shape, a.strides, data - start, flags.writeable)
 
 
+# ---- read-only numpy.memmap arrays travel as their file -----------------------------------------
+
+def _mapping_of(first: int, end: int):
+    """(device, inode, file offset of byte `first`) of the file mapping holding bytes
+    [first, end) of this process, from /proc/self/maps, or None (not one file mapping, no /proc)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            for line in maps:
+                fields = line.split(None, 5)
+                lo, _, hi = fields[0].partition(b"-")
+                lo, hi = int(lo, 16), int(hi, 16)
+                if lo <= first < hi:
+                    if end > hi or int(fields[4]) == 0:
+                        return None
+                    major, _, minor = fields[3].partition(b":")
+                    return (os.makedev(int(major, 16), int(minor, 16)), int(fields[4]),
+                            int(fields[2], 16) + first - lo)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reduce_memmap(a):
+    """A read-only numpy.memmap (mode 'r', or a view of one) crosses as its file, the byte range
+    it spans there and its layout: the worker maps the same pages of the page cache, nothing is
+    copied. Nobody can write through a read-only mapping, so the task sees the array as it was at
+    the call. Anything else (writable or copy-on-write modes, whose writes would reach the task or
+    not as plain Python would not have it; a file replaced or deleted since it was mapped; an
+    empty array) crosses as a copy that keeps what the callee can see of it: type, filename,
+    offset, mode, layout and writeable flag."""
+    filename = getattr(a, "filename", None)
+    if getattr(a, "_mmap", None) is None or filename is None or \
+            getattr(a, "mode", None) != "r" or a.size == 0 or a.dtype.hasobject:
+        return _copied_memmap(a)
+    data = a.__array_interface__["data"][0]
+    lo = hi = 0
+    for n, s in zip(a.shape, a.strides):
+        if s < 0:
+            lo += (n - 1) * s
+        else:
+            hi += (n - 1) * s
+    span = hi - lo + a.itemsize
+    mapping = _mapping_of(data + lo, data + lo + span)
+    try:
+        st = os.stat(filename)
+    except OSError:
+        return _copied_memmap(a)
+    if mapping is None or mapping[:2] != (st.st_dev, st.st_ino) or mapping[2] + span > st.st_size:
+        return _copied_memmap(a)                   # replaced, deleted or truncated since
+    return _rebuild_memmap, (filename, mapping[:2], mapping[2], span, -lo, a.dtype, a.shape,
+                             a.strides, a.offset)
+
+
+def _copied_memmap(a):
+    return _rebuild_copied_memmap, (a.view(_ndarray()), getattr(a, "filename", None),
+                                    getattr(a, "offset", None), getattr(a, "mode", None))
+
+
+def _ndarray():
+    import numpy as np
+    return np.ndarray
+
+
+def _rebuild_copied_memmap(array, filename, offset, mode):
+    import numpy as np
+    m = array.view(np.memmap)
+    m.filename, m.offset, m.mode = filename, offset, mode
+    return m
+
+
+def _rebuild_memmap(filename, identity, start, span, at, dtype, shape, strides, offset):
+    """The worker's side of reduce_memmap: the same file range, mapped read-only, as a memmap with
+    the caller's layout and attributes (filename, offset, mode)."""
+    import mmap
+    import numpy as np
+    aligned = start - start % mmap.ALLOCATIONGRANULARITY
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != tuple(identity):
+            raise FileNotFoundError(
+                f"pydron: the file {filename!r} of a numpy.memmap argument was replaced or "
+                f"deleted between the call and the task reading it")
+        mm = mmap.mmap(fd, start - aligned + span, access=mmap.ACCESS_READ, offset=aligned)
+    finally:
+        os.close(fd)
+    a = np.ndarray.__new__(np.memmap, shape, dtype=dtype, buffer=mm,
+                           offset=start - aligned + at, strides=strides)
+    a._mmap, a.filename, a.offset, a.mode = mm, filename, offset, "r"
+    return a
+
+
 # ---- the cloudpickle side ---------------------------------------------------------------------
 
 def _rebuild_code(make, args, filename):

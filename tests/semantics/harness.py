@@ -163,10 +163,11 @@ def run_replayed(case: Case, interpreter: str, guess: int = 1) -> Outcome:
     previous = _core._replay_configure(mode=interpreter, after=0, guess=guess)
     _core._replay_forget(fn)
     try:
-        hits = _core._replay_stats()["hits"]
         outcome = run_pydron(case)
-        outcome.replayed = _core._replay_stats()["hits"] > hits
         state = _core._replay_state(fn)
+        # The case's own graph ran (not merely a nested scheduled call's, whose graph may
+        # survive from an earlier mode's run: the order of the modes must not matter).
+        outcome.replayed = state.get("hits", 0) > 0
         REPLAY_LOG.setdefault(interpreter if guess == 1 else f"{interpreter}-guess", {})[
             case.name] = (
             outcome.replayed, state["state"], state.get("reason"), state.get("guesses", 0))
