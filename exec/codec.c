@@ -189,6 +189,19 @@ exec__codec_memo_clear(int release)
         copy_memo_drop(&memo.e[i], release);
 }
 
+static int call_scopes;            /* top-level scheduled calls in progress, all threads */
+
+void
+exec_call_scope(int delta)
+{
+    call_scopes += delta;
+    if (call_scopes <= 0) {
+        call_scopes = 0;
+        if (memo.bytes != 0)
+            exec__codec_memo_clear(1);
+    }
+}
+
 /* A block already holding the len bytes at src, with a new reference for the caller: 0 and
  * *blk, or -1 (none: copy them). */
 static int
@@ -857,8 +870,9 @@ exec_encode_call(PyObject *fn, PyObject *args, PyObject *kwargs, exec_dep_fn dep
         if (fast)
             return exec__blob_new(data, len, NULL, 0);
     }
-    /* A new call (nothing outstanding): what the previous one copied is not kept for it. */
-    if (memo.bytes != 0 && exec_outstanding() == 0)
+    /* Outside any scheduled call, a new batch of calls (nothing outstanding): what the previous
+     * one copied is not kept for it. Inside one, the memo lives until the call ends. */
+    if (memo.bytes != 0 && call_scopes == 0 && exec_outstanding() == 0)
         exec__codec_memo_clear(1);
     int temporary;
     exec_codec *c = codec_acquire(&temporary);

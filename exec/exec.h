@@ -164,6 +164,11 @@ double exec_estimate_ns(PyObject *fn);
 PyObject *exec_exception_from_bytes(PyObject *data);
 /* Tasks submitted and not yet handed over by exec_poll. */
 Py_ssize_t exec_outstanding(void);
+/* A top-level scheduled call begins (+1) or ends (-1), in any thread. A large buffer the master
+ * passes to many tasks is copied into the arena once per such call while its bytes do not
+ * change (the copy memo); the memo lets go of its copies when the last call in progress ends.
+ * GIL held. */
+void exec_call_scope(int delta);
 
 /* ---- the local process pool ---------------------------------------------------------------- */
 

@@ -449,6 +449,7 @@ void
 trace__session_begin(trace_session *s, PyObject *name)
 {
     graph_session_enter(name);
+    exec_call_scope(+1);
     s->order = graph_mark();
     s->moved = graph_moves_mark();
 }
@@ -506,5 +507,6 @@ trace__session_end(trace_session *s, PyObject *result)
     graph_moves_truncate(s->moved);
     graph_order_truncate(s->order);
     graph_session_exit();
+    exec_call_scope(-1);
     return result;
 }
