@@ -19,18 +19,8 @@ forces what it forces:
 tests/test_semantics.py::test_reference_moves_what_the_dispatcher_moves checks each of these in
 both runtimes.
 
-Differences from the C core, each shown by tests/test_semantics.py::test_reference_difference:
-  1. class_body_cell: a class body defined in scheduled code is plain code that reads the
-     scheduled code's cells. Here the pendings in those cells are forced before
-     `__build_class__` runs it; the C dispatcher forces only `__build_class__`'s arguments, so
-     the class body sees the pending object itself (`type(y)` is not the value's type): a gap
-     in the C core.
-  2. moved_into_log: here every list or dict a value was moved into is logged, and forced through
-     when the scheduled call returns. The C core logs a container only when the moved value is
-     itself pending (or, for append/extend, an exact list), so a pending inside a tuple moved
-     into a list or dict that is reachable only through an object (`box.items.append((f(x),))`)
-     is still pending after the call returns: a gap in the C core.
-  3. native_functional: a ctypes function pointer marked functional(executor="threads") is a
+The one difference from the C core, shown by tests/test_semantics.py::test_reference_difference:
+  native_functional: a ctypes function pointer marked functional(executor="threads") is a
      thread task in the C core; `pydron.functional` leaves no mark on it that this runtime can
      read, so here it is called plainly, its arguments forced.
 """

@@ -8,6 +8,7 @@
 /* Method definitions of list.append/extend/insert, compared by pointer: moves, not reads. */
 static PyMethodDef *list_append_def, *list_extend_def, *list_insert_def;
 static PyObject *builtin_len;
+static PyObject *builtin_build_class;
 static PyObject *str_builtins;     /* "__builtins__": a module namespace holds it */
 /* Native callables (ctypes function pointers) marked functional: {id: object}. */
 static PyObject *native_functional;
@@ -42,6 +43,69 @@ force_args(PyObject *const *args, Py_ssize_t n, PyObject **out)
     return 0;
 }
 
+/* Whether a value moved into a container must be logged (graph_note_move) so that the end of the
+ * call forces it there: a task, or an exact list, tuple or dict holding one at any depth. At most
+ * HOLDS_BUDGET objects are looked at; past that the answer is yes (a logged container costs one
+ * walk when the call ends, a missed one a pending seen by plain code). Borrows obj. */
+#define HOLDS_BUDGET 64
+
+static int
+holds_task(PyObject *obj, int *budget)
+{
+    if (graph_is_task(obj))
+        return 1;
+    if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj) && !PyDict_CheckExact(obj))
+        return 0;
+    if (--*budget < 0)
+        return 1;
+    if (PyDict_CheckExact(obj)) {
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(obj, &pos, &k, &v))
+            if (v != obj && holds_task(v, budget))
+                return 1;
+        return 0;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(obj);
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(obj); i++)
+        if (items[i] != obj && holds_task(items[i], budget))
+            return 1;
+    return 0;
+}
+
+static int
+moved_value_holds_task(PyObject *value)
+{
+    int budget = HOLDS_BUDGET;
+    return holds_task(value, &budget);
+}
+
+/* The cells of a plain function's closure that hold a pending value get the value (in place: the
+ * scheduled code that owns the cell reads it back as a value). A class body is such a function:
+ * the scheduled code's cells are its free variables. Borrows fn. 0, or -1 + exception. */
+static int
+force_closure_cells(PyObject *fn)
+{
+    if (!PyFunction_Check(fn))
+        return 0;
+    PyObject *closure = PyFunction_GET_CLOSURE(fn);
+    for (Py_ssize_t i = 0; closure && i < PyTuple_GET_SIZE(closure); i++) {
+        PyObject *cell = PyTuple_GET_ITEM(closure, i);
+        PyObject *content = PyCell_GET(cell);
+        if (content == NULL || !graph_is_task(content))
+            continue;
+        Py_INCREF(content);
+        PyObject *v = graph_wait((graph_task *)content);
+        if (v != NULL && PyCell_GET(cell) == content && PyCell_Set(cell, v) < 0)
+            Py_CLEAR(v);
+        Py_DECREF(content);
+        if (v == NULL)
+            return -1;
+        Py_DECREF(v);
+    }
+    return 0;
+}
+
 /* Call callable with its arguments forced: what a non-functional callee sees.
  * Borrows its arguments; returns a new reference. */
 static PyObject *
@@ -59,6 +123,10 @@ call_forced(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyObjec
     /* A builtin method reads its self too: `results.sort()`, `",".join(...)` on containers. */
     PyObject *result = NULL;
     if (trace__force_escapes(callable) < 0)
+        goto done;
+    /* A class body defined in scheduled code (not rewritten: plain code) reads its cells. */
+    if (callable == builtin_build_class && nargs >= 1 &&
+        (force_closure_cells(forced[0]) < 0 || trace__force_escapes(forced[0]) < 0))
         goto done;
     /* A plain method reads its self: `box.report()` with results in box.items. */
     if (PyMethod_Check(callable)) {
@@ -246,7 +314,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 result = call_forced(callable, args, nargs, kwnames);
                 goto done;
             }
-            if (nargs == 1 && (graph_is_task(args[0]) || PyList_CheckExact(args[0])) &&
+            if (nargs == 1 && (PyList_CheckExact(args[0]) || moved_value_holds_task(args[0])) &&
                 graph_note_move(owner) < 0) {
                 result = NULL;
                 goto done;
@@ -261,7 +329,7 @@ trace_dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t nargs, PyOb
                 result = NULL;
                 goto done;
             }
-            if (graph_is_task(args[1]) && graph_note_move(owner) < 0) {
+            if (moved_value_holds_task(args[1]) && graph_note_move(owner) < 0) {
                 Py_DECREF(index);
                 result = NULL;
                 goto done;
@@ -438,7 +506,7 @@ helper_store_subscr(PyObject *module, PyObject *const *argv, Py_ssize_t argc)
     if (PyList_CheckExact(container) ||
         (PyDict_CheckExact(container) && !is_module_namespace(container))) {
         value = Py_NewRef(argv[0]);
-        if (graph_is_task(value) && graph_note_move(container) < 0)
+        if (moved_value_holds_task(value) && graph_note_move(container) < 0)
             goto done;
     }
     else
@@ -501,8 +569,9 @@ trace__dispatch_init(PyObject *module)
     if (builtins == NULL)
         return -1;
     builtin_len = PyObject_GetAttrString(builtins, "len");
+    builtin_build_class = PyObject_GetAttrString(builtins, "__build_class__");
     Py_DECREF(builtins);
-    if (builtin_len == NULL)
+    if (builtin_len == NULL || builtin_build_class == NULL)
         return -1;
     if ((str_builtins = PyUnicode_InternFromString("__builtins__")) == NULL)
         return -1;

@@ -162,11 +162,11 @@ def run_probes(seconds):
     return {probe.__name__: waited(probe(seconds)) for probe in PROBES}
 
 
-# --- the differences listed in pydron/_reference.py -----------------------------------------------
+# --- routes that were differences between the runtimes (closed), and the one that is -----------
 
 @pydron.schedule
 def class_body_cell(x):
-    """1. A class body reads a result through a cell of the scheduled code."""
+    """A class body reads a result through a cell of the scheduled code."""
     y = square(x)
 
     class Seen:
@@ -176,22 +176,27 @@ def class_body_cell(x):
 
 @pydron.schedule
 def tuple_moved_into_object_list(x):
-    """2. A pending inside a tuple, appended to a list that only an object reaches."""
+    """Pendings inside a tuple (and nested), moved into a list and a dict only an object
+    reaches: append, extend, insert and c[k] = v."""
     box = Box()
     box.items.append((square(x),))
     box.table["k"] = (square(x + 1),)
+    box.items.extend(((square(x + 2),), [{"a": (square(x + 3),)}]))
+    box.items.insert(1, ((square(x + 4),),))
     return box
 
 
 def moved_into_log(x):
     """Plain code after the scheduled call returned: the types it finds inside the object."""
     box = tuple_moved_into_object_list(x)
-    return type(box.items[0][0]).__name__, type(box.table["k"][0]).__name__
+    kinds = {type(box.items[0][0]).__name__, type(box.items[1][0][0]).__name__,
+             type(box.items[2][0]).__name__, type(box.items[3][0]["a"][0]).__name__}
+    return "/".join(sorted(kinds)), type(box.table["k"][0]).__name__
 
 
 @pydron.schedule
 def deep_nesting(depth):
-    """3. A result `depth` lists deep, handed to a non-functional callee (repr)."""
+    """A result `depth` lists deep, handed to a non-functional callee (repr)."""
     inner = [square(4)]
     outer = inner
     for _ in range(depth):
@@ -208,7 +213,7 @@ pydron.functional(native_cos, executor="threads")
 
 @pydron.schedule
 def native_functional(x):
-    """4. A ctypes function pointer marked functional, called from scheduled code."""
+    """The difference: a ctypes function pointer marked functional, called from scheduled code."""
     return [native_cos(x + k) for k in range(3)]
 
 
