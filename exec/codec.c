@@ -255,7 +255,7 @@ copy_memo_store(const void *src, size_t len, uint64_t blk)
     slot->src = src;
     slot->len = len;
     slot->blk = blk;
-    slot->hash = hash_bytes(arena_ptr(exec__arena, blk), len);
+    slot->hash = hash_bytes(src, len);       /* the bytes just copied into blk */
     slot->used = ++memo.clock;
     memo.bytes += len;
     memo.copies++;
@@ -302,17 +302,21 @@ codec_buffer_callback(exec_codec *c, PyObject *pb)
         b->off = (uint64_t)((char *)view.buf - (char *)a);
     }
     else {
+        /* The copy sits at the source's address modulo EXEC_BUF_ALIGN (blocks are page
+         * aligned): the receiver's SIMD loops peel the same elements, reductions give the same
+         * last bits. */
+        size_t shift = (uintptr_t)view.buf % EXEC_BUF_ALIGN;
         int memoised = !exec__in_worker_flag && (size_t)view.len >= COPY_MEMO_MIN;
         if (!memoised || copy_memo_reuse(view.buf, (size_t)view.len, &b->blk) < 0) {
-            if (arena_alloc(a, (size_t)view.len, &b->blk) < 0)
+            if (arena_alloc(a, (size_t)view.len + shift, &b->blk) < 0)
                 goto done;                     /* arena full: in band, slower but correct */
             Py_BEGIN_ALLOW_THREADS
-            memcpy(arena_ptr(a, b->blk), view.buf, (size_t)view.len);
+            memcpy((char *)arena_ptr(a, b->blk) + shift, view.buf, (size_t)view.len);
             Py_END_ALLOW_THREADS
             if (memoised)
                 copy_memo_store(view.buf, (size_t)view.len, b->blk);
         }
-        b->off = b->blk;
+        b->off = b->blk + shift;
     }
     b->len = (uint64_t)view.len;
     /* A worker that dies before the result is published must not leak this reference. */

@@ -21,6 +21,7 @@
  * travel through the arena), and a small ring keeps the pages it cycles through few and warm. */
 #define EXEC_RING_BYTES ((size_t)256 << 10)
 #define EXEC_OOB_MIN ((size_t)64 << 10)         /* out-of-band buffers this large go to the arena */
+#define EXEC_BUF_ALIGN 64                       /* a buffer's copy keeps its address modulo this */
 #define EXEC_INLINE_MAX ((size_t)16 << 10)      /* larger pickle bytes go to the arena too */
 
 /* ---- the shared control block (executor.c maps it, pool.c formats it) --------------------------

@@ -395,20 +395,20 @@ class _Span:
     __slots__ = ("__array_interface__", "owner")
 
 
-# Spans start at this alignment, and the array's offset in its span keeps its own alignment
-# modulo it: a worker's SIMD loops peel the same elements as the master's. Rounding down by
-# less than a page never leaves the page of the first element, which is mapped.
+# A span starts at the array's first byte, and arrives where its address modulo this is the
+# sender's (the arena copy keeps it, an in-band span is moved there): a worker's SIMD loops peel
+# the same elements as the master's, so reductions give the same last bits.
 _SPAN_ALIGN = 64
 
 
-def _rebuild_array(buffer, dtype, shape, strides, offset, writeable):
+def _rebuild_array(buffer, dtype, shape, strides, offset, writeable, misalign=0):
     import numpy as np
     span = np.frombuffer(buffer, dtype=np.uint8)
-    if span.__array_interface__["data"][0] % _SPAN_ALIGN:
+    if span.__array_interface__["data"][0] % _SPAN_ALIGN != misalign:
         # In band, the bytes sit wherever the unpickler put them: small, so copied to where
         # the element alignment is the sender's again.
         room = np.empty(span.size + _SPAN_ALIGN, dtype=np.uint8)
-        shift = -room.__array_interface__["data"][0] % _SPAN_ALIGN
+        shift = (misalign - room.__array_interface__["data"][0]) % _SPAN_ALIGN
         aligned = room[shift:shift + span.size]
         aligned[...] = span
         buffer = aligned
@@ -437,15 +437,15 @@ def reduce_array(a):
             lo += (n - 1) * s
         else:
             hi += (n - 1) * s
-    first = data + lo
-    start = first - first % _SPAN_ALIGN
+    start = data + lo                  # the span reads no byte outside the array's own
     span = _Span()
     span.owner = a
     span.__array_interface__ = {"data": (start, not flags.writeable),
                                 "shape": (data + hi + a.itemsize - start,),
                                 "typestr": "|u1", "version": 3}
     buffer = pickle.PickleBuffer(np.asarray(span))
-    return _rebuild_array, (buffer, a.dtype, a.shape, a.strides, data - start, flags.writeable)
+    return _rebuild_array, (buffer, a.dtype, a.shape, a.strides, data - start, flags.writeable,
+                            start % _SPAN_ALIGN)
 
 
 # ---- read-only numpy.memmap arrays travel as their file -----------------------------------------
