@@ -1140,24 +1140,25 @@ call_scheduled(run_state *st, int here, PyObject *callable, trace_codeinfo *info
                 reason ? reason : Py_None);
 }
 
-/* Execute the instruction at *pc and move *pc on. 0: go on; 1: returned (*pc is the RETURN);
- * -1: exception to propagate; -2: bail. With guessing 0 no branch guesses (a condition being
- * checked). */
-static int
-exec_one(run_state *st, int *pc, int guessing)
-{
-    struct trace_replay *p = st->p;
-    const rins *i = &p->code[*pc];
-    PyObject **R = st->regs;
-    int here = *pc;
-    graph_set_location(p->filename, i->line);
-    int slice_of = guessing ? -2 : -1;        /* -2: computed on demand */
+/* ---- the operations ------------------------------------------------------------------------ */
+
+/* One function per operation (or pair of operations), called by the interpreter's switch
+ * (exec_one) and by the compiled tier's code (jit/jit.c), so the two tiers cannot differ. Each
+ * executes instruction i, which is at *pc, and moves *pc on. 0: go on; 1: returned (*pc is the
+ * RETURN); -1: exception to propagate; -2: bail. With guessing 0 no branch guesses (a condition
+ * being checked). */
+
+/* What every operation begins with: its registers, its position, the location its tasks are
+ * reported at; *pc moves past it (a jump moves it again). */
+#define OP_BEGIN()                                                                             \
+    struct trace_replay *p = st->p;                                                            \
+    PyObject **R = st->regs;                                                                   \
+    int here = *pc;                                                                            \
+    int slice_of = guessing ? -2 : -1;             /* -2: computed on demand */                \
+    (void)p, (void)R, (void)slice_of;                                                          \
+    graph_set_location(p->filename, i->line);                                                  \
+    *pc = here + 1
 #define SLICE() (slice_of == -2 ? (slice_of = slice_owner(p, here)) : slice_of)
-#define NEED(r)                                                                              \
-    do {                                                                                       \
-        if (R[r] == NULL)                                                                      \
-            return bail(st, here, "line %d reads a name that has no value", i->line);         \
-    } while (0)
 #define READ(dst, r, deep)                                                                     \
     do {                                                                                       \
         NEED(r);                                                                               \
@@ -1168,536 +1169,747 @@ exec_one(run_state *st, int *pc, int guessing)
             return 0;                         /* guessed: *pc is the branch's way */           \
         }                                                                                      \
     } while (0)
-    *pc = here + 1;
-    switch (i->op) {
-    case R_ARG:
-        return 0;                             /* bound before the run */
-    case R_CONST:
-        set_reg(st, i->a, Py_NewRef(PyTuple_GET_ITEM(p->consts, i->b)), OUTSIDE);
-        return 0;
-    case R_GLOBAL: {
-        PyObject *name = PyTuple_GET_ITEM(p->names, i->b);
-        PyObject *v = PyDict_GetItemWithError(st->globals, name);
-        if (v == NULL && !PyErr_Occurred()) {
-            if (PyDict_Check(st->builtins))
-                v = PyDict_GetItemWithError(st->builtins, name);
-            else {
-                v = PyObject_GetItem(st->builtins, name);
-                if (v == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
-                    PyErr_Clear();
-                Py_XDECREF(v);        /* the builtins module's dict keeps it */
-            }
-        }
-        if (v == NULL) {
-            if (PyErr_Occurred())
-                return failed(st, here, "a global lookup");
-            return bail(st, here, "line %d reads %U, which is not defined", i->line, name);
-        }
-        set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
-        return 0;
-    }
-    case R_MOVE:
-        NEED(i->b);
-        set_reg(st, i->a, Py_NewRef(R[i->b]), st->taint[i->b]);
-        return 0;
-    case R_BINOP: case R_INPLACE: {
-        NEED(i->b);
-        NEED(i->c);
-        PyObject *x, *y;
-        int inplace = i->op == R_INPLACE;
-        /* list + list, tuple + tuple, list += iterable: moves (the items stay pending). */
-        int concat = i->d == 0 && ((PyList_CheckExact(R[i->b]) &&
-                                    (inplace || PyList_CheckExact(R[i->c]))) ||
-                                   (PyTuple_CheckExact(R[i->b]) && PyTuple_CheckExact(R[i->c])));
-        if (concat) {
-            x = Py_NewRef(R[i->b]);
-            if (inplace && PyList_CheckExact(x))
-                READ(y, i->c, 0);
-            else
-                y = Py_NewRef(R[i->c]);
-        }
+#define NEED(r)                                                                              \
+    do {                                                                                       \
+        if (R[r] == NULL)                                                                      \
+            return bail(st, here, "line %d reads a name that has no value", i->line);         \
+    } while (0)
+
+static int
+op_arg(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    return 0;                             /* bound before the run */
+}
+
+static int
+op_const(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    set_reg(st, i->a, Py_NewRef(PyTuple_GET_ITEM(p->consts, i->b)), OUTSIDE);
+    return 0;
+}
+
+static int
+op_global(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *name = PyTuple_GET_ITEM(p->names, i->b);
+    PyObject *v = PyDict_GetItemWithError(st->globals, name);
+    if (v == NULL && !PyErr_Occurred()) {
+        if (PyDict_Check(st->builtins))
+            v = PyDict_GetItemWithError(st->builtins, name);
         else {
-            READ(x, i->b, 1);
-            PyObject *yy = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
-            if (yy == NULL) {
-                Py_DECREF(x);
-                if (PyErr_Occurred())
-                    return failed(st, here, rop_names[i->op]);
-                return 0;
-            }
-            y = yy;
+            v = PyObject_GetItem(st->builtins, name);
+            if (v == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
+                PyErr_Clear();
+            Py_XDECREF(v);        /* the builtins module's dict keeps it */
         }
-        if (inplace && !immutable(x) && st->taint[i->b] != FRESH) {
-            Py_DECREF(x);
-            Py_DECREF(y);
-            return bail(st, here, "line %d changes in place an object the call did not make",
-                        i->line);
-        }
-        if (inplace && !immutable(x) && !concat && st->ncp > 0) {
-            /* A change in place cannot be undone: the guesses are checked first. */
-            Py_DECREF(x);
-            Py_DECREF(y);
-            int rc = settle_all(st, pc);
-            if (rc < 0)
-                return -1;
-            if (rc == 0)
-                *pc = here;           /* all held: do it again, without guesses open */
-            return 0;
-        }
-        PyObject *r = binop_fn(i->d, x, y, inplace);
-        /* A new object, unless the operator handed back an operand. */
-        uint8_t taint = r == x ? st->taint[i->b] : r == y ? st->taint[i->c] : FRESH;
-        Py_DECREF(x);
-        Py_DECREF(y);
-        if (r == NULL)
-            return failed(st, here, "an operator");
-        set_reg(st, i->a, r, taint);
-        return 0;
     }
-    case R_UNARY: case R_NOT: {
-        PyObject *x;
-        READ(x, i->b, i->op == R_UNARY);
-        PyObject *r;
-        if (i->op == R_NOT) {
-            int t = PyObject_Not(x);
-            r = t < 0 ? NULL : Py_NewRef(t ? Py_True : Py_False);
-        }
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return failed(st, here, "a global lookup");
+        return bail(st, here, "line %d reads %U, which is not defined", i->line, name);
+    }
+    set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
+    return 0;
+}
+
+static int
+op_move(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    set_reg(st, i->a, Py_NewRef(R[i->b]), st->taint[i->b]);
+    return 0;
+}
+
+static int
+op_binop(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    NEED(i->c);
+    PyObject *x, *y;
+    int inplace = i->op == R_INPLACE;
+    /* list + list, tuple + tuple, list += iterable: moves (the items stay pending). */
+    int concat = i->d == 0 && ((PyList_CheckExact(R[i->b]) &&
+                                (inplace || PyList_CheckExact(R[i->c]))) ||
+                               (PyTuple_CheckExact(R[i->b]) && PyTuple_CheckExact(R[i->c])));
+    if (concat) {
+        x = Py_NewRef(R[i->b]);
+        if (inplace && PyList_CheckExact(x))
+            READ(y, i->c, 0);
         else
-            r = i->c == 0 ? PyNumber_Negative(x) : i->c == 1 ? PyNumber_Positive(x)
-                                                             : PyNumber_Invert(x);
-        Py_DECREF(x);
-        if (r == NULL)
-            return failed(st, here, "an operator");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
+            y = Py_NewRef(R[i->c]);
     }
-    case R_COMPARE: {
-        int identity = i->d == 6 || i->d == 7;
-        PyObject *x, *y;
-        READ(x, i->b, !identity);
-        NEED(i->c);
-        y = operand(st, pc, R[i->c], !identity, guessing ? SLICE() : -1);
-        if (y == NULL) {
+    else {
+        READ(x, i->b, 1);
+        PyObject *yy = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
+        if (yy == NULL) {
             Py_DECREF(x);
             if (PyErr_Occurred())
-                return failed(st, here, "a comparison");
+                return failed(st, here, rop_names[i->op]);
             return 0;
         }
-        PyObject *r = compare(i->d, x, y);
+        y = yy;
+    }
+    if (inplace && !immutable(x) && st->taint[i->b] != FRESH) {
         Py_DECREF(x);
         Py_DECREF(y);
-        if (r == NULL)
+        return bail(st, here, "line %d changes in place an object the call did not make",
+                    i->line);
+    }
+    if (inplace && !immutable(x) && !concat && st->ncp > 0) {
+        /* A change in place cannot be undone: the guesses are checked first. */
+        Py_DECREF(x);
+        Py_DECREF(y);
+        int rc = settle_all(st, pc);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            *pc = here;           /* all held: do it again, without guesses open */
+        return 0;
+    }
+    PyObject *r = binop_fn(i->d, x, y, inplace);
+    /* A new object, unless the operator handed back an operand. */
+    uint8_t taint = r == x ? st->taint[i->b] : r == y ? st->taint[i->c] : FRESH;
+    Py_DECREF(x);
+    Py_DECREF(y);
+    if (r == NULL)
+        return failed(st, here, "an operator");
+    set_reg(st, i->a, r, taint);
+    return 0;
+}
+
+static int
+op_unary(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *x;
+    READ(x, i->b, i->op == R_UNARY);
+    PyObject *r;
+    if (i->op == R_NOT) {
+        int t = PyObject_Not(x);
+        r = t < 0 ? NULL : Py_NewRef(t ? Py_True : Py_False);
+    }
+    else
+        r = i->c == 0 ? PyNumber_Negative(x) : i->c == 1 ? PyNumber_Positive(x)
+                                                         : PyNumber_Invert(x);
+    Py_DECREF(x);
+    if (r == NULL)
+        return failed(st, here, "an operator");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_compare(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    int identity = i->d == 6 || i->d == 7;
+    PyObject *x, *y;
+    READ(x, i->b, !identity);
+    NEED(i->c);
+    y = operand(st, pc, R[i->c], !identity, guessing ? SLICE() : -1);
+    if (y == NULL) {
+        Py_DECREF(x);
+        if (PyErr_Occurred())
             return failed(st, here, "a comparison");
-        set_reg(st, i->a, r, FRESH);
         return 0;
     }
-    case R_GETITEM: {
-        PyObject *c, *k;
-        READ(c, i->b, 0);
-        NEED(i->c);
-        k = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
-        if (k == NULL) {
-            Py_DECREF(c);
-            if (PyErr_Occurred())
-                return failed(st, here, "a subscript");
-            return 0;
-        }
-        PyObject *r = PyObject_GetItem(c, k);
+    PyObject *r = compare(i->d, x, y);
+    Py_DECREF(x);
+    Py_DECREF(y);
+    if (r == NULL)
+        return failed(st, here, "a comparison");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_getitem(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *c, *k;
+    READ(c, i->b, 0);
+    NEED(i->c);
+    k = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
+    if (k == NULL) {
         Py_DECREF(c);
-        Py_DECREF(k);
-        if (r == NULL)
+        if (PyErr_Occurred())
             return failed(st, here, "a subscript");
-        set_reg(st, i->a, r, OUTSIDE);
         return 0;
     }
-    case R_GETATTR: {
-        PyObject *o;
-        READ(o, i->b, 0);
-        PyObject *r = PyObject_GetAttr(o, PyTuple_GET_ITEM(p->names, i->c));
-        Py_DECREF(o);
-        if (r == NULL)
-            return failed(st, here, "an attribute lookup");
-        set_reg(st, i->a, r, OUTSIDE);
-        return 0;
-    }
-    case R_BUILD_LIST: case R_BUILD_TUPLE: {
-        PyObject *r = i->op == R_BUILD_LIST ? PyList_New(i->c) : PyTuple_New(i->c);
-        if (r == NULL)
-            return failed(st, here, "building a container");
-        for (int k = 0; k < i->c; k++) {
-            PyObject *v = R[i->b + k];
-            if (v == NULL) {
-                Py_DECREF(r);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            if (i->op == R_BUILD_LIST)
-                PyList_SET_ITEM(r, k, Py_NewRef(v));
-            else
-                PyTuple_SET_ITEM(r, k, Py_NewRef(v));
-        }
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_BUILD_DICT: {
-        PyObject *r = PyDict_New();
-        if (r == NULL)
-            return failed(st, here, "building a dict");
-        for (int k = 0; k < i->c; k++) {
-            PyObject *kv = R[i->b + 2 * k], *vv = R[i->b + 2 * k + 1];
-            if (kv == NULL || vv == NULL) {
-                Py_DECREF(r);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            PyObject *key = trace__force_deep(kv);
-            if (key == NULL || PyDict_SetItem(r, key, vv) < 0) {
-                Py_XDECREF(key);
-                Py_DECREF(r);
-                return failed(st, here, "building a dict");
-            }
-            Py_DECREF(key);
-        }
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_BUILD_SLICE: {
-        PyObject *part[3] = {NULL, NULL, NULL};
-        int regs[3] = {i->b, i->c, i->d};
-        for (int k = 0; k < 3; k++) {
-            if (regs[k] < 0)
-                continue;
-            if (R[regs[k]] == NULL || (part[k] = trace__force_deep(R[regs[k]])) == NULL) {
-                for (int j = 0; j < k; j++)
-                    Py_XDECREF(part[j]);
-                if (R[regs[k]] == NULL)
-                    return bail(st, here, "line %d reads a name that has no value", i->line);
-                return failed(st, here, "a slice");
-            }
-        }
-        PyObject *r = PySlice_New(part[0], part[1], part[2]);
-        for (int k = 0; k < 3; k++)
-            Py_XDECREF(part[k]);
-        if (r == NULL)
-            return failed(st, here, "a slice");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_APPEND:
-        NEED(i->a);
-        NEED(i->b);
-        if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
-            return bail(st, here, "line %d appends to something else than a list it made",
-                        i->line);
-        if (note_append(st, R[i->a]) < 0 || PyList_Append(R[i->a], R[i->b]) < 0)
-            return failed(st, here, "an append");
-        return 0;
-    case R_CALL: {
-        NEED(i->b);
-        const rins *kw = &p->code[here + 1];
-        PyObject *kwnames = kw->a >= 0 ? PyTuple_GET_ITEM(p->consts, kw->a) : NULL;
-        Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, total = i->d + nkw;
-        *pc = here + 2;
-        for (Py_ssize_t k = 0; k < total; k++)
-            NEED(i->c + k);
-        PyObject *callable = trace__force(R[i->b]);
-        if (callable == NULL)
-            return failed(st, here, "a call");
-        trace_codeinfo *info = NULL;
-        int kind = callee_kind(callable, &info);
-        if (kind == CALLEE_OTHER) {
-            PyObject *n = callee_name(callable);
-            int rc = bail(st, here, "line %d calls %S, which is neither functional nor known to "
-                          "be pure", i->line, n ? n : Py_None);
-            Py_XDECREF(n);
-            Py_DECREF(callable);
-            return rc;
-        }
-        PyObject *r = NULL;
-        uint8_t taint = FRESH;
-        if (kind == CALLEE_FUNCTIONAL) {
-            r = functional_call(st, callable, &R[i->c], i->d, kwnames);
-            /* A thread task may hand back what it was given. */
-            taint = info && info->options.threads ? OUTSIDE : FRESH;
-        }
-        else if (kind == CALLEE_SCHEDULED) {
-            /* Nested, through its own graph: it must replay too (its trace would run under no
-             * frame of ours), else this call gives up. */
-            int rc = call_scheduled(st, here, callable, info, &R[i->c], i->d, kwnames, &r);
-            Py_DECREF(callable);
-            if (rc != 0)
-                return rc;
-            set_reg(st, i->a, r, OUTSIDE);
-            return 0;
-        }
-        else {
-            for (Py_ssize_t k = 0; k < total; k++)
-                if (outside_iterator(st, i->c + k, R[i->c + k])) {
-                    Py_DECREF(callable);
-                    return bail(st, here, "line %d hands on an iterator it was handed", i->line);
-                }
-            if (nkw) {
-                int has_out = PySequence_Contains(kwnames, str_out);
-                if (has_out != 0) {
-                    Py_DECREF(callable);
-                    if (has_out < 0)
-                        return failed(st, here, "a call");
-                    return bail(st, here, "line %d passes out=: the callee writes into it",
-                                i->line);
-                }
-            }
-            r = trace__dispatch(callable, &R[i->c], i->d, kwnames);
-            if (r != NULL) {
-                taint = makes_new_object(callable) ? FRESH : OUTSIDE;
-                if (PyIter_Check(r))
-                    taint = WRAPS;     /* zip(), enumerate(), ...: made here, over no iterator
-                                        * of the caller's (checked above) */
-                for (Py_ssize_t k = 0; k < total; k++)
-                    if (r == R[i->c + k])
-                        taint = st->taint[i->c + k];
-            }
-        }
-        Py_DECREF(callable);
-        if (r == NULL)
-            return failed(st, here, "a call");
-        set_reg(st, i->a, r, taint);
-        return 0;
-    }
-    case R_KWNAMES:
-        return 0;
-    case R_ITER: {
-        PyObject *x;
-        READ(x, i->b, 0);
-        if (outside_iterator(st, i->b, x)) {
-            Py_DECREF(x);
-            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
-        }
-        PyObject *it = PyObject_GetIter(x);
-        Py_DECREF(x);
-        PyObject *r = it ? cursor_new(it) : NULL;
-        if (r == NULL)
-            return failed(st, here, "iter()");
-        set_reg(st, i->a, r, st->taint[i->b] == FRESH ? FRESH : WRAPS);
-        return 0;
-    }
-    case R_FOR: {
-        NEED(i->b);
-        PyObject *v = Py_IS_TYPE(R[i->b], &cursor_type)
-                      ? cursor_next((cursor *)R[i->b], st->ncp > 0) : PyIter_Next(R[i->b]);
+    PyObject *r = PyObject_GetItem(c, k);
+    Py_DECREF(c);
+    Py_DECREF(k);
+    if (r == NULL)
+        return failed(st, here, "a subscript");
+    set_reg(st, i->a, r, OUTSIDE);
+    return 0;
+}
+
+static int
+op_getattr(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *o;
+    READ(o, i->b, 0);
+    PyObject *r = PyObject_GetAttr(o, PyTuple_GET_ITEM(p->names, i->c));
+    Py_DECREF(o);
+    if (r == NULL)
+        return failed(st, here, "an attribute lookup");
+    set_reg(st, i->a, r, OUTSIDE);
+    return 0;
+}
+
+static int
+op_build_sequence(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *r = i->op == R_BUILD_LIST ? PyList_New(i->c) : PyTuple_New(i->c);
+    if (r == NULL)
+        return failed(st, here, "building a container");
+    for (int k = 0; k < i->c; k++) {
+        PyObject *v = R[i->b + k];
         if (v == NULL) {
-            if (PyErr_Occurred())
-                return failed(st, here, "a loop step");
-            *pc = i->c;
-            return 0;
+            Py_DECREF(r);
+            return bail(st, here, "line %d reads a name that has no value", i->line);
         }
-        set_reg(st, i->a, v, OUTSIDE);
+        if (i->op == R_BUILD_LIST)
+            PyList_SET_ITEM(r, k, Py_NewRef(v));
+        else
+            PyTuple_SET_ITEM(r, k, Py_NewRef(v));
+    }
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_build_dict(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *r = PyDict_New();
+    if (r == NULL)
+        return failed(st, here, "building a dict");
+    for (int k = 0; k < i->c; k++) {
+        PyObject *kv = R[i->b + 2 * k], *vv = R[i->b + 2 * k + 1];
+        if (kv == NULL || vv == NULL) {
+            Py_DECREF(r);
+            return bail(st, here, "line %d reads a name that has no value", i->line);
+        }
+        PyObject *key = trace__force_deep(kv);
+        if (key == NULL || PyDict_SetItem(r, key, vv) < 0) {
+            Py_XDECREF(key);
+            Py_DECREF(r);
+            return failed(st, here, "building a dict");
+        }
+        Py_DECREF(key);
+    }
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_build_slice(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *part[3] = {NULL, NULL, NULL};
+    int regs[3] = {i->b, i->c, i->d};
+    for (int k = 0; k < 3; k++) {
+        if (regs[k] < 0)
+            continue;
+        if (R[regs[k]] == NULL || (part[k] = trace__force_deep(R[regs[k]])) == NULL) {
+            for (int j = 0; j < k; j++)
+                Py_XDECREF(part[j]);
+            if (R[regs[k]] == NULL)
+                return bail(st, here, "line %d reads a name that has no value", i->line);
+            return failed(st, here, "a slice");
+        }
+    }
+    PyObject *r = PySlice_New(part[0], part[1], part[2]);
+    for (int k = 0; k < 3; k++)
+        Py_XDECREF(part[k]);
+    if (r == NULL)
+        return failed(st, here, "a slice");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_append(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    NEED(i->b);
+    if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
+        return bail(st, here, "line %d appends to something else than a list it made",
+                    i->line);
+    if (note_append(st, R[i->a]) < 0 || PyList_Append(R[i->a], R[i->b]) < 0)
+        return failed(st, here, "an append");
+    return 0;
+}
+
+static int
+op_call(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    const rins *kw = &p->code[here + 1];
+    PyObject *kwnames = kw->a >= 0 ? PyTuple_GET_ITEM(p->consts, kw->a) : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, total = i->d + nkw;
+    *pc = here + 2;
+    for (Py_ssize_t k = 0; k < total; k++)
+        NEED(i->c + k);
+    PyObject *callable = trace__force(R[i->b]);
+    if (callable == NULL)
+        return failed(st, here, "a call");
+    trace_codeinfo *info = NULL;
+    int kind = callee_kind(callable, &info);
+    if (kind == CALLEE_OTHER) {
+        PyObject *n = callee_name(callable);
+        int rc = bail(st, here, "line %d calls %S, which is neither functional nor known to "
+                      "be pure", i->line, n ? n : Py_None);
+        Py_XDECREF(n);
+        Py_DECREF(callable);
+        return rc;
+    }
+    PyObject *r = NULL;
+    uint8_t taint = FRESH;
+    if (kind == CALLEE_FUNCTIONAL) {
+        r = functional_call(st, callable, &R[i->c], i->d, kwnames);
+        /* A thread task may hand back what it was given. */
+        taint = info && info->options.threads ? OUTSIDE : FRESH;
+    }
+    else if (kind == CALLEE_SCHEDULED) {
+        /* Nested, through its own graph: it must replay too (its trace would run under no
+         * frame of ours), else this call gives up. */
+        int rc = call_scheduled(st, here, callable, info, &R[i->c], i->d, kwnames, &r);
+        Py_DECREF(callable);
+        if (rc != 0)
+            return rc;
+        set_reg(st, i->a, r, OUTSIDE);
         return 0;
     }
-    case R_JUMP:
-        *pc = i->a;
-        return 0;
-    case R_IF_FALSE: case R_IF_TRUE: {
-        NEED(i->a);
-        if (guessing && st->ncp > 0) {
-            int rc = settle_arrived(st, pc);
-            if (rc != 0)
-                return rc < 0 ? -1 : 0;       /* a wrong guess was found: *pc moved */
-        }
-        PyObject *x;
-        int own = guessing && may_guess(st, here) ? here : -1;
-        x = operand(st, pc, R[i->a], 0, own);
-        if (x == NULL) {
-            if (PyErr_Occurred())
-                return failed(st, here, "a truth test");
-            return 0;
-        }
-        if (st->nospec_pc == here)
-            st->nospec_pc = -1;
-        int t = PyObject_IsTrue(x);
-        Py_DECREF(x);
-        if (t < 0)
-            return failed(st, here, "a truth test");
-        p->sites[i->c].last = (int8_t)t;
-        if ((i->op == R_IF_FALSE) != t)
-            *pc = i->b;
-        return 0;
-    }
-    case R_UNPACK: {
-        PyObject *x;
-        READ(x, i->b, 0);
-        if (outside_iterator(st, i->b, x)) {
-            Py_DECREF(x);
-            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
-        }
-        PyObject *t = PySequence_Tuple(x);
-        Py_DECREF(x);
-        if (t == NULL)
-            return failed(st, here, "unpacking");
-        if (PyTuple_GET_SIZE(t) != i->c) {
-            Py_DECREF(t);
-            return bail(st, here, "line %d unpacks the wrong number of values", i->line);
-        }
-        for (int k = 0; k < i->c; k++)
-            set_reg(st, i->a + k, Py_NewRef(PyTuple_GET_ITEM(t, k)), OUTSIDE);
-        Py_DECREF(t);
-        return 0;
-    }
-    case R_RETURN:
-        NEED(i->a);
-        *pc = here;
-        return 1;
-    case R_BAIL:
-        return bail(st, here, "%U: the trace raises what plain Python raises",
-                    PyTuple_GET_ITEM(p->consts, i->a));
-    case R_STORE_ITEM: case R_SET_ADD: {
-        /* Into a list, dict or set the call made: it cannot be undone, so guesses are checked
-         * first. */
-        NEED(i->a);
-        NEED(i->b);
-        if (i->op == R_STORE_ITEM)
-            NEED(i->c);
-        if (st->taint[i->a] != FRESH)
-            return bail(st, here, "line %d changes a container the call did not make", i->line);
-        if (st->ncp > 0) {
-            int rc = settle_all(st, pc);
-            if (rc < 0)
-                return -1;
-            if (rc == 0)
-                *pc = here;
-            return 0;
-        }
-        PyObject *c = trace__force(R[i->a]);
-        if (c == NULL)
-            return failed(st, here, "a store");
-        int rc;
-        if (i->op == R_SET_ADD) {
-            PyObject *v = PyAnySet_Check(c) ? trace__force_deep(R[i->b]) : NULL;
-            if (v == NULL && !PyErr_Occurred()) {
-                Py_DECREF(c);
-                return bail(st, here, "line %d adds to something else than a set it made",
+    else {
+        for (Py_ssize_t k = 0; k < total; k++)
+            if (outside_iterator(st, i->c + k, R[i->c + k])) {
+                Py_DECREF(callable);
+                return bail(st, here, "line %d hands on an iterator it was handed", i->line);
+            }
+        if (nkw) {
+            int has_out = PySequence_Contains(kwnames, str_out);
+            if (has_out != 0) {
+                Py_DECREF(callable);
+                if (has_out < 0)
+                    return failed(st, here, "a call");
+                return bail(st, here, "line %d passes out=: the callee writes into it",
                             i->line);
             }
-            rc = v ? PySet_Add(c, v) : -1;
-            Py_XDECREF(v);
         }
-        else {
-            PyObject *k = trace__force_deep(R[i->b]);
-            /* Into an exact list or dict a pending value is moved; elsewhere it is read. */
-            PyObject *v = !k ? NULL : (PyList_CheckExact(c) || PyDict_CheckExact(c))
-                                      ? Py_NewRef(R[i->c]) : trace__force_deep(R[i->c]);
-            rc = k && v ? PyObject_SetItem(c, k, v) : -1;
-            Py_XDECREF(k);
-            Py_XDECREF(v);
+        r = trace__dispatch(callable, &R[i->c], i->d, kwnames);
+        if (r != NULL) {
+            taint = makes_new_object(callable) ? FRESH : OUTSIDE;
+            if (PyIter_Check(r))
+                taint = WRAPS;     /* zip(), enumerate(), ...: made here, over no iterator
+                                    * of the caller's (checked above) */
+            for (Py_ssize_t k = 0; k < total; k++)
+                if (r == R[i->c + k])
+                    taint = st->taint[i->c + k];
         }
-        Py_DECREF(c);
-        return rc < 0 ? failed(st, here, "a store") : 0;
     }
-    case R_EXTEND: {
-        NEED(i->a);
-        NEED(i->b);
-        if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
-            return bail(st, here, "line %d extends something else than a list it made",
+    Py_DECREF(callable);
+    if (r == NULL)
+        return failed(st, here, "a call");
+    set_reg(st, i->a, r, taint);
+    return 0;
+}
+
+static int
+op_kwnames(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    return 0;
+}
+
+static int
+op_iter(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *x;
+    READ(x, i->b, 0);
+    if (outside_iterator(st, i->b, x)) {
+        Py_DECREF(x);
+        return bail(st, here, "line %d consumes an iterator it was handed", i->line);
+    }
+    PyObject *it = PyObject_GetIter(x);
+    Py_DECREF(x);
+    PyObject *r = it ? cursor_new(it) : NULL;
+    if (r == NULL)
+        return failed(st, here, "iter()");
+    set_reg(st, i->a, r, st->taint[i->b] == FRESH ? FRESH : WRAPS);
+    return 0;
+}
+
+static int
+op_for(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    PyObject *v = Py_IS_TYPE(R[i->b], &cursor_type)
+                  ? cursor_next((cursor *)R[i->b], st->ncp > 0) : PyIter_Next(R[i->b]);
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return failed(st, here, "a loop step");
+        *pc = i->c;
+        return 0;
+    }
+    set_reg(st, i->a, v, OUTSIDE);
+    return 0;
+}
+
+static int
+op_jump(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    *pc = i->a;
+    return 0;
+}
+
+static int
+op_branch(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    if (guessing && st->ncp > 0) {
+        int rc = settle_arrived(st, pc);
+        if (rc != 0)
+            return rc < 0 ? -1 : 0;       /* a wrong guess was found: *pc moved */
+    }
+    PyObject *x;
+    int own = guessing && may_guess(st, here) ? here : -1;
+    x = operand(st, pc, R[i->a], 0, own);
+    if (x == NULL) {
+        if (PyErr_Occurred())
+            return failed(st, here, "a truth test");
+        return 0;
+    }
+    if (st->nospec_pc == here)
+        st->nospec_pc = -1;
+    int t = PyObject_IsTrue(x);
+    Py_DECREF(x);
+    if (t < 0)
+        return failed(st, here, "a truth test");
+    p->sites[i->c].last = (int8_t)t;
+    if ((i->op == R_IF_FALSE) != t)
+        *pc = i->b;
+    return 0;
+}
+
+static int
+op_unpack(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *x;
+    READ(x, i->b, 0);
+    if (outside_iterator(st, i->b, x)) {
+        Py_DECREF(x);
+        return bail(st, here, "line %d consumes an iterator it was handed", i->line);
+    }
+    PyObject *t = PySequence_Tuple(x);
+    Py_DECREF(x);
+    if (t == NULL)
+        return failed(st, here, "unpacking");
+    if (PyTuple_GET_SIZE(t) != i->c) {
+        Py_DECREF(t);
+        return bail(st, here, "line %d unpacks the wrong number of values", i->line);
+    }
+    for (int k = 0; k < i->c; k++)
+        set_reg(st, i->a + k, Py_NewRef(PyTuple_GET_ITEM(t, k)), OUTSIDE);
+    Py_DECREF(t);
+    return 0;
+}
+
+static int
+op_return(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    *pc = here;
+    return 1;
+}
+
+static int
+op_bail(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    return bail(st, here, "%U: the trace raises what plain Python raises",
+                PyTuple_GET_ITEM(p->consts, i->a));
+}
+
+static int
+op_store(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    /* Into a list, dict or set the call made: it cannot be undone, so guesses are checked
+     * first. */
+    NEED(i->a);
+    NEED(i->b);
+    if (i->op == R_STORE_ITEM)
+        NEED(i->c);
+    if (st->taint[i->a] != FRESH)
+        return bail(st, here, "line %d changes a container the call did not make", i->line);
+    if (st->ncp > 0) {
+        int rc = settle_all(st, pc);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            *pc = here;
+        return 0;
+    }
+    PyObject *c = trace__force(R[i->a]);
+    if (c == NULL)
+        return failed(st, here, "a store");
+    int rc;
+    if (i->op == R_SET_ADD) {
+        PyObject *v = PyAnySet_Check(c) ? trace__force_deep(R[i->b]) : NULL;
+        if (v == NULL && !PyErr_Occurred()) {
+            Py_DECREF(c);
+            return bail(st, here, "line %d adds to something else than a set it made",
                         i->line);
-        PyObject *items = trace__force(R[i->b]);
-        if (items == NULL)
-            return failed(st, here, "extend()");
-        if (outside_iterator(st, i->b, items)) {
-            Py_DECREF(items);
-            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
         }
-        int rc = note_append(st, R[i->a]);
-        PyObject *r = rc < 0 ? NULL : PySequence_InPlaceConcat(R[i->a], items);
+        rc = v ? PySet_Add(c, v) : -1;
+        Py_XDECREF(v);
+    }
+    else {
+        PyObject *k = trace__force_deep(R[i->b]);
+        /* Into an exact list or dict a pending value is moved; elsewhere it is read. */
+        PyObject *v = !k ? NULL : (PyList_CheckExact(c) || PyDict_CheckExact(c))
+                                  ? Py_NewRef(R[i->c]) : trace__force_deep(R[i->c]);
+        rc = k && v ? PyObject_SetItem(c, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    Py_DECREF(c);
+    return rc < 0 ? failed(st, here, "a store") : 0;
+}
+
+static int
+op_extend(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    NEED(i->b);
+    if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
+        return bail(st, here, "line %d extends something else than a list it made",
+                    i->line);
+    PyObject *items = trace__force(R[i->b]);
+    if (items == NULL)
+        return failed(st, here, "extend()");
+    if (outside_iterator(st, i->b, items)) {
         Py_DECREF(items);
-        if (r == NULL)
-            return failed(st, here, "extend()");
-        Py_DECREF(r);
-        return 0;
+        return bail(st, here, "line %d consumes an iterator it was handed", i->line);
     }
-    case R_BUILD_SET: {
-        PyObject *r = PySet_New(NULL);
-        if (r == NULL)
+    int rc = note_append(st, R[i->a]);
+    PyObject *r = rc < 0 ? NULL : PySequence_InPlaceConcat(R[i->a], items);
+    Py_DECREF(items);
+    if (r == NULL)
+        return failed(st, here, "extend()");
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+op_build_set(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *r = PySet_New(NULL);
+    if (r == NULL)
+        return failed(st, here, "building a set");
+    for (int k = 0; k < i->c; k++) {
+        if (R[i->b + k] == NULL) {
+            Py_DECREF(r);
+            return bail(st, here, "line %d reads a name that has no value", i->line);
+        }
+        PyObject *v = trace__force_deep(R[i->b + k]);
+        if (v == NULL || PySet_Add(r, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(r);
             return failed(st, here, "building a set");
-        for (int k = 0; k < i->c; k++) {
-            if (R[i->b + k] == NULL) {
-                Py_DECREF(r);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            PyObject *v = trace__force_deep(R[i->b + k]);
-            if (v == NULL || PySet_Add(r, v) < 0) {
-                Py_XDECREF(v);
-                Py_DECREF(r);
-                return failed(st, here, "building a set");
-            }
-            Py_DECREF(v);
         }
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_FORMAT: {
-        PyObject *v, *spec = NULL;
-        READ(v, i->b, 1);
-        if (i->d >= 0) {
-            NEED(i->d);
-            spec = trace__force_deep(R[i->d]);
-            if (spec == NULL) {
-                Py_DECREF(v);
-                return failed(st, here, "a format");
-            }
-        }
-        PyObject *conv = i->c == 's' ? PyObject_Str(v) : i->c == 'r' ? PyObject_Repr(v)
-                         : i->c == 'a' ? PyObject_ASCII(v) : Py_NewRef(v);
         Py_DECREF(v);
-        PyObject *r = conv ? PyObject_Format(conv, spec) : NULL;
-        Py_XDECREF(conv);
-        Py_XDECREF(spec);
-        if (r == NULL)
+    }
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_format(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *v, *spec = NULL;
+    READ(v, i->b, 1);
+    if (i->d >= 0) {
+        NEED(i->d);
+        spec = trace__force_deep(R[i->d]);
+        if (spec == NULL) {
+            Py_DECREF(v);
             return failed(st, here, "a format");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_BUILD_STRING: {
-        PyObject *parts = PyTuple_New(i->c);
-        if (parts == NULL)
-            return failed(st, here, "an f-string");
-        for (int k = 0; k < i->c; k++) {
-            PyObject *v = R[i->b + k];
-            if (v == NULL || !PyUnicode_Check(v)) {
-                Py_DECREF(parts);
-                return bail(st, here, "line %d joins something that is not a str", i->line);
-            }
-            PyTuple_SET_ITEM(parts, k, Py_NewRef(v));
         }
-        PyObject *empty = PyUnicode_New(0, 0);
-        PyObject *r = empty ? PyUnicode_Join(empty, parts) : NULL;
-        Py_XDECREF(empty);
-        Py_DECREF(parts);
-        if (r == NULL)
-            return failed(st, here, "an f-string");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
     }
-    case R_DEREF: {
-        PyObject *closure = PyFunction_GET_CLOSURE(st->func);
-        if (closure == NULL || i->b >= PyTuple_GET_SIZE(closure))
-            return bail(st, here, "line %d reads a free variable the function does not have",
-                        i->line);
-        PyObject *v = PyCell_GET(PyTuple_GET_ITEM(closure, i->b));
-        if (v == NULL)
-            return bail(st, here, "line %d reads a free variable that has no value", i->line);
-        set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
-        return 0;
+    PyObject *conv = i->c == 's' ? PyObject_Str(v) : i->c == 'r' ? PyObject_Repr(v)
+                     : i->c == 'a' ? PyObject_ASCII(v) : Py_NewRef(v);
+    Py_DECREF(v);
+    PyObject *r = conv ? PyObject_Format(conv, spec) : NULL;
+    Py_XDECREF(conv);
+    Py_XDECREF(spec);
+    if (r == NULL)
+        return failed(st, here, "a format");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_build_string(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *parts = PyTuple_New(i->c);
+    if (parts == NULL)
+        return failed(st, here, "an f-string");
+    for (int k = 0; k < i->c; k++) {
+        PyObject *v = R[i->b + k];
+        if (v == NULL || !PyUnicode_Check(v)) {
+            Py_DECREF(parts);
+            return bail(st, here, "line %d joins something that is not a str", i->line);
+        }
+        PyTuple_SET_ITEM(parts, k, Py_NewRef(v));
     }
-    case R_MAP: {
-        int bailed = 0;
-        PyObject *r = run_map(st, here, i, &bailed);
-        if (r == NULL)
-            return bailed ? bailed : failed(st, here, "a map");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    }
-    return bail(st, here, "unknown operation %d", i->op);
+    PyObject *empty = PyUnicode_New(0, 0);
+    PyObject *r = empty ? PyUnicode_Join(empty, parts) : NULL;
+    Py_XDECREF(empty);
+    Py_DECREF(parts);
+    if (r == NULL)
+        return failed(st, here, "an f-string");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_deref(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *closure = PyFunction_GET_CLOSURE(st->func);
+    if (closure == NULL || i->b >= PyTuple_GET_SIZE(closure))
+        return bail(st, here, "line %d reads a free variable the function does not have",
+                    i->line);
+    PyObject *v = PyCell_GET(PyTuple_GET_ITEM(closure, i->b));
+    if (v == NULL)
+        return bail(st, here, "line %d reads a free variable that has no value", i->line);
+    set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
+    return 0;
+}
+
+static int
+op_map(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    int bailed = 0;
+    PyObject *r = run_map(st, here, i, &bailed);
+    if (r == NULL)
+        return bailed ? bailed : failed(st, here, "a map");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
 #undef READ
 #undef NEED
 #undef SLICE
+#undef OP_BEGIN
+
+typedef int (*op_fn)(run_state *st, int *pc, const rins *i, int guessing);
+
+/* The operations by number: what the compiled tier calls (rop_names gives their names). */
+static const op_fn op_table[R_NOPS] = {
+    [R_ARG] = op_arg,
+    [R_CONST] = op_const,
+    [R_GLOBAL] = op_global,
+    [R_MOVE] = op_move,
+    [R_BINOP] = op_binop,
+    [R_INPLACE] = op_binop,
+    [R_UNARY] = op_unary,
+    [R_NOT] = op_unary,
+    [R_COMPARE] = op_compare,
+    [R_GETITEM] = op_getitem,
+    [R_GETATTR] = op_getattr,
+    [R_BUILD_LIST] = op_build_sequence,
+    [R_BUILD_TUPLE] = op_build_sequence,
+    [R_BUILD_DICT] = op_build_dict,
+    [R_BUILD_SLICE] = op_build_slice,
+    [R_APPEND] = op_append,
+    [R_CALL] = op_call,
+    [R_KWNAMES] = op_kwnames,
+    [R_ITER] = op_iter,
+    [R_FOR] = op_for,
+    [R_JUMP] = op_jump,
+    [R_IF_FALSE] = op_branch,
+    [R_IF_TRUE] = op_branch,
+    [R_UNPACK] = op_unpack,
+    [R_RETURN] = op_return,
+    [R_BAIL] = op_bail,
+    [R_STORE_ITEM] = op_store,
+    [R_SET_ADD] = op_store,
+    [R_EXTEND] = op_extend,
+    [R_BUILD_SET] = op_build_set,
+    [R_FORMAT] = op_format,
+    [R_BUILD_STRING] = op_build_string,
+    [R_DEREF] = op_deref,
+    [R_MAP] = op_map,
+};
+
+/* Execute the instruction at *pc (the interpreter's step; as the operations above). */
+static int
+exec_one(run_state *st, int *pc, int guessing)
+{
+    const rins *i = &st->p->code[*pc];
+    switch (i->op) {
+    case R_ARG: return op_arg(st, pc, i, guessing);
+    case R_CONST: return op_const(st, pc, i, guessing);
+    case R_GLOBAL: return op_global(st, pc, i, guessing);
+    case R_MOVE: return op_move(st, pc, i, guessing);
+    case R_BINOP: return op_binop(st, pc, i, guessing);
+    case R_INPLACE: return op_binop(st, pc, i, guessing);
+    case R_UNARY: return op_unary(st, pc, i, guessing);
+    case R_NOT: return op_unary(st, pc, i, guessing);
+    case R_COMPARE: return op_compare(st, pc, i, guessing);
+    case R_GETITEM: return op_getitem(st, pc, i, guessing);
+    case R_GETATTR: return op_getattr(st, pc, i, guessing);
+    case R_BUILD_LIST: return op_build_sequence(st, pc, i, guessing);
+    case R_BUILD_TUPLE: return op_build_sequence(st, pc, i, guessing);
+    case R_BUILD_DICT: return op_build_dict(st, pc, i, guessing);
+    case R_BUILD_SLICE: return op_build_slice(st, pc, i, guessing);
+    case R_APPEND: return op_append(st, pc, i, guessing);
+    case R_CALL: return op_call(st, pc, i, guessing);
+    case R_KWNAMES: return op_kwnames(st, pc, i, guessing);
+    case R_ITER: return op_iter(st, pc, i, guessing);
+    case R_FOR: return op_for(st, pc, i, guessing);
+    case R_JUMP: return op_jump(st, pc, i, guessing);
+    case R_IF_FALSE: return op_branch(st, pc, i, guessing);
+    case R_IF_TRUE: return op_branch(st, pc, i, guessing);
+    case R_UNPACK: return op_unpack(st, pc, i, guessing);
+    case R_RETURN: return op_return(st, pc, i, guessing);
+    case R_BAIL: return op_bail(st, pc, i, guessing);
+    case R_STORE_ITEM: return op_store(st, pc, i, guessing);
+    case R_SET_ADD: return op_store(st, pc, i, guessing);
+    case R_EXTEND: return op_extend(st, pc, i, guessing);
+    case R_BUILD_SET: return op_build_set(st, pc, i, guessing);
+    case R_FORMAT: return op_format(st, pc, i, guessing);
+    case R_BUILD_STRING: return op_build_string(st, pc, i, guessing);
+    case R_DEREF: return op_deref(st, pc, i, guessing);
+    case R_MAP: return op_map(st, pc, i, guessing);
+    }
+    graph_set_location(st->p->filename, i->line);
+    return bail(st, *pc, "unknown operation %d", i->op);
 }
 
 static PyObject *
