@@ -23,6 +23,7 @@
  * Thread and GIL model: GIL held throughout; the per-code state is shared by threads (counters
  * only), everything of one call is on its C stack. */
 #include "trace/internal.h"
+#include "jit/jit.h"
 
 /* The instruction set: the order of OPS in pydron/_replay.py. */
 enum rop {
@@ -77,6 +78,8 @@ struct trace_replay {
     int timing_trace;              /* the call being traced now is one of the comparison's */
     int since_compare;             /* calls since the comparison began */
     uint64_t last_replay_ns, last_trace_ns;   /* the medians of the last comparison */
+    jit_graph *jit;                /* the compiled tier's handle, once the graph was hot */
+    uint64_t compiled_runs;        /* runs that went through the compiled function */
 };
 
 /* Process-wide counters (pydron info). */
@@ -92,6 +95,12 @@ static long replay_after = 1;
 /* Branches on pending results guess (1), wait (0), or guess even when the result is in (2:
  * tests, so that every guess and rollback path runs on the whole semantics corpus). */
 static int replay_guess = 1;
+/* The compiled tier (jit/): off (0); on (1): a graph replayed jit_after times is compiled on the
+ * compile thread, later calls use it once it is ready; always (2): compiled at the first call,
+ * which waits for it (tests). Programs over jit_max instructions stay interpreted. */
+static int jit_mode = 0;
+static long jit_after = 32;
+static long jit_max = 1 << 16;
 
 #define MAX_CHECKPOINTS 64
 #define BAILS_TO_GIVE_UP 3
@@ -121,6 +130,7 @@ trace__replay_free(struct trace_replay *p)
     Py_XDECREF(p->consts);
     Py_XDECREF(p->names);
     Py_XDECREF(p->argnames);
+    jit_graph_release(p->jit);
     PyMem_Free(p->code);
     PyMem_Free(p->sites);
     PyMem_Free(p);
@@ -398,6 +408,7 @@ typedef struct {
 
 typedef struct {
     struct trace_replay *p;
+    jit_graph_fn compiled;       /* the graph's compiled function, or NULL: interpreted */
     PyObject *func, *globals, *builtins;
     PyObject **regs;
     uint8_t *taint;
@@ -1867,6 +1878,62 @@ static const op_fn op_table[R_NOPS] = {
     [R_MAP] = op_map,
 };
 
+/* ---- the compiled tier ------------------------------------------------------------------------ */
+
+/* p's program as jit/ takes it: per instruction its operation, its address, and where control
+ * goes when nothing unusual happens (a guess, a rollback or a check goes through the compiled
+ * function's switch instead). NULL + exception, or the handle. */
+static jit_graph *
+jit_submit(struct trace_replay *p, int wait)
+{
+    jit_step *steps = PyMem_Malloc((size_t)p->ncode * sizeof(jit_step));
+    if (steps == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (int pc = 0; pc < p->ncode; pc++) {
+        const rins *i = &p->code[pc];
+        jit_step *s = &steps[pc];
+        s->op = i->op;
+        s->ins = i;
+        s->next = pc + 1;
+        s->alt = -1;
+        switch (i->op) {
+        case R_CALL: s->next = pc + 2; break;             /* over its KWNAMES */
+        case R_JUMP: s->next = i->a; break;
+        case R_IF_FALSE: case R_IF_TRUE: s->alt = i->b; break;
+        case R_FOR: s->alt = i->c; break;
+        case R_RETURN: case R_BAIL: s->next = -1; break;  /* they end the run */
+        }
+    }
+    jit_graph *g = jit_graph_submit(steps, p->ncode, wait);
+    PyMem_Free(steps);
+    return g;
+}
+
+/* The compiled function of p's graph when it is ready, else NULL (interpreted). A graph that
+ * has become hot is handed to the compile thread here; the call does not wait for it (unless the
+ * tier is "always"). */
+static jit_graph_fn
+compiled_for(struct trace_replay *p)
+{
+    if (jit_mode == 0)
+        return NULL;
+    if (p->jit == NULL) {
+        if ((jit_mode == 1 && p->hits < (uint64_t)jit_after) || p->ncode > jit_max)
+            return NULL;
+        if ((p->jit = jit_submit(p, jit_mode == 2)) == NULL) {
+            PyErr_Clear();              /* out of memory: interpreted, and tried again later */
+            return NULL;
+        }
+    }
+    return jit_graph_ready(p->jit);
+}
+
+/* The operations for the compiled tier, by number, as jit/ calls them (the pointer types differ
+ * only in naming the state and instruction types; jit/ never calls them from C). */
+static jit_op_fn jit_ops[R_NOPS];
+
 /* Execute the instruction at *pc (the interpreter's step; as the operations above). */
 static int
 exec_one(run_state *st, int *pc, int guessing)
@@ -1994,7 +2061,14 @@ run(run_state *st, PyObject **result)
 {
     int pc = 0, rc = 0;
     for (;;) {
-        rc = exec_one(st, &pc, 1);
+        if (st->compiled != NULL) {
+            /* Runs on until an operation says otherwise, as the loop below would. */
+            rc = st->compiled(st, &pc);
+            if (rc == JIT_UNKNOWN_PC)
+                rc = exec_one(st, &pc, 1);
+        }
+        else
+            rc = exec_one(st, &pc, 1);
         if (rc == 0)
             continue;
         if (rc == 1) {
@@ -2353,7 +2427,7 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         PyErr_NoMemory();
         return -1;
     }
-    int rc = 0;
+    int rc = 0, compiled = 0;
     if (!bind(p, func, args, nargs, kwnames, bound)) {
         S.misses++;
         goto done;
@@ -2378,6 +2452,8 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         if (PyModule_Check(st.builtins))
             st.builtins = PyModule_GetDict(st.builtins);
         st.nospec_pc = -1;
+        st.compiled = compiled_for(p);
+        compiled = st.compiled != NULL;
         st.regs = PyMem_Calloc((size_t)p->nregs, sizeof(PyObject *));
         st.taint = PyMem_Calloc((size_t)p->nregs, 1);
         if (st.regs == NULL || st.taint == NULL) {
@@ -2406,6 +2482,7 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
     }
     if (rc == 1) {
         p->hits++;
+        p->compiled_runs += compiled;
         p->bails_in_a_row = 0;
         S.hits++;
     }
@@ -2430,13 +2507,30 @@ done:
 static PyObject *
 core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mode", "after", "guess", "compare", NULL};
-    const char *mode = NULL;
-    long after = -1;
+    static char *kwlist[] = {"mode", "after", "guess", "compare", "jit", "jit_after", "jit_max",
+                             NULL};
+    static const char *const jit_names[] = {"off", "on", "always"};
+    const char *mode = NULL, *jit = NULL;
+    long after = -1, after_jit = -1, max_jit = -1;
     int guess = -1, compare = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zlii:_replay_configure", kwlist, &mode, &after,
-                                     &guess, &compare))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zliizll:_replay_configure", kwlist, &mode,
+                                     &after, &guess, &compare, &jit, &after_jit, &max_jit))
         return NULL;
+    if (jit != NULL) {
+        int m = -1;
+        for (int k = 0; k < 3; k++)
+            if (strcmp(jit, jit_names[k]) == 0)
+                m = k;
+        if (m < 0) {
+            PyErr_Format(PyExc_ValueError, "pydron: jit must be off, on or always, not %s", jit);
+            return NULL;
+        }
+        jit_mode = m;
+    }
+    if (after_jit >= 0)
+        jit_after = after_jit;
+    if (max_jit >= 0)
+        jit_max = max_jit;
     if (compare >= 0)
         replay_compare = compare != 0;
     if (guess >= 0)
@@ -2457,8 +2551,9 @@ core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
     if (after >= 0)
         replay_after = after;
     static const char *const names[] = {"off", "on", "reference"};
-    return Py_BuildValue("{ssslsisi}", "mode", names[replay_mode], "after", replay_after, "guess",
-                         replay_guess, "compare", replay_compare);
+    return Py_BuildValue("{ssslsisissslsl}", "mode", names[replay_mode], "after", replay_after,
+                         "guess", replay_guess, "compare", replay_compare, "jit",
+                         jit_names[jit_mode], "jit_after", jit_after, "jit_max", jit_max);
 }
 
 static PyObject *
@@ -2472,6 +2567,34 @@ core_replay_stats(PyObject *module, PyObject *noargs)
                          (unsigned long long)S.bails, "guesses", (unsigned long long)S.guesses,
                          "mispredicts", (unsigned long long)S.mispredicts, "maps",
                          (unsigned long long)S.maps);
+}
+
+/* The compiled tier's part of _replay_state: "jit" (off, not yet, too large, queued, ready,
+ * failed: why), "compiled" (later calls run compiled code), "compile_ms", "compiled_runs".
+ * 0, or -1 + exception. */
+static int
+add_jit_state(PyObject *d, struct trace_replay *p)
+{
+    double ms = 0.0;
+    const char *error = NULL;
+    int status = p->jit ? jit_graph_status(p->jit, &ms, &error) : -1;
+    PyObject *what;
+    if (status == JIT_FAILED)
+        what = PyUnicode_FromFormat("failed: %s", error);
+    else
+        what = PyUnicode_FromString(status == JIT_READY ? "ready" : status == JIT_QUEUED ? "queued"
+                                    : p->ncode > jit_max ? "too large" : "not yet");
+    PyObject *v = Py_BuildValue("{sNsOsOsK}", "jit", what, "compiled",
+                                status == JIT_READY && jit_mode ? Py_True : Py_False,
+                                "compile_ms", status == JIT_READY ? PyFloat_FromDouble(ms)
+                                                                  : Py_NewRef(Py_None),
+                                "compiled_runs", (unsigned long long)p->compiled_runs);
+    if (v == NULL || PyDict_Update(d, v) < 0) {
+        Py_XDECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    return 0;
 }
 
 /* _replay_state(fn) -> dict: what became of fn's graph (pydron.explain, tests). */
@@ -2508,6 +2631,8 @@ core_replay_state(PyObject *module, PyObject *fn)
                          "guesses", (unsigned long long)p->guesses, "mispredicts",
                          (unsigned long long)p->mispredicts, "instructions", p->ncode, "sites",
                          sites);
+    if (d != NULL && add_jit_state(d, p) < 0)
+        Py_CLEAR(d);
     if (d != NULL && p->last_trace_ns) {
         PyObject *cmp = Py_BuildValue("{sdsd}", "replay_us", p->last_replay_ns / 1e3,
                                       "trace_us", p->last_trace_ns / 1e3);
@@ -2617,6 +2742,10 @@ trace__replay_init(PyObject *module)
     str_out = PyUnicode_InternFromString("out");
     str_builtins = PyUnicode_InternFromString("__builtins__");
     if (str_out == NULL || str_builtins == NULL)
+        return -1;
+    for (int k = 0; k < R_NOPS; k++)
+        jit_ops[k] = (jit_op_fn)(void (*)(void))op_table[k];
+    if (jit_set_ops(rop_names, jit_ops, R_NOPS) < 0)
         return -1;
     return PyModule_AddFunctions(module, replay_methods);
 }
