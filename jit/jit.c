@@ -55,7 +55,6 @@ static struct {
     jit_graph *head, *tail;
     unsigned next_id;
     uint64_t compiled, failed;
-    const char *const *op_names;
     const jit_op_fn *op_fns;
     int nops;
     LLVMOrcLLJITRef lljit;       /* compile thread only, as lljit_error */
@@ -82,37 +81,6 @@ describe_llvm_error(char *buf, size_t size, const char *what, LLVMErrorRef err)
     char *msg = LLVMGetErrorMessage(err);
     snprintf(buf, size, "%s: %s", what, msg);
     LLVMDisposeErrorMessage(msg);
-}
-
-/* The operations as absolute symbols of the LLJIT's main library: the process's own symbols
- * are not visible to the JIT (the extension is built with hidden visibility). 0, or -1 with
- * J.lljit_error. */
-static int
-define_ops(void)
-{
-    LLVMJITCSymbolMapPair *pairs = calloc((size_t)J.nops, sizeof(*pairs));
-    if (pairs == NULL) {
-        snprintf(J.lljit_error, sizeof(J.lljit_error), "out of memory");
-        return -1;
-    }
-    for (int k = 0; k < J.nops; k++) {
-        char name[64];
-        snprintf(name, sizeof(name), "pydron_op_%s", J.op_names[k]);
-        pairs[k].Name = LLVMOrcLLJITMangleAndIntern(J.lljit, name);
-        pairs[k].Sym.Address = (LLVMOrcExecutorAddress)(uintptr_t)J.op_fns[k];
-        pairs[k].Sym.Flags.GenericFlags = LLVMJITSymbolGenericFlagsExported |
-                                          LLVMJITSymbolGenericFlagsCallable;
-        pairs[k].Sym.Flags.TargetFlags = 0;
-    }
-    LLVMOrcMaterializationUnitRef mu = LLVMOrcAbsoluteSymbols(pairs, (size_t)J.nops);
-    free(pairs);
-    LLVMErrorRef err = LLVMOrcJITDylibDefine(LLVMOrcLLJITGetMainJITDylib(J.lljit), mu);
-    if (err) {
-        LLVMOrcDisposeMaterializationUnit(mu);
-        describe_llvm_error(J.lljit_error, sizeof(J.lljit_error), "defining the operations", err);
-        return -1;
-    }
-    return 0;
 }
 
 /* The graphs' LLJIT, for the host, at GRAPH_CODEGEN_LEVEL. 0, or -1 with J.lljit_error. */
@@ -147,11 +115,6 @@ lljit_create(void)
         describe_llvm_error(J.lljit_error, sizeof(J.lljit_error), "creating the LLJIT", err);
         goto done;
     }
-    if (define_ops() < 0) {
-        LLVMOrcDisposeLLJIT(J.lljit);
-        J.lljit = NULL;
-        goto done;
-    }
     rc = 0;
 done:
     LLVMDisposeMessage(triple);
@@ -160,9 +123,13 @@ done:
     return rc;
 }
 
-/* The IR of graph g as function fname: a block per step calling its operation with the step's
- * instruction as an immediate; when the operation says go on, a branch to the expected successor
- * if *pc is there, else to the dispatch switch. NULL: out of memory (g->error). */
+/* The IR of graph g as function fname. A block per step calls its operation and goes straight
+ * on to the expected successor when the operation returned 0 with *pc there; anything else goes
+ * to the slow block: return what the operation returned, or find the block of *pc through the
+ * dispatch switch. One block per step, as few as can be: code generation costs per block.
+ * Operations and instructions are addresses baked in as constants: no symbol to resolve, no
+ * relocation, no stub (calls through symbols the JIT resolved went through stubs, compiled twice
+ * as slowly and ran slower than the interpreter). NULL: out of memory (g->error). */
 static LLVMModuleRef
 graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
 {
@@ -186,62 +153,63 @@ graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
     LLVMValueRef state = LLVMGetParam(fn, 0), pc = LLVMGetParam(fn, 1);
     LLVMValueRef zero = LLVMConstInt(i32, 0, 0), guessing = LLVMConstInt(i32, 1, 0);
 
+    LLVMBasicBlockRef entry = LLVMAppendBasicBlockInContext(ctx, fn, "entry");
     LLVMBasicBlockRef dispatch = LLVMAppendBasicBlockInContext(ctx, fn, "dispatch");
+    LLVMBasicBlockRef slow = LLVMAppendBasicBlockInContext(ctx, fn, "slow");
     LLVMBasicBlockRef unknown = LLVMAppendBasicBlockInContext(ctx, fn, "unknown");
     LLVMBasicBlockRef leave = LLVMAppendBasicBlockInContext(ctx, fn, "leave");
     for (int k = 0; k < g->n; k++)
         blocks[k] = LLVMAppendBasicBlockInContext(ctx, fn, "ins");
     LLVMBuilderRef b = LLVMCreateBuilderInContext(ctx);
 
-    LLVMPositionBuilderAtEnd(b, leave);
-    LLVMValueRef rc_phi = LLVMBuildPhi(b, i32, "rc");
-    LLVMBuildRet(b, rc_phi);
-    LLVMPositionBuilderAtEnd(b, unknown);
-    LLVMBuildRet(b, LLVMConstInt(i32, JIT_UNKNOWN_PC, 0));
+    LLVMPositionBuilderAtEnd(b, entry);
+    LLVMValueRef rc_slot = LLVMBuildAlloca(b, i32, "rc");
+    LLVMBuildBr(b, dispatch);
     LLVMPositionBuilderAtEnd(b, dispatch);
     LLVMValueRef sw = LLVMBuildSwitch(b, LLVMBuildLoad2(b, i32, pc, "pc"), unknown,
                                       (unsigned)g->n);
     for (int k = 0; k < g->n; k++)
         LLVMAddCase(sw, LLVMConstInt(i32, (unsigned long long)k, 0), blocks[k]);
+    LLVMPositionBuilderAtEnd(b, unknown);
+    LLVMBuildRet(b, LLVMConstInt(i32, JIT_UNKNOWN_PC, 0));
+    LLVMPositionBuilderAtEnd(b, slow);
+    LLVMValueRef rc_phi = LLVMBuildLoad2(b, i32, rc_slot, "");
+    LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, rc_phi, zero, ""), dispatch, leave);
+    LLVMPositionBuilderAtEnd(b, leave);
+    LLVMBuildRet(b, rc_phi);
 
     for (int k = 0; k < g->n; k++) {
         const jit_step *s = &g->steps[k];
-        if (ops[s->op] == NULL) {
-            char name[64];
-            snprintf(name, sizeof(name), "pydron_op_%s", J.op_names[s->op]);
-            ops[s->op] = LLVMAddFunction(mod, name, op_type);
-        }
+        if (ops[s->op] == NULL)
+            ops[s->op] = LLVMConstIntToPtr(
+                LLVMConstInt(i64, (uintptr_t)J.op_fns[s->op], 0), LLVMPointerType(op_type, 0));
         LLVMPositionBuilderAtEnd(b, blocks[k]);
         LLVMValueRef args[4] = {
             state, pc, LLVMConstIntToPtr(LLVMConstInt(i64, (uintptr_t)s->ins, 0), i8p), guessing};
         LLVMValueRef rc = LLVMBuildCall2(b, op_type, ops[s->op], args, 4, "");
-        LLVMBasicBlockRef go = LLVMAppendBasicBlockInContext(ctx, fn, "go");
-        LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, rc, zero, ""), go, leave);
-        LLVMAddIncoming(rc_phi, &rc, &blocks[k], 1);
-        LLVMPositionBuilderAtEnd(b, go);
+        LLVMBuildStore(b, rc, rc_slot);
         int next = s->next >= 0 && s->next < g->n ? s->next : -1;
         int alt = s->alt >= 0 && s->alt < g->n ? s->alt : -1;
         if (next < 0 && alt < 0) {
-            LLVMBuildBr(b, dispatch);
+            LLVMBuildBr(b, slow);
             continue;
         }
-        LLVMValueRef now = LLVMBuildLoad2(b, i32, pc, "");
+        /* rc == 0 and *pc == first, in one test: (rc | (*pc ^ first)) == 0. */
         int first = next >= 0 ? next : alt;
-        LLVMBasicBlockRef otherwise = dispatch;
+        LLVMValueRef now = LLVMBuildLoad2(b, i32, pc, "");
+        LLVMValueRef off = LLVMBuildOr(b, rc, LLVMBuildXor(b, now, LLVMConstInt(i32, first, 0), ""),
+                                       "");
+        LLVMBasicBlockRef otherwise = slow;
         if (next >= 0 && alt >= 0)
             otherwise = LLVMAppendBasicBlockInContext(ctx, fn, "alt");
-        LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, now, LLVMConstInt(i32, first, 0), ""),
-                        blocks[first], otherwise);
-        if (otherwise != dispatch) {
-            LLVMPositionBuilderAtEnd(b, otherwise);
-            LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, now, LLVMConstInt(i32, alt, 0), ""),
-                            blocks[alt], dispatch);
+        LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, off, zero, ""), blocks[first], otherwise);
+        if (otherwise == slow) {
+            continue;
         }
+        LLVMPositionBuilderAtEnd(b, otherwise);
+        off = LLVMBuildOr(b, rc, LLVMBuildXor(b, now, LLVMConstInt(i32, alt, 0), ""), "");
+        LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, off, zero, ""), blocks[alt], slow);
     }
-    /* The entry block must have no predecessors: dispatch is branched to, so it goes first. */
-    LLVMBasicBlockRef entry = LLVMInsertBasicBlockInContext(ctx, dispatch, "entry");
-    LLVMPositionBuilderAtEnd(b, entry);
-    LLVMBuildBr(b, dispatch);
     LLVMDisposeBuilder(b);
     free(ops);
     free(blocks);
@@ -398,13 +366,12 @@ start_thread(void)
 /* ---- the interface (GIL held) -------------------------------------------------------------- */
 
 int
-jit_set_ops(const char *const *names, const jit_op_fn *fns, int n)
+jit_set_ops(const jit_op_fn *fns, int n)
 {
     if (J.nops != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pydron.jit: the operations are set already");
         return -1;
     }
-    J.op_names = names;
     J.op_fns = fns;
     J.nops = n;
     return 0;

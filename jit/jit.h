@@ -35,9 +35,8 @@ typedef struct {
 enum jit_status { JIT_QUEUED, JIT_READY, JIT_FAILED };
 typedef struct jit_graph jit_graph;
 
-/* The operations, by number, and their names (static strings). Once, before any submit.
- * 0, or -1 + exception. */
-int jit_set_ops(const char *const *names, const jit_op_fn *fns, int n);
+/* The operations, by number (the array is kept). Once, before any submit. 0, or -1 + exception. */
+int jit_set_ops(const jit_op_fn *fns, int n);
 /* Queue the compilation of a graph of n steps (copied). wait: block until it is done (tests).
  * The caller owns the handle (jit_graph_release). NULL + exception: out of memory. */
 jit_graph *jit_graph_submit(const jit_step *steps, int n, int wait);

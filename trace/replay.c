@@ -2745,7 +2745,7 @@ trace__replay_init(PyObject *module)
         return -1;
     for (int k = 0; k < R_NOPS; k++)
         jit_ops[k] = (jit_op_fn)(void (*)(void))op_table[k];
-    if (jit_set_ops(rop_names, jit_ops, R_NOPS) < 0)
+    if (jit_set_ops(jit_ops, R_NOPS) < 0)
         return -1;
     return PyModule_AddFunctions(module, replay_methods);
 }
