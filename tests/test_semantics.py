@@ -88,7 +88,7 @@ def cluster_case_server(dask_cluster):
 def _server_for(mode, request):
     fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server",
                "pydron-cluster": "cluster_case_server", "pydron-replay": "case_server",
-               "pydron-replay-guess": "case_server",
+               "pydron-replay-guess": "case_server", "pydron-replay-compiled": "case_server",
                "pydron-replay-reference": "case_server"}.get(mode, "reference_server")
     return request.getfixturevalue(fixture)
 
@@ -121,6 +121,7 @@ def test_case(mode, case, expected_outcomes, request):
 
 @pytest.mark.parametrize("interpreter, mode", [("on", "pydron-replay"),
                                                ("on-guess", "pydron-replay-guess"),
+                                               ("on-compiled", "pydron-replay-compiled"),
                                                ("reference", "pydron-replay-reference")])
 def test_replay_modes_ran_graphs(interpreter, mode, case_server, expected_outcomes):
     """The replay modes are not the trace under another name: most cases that return ran their
@@ -392,3 +393,20 @@ def test_outcome_differences_compare_the_cause():
     assert harness.outcome_differences(plain, harness.capture(wrapping(ValueError("v")))) == []
     other = harness.capture(wrapping(KeyError("v")))
     assert any("cause" in d for d in harness.outcome_differences(plain, other))
+
+
+def test_compiled_replay_takes_the_cases_the_interpreter_takes(case_server):
+    """Mode pydron-replay-compiled ran compiled code (jit/jit.c), and to the end on the same
+    cases as the interpreter: the two tiers call the same operations."""
+    for case in CASES:
+        if "pydron-replay-compiled" not in case.known_differences:
+            assert not case_server.request("check", ("pydron-replay-compiled", case.name))
+    c_log = case_server.request("replay_log", "on")
+    compiled_log = case_server.request("replay_log", "on-compiled")
+    assert c_log and compiled_log
+    differ = {n: (c_log[n][:3], compiled_log[n][:3]) for n in c_log
+              if n in compiled_log and c_log[n][0] != compiled_log[n][0]}
+    assert not differ, differ
+    compiled = [n for n, v in compiled_log.items() if v[4] > 0]
+    replayed = [n for n, v in compiled_log.items() if v[0]]
+    assert len(compiled) >= len(replayed) * 3 // 4, (compiled, replayed)
