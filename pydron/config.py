@@ -126,7 +126,7 @@ def _defaults() -> dict[str, Any]:
             "cluster_insecure": False, "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
-            "report": False, "check": False, "replay": "on", "jit": "on",
+            "report": False, "check": False, "replay": "on", "jit": "off",
             "cache_dir": None,
             "functional": [], "schedule": []}
 

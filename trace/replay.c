@@ -97,8 +97,9 @@ static long replay_after = 1;
 static int replay_guess = 1;
 /* The compiled tier (jit/): off (0); on (1): a graph replayed jit_after times is compiled on the
  * compile thread, later calls use it once it is ready; always (2): compiled at the first call,
- * which waits for it (tests). Programs over jit_max instructions stay interpreted. */
-static int jit_mode = 1;
+ * which waits for it (tests). Programs over jit_max instructions stay interpreted. Off unless
+ * asked for: it does not beat the interpreter (bench/replay_figures.py, README). */
+static int jit_mode = 0;
 static long jit_after = 32;
 static long jit_max = 1 << 16;
 
