@@ -247,7 +247,28 @@ def test_a_hot_graph_compiles_off_the_calling_thread_without_making_calls_wait()
     info = _core._jit_info()
     assert info["thread_id"] is not None and info["thread_id"] != threading.get_native_id()
     assert outcome(loop_and_branch, list(range(8)), 2) == expected
-    assert _core._replay_state(loop_and_branch)["compiled_runs"] == 1
+
+
+def test_the_compiled_function_stays_only_if_it_beats_the_interpreter():
+    """Once compiled, three runs of each tier alternate (master CPU time); the compiled function
+    stays only if its median is lower. Either way the results do not change."""
+    _core._replay_configure(jit="on", jit_after=0)
+    _core._replay_forget(loop_and_branch)
+    expected = outcome(loop_and_branch, list(range(30)), 2)
+    deadline = time.monotonic() + 60
+    while _core._replay_state(loop_and_branch)["jit"] == "queued":
+        assert time.monotonic() < deadline, "the compile never finished"
+        time.sleep(0.01)
+    for _ in range(6):
+        assert outcome(loop_and_branch, list(range(30)), 2) == expected
+    state = _core._replay_state(loop_and_branch)
+    assert state["compiled_runs"] == 3
+    tiers = state["tiers_cpu"]
+    faster = tiers["compiled_us"] < tiers["interpreted_us"]
+    assert state["jit"] == ("ready" if faster else "slower than the interpreter")
+    assert state["compiled"] is faster
+    assert outcome(loop_and_branch, list(range(30)), 2) == expected
+    assert _core._replay_state(loop_and_branch)["compiled_runs"] == 3 + faster
 
 
 def test_a_graph_over_the_size_limit_stays_interpreted():

@@ -80,6 +80,13 @@ struct trace_replay {
     uint64_t last_replay_ns, last_trace_ns;   /* the medians of the last comparison */
     jit_graph *jit;                /* the compiled tier's handle, once the graph was hot */
     uint64_t compiled_runs;        /* runs that went through the compiled function */
+    /* The compiled function against the interpreter once it is ready (tier "on"): COMPARE_CALLS
+     * runs of each, alternating, master CPU ns ([0] interpreted, [1] compiled); the verdict: 1
+     * compiled is faster and stays, -1 it is not and the graph stays interpreted, 0 not yet. */
+    uint64_t tier_cpu[2][COMPARE_CALLS];
+    int ntier_cpu[2];
+    int tier_verdict;
+    uint64_t tier_ns[2];           /* the medians the verdict was drawn from */
 };
 
 /* Process-wide counters (pydron info). */
@@ -1881,6 +1888,9 @@ static const op_fn op_table[R_NOPS] = {
 
 /* ---- the compiled tier ------------------------------------------------------------------------ */
 
+static uint64_t thread_cpu_ns(void);
+static uint64_t median3(const uint64_t *v, int n);
+
 /* p's program as jit/ takes it: per instruction its operation, its address, and where control
  * goes when nothing unusual happens (a guess, a rollback or a check goes through the compiled
  * function's switch instead). NULL + exception, or the handle. */
@@ -1912,12 +1922,14 @@ jit_submit(struct trace_replay *p, int wait)
     return g;
 }
 
-/* The compiled function of p's graph when it is ready, else NULL (interpreted). A graph that
- * has become hot is handed to the compile thread here; the call does not wait for it (unless the
- * tier is "always"). */
+/* The compiled function of p's graph when it is ready and not slower than the interpreter, else
+ * NULL (interpreted). A graph that has become hot is handed to the compile thread here; the call
+ * does not wait for it (unless the tier is "always"). While the two tiers are compared, *timed
+ * says which one this call's run is timed for (0 interpreted, 1 compiled; else -1). */
 static jit_graph_fn
-compiled_for(struct trace_replay *p)
+compiled_for(struct trace_replay *p, int *timed)
 {
+    *timed = -1;
     if (jit_mode == 0)
         return NULL;
     if (p->jit == NULL) {
@@ -1928,7 +1940,26 @@ compiled_for(struct trace_replay *p)
             return NULL;
         }
     }
-    return jit_graph_ready(p->jit);
+    jit_graph_fn fn = jit_graph_ready(p->jit);
+    if (fn == NULL || jit_mode == 2 || p->tier_verdict > 0)
+        return fn;
+    if (p->tier_verdict < 0)
+        return NULL;
+    *timed = p->ntier_cpu[0] <= p->ntier_cpu[1] ? 0 : 1;
+    return *timed ? fn : NULL;
+}
+
+/* A timed run of the comparison between the tiers (see compiled_for) took ns. */
+static void
+tier_timed(struct trace_replay *p, int timed, uint64_t ns)
+{
+    if (p->ntier_cpu[timed] < COMPARE_CALLS)
+        p->tier_cpu[timed][p->ntier_cpu[timed]++] = ns;
+    if (p->ntier_cpu[0] < COMPARE_CALLS || p->ntier_cpu[1] < COMPARE_CALLS)
+        return;
+    p->tier_ns[0] = median3(p->tier_cpu[0], COMPARE_CALLS);
+    p->tier_ns[1] = median3(p->tier_cpu[1], COMPARE_CALLS);
+    p->tier_verdict = p->tier_ns[1] < p->tier_ns[0] ? 1 : -1;
 }
 
 /* The operations for the compiled tier, by number, as jit/ calls them (the pointer types differ
@@ -2453,7 +2484,8 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         if (PyModule_Check(st.builtins))
             st.builtins = PyModule_GetDict(st.builtins);
         st.nospec_pc = -1;
-        st.compiled = compiled_for(p);
+        int timed;
+        st.compiled = compiled_for(p, &timed);
         compiled = st.compiled != NULL;
         st.regs = PyMem_Calloc((size_t)p->nregs, sizeof(PyObject *));
         st.taint = PyMem_Calloc((size_t)p->nregs, 1);
@@ -2474,7 +2506,10 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         PyObject *outer_file;
         int outer_line;
         graph_get_location(&outer_file, &outer_line);
+        uint64_t cpu0 = timed >= 0 ? thread_cpu_ns() : 0;
         rc = run(&st, result);
+        if (rc == 1 && timed >= 0)
+            tier_timed(p, timed, thread_cpu_ns() - cpu0);
         graph_set_location(outer_file, outer_line);
         if (rc == -2) {
             Py_XSETREF(p->reason, Py_XNewRef(st.bail_reason));
@@ -2570,8 +2605,9 @@ core_replay_stats(PyObject *module, PyObject *noargs)
                          (unsigned long long)S.maps);
 }
 
-/* The compiled tier's part of _replay_state: "jit" (off, not yet, too large, queued, ready,
- * failed: why), "compiled" (later calls run compiled code), "compile_ms", "compiled_runs".
+/* The compiled tier's part of _replay_state: "jit" (not yet, too large, queued, ready, slower
+ * than the interpreter, failed: why), "compiled" (later calls run compiled code), "compile_ms",
+ * "compiled_runs", and once the tiers were compared "tiers_cpu" (their medians, µs).
  * 0, or -1 + exception. */
 static int
 add_jit_state(PyObject *d, struct trace_replay *p)
@@ -2583,13 +2619,21 @@ add_jit_state(PyObject *d, struct trace_replay *p)
     if (status == JIT_FAILED)
         what = PyUnicode_FromFormat("failed: %s", error);
     else
-        what = PyUnicode_FromString(status == JIT_READY ? "ready" : status == JIT_QUEUED ? "queued"
-                                    : p->ncode > jit_max ? "too large" : "not yet");
-    PyObject *v = Py_BuildValue("{sNsOsOsK}", "jit", what, "compiled",
-                                status == JIT_READY && jit_mode ? Py_True : Py_False,
+        what = PyUnicode_FromString(
+            status == JIT_READY ? (p->tier_verdict < 0 ? "slower than the interpreter" : "ready")
+            : status == JIT_QUEUED ? "queued" : p->ncode > jit_max ? "too large" : "not yet");
+    int used = status == JIT_READY && (jit_mode == 2 || (jit_mode == 1 && p->tier_verdict >= 0));
+    PyObject *v = Py_BuildValue("{sNsOsOsK}", "jit", what, "compiled", used ? Py_True : Py_False,
                                 "compile_ms", status == JIT_READY ? PyFloat_FromDouble(ms)
                                                                   : Py_NewRef(Py_None),
                                 "compiled_runs", (unsigned long long)p->compiled_runs);
+    if (v != NULL && p->tier_verdict != 0) {
+        PyObject *cmp = Py_BuildValue("{sdsd}", "interpreted_us", p->tier_ns[0] / 1e3,
+                                      "compiled_us", p->tier_ns[1] / 1e3);
+        if (cmp == NULL || PyDict_SetItemString(v, "tiers_cpu", cmp) < 0)
+            Py_CLEAR(v);
+        Py_XDECREF(cmp);
+    }
     if (v == NULL || PyDict_Update(d, v) < 0) {
         Py_XDECREF(v);
         return -1;
