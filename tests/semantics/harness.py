@@ -147,8 +147,9 @@ def run_pydron(case: Case) -> Outcome:
     return outcome
 
 
-# interpreter -> {case name: (replayed, graph state, reason, guesses, compiled runs)}: what the
-# replay modes did
+# interpreter -> {case name: (replayed, graph state, reason, guesses, compiled runs, own hits)}:
+# what the replay modes did ("replayed": some graph ran to the end during the case, maybe a nested
+# callee's, which depends on what ran before; "own hits": the case's own graph did)
 # in this process (test_semantics checks that the graphs really ran).
 REPLAY_LOG: dict[str, dict[str, tuple]] = {}
 
@@ -173,7 +174,7 @@ def run_replayed(case: Case, interpreter: str, guess: int = 1, jit: str = "off")
         key = interpreter + ("-guess" if guess != 1 else "") + ("-compiled" if jit != "off" else "")
         REPLAY_LOG.setdefault(key, {})[case.name] = (
             outcome.replayed, state["state"], state.get("reason"), state.get("guesses", 0),
-            state.get("compiled_runs", 0))
+            state.get("compiled_runs", 0), state.get("hits", 0))
     finally:
         _core._replay_configure(mode=previous["mode"], after=previous["after"],
                                 guess=previous["guess"], jit=previous["jit"])
