@@ -3,13 +3,14 @@
 1. replayed calls of a scheduled function making 10,000 tiny calls (`x + 1`): µs per task end to
    end, against the traced call and against batched ProcessPoolExecutor.map / Pool.starmap;
 2. what entering and leaving a replayed call costs (its "guard"), against a plain call;
-3. master-side cost per replayed node on a 1,000-node graph without tasks;
+3. master-side cost per replayed node on a 1,000-node graph without tasks, interpreted and
+   compiled (jit/jit.c; the two alternate round by round), and the compile time of that graph;
 4. a loop whose `if` reads each ~2 ms result: guessing against waiting, when guesses hold and
    when every guess would fail;
 5. a fresh process's first call with a warm disk cache, against a replayed call and against a
    first call with a cold cache.
 
-    .venv/bin/python bench/replay_figures.py [--workers 2] [--repeat 9]
+    .venv/bin/python bench/replay_figures.py [--workers 2] [--repeat 9] [--only guard_and_nodes]
 
 Medians over --repeat runs; prints one table (markdown).
 """
@@ -93,7 +94,8 @@ def guard_and_nodes(workers, repeat):
     ident, plain_ident, nodes = ns["ident"], ns["plain_ident"], ns["nodes"]
     from pydron import _replay
     program = _replay.lift(nodes)
-    _core._replay_configure(compare=0)  # measured as replayed, whatever the comparison says
+    # measured as replayed, whatever the comparison says; interpreted unless said otherwise
+    _core._replay_configure(compare=0, jit="off")
     ident(1, 2)
     ident(1, 2)
     nodes(1, 2)
@@ -108,7 +110,26 @@ def guard_and_nodes(workers, repeat):
     replayed_call = median_time(many(ident), repeat) / loops
     plain_call = median_time(many(plain_ident), repeat) / loops
     node_loops = 200
-    per_graph = median_time(lambda: [nodes(1, 2) for _ in range(node_loops)], repeat) / node_loops
+    graph_calls = lambda: [nodes(1, 2) for _ in range(node_loops)]     # noqa: E731
+    per_graph = median_time(graph_calls, repeat) / node_loops
+    # the compiled tier against the interpreter, alternating so that both see the same load
+    _core._replay_configure(jit="always")
+    nodes(1, 2)
+    assert _core._replay_state(nodes)["compiled"]
+    interpreted, compiled = [], []
+    for _ in range(repeat):
+        _core._replay_configure(jit="off")
+        interpreted.append(median_time(graph_calls, 1) / node_loops)
+        _core._replay_configure(jit="always")
+        compiled.append(median_time(graph_calls, 1) / node_loops)
+    interpreted, compiled = statistics.median(interpreted), statistics.median(compiled)
+    compile_ms = []
+    after = _core._replay_configure(after=0)["after"]
+    for _ in range(repeat):
+        _core._replay_forget(nodes)
+        nodes(1, 2)                     # replayed at once, compiled first (waiting for it)
+        compile_ms.append(_core._replay_state(nodes)["compile_ms"])
+    _core._replay_configure(jit="off", after=after)
     _core._replay_configure(mode="off")
     traced_graph = median_time(lambda: [nodes(1, 2) for _ in range(node_loops)],
                                repeat) / node_loops
@@ -116,6 +137,8 @@ def guard_and_nodes(workers, repeat):
     assert _core._replay_state(nodes)["hits"] > 0
     pydron.disable()
     n = len(program.code)
+    node_us = lambda per_call: (per_call - replayed_call) / n * 1e6     # noqa: E731
+    gain = (node_us(interpreted) - node_us(compiled)) / node_us(interpreted)
     return [("entering and leaving a replayed call (the guard)",
              f"{(replayed_call - plain_call) * 1e6:.3f} µs",
              f"a replayed call {replayed_call * 1e6:.3f} µs, a plain call "
@@ -123,7 +146,14 @@ def guard_and_nodes(workers, repeat):
             (f"master cost per replayed node ({n}-instruction graph, no task)",
              f"{(per_graph - replayed_call) / n * 1e6:.3f} µs/node",
              f"the same call traced: {traced_graph * 1e6:.1f} µs per call, replayed "
-             f"{per_graph * 1e6:.1f} µs", "interpreted ≤ 0.2 µs")]
+             f"{per_graph * 1e6:.1f} µs", "interpreted ≤ 0.2 µs"),
+            (f"the same, compiled ({n} instructions)", f"{node_us(compiled):.4f} µs/node",
+             f"interpreted {node_us(interpreted):.4f} µs/node, alternating with it: compiled "
+             f"{'faster' if gain > 0 else 'slower'} by {abs(gain):.0%}", "compiled ≤ 0.1 µs"),
+            (f"compiling that graph ({n} instructions, compile thread)",
+             f"{statistics.median(compile_ms):.1f} ms",
+             f"min {min(compile_ms):.1f} ms, max {max(compile_ms):.1f} ms over {repeat}",
+             "≤ 10 ms per graph, off the calling thread")]
 
 
 def speculation(workers, repeat):
@@ -207,10 +237,13 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeat", type=int, default=9)
+    parts = {f.__name__: f for f in (tiny, guard_and_nodes, speculation, warm_cache)}
+    p.add_argument("--only", choices=parts, action="append",
+                   help="measure only this part (again for more than one)")
     ns = p.parse_args()
     rows = []
-    for part in (tiny, guard_and_nodes, speculation, warm_cache):
-        rows += part(ns.workers, ns.repeat)
+    for name in ns.only or parts:
+        rows += parts[name](ns.workers, ns.repeat)
     print(f"| figure | pydron | baselines in the same run | target |")
     print("| --- | ---: | --- | --- |")
     for r in rows:

@@ -189,7 +189,7 @@ def enable(workers: int | None = None, progress: bool | None = None,
                      "task_timeout": cfg.task_timeout, "check": int(cfg.check)})
     from pydron import _worker_setup
     _worker_setup.plan(cfg.blas_threads)
-    core._replay_configure(mode=cfg.replay)
+    core._replay_configure(mode=cfg.replay, jit=cfg.jit)
     from pydron import _graph_cache
     _graph_cache.configure(cfg.cache_dir)
     _graph_cache.directory()       # checked now, not at the first scheduled call

@@ -57,6 +57,9 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
     "replay": ("replay", "PYDRON_REPLAY",
                "later calls of a scheduled function replay its graph instead of tracing it: "
                "on, off, or reference (the Python interpreter, for tests)"),
+    "jit": ("jit", "PYDRON_JIT",
+            "the compiled tier of replay: a graph replayed often is compiled by LLVM on a "
+            "background thread: on, off, or always (at the first call, waiting: tests)"),
     "log": ("log", "PYDRON_LOG", "level of the `pydron` logger on stderr "
                                  "(debug, info, warning, error; default: not set)"),
     "functional": ("names", None, "functions to run as functional tasks (mod.func)"),
@@ -65,6 +68,7 @@ KEYS: dict[str, tuple[str, str | None, str]] = {
 BACKENDS = ("local", "cluster")
 INTERCEPTS = ("vectorcall", "hook")
 REPLAYS = ("on", "off", "reference")
+JITS = ("on", "off", "always")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MAX_THREADS = 1024          # the thread pool's limit (exec/threads.c)
 _TRUE = {"1", "true", "yes", "on"}
@@ -122,7 +126,8 @@ def _defaults() -> dict[str, Any]:
             "cluster_insecure": False, "disable": False,
             "progress": True, "timeline": None, "intercept": "vectorcall", "threads": 0,
             "blas_threads": 0, "arena_arrays": True, "task_timeout": 0.0, "log": None,
-            "report": False, "check": False, "replay": "on", "cache_dir": None,
+            "report": False, "check": False, "replay": "on", "jit": "off",
+            "cache_dir": None,
             "functional": [], "schedule": []}
 
 
@@ -200,6 +205,15 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
             return "off"
         if text not in REPLAYS:
             raise ConfigError(f"{where}: replay must be on, off or reference, got {value!r}")
+        return text
+    if kind == "jit":
+        text = value.strip().lower() if isinstance(value, str) else value
+        if text is True or text in _TRUE:
+            return "on"
+        if text is False or text in _FALSE:
+            return "off"
+        if text not in JITS:
+            raise ConfigError(f"{where}: jit must be on, off or always, got {value!r}")
         return text
     if kind == "seconds":
         given = value

@@ -35,6 +35,7 @@ GOOD = {
     "PYDRON_REPORT": ("1", True),
     "PYDRON_CHECK": ("1", True),
     "PYDRON_REPLAY": ("reference", "reference"),
+    "PYDRON_JIT": ("always", "always"),
     "PYDRON_CACHE_DIR": ("/tmp/graphs", "/tmp/graphs"),
     "PYDRON_LOG": ("warning", "warning"),
 }
@@ -51,6 +52,7 @@ BAD = {
     "PYDRON_REPORT": "often",
     "PYDRON_CHECK": "sometimes",
     "PYDRON_REPLAY": "sometimes",
+    "PYDRON_JIT": "later",
     "PYDRON_LOG": "loud",
     "PYDRON_CLUSTER": "local:0",
     "PYDRON_CLUSTER_INSECURE": "perhaps",

@@ -88,7 +88,7 @@ def cluster_case_server(dask_cluster):
 def _server_for(mode, request):
     fixture = {"pydron": "case_server", "pydron-1worker": "one_worker_server",
                "pydron-cluster": "cluster_case_server", "pydron-replay": "case_server",
-               "pydron-replay-guess": "case_server",
+               "pydron-replay-guess": "case_server", "pydron-replay-compiled": "case_server",
                "pydron-replay-reference": "case_server"}.get(mode, "reference_server")
     return request.getfixturevalue(fixture)
 
@@ -121,6 +121,7 @@ def test_case(mode, case, expected_outcomes, request):
 
 @pytest.mark.parametrize("interpreter, mode", [("on", "pydron-replay"),
                                                ("on-guess", "pydron-replay-guess"),
+                                               ("on-compiled", "pydron-replay-compiled"),
                                                ("reference", "pydron-replay-reference")])
 def test_replay_modes_ran_graphs(interpreter, mode, case_server, expected_outcomes):
     """The replay modes are not the trace under another name: most cases that return ran their
@@ -152,8 +153,9 @@ def test_both_interpreters_replay_the_same_cases(case_server):
     c_log = case_server.request("replay_log", "on")
     py_log = case_server.request("replay_log", "reference")
     assert c_log and py_log
+    # the cases' own graphs: whether a nested callee's graph ran depends on the calls before
     differ = {n: (c_log[n][:3], py_log[n][:3]) for n in c_log
-              if n in py_log and c_log[n][0] != py_log[n][0]}
+              if n in py_log and (c_log[n][5] > 0) != (py_log[n][5] > 0)}
     assert not differ, differ
 
 
@@ -395,3 +397,21 @@ def test_outcome_differences_compare_the_cause():
     assert harness.outcome_differences(plain, harness.capture(wrapping(ValueError("v")))) == []
     other = harness.capture(wrapping(KeyError("v")))
     assert any("cause" in d for d in harness.outcome_differences(plain, other))
+
+
+def test_compiled_replay_takes_the_cases_the_interpreter_takes(case_server):
+    """Mode pydron-replay-compiled ran compiled code (jit/jit.c), and to the end on the same
+    cases as the interpreter: the two tiers call the same operations."""
+    for case in CASES:
+        if "pydron-replay-compiled" not in case.known_differences:
+            assert not case_server.request("check", ("pydron-replay-compiled", case.name))
+    c_log = case_server.request("replay_log", "on")
+    compiled_log = case_server.request("replay_log", "on-compiled")
+    assert c_log and compiled_log
+    differ = {n: (c_log[n][:3], compiled_log[n][:3]) for n in c_log
+              if n in compiled_log and (c_log[n][5] > 0) != (compiled_log[n][5] > 0)}
+    assert not differ, differ
+    # every run of a case's own graph to the end was compiled (at its first call: "always")
+    not_compiled = {n: v for n, v in compiled_log.items() if v[4] != v[5]}
+    assert not not_compiled, not_compiled
+    assert sum(v[5] > 0 for v in compiled_log.values()) >= len(compiled_log) // 4

@@ -23,6 +23,7 @@
  * Thread and GIL model: GIL held throughout; the per-code state is shared by threads (counters
  * only), everything of one call is on its C stack. */
 #include "trace/internal.h"
+#include "jit/jit.h"
 
 /* The instruction set: the order of OPS in pydron/_replay.py. */
 enum rop {
@@ -77,6 +78,15 @@ struct trace_replay {
     int timing_trace;              /* the call being traced now is one of the comparison's */
     int since_compare;             /* calls since the comparison began */
     uint64_t last_replay_ns, last_trace_ns;   /* the medians of the last comparison */
+    jit_graph *jit;                /* the compiled tier's handle, once the graph was hot */
+    uint64_t compiled_runs;        /* runs that went through the compiled function */
+    /* The compiled function against the interpreter once it is ready (tier "on"): COMPARE_CALLS
+     * runs of each, alternating, master CPU ns ([0] interpreted, [1] compiled); the verdict: 1
+     * compiled is faster and stays, -1 it is not and the graph stays interpreted, 0 not yet. */
+    uint64_t tier_cpu[2][COMPARE_CALLS];
+    int ntier_cpu[2];
+    int tier_verdict;
+    uint64_t tier_ns[2];           /* the medians the verdict was drawn from */
 };
 
 /* Process-wide counters (pydron info). */
@@ -92,6 +102,13 @@ static long replay_after = 1;
 /* Branches on pending results guess (1), wait (0), or guess even when the result is in (2:
  * tests, so that every guess and rollback path runs on the whole semantics corpus). */
 static int replay_guess = 1;
+/* The compiled tier (jit/): off (0); on (1): a graph replayed jit_after times is compiled on the
+ * compile thread, later calls use it once it is ready; always (2): compiled at the first call,
+ * which waits for it (tests). Programs over jit_max instructions stay interpreted. Off unless
+ * asked for: it does not beat the interpreter (bench/replay_figures.py, README). */
+static int jit_mode = 0;
+static long jit_after = 32;
+static long jit_max = 1 << 16;
 
 #define MAX_CHECKPOINTS 64
 #define BAILS_TO_GIVE_UP 3
@@ -121,6 +138,7 @@ trace__replay_free(struct trace_replay *p)
     Py_XDECREF(p->consts);
     Py_XDECREF(p->names);
     Py_XDECREF(p->argnames);
+    jit_graph_release(p->jit);
     PyMem_Free(p->code);
     PyMem_Free(p->sites);
     PyMem_Free(p);
@@ -398,6 +416,7 @@ typedef struct {
 
 typedef struct {
     struct trace_replay *p;
+    jit_graph_fn compiled;       /* the graph's compiled function, or NULL: interpreted */
     PyObject *func, *globals, *builtins;
     PyObject **regs;
     uint8_t *taint;
@@ -1140,24 +1159,25 @@ call_scheduled(run_state *st, int here, PyObject *callable, trace_codeinfo *info
                 reason ? reason : Py_None);
 }
 
-/* Execute the instruction at *pc and move *pc on. 0: go on; 1: returned (*pc is the RETURN);
- * -1: exception to propagate; -2: bail. With guessing 0 no branch guesses (a condition being
- * checked). */
-static int
-exec_one(run_state *st, int *pc, int guessing)
-{
-    struct trace_replay *p = st->p;
-    const rins *i = &p->code[*pc];
-    PyObject **R = st->regs;
-    int here = *pc;
-    graph_set_location(p->filename, i->line);
-    int slice_of = guessing ? -2 : -1;        /* -2: computed on demand */
+/* ---- the operations ------------------------------------------------------------------------ */
+
+/* One function per operation (or pair of operations), called by the interpreter's switch
+ * (exec_one) and by the compiled tier's code (jit/jit.c), so the two tiers cannot differ. Each
+ * executes instruction i, which is at *pc, and moves *pc on. 0: go on; 1: returned (*pc is the
+ * RETURN); -1: exception to propagate; -2: bail. With guessing 0 no branch guesses (a condition
+ * being checked). */
+
+/* What every operation begins with: its registers, its position, the location its tasks are
+ * reported at; *pc moves past it (a jump moves it again). */
+#define OP_BEGIN()                                                                             \
+    struct trace_replay *p = st->p;                                                            \
+    PyObject **R = st->regs;                                                                   \
+    int here = *pc;                                                                            \
+    int slice_of = guessing ? -2 : -1;             /* -2: computed on demand */                \
+    (void)p, (void)R, (void)slice_of;                                                          \
+    graph_set_location(p->filename, i->line);                                                  \
+    *pc = here + 1
 #define SLICE() (slice_of == -2 ? (slice_of = slice_owner(p, here)) : slice_of)
-#define NEED(r)                                                                              \
-    do {                                                                                       \
-        if (R[r] == NULL)                                                                      \
-            return bail(st, here, "line %d reads a name that has no value", i->line);         \
-    } while (0)
 #define READ(dst, r, deep)                                                                     \
     do {                                                                                       \
         NEED(r);                                                                               \
@@ -1168,536 +1188,827 @@ exec_one(run_state *st, int *pc, int guessing)
             return 0;                         /* guessed: *pc is the branch's way */           \
         }                                                                                      \
     } while (0)
-    *pc = here + 1;
-    switch (i->op) {
-    case R_ARG:
-        return 0;                             /* bound before the run */
-    case R_CONST:
-        set_reg(st, i->a, Py_NewRef(PyTuple_GET_ITEM(p->consts, i->b)), OUTSIDE);
-        return 0;
-    case R_GLOBAL: {
-        PyObject *name = PyTuple_GET_ITEM(p->names, i->b);
-        PyObject *v = PyDict_GetItemWithError(st->globals, name);
-        if (v == NULL && !PyErr_Occurred()) {
-            if (PyDict_Check(st->builtins))
-                v = PyDict_GetItemWithError(st->builtins, name);
-            else {
-                v = PyObject_GetItem(st->builtins, name);
-                if (v == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
-                    PyErr_Clear();
-                Py_XDECREF(v);        /* the builtins module's dict keeps it */
-            }
-        }
-        if (v == NULL) {
-            if (PyErr_Occurred())
-                return failed(st, here, "a global lookup");
-            return bail(st, here, "line %d reads %U, which is not defined", i->line, name);
-        }
-        set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
-        return 0;
-    }
-    case R_MOVE:
-        NEED(i->b);
-        set_reg(st, i->a, Py_NewRef(R[i->b]), st->taint[i->b]);
-        return 0;
-    case R_BINOP: case R_INPLACE: {
-        NEED(i->b);
-        NEED(i->c);
-        PyObject *x, *y;
-        int inplace = i->op == R_INPLACE;
-        /* list + list, tuple + tuple, list += iterable: moves (the items stay pending). */
-        int concat = i->d == 0 && ((PyList_CheckExact(R[i->b]) &&
-                                    (inplace || PyList_CheckExact(R[i->c]))) ||
-                                   (PyTuple_CheckExact(R[i->b]) && PyTuple_CheckExact(R[i->c])));
-        if (concat) {
-            x = Py_NewRef(R[i->b]);
-            if (inplace && PyList_CheckExact(x))
-                READ(y, i->c, 0);
-            else
-                y = Py_NewRef(R[i->c]);
-        }
+#define NEED(r)                                                                              \
+    do {                                                                                       \
+        if (R[r] == NULL)                                                                      \
+            return bail(st, here, "line %d reads a name that has no value", i->line);         \
+    } while (0)
+
+static int
+op_arg(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    return 0;                             /* bound before the run */
+}
+
+static int
+op_const(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    set_reg(st, i->a, Py_NewRef(PyTuple_GET_ITEM(p->consts, i->b)), OUTSIDE);
+    return 0;
+}
+
+static int
+op_global(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *name = PyTuple_GET_ITEM(p->names, i->b);
+    PyObject *v = PyDict_GetItemWithError(st->globals, name);
+    if (v == NULL && !PyErr_Occurred()) {
+        if (PyDict_Check(st->builtins))
+            v = PyDict_GetItemWithError(st->builtins, name);
         else {
-            READ(x, i->b, 1);
-            PyObject *yy = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
-            if (yy == NULL) {
-                Py_DECREF(x);
-                if (PyErr_Occurred())
-                    return failed(st, here, rop_names[i->op]);
-                return 0;
-            }
-            y = yy;
+            v = PyObject_GetItem(st->builtins, name);
+            if (v == NULL && PyErr_ExceptionMatches(PyExc_KeyError))
+                PyErr_Clear();
+            Py_XDECREF(v);        /* the builtins module's dict keeps it */
         }
-        if (inplace && !immutable(x) && st->taint[i->b] != FRESH) {
-            Py_DECREF(x);
-            Py_DECREF(y);
-            return bail(st, here, "line %d changes in place an object the call did not make",
-                        i->line);
-        }
-        if (inplace && !immutable(x) && !concat && st->ncp > 0) {
-            /* A change in place cannot be undone: the guesses are checked first. */
-            Py_DECREF(x);
-            Py_DECREF(y);
-            int rc = settle_all(st, pc);
-            if (rc < 0)
-                return -1;
-            if (rc == 0)
-                *pc = here;           /* all held: do it again, without guesses open */
-            return 0;
-        }
-        PyObject *r = binop_fn(i->d, x, y, inplace);
-        /* A new object, unless the operator handed back an operand. */
-        uint8_t taint = r == x ? st->taint[i->b] : r == y ? st->taint[i->c] : FRESH;
-        Py_DECREF(x);
-        Py_DECREF(y);
-        if (r == NULL)
-            return failed(st, here, "an operator");
-        set_reg(st, i->a, r, taint);
-        return 0;
     }
-    case R_UNARY: case R_NOT: {
-        PyObject *x;
-        READ(x, i->b, i->op == R_UNARY);
-        PyObject *r;
-        if (i->op == R_NOT) {
-            int t = PyObject_Not(x);
-            r = t < 0 ? NULL : Py_NewRef(t ? Py_True : Py_False);
-        }
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return failed(st, here, "a global lookup");
+        return bail(st, here, "line %d reads %U, which is not defined", i->line, name);
+    }
+    set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
+    return 0;
+}
+
+static int
+op_move(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    set_reg(st, i->a, Py_NewRef(R[i->b]), st->taint[i->b]);
+    return 0;
+}
+
+static int
+op_binop(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    NEED(i->c);
+    PyObject *x, *y;
+    int inplace = i->op == R_INPLACE;
+    /* list + list, tuple + tuple, list += iterable: moves (the items stay pending). */
+    int concat = i->d == 0 && ((PyList_CheckExact(R[i->b]) &&
+                                (inplace || PyList_CheckExact(R[i->c]))) ||
+                               (PyTuple_CheckExact(R[i->b]) && PyTuple_CheckExact(R[i->c])));
+    if (concat) {
+        x = Py_NewRef(R[i->b]);
+        if (inplace && PyList_CheckExact(x))
+            READ(y, i->c, 0);
         else
-            r = i->c == 0 ? PyNumber_Negative(x) : i->c == 1 ? PyNumber_Positive(x)
-                                                             : PyNumber_Invert(x);
-        Py_DECREF(x);
-        if (r == NULL)
-            return failed(st, here, "an operator");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
+            y = Py_NewRef(R[i->c]);
     }
-    case R_COMPARE: {
-        int identity = i->d == 6 || i->d == 7;
-        PyObject *x, *y;
-        READ(x, i->b, !identity);
-        NEED(i->c);
-        y = operand(st, pc, R[i->c], !identity, guessing ? SLICE() : -1);
-        if (y == NULL) {
+    else {
+        READ(x, i->b, 1);
+        PyObject *yy = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
+        if (yy == NULL) {
             Py_DECREF(x);
             if (PyErr_Occurred())
-                return failed(st, here, "a comparison");
+                return failed(st, here, rop_names[i->op]);
             return 0;
         }
-        PyObject *r = compare(i->d, x, y);
+        y = yy;
+    }
+    if (inplace && !immutable(x) && st->taint[i->b] != FRESH) {
         Py_DECREF(x);
         Py_DECREF(y);
-        if (r == NULL)
+        return bail(st, here, "line %d changes in place an object the call did not make",
+                    i->line);
+    }
+    if (inplace && !immutable(x) && !concat && st->ncp > 0) {
+        /* A change in place cannot be undone: the guesses are checked first. */
+        Py_DECREF(x);
+        Py_DECREF(y);
+        int rc = settle_all(st, pc);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            *pc = here;           /* all held: do it again, without guesses open */
+        return 0;
+    }
+    PyObject *r = binop_fn(i->d, x, y, inplace);
+    /* A new object, unless the operator handed back an operand. */
+    uint8_t taint = r == x ? st->taint[i->b] : r == y ? st->taint[i->c] : FRESH;
+    Py_DECREF(x);
+    Py_DECREF(y);
+    if (r == NULL)
+        return failed(st, here, "an operator");
+    set_reg(st, i->a, r, taint);
+    return 0;
+}
+
+static int
+op_unary(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *x;
+    READ(x, i->b, i->op == R_UNARY);
+    PyObject *r;
+    if (i->op == R_NOT) {
+        int t = PyObject_Not(x);
+        r = t < 0 ? NULL : Py_NewRef(t ? Py_True : Py_False);
+    }
+    else
+        r = i->c == 0 ? PyNumber_Negative(x) : i->c == 1 ? PyNumber_Positive(x)
+                                                         : PyNumber_Invert(x);
+    Py_DECREF(x);
+    if (r == NULL)
+        return failed(st, here, "an operator");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_compare(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    int identity = i->d == 6 || i->d == 7;
+    PyObject *x, *y;
+    READ(x, i->b, !identity);
+    NEED(i->c);
+    y = operand(st, pc, R[i->c], !identity, guessing ? SLICE() : -1);
+    if (y == NULL) {
+        Py_DECREF(x);
+        if (PyErr_Occurred())
             return failed(st, here, "a comparison");
-        set_reg(st, i->a, r, FRESH);
         return 0;
     }
-    case R_GETITEM: {
-        PyObject *c, *k;
-        READ(c, i->b, 0);
-        NEED(i->c);
-        k = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
-        if (k == NULL) {
-            Py_DECREF(c);
-            if (PyErr_Occurred())
-                return failed(st, here, "a subscript");
-            return 0;
-        }
-        PyObject *r = PyObject_GetItem(c, k);
+    PyObject *r = compare(i->d, x, y);
+    Py_DECREF(x);
+    Py_DECREF(y);
+    if (r == NULL)
+        return failed(st, here, "a comparison");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_getitem(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *c, *k;
+    READ(c, i->b, 0);
+    NEED(i->c);
+    k = operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
+    if (k == NULL) {
         Py_DECREF(c);
-        Py_DECREF(k);
-        if (r == NULL)
+        if (PyErr_Occurred())
             return failed(st, here, "a subscript");
-        set_reg(st, i->a, r, OUTSIDE);
         return 0;
     }
-    case R_GETATTR: {
-        PyObject *o;
-        READ(o, i->b, 0);
-        PyObject *r = PyObject_GetAttr(o, PyTuple_GET_ITEM(p->names, i->c));
-        Py_DECREF(o);
-        if (r == NULL)
-            return failed(st, here, "an attribute lookup");
-        set_reg(st, i->a, r, OUTSIDE);
-        return 0;
-    }
-    case R_BUILD_LIST: case R_BUILD_TUPLE: {
-        PyObject *r = i->op == R_BUILD_LIST ? PyList_New(i->c) : PyTuple_New(i->c);
-        if (r == NULL)
-            return failed(st, here, "building a container");
-        for (int k = 0; k < i->c; k++) {
-            PyObject *v = R[i->b + k];
-            if (v == NULL) {
-                Py_DECREF(r);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            if (i->op == R_BUILD_LIST)
-                PyList_SET_ITEM(r, k, Py_NewRef(v));
-            else
-                PyTuple_SET_ITEM(r, k, Py_NewRef(v));
-        }
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_BUILD_DICT: {
-        PyObject *r = PyDict_New();
-        if (r == NULL)
-            return failed(st, here, "building a dict");
-        for (int k = 0; k < i->c; k++) {
-            PyObject *kv = R[i->b + 2 * k], *vv = R[i->b + 2 * k + 1];
-            if (kv == NULL || vv == NULL) {
-                Py_DECREF(r);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            PyObject *key = trace__force_deep(kv);
-            if (key == NULL || PyDict_SetItem(r, key, vv) < 0) {
-                Py_XDECREF(key);
-                Py_DECREF(r);
-                return failed(st, here, "building a dict");
-            }
-            Py_DECREF(key);
-        }
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_BUILD_SLICE: {
-        PyObject *part[3] = {NULL, NULL, NULL};
-        int regs[3] = {i->b, i->c, i->d};
-        for (int k = 0; k < 3; k++) {
-            if (regs[k] < 0)
-                continue;
-            if (R[regs[k]] == NULL || (part[k] = trace__force_deep(R[regs[k]])) == NULL) {
-                for (int j = 0; j < k; j++)
-                    Py_XDECREF(part[j]);
-                if (R[regs[k]] == NULL)
-                    return bail(st, here, "line %d reads a name that has no value", i->line);
-                return failed(st, here, "a slice");
-            }
-        }
-        PyObject *r = PySlice_New(part[0], part[1], part[2]);
-        for (int k = 0; k < 3; k++)
-            Py_XDECREF(part[k]);
-        if (r == NULL)
-            return failed(st, here, "a slice");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_APPEND:
-        NEED(i->a);
-        NEED(i->b);
-        if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
-            return bail(st, here, "line %d appends to something else than a list it made",
-                        i->line);
-        if (note_append(st, R[i->a]) < 0 || PyList_Append(R[i->a], R[i->b]) < 0)
-            return failed(st, here, "an append");
-        return 0;
-    case R_CALL: {
-        NEED(i->b);
-        const rins *kw = &p->code[here + 1];
-        PyObject *kwnames = kw->a >= 0 ? PyTuple_GET_ITEM(p->consts, kw->a) : NULL;
-        Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, total = i->d + nkw;
-        *pc = here + 2;
-        for (Py_ssize_t k = 0; k < total; k++)
-            NEED(i->c + k);
-        PyObject *callable = trace__force(R[i->b]);
-        if (callable == NULL)
-            return failed(st, here, "a call");
-        trace_codeinfo *info = NULL;
-        int kind = callee_kind(callable, &info);
-        if (kind == CALLEE_OTHER) {
-            PyObject *n = callee_name(callable);
-            int rc = bail(st, here, "line %d calls %S, which is neither functional nor known to "
-                          "be pure", i->line, n ? n : Py_None);
-            Py_XDECREF(n);
-            Py_DECREF(callable);
-            return rc;
-        }
-        PyObject *r = NULL;
-        uint8_t taint = FRESH;
-        if (kind == CALLEE_FUNCTIONAL) {
-            r = functional_call(st, callable, &R[i->c], i->d, kwnames);
-            /* A thread task may hand back what it was given. */
-            taint = info && info->options.threads ? OUTSIDE : FRESH;
-        }
-        else if (kind == CALLEE_SCHEDULED) {
-            /* Nested, through its own graph: it must replay too (its trace would run under no
-             * frame of ours), else this call gives up. */
-            int rc = call_scheduled(st, here, callable, info, &R[i->c], i->d, kwnames, &r);
-            Py_DECREF(callable);
-            if (rc != 0)
-                return rc;
-            set_reg(st, i->a, r, OUTSIDE);
-            return 0;
-        }
-        else {
-            for (Py_ssize_t k = 0; k < total; k++)
-                if (outside_iterator(st, i->c + k, R[i->c + k])) {
-                    Py_DECREF(callable);
-                    return bail(st, here, "line %d hands on an iterator it was handed", i->line);
-                }
-            if (nkw) {
-                int has_out = PySequence_Contains(kwnames, str_out);
-                if (has_out != 0) {
-                    Py_DECREF(callable);
-                    if (has_out < 0)
-                        return failed(st, here, "a call");
-                    return bail(st, here, "line %d passes out=: the callee writes into it",
-                                i->line);
-                }
-            }
-            r = trace__dispatch(callable, &R[i->c], i->d, kwnames);
-            if (r != NULL) {
-                taint = makes_new_object(callable) ? FRESH : OUTSIDE;
-                if (PyIter_Check(r))
-                    taint = WRAPS;     /* zip(), enumerate(), ...: made here, over no iterator
-                                        * of the caller's (checked above) */
-                for (Py_ssize_t k = 0; k < total; k++)
-                    if (r == R[i->c + k])
-                        taint = st->taint[i->c + k];
-            }
-        }
-        Py_DECREF(callable);
-        if (r == NULL)
-            return failed(st, here, "a call");
-        set_reg(st, i->a, r, taint);
-        return 0;
-    }
-    case R_KWNAMES:
-        return 0;
-    case R_ITER: {
-        PyObject *x;
-        READ(x, i->b, 0);
-        if (outside_iterator(st, i->b, x)) {
-            Py_DECREF(x);
-            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
-        }
-        PyObject *it = PyObject_GetIter(x);
-        Py_DECREF(x);
-        PyObject *r = it ? cursor_new(it) : NULL;
-        if (r == NULL)
-            return failed(st, here, "iter()");
-        set_reg(st, i->a, r, st->taint[i->b] == FRESH ? FRESH : WRAPS);
-        return 0;
-    }
-    case R_FOR: {
-        NEED(i->b);
-        PyObject *v = Py_IS_TYPE(R[i->b], &cursor_type)
-                      ? cursor_next((cursor *)R[i->b], st->ncp > 0) : PyIter_Next(R[i->b]);
+    PyObject *r = PyObject_GetItem(c, k);
+    Py_DECREF(c);
+    Py_DECREF(k);
+    if (r == NULL)
+        return failed(st, here, "a subscript");
+    set_reg(st, i->a, r, OUTSIDE);
+    return 0;
+}
+
+static int
+op_getattr(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *o;
+    READ(o, i->b, 0);
+    PyObject *r = PyObject_GetAttr(o, PyTuple_GET_ITEM(p->names, i->c));
+    Py_DECREF(o);
+    if (r == NULL)
+        return failed(st, here, "an attribute lookup");
+    set_reg(st, i->a, r, OUTSIDE);
+    return 0;
+}
+
+static int
+op_build_sequence(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *r = i->op == R_BUILD_LIST ? PyList_New(i->c) : PyTuple_New(i->c);
+    if (r == NULL)
+        return failed(st, here, "building a container");
+    for (int k = 0; k < i->c; k++) {
+        PyObject *v = R[i->b + k];
         if (v == NULL) {
-            if (PyErr_Occurred())
-                return failed(st, here, "a loop step");
-            *pc = i->c;
-            return 0;
+            Py_DECREF(r);
+            return bail(st, here, "line %d reads a name that has no value", i->line);
         }
-        set_reg(st, i->a, v, OUTSIDE);
+        if (i->op == R_BUILD_LIST)
+            PyList_SET_ITEM(r, k, Py_NewRef(v));
+        else
+            PyTuple_SET_ITEM(r, k, Py_NewRef(v));
+    }
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_build_dict(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *r = PyDict_New();
+    if (r == NULL)
+        return failed(st, here, "building a dict");
+    for (int k = 0; k < i->c; k++) {
+        PyObject *kv = R[i->b + 2 * k], *vv = R[i->b + 2 * k + 1];
+        if (kv == NULL || vv == NULL) {
+            Py_DECREF(r);
+            return bail(st, here, "line %d reads a name that has no value", i->line);
+        }
+        PyObject *key = trace__force_deep(kv);
+        if (key == NULL || PyDict_SetItem(r, key, vv) < 0) {
+            Py_XDECREF(key);
+            Py_DECREF(r);
+            return failed(st, here, "building a dict");
+        }
+        Py_DECREF(key);
+    }
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_build_slice(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *part[3] = {NULL, NULL, NULL};
+    int regs[3] = {i->b, i->c, i->d};
+    for (int k = 0; k < 3; k++) {
+        if (regs[k] < 0)
+            continue;
+        if (R[regs[k]] == NULL || (part[k] = trace__force_deep(R[regs[k]])) == NULL) {
+            for (int j = 0; j < k; j++)
+                Py_XDECREF(part[j]);
+            if (R[regs[k]] == NULL)
+                return bail(st, here, "line %d reads a name that has no value", i->line);
+            return failed(st, here, "a slice");
+        }
+    }
+    PyObject *r = PySlice_New(part[0], part[1], part[2]);
+    for (int k = 0; k < 3; k++)
+        Py_XDECREF(part[k]);
+    if (r == NULL)
+        return failed(st, here, "a slice");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_append(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    NEED(i->b);
+    if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
+        return bail(st, here, "line %d appends to something else than a list it made",
+                    i->line);
+    if (note_append(st, R[i->a]) < 0 || PyList_Append(R[i->a], R[i->b]) < 0)
+        return failed(st, here, "an append");
+    return 0;
+}
+
+static int
+op_call(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    const rins *kw = &p->code[here + 1];
+    PyObject *kwnames = kw->a >= 0 ? PyTuple_GET_ITEM(p->consts, kw->a) : NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0, total = i->d + nkw;
+    *pc = here + 2;
+    for (Py_ssize_t k = 0; k < total; k++)
+        NEED(i->c + k);
+    PyObject *callable = trace__force(R[i->b]);
+    if (callable == NULL)
+        return failed(st, here, "a call");
+    trace_codeinfo *info = NULL;
+    int kind = callee_kind(callable, &info);
+    if (kind == CALLEE_OTHER) {
+        PyObject *n = callee_name(callable);
+        int rc = bail(st, here, "line %d calls %S, which is neither functional nor known to "
+                      "be pure", i->line, n ? n : Py_None);
+        Py_XDECREF(n);
+        Py_DECREF(callable);
+        return rc;
+    }
+    PyObject *r = NULL;
+    uint8_t taint = FRESH;
+    if (kind == CALLEE_FUNCTIONAL) {
+        r = functional_call(st, callable, &R[i->c], i->d, kwnames);
+        /* A thread task may hand back what it was given. */
+        taint = info && info->options.threads ? OUTSIDE : FRESH;
+    }
+    else if (kind == CALLEE_SCHEDULED) {
+        /* Nested, through its own graph: it must replay too (its trace would run under no
+         * frame of ours), else this call gives up. */
+        int rc = call_scheduled(st, here, callable, info, &R[i->c], i->d, kwnames, &r);
+        Py_DECREF(callable);
+        if (rc != 0)
+            return rc;
+        set_reg(st, i->a, r, OUTSIDE);
         return 0;
     }
-    case R_JUMP:
-        *pc = i->a;
-        return 0;
-    case R_IF_FALSE: case R_IF_TRUE: {
-        NEED(i->a);
-        if (guessing && st->ncp > 0) {
-            int rc = settle_arrived(st, pc);
-            if (rc != 0)
-                return rc < 0 ? -1 : 0;       /* a wrong guess was found: *pc moved */
-        }
-        PyObject *x;
-        int own = guessing && may_guess(st, here) ? here : -1;
-        x = operand(st, pc, R[i->a], 0, own);
-        if (x == NULL) {
-            if (PyErr_Occurred())
-                return failed(st, here, "a truth test");
-            return 0;
-        }
-        if (st->nospec_pc == here)
-            st->nospec_pc = -1;
-        int t = PyObject_IsTrue(x);
-        Py_DECREF(x);
-        if (t < 0)
-            return failed(st, here, "a truth test");
-        p->sites[i->c].last = (int8_t)t;
-        if ((i->op == R_IF_FALSE) != t)
-            *pc = i->b;
-        return 0;
-    }
-    case R_UNPACK: {
-        PyObject *x;
-        READ(x, i->b, 0);
-        if (outside_iterator(st, i->b, x)) {
-            Py_DECREF(x);
-            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
-        }
-        PyObject *t = PySequence_Tuple(x);
-        Py_DECREF(x);
-        if (t == NULL)
-            return failed(st, here, "unpacking");
-        if (PyTuple_GET_SIZE(t) != i->c) {
-            Py_DECREF(t);
-            return bail(st, here, "line %d unpacks the wrong number of values", i->line);
-        }
-        for (int k = 0; k < i->c; k++)
-            set_reg(st, i->a + k, Py_NewRef(PyTuple_GET_ITEM(t, k)), OUTSIDE);
-        Py_DECREF(t);
-        return 0;
-    }
-    case R_RETURN:
-        NEED(i->a);
-        *pc = here;
-        return 1;
-    case R_BAIL:
-        return bail(st, here, "%U: the trace raises what plain Python raises",
-                    PyTuple_GET_ITEM(p->consts, i->a));
-    case R_STORE_ITEM: case R_SET_ADD: {
-        /* Into a list, dict or set the call made: it cannot be undone, so guesses are checked
-         * first. */
-        NEED(i->a);
-        NEED(i->b);
-        if (i->op == R_STORE_ITEM)
-            NEED(i->c);
-        if (st->taint[i->a] != FRESH)
-            return bail(st, here, "line %d changes a container the call did not make", i->line);
-        if (st->ncp > 0) {
-            int rc = settle_all(st, pc);
-            if (rc < 0)
-                return -1;
-            if (rc == 0)
-                *pc = here;
-            return 0;
-        }
-        PyObject *c = trace__force(R[i->a]);
-        if (c == NULL)
-            return failed(st, here, "a store");
-        int rc;
-        if (i->op == R_SET_ADD) {
-            PyObject *v = PyAnySet_Check(c) ? trace__force_deep(R[i->b]) : NULL;
-            if (v == NULL && !PyErr_Occurred()) {
-                Py_DECREF(c);
-                return bail(st, here, "line %d adds to something else than a set it made",
+    else {
+        for (Py_ssize_t k = 0; k < total; k++)
+            if (outside_iterator(st, i->c + k, R[i->c + k])) {
+                Py_DECREF(callable);
+                return bail(st, here, "line %d hands on an iterator it was handed", i->line);
+            }
+        if (nkw) {
+            int has_out = PySequence_Contains(kwnames, str_out);
+            if (has_out != 0) {
+                Py_DECREF(callable);
+                if (has_out < 0)
+                    return failed(st, here, "a call");
+                return bail(st, here, "line %d passes out=: the callee writes into it",
                             i->line);
             }
-            rc = v ? PySet_Add(c, v) : -1;
-            Py_XDECREF(v);
         }
-        else {
-            PyObject *k = trace__force_deep(R[i->b]);
-            /* Into an exact list or dict a pending value is moved; elsewhere it is read. */
-            PyObject *v = !k ? NULL : (PyList_CheckExact(c) || PyDict_CheckExact(c))
-                                      ? Py_NewRef(R[i->c]) : trace__force_deep(R[i->c]);
-            rc = k && v ? PyObject_SetItem(c, k, v) : -1;
-            Py_XDECREF(k);
-            Py_XDECREF(v);
+        r = trace__dispatch(callable, &R[i->c], i->d, kwnames);
+        if (r != NULL) {
+            taint = makes_new_object(callable) ? FRESH : OUTSIDE;
+            if (PyIter_Check(r))
+                taint = WRAPS;     /* zip(), enumerate(), ...: made here, over no iterator
+                                    * of the caller's (checked above) */
+            for (Py_ssize_t k = 0; k < total; k++)
+                if (r == R[i->c + k])
+                    taint = st->taint[i->c + k];
         }
-        Py_DECREF(c);
-        return rc < 0 ? failed(st, here, "a store") : 0;
     }
-    case R_EXTEND: {
-        NEED(i->a);
-        NEED(i->b);
-        if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
-            return bail(st, here, "line %d extends something else than a list it made",
+    Py_DECREF(callable);
+    if (r == NULL)
+        return failed(st, here, "a call");
+    set_reg(st, i->a, r, taint);
+    return 0;
+}
+
+static int
+op_kwnames(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    return 0;
+}
+
+static int
+op_iter(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *x;
+    READ(x, i->b, 0);
+    if (outside_iterator(st, i->b, x)) {
+        Py_DECREF(x);
+        return bail(st, here, "line %d consumes an iterator it was handed", i->line);
+    }
+    PyObject *it = PyObject_GetIter(x);
+    Py_DECREF(x);
+    PyObject *r = it ? cursor_new(it) : NULL;
+    if (r == NULL)
+        return failed(st, here, "iter()");
+    set_reg(st, i->a, r, st->taint[i->b] == FRESH ? FRESH : WRAPS);
+    return 0;
+}
+
+static int
+op_for(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->b);
+    PyObject *v = Py_IS_TYPE(R[i->b], &cursor_type)
+                  ? cursor_next((cursor *)R[i->b], st->ncp > 0) : PyIter_Next(R[i->b]);
+    if (v == NULL) {
+        if (PyErr_Occurred())
+            return failed(st, here, "a loop step");
+        *pc = i->c;
+        return 0;
+    }
+    set_reg(st, i->a, v, OUTSIDE);
+    return 0;
+}
+
+static int
+op_jump(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    *pc = i->a;
+    return 0;
+}
+
+static int
+op_branch(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    if (guessing && st->ncp > 0) {
+        int rc = settle_arrived(st, pc);
+        if (rc != 0)
+            return rc < 0 ? -1 : 0;       /* a wrong guess was found: *pc moved */
+    }
+    PyObject *x;
+    int own = guessing && may_guess(st, here) ? here : -1;
+    x = operand(st, pc, R[i->a], 0, own);
+    if (x == NULL) {
+        if (PyErr_Occurred())
+            return failed(st, here, "a truth test");
+        return 0;
+    }
+    if (st->nospec_pc == here)
+        st->nospec_pc = -1;
+    int t = PyObject_IsTrue(x);
+    Py_DECREF(x);
+    if (t < 0)
+        return failed(st, here, "a truth test");
+    p->sites[i->c].last = (int8_t)t;
+    if ((i->op == R_IF_FALSE) != t)
+        *pc = i->b;
+    return 0;
+}
+
+static int
+op_unpack(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *x;
+    READ(x, i->b, 0);
+    if (outside_iterator(st, i->b, x)) {
+        Py_DECREF(x);
+        return bail(st, here, "line %d consumes an iterator it was handed", i->line);
+    }
+    PyObject *t = PySequence_Tuple(x);
+    Py_DECREF(x);
+    if (t == NULL)
+        return failed(st, here, "unpacking");
+    if (PyTuple_GET_SIZE(t) != i->c) {
+        Py_DECREF(t);
+        return bail(st, here, "line %d unpacks the wrong number of values", i->line);
+    }
+    for (int k = 0; k < i->c; k++)
+        set_reg(st, i->a + k, Py_NewRef(PyTuple_GET_ITEM(t, k)), OUTSIDE);
+    Py_DECREF(t);
+    return 0;
+}
+
+static int
+op_return(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    *pc = here;
+    return 1;
+}
+
+static int
+op_bail(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    return bail(st, here, "%U: the trace raises what plain Python raises",
+                PyTuple_GET_ITEM(p->consts, i->a));
+}
+
+static int
+op_store(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    /* Into a list, dict or set the call made: it cannot be undone, so guesses are checked
+     * first. */
+    NEED(i->a);
+    NEED(i->b);
+    if (i->op == R_STORE_ITEM)
+        NEED(i->c);
+    if (st->taint[i->a] != FRESH)
+        return bail(st, here, "line %d changes a container the call did not make", i->line);
+    if (st->ncp > 0) {
+        int rc = settle_all(st, pc);
+        if (rc < 0)
+            return -1;
+        if (rc == 0)
+            *pc = here;
+        return 0;
+    }
+    PyObject *c = trace__force(R[i->a]);
+    if (c == NULL)
+        return failed(st, here, "a store");
+    int rc;
+    if (i->op == R_SET_ADD) {
+        PyObject *v = PyAnySet_Check(c) ? trace__force_deep(R[i->b]) : NULL;
+        if (v == NULL && !PyErr_Occurred()) {
+            Py_DECREF(c);
+            return bail(st, here, "line %d adds to something else than a set it made",
                         i->line);
-        PyObject *items = trace__force(R[i->b]);
-        if (items == NULL)
-            return failed(st, here, "extend()");
-        if (outside_iterator(st, i->b, items)) {
-            Py_DECREF(items);
-            return bail(st, here, "line %d consumes an iterator it was handed", i->line);
         }
-        int rc = note_append(st, R[i->a]);
-        PyObject *r = rc < 0 ? NULL : PySequence_InPlaceConcat(R[i->a], items);
+        rc = v ? PySet_Add(c, v) : -1;
+        Py_XDECREF(v);
+    }
+    else {
+        PyObject *k = trace__force_deep(R[i->b]);
+        /* Into an exact list or dict a pending value is moved; elsewhere it is read. */
+        PyObject *v = !k ? NULL : (PyList_CheckExact(c) || PyDict_CheckExact(c))
+                                  ? Py_NewRef(R[i->c]) : trace__force_deep(R[i->c]);
+        rc = k && v ? PyObject_SetItem(c, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    Py_DECREF(c);
+    return rc < 0 ? failed(st, here, "a store") : 0;
+}
+
+static int
+op_extend(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    NEED(i->a);
+    NEED(i->b);
+    if (!PyList_CheckExact(R[i->a]) || st->taint[i->a] != FRESH)
+        return bail(st, here, "line %d extends something else than a list it made",
+                    i->line);
+    PyObject *items = trace__force(R[i->b]);
+    if (items == NULL)
+        return failed(st, here, "extend()");
+    if (outside_iterator(st, i->b, items)) {
         Py_DECREF(items);
-        if (r == NULL)
-            return failed(st, here, "extend()");
-        Py_DECREF(r);
-        return 0;
+        return bail(st, here, "line %d consumes an iterator it was handed", i->line);
     }
-    case R_BUILD_SET: {
-        PyObject *r = PySet_New(NULL);
-        if (r == NULL)
+    int rc = note_append(st, R[i->a]);
+    PyObject *r = rc < 0 ? NULL : PySequence_InPlaceConcat(R[i->a], items);
+    Py_DECREF(items);
+    if (r == NULL)
+        return failed(st, here, "extend()");
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+op_build_set(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *r = PySet_New(NULL);
+    if (r == NULL)
+        return failed(st, here, "building a set");
+    for (int k = 0; k < i->c; k++) {
+        if (R[i->b + k] == NULL) {
+            Py_DECREF(r);
+            return bail(st, here, "line %d reads a name that has no value", i->line);
+        }
+        PyObject *v = trace__force_deep(R[i->b + k]);
+        if (v == NULL || PySet_Add(r, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(r);
             return failed(st, here, "building a set");
-        for (int k = 0; k < i->c; k++) {
-            if (R[i->b + k] == NULL) {
-                Py_DECREF(r);
-                return bail(st, here, "line %d reads a name that has no value", i->line);
-            }
-            PyObject *v = trace__force_deep(R[i->b + k]);
-            if (v == NULL || PySet_Add(r, v) < 0) {
-                Py_XDECREF(v);
-                Py_DECREF(r);
-                return failed(st, here, "building a set");
-            }
-            Py_DECREF(v);
         }
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_FORMAT: {
-        PyObject *v, *spec = NULL;
-        READ(v, i->b, 1);
-        if (i->d >= 0) {
-            NEED(i->d);
-            spec = trace__force_deep(R[i->d]);
-            if (spec == NULL) {
-                Py_DECREF(v);
-                return failed(st, here, "a format");
-            }
-        }
-        PyObject *conv = i->c == 's' ? PyObject_Str(v) : i->c == 'r' ? PyObject_Repr(v)
-                         : i->c == 'a' ? PyObject_ASCII(v) : Py_NewRef(v);
         Py_DECREF(v);
-        PyObject *r = conv ? PyObject_Format(conv, spec) : NULL;
-        Py_XDECREF(conv);
-        Py_XDECREF(spec);
-        if (r == NULL)
+    }
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_format(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *v, *spec = NULL;
+    READ(v, i->b, 1);
+    if (i->d >= 0) {
+        NEED(i->d);
+        spec = trace__force_deep(R[i->d]);
+        if (spec == NULL) {
+            Py_DECREF(v);
             return failed(st, here, "a format");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    case R_BUILD_STRING: {
-        PyObject *parts = PyTuple_New(i->c);
-        if (parts == NULL)
-            return failed(st, here, "an f-string");
-        for (int k = 0; k < i->c; k++) {
-            PyObject *v = R[i->b + k];
-            if (v == NULL || !PyUnicode_Check(v)) {
-                Py_DECREF(parts);
-                return bail(st, here, "line %d joins something that is not a str", i->line);
-            }
-            PyTuple_SET_ITEM(parts, k, Py_NewRef(v));
         }
-        PyObject *empty = PyUnicode_New(0, 0);
-        PyObject *r = empty ? PyUnicode_Join(empty, parts) : NULL;
-        Py_XDECREF(empty);
-        Py_DECREF(parts);
-        if (r == NULL)
-            return failed(st, here, "an f-string");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
     }
-    case R_DEREF: {
-        PyObject *closure = PyFunction_GET_CLOSURE(st->func);
-        if (closure == NULL || i->b >= PyTuple_GET_SIZE(closure))
-            return bail(st, here, "line %d reads a free variable the function does not have",
-                        i->line);
-        PyObject *v = PyCell_GET(PyTuple_GET_ITEM(closure, i->b));
-        if (v == NULL)
-            return bail(st, here, "line %d reads a free variable that has no value", i->line);
-        set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
-        return 0;
+    PyObject *conv = i->c == 's' ? PyObject_Str(v) : i->c == 'r' ? PyObject_Repr(v)
+                     : i->c == 'a' ? PyObject_ASCII(v) : Py_NewRef(v);
+    Py_DECREF(v);
+    PyObject *r = conv ? PyObject_Format(conv, spec) : NULL;
+    Py_XDECREF(conv);
+    Py_XDECREF(spec);
+    if (r == NULL)
+        return failed(st, here, "a format");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_build_string(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *parts = PyTuple_New(i->c);
+    if (parts == NULL)
+        return failed(st, here, "an f-string");
+    for (int k = 0; k < i->c; k++) {
+        PyObject *v = R[i->b + k];
+        if (v == NULL || !PyUnicode_Check(v)) {
+            Py_DECREF(parts);
+            return bail(st, here, "line %d joins something that is not a str", i->line);
+        }
+        PyTuple_SET_ITEM(parts, k, Py_NewRef(v));
     }
-    case R_MAP: {
-        int bailed = 0;
-        PyObject *r = run_map(st, here, i, &bailed);
-        if (r == NULL)
-            return bailed ? bailed : failed(st, here, "a map");
-        set_reg(st, i->a, r, FRESH);
-        return 0;
-    }
-    }
-    return bail(st, here, "unknown operation %d", i->op);
+    PyObject *empty = PyUnicode_New(0, 0);
+    PyObject *r = empty ? PyUnicode_Join(empty, parts) : NULL;
+    Py_XDECREF(empty);
+    Py_DECREF(parts);
+    if (r == NULL)
+        return failed(st, here, "an f-string");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
+static int
+op_deref(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    PyObject *closure = PyFunction_GET_CLOSURE(st->func);
+    if (closure == NULL || i->b >= PyTuple_GET_SIZE(closure))
+        return bail(st, here, "line %d reads a free variable the function does not have",
+                    i->line);
+    PyObject *v = PyCell_GET(PyTuple_GET_ITEM(closure, i->b));
+    if (v == NULL)
+        return bail(st, here, "line %d reads a free variable that has no value", i->line);
+    set_reg(st, i->a, Py_NewRef(v), OUTSIDE);
+    return 0;
+}
+
+static int
+op_map(run_state *st, int *pc, const rins *i, int guessing)
+{
+    OP_BEGIN();
+    int bailed = 0;
+    PyObject *r = run_map(st, here, i, &bailed);
+    if (r == NULL)
+        return bailed ? bailed : failed(st, here, "a map");
+    set_reg(st, i->a, r, FRESH);
+    return 0;
+}
+
 #undef READ
 #undef NEED
 #undef SLICE
+#undef OP_BEGIN
+
+typedef int (*op_fn)(run_state *st, int *pc, const rins *i, int guessing);
+
+/* The operations by number: what the compiled tier calls (rop_names gives their names). */
+static const op_fn op_table[R_NOPS] = {
+    [R_ARG] = op_arg,
+    [R_CONST] = op_const,
+    [R_GLOBAL] = op_global,
+    [R_MOVE] = op_move,
+    [R_BINOP] = op_binop,
+    [R_INPLACE] = op_binop,
+    [R_UNARY] = op_unary,
+    [R_NOT] = op_unary,
+    [R_COMPARE] = op_compare,
+    [R_GETITEM] = op_getitem,
+    [R_GETATTR] = op_getattr,
+    [R_BUILD_LIST] = op_build_sequence,
+    [R_BUILD_TUPLE] = op_build_sequence,
+    [R_BUILD_DICT] = op_build_dict,
+    [R_BUILD_SLICE] = op_build_slice,
+    [R_APPEND] = op_append,
+    [R_CALL] = op_call,
+    [R_KWNAMES] = op_kwnames,
+    [R_ITER] = op_iter,
+    [R_FOR] = op_for,
+    [R_JUMP] = op_jump,
+    [R_IF_FALSE] = op_branch,
+    [R_IF_TRUE] = op_branch,
+    [R_UNPACK] = op_unpack,
+    [R_RETURN] = op_return,
+    [R_BAIL] = op_bail,
+    [R_STORE_ITEM] = op_store,
+    [R_SET_ADD] = op_store,
+    [R_EXTEND] = op_extend,
+    [R_BUILD_SET] = op_build_set,
+    [R_FORMAT] = op_format,
+    [R_BUILD_STRING] = op_build_string,
+    [R_DEREF] = op_deref,
+    [R_MAP] = op_map,
+};
+
+/* ---- the compiled tier ------------------------------------------------------------------------ */
+
+static uint64_t thread_cpu_ns(void);
+static uint64_t median3(const uint64_t *v, int n);
+
+/* p's program as jit/ takes it: per instruction its operation, its address, and where control
+ * goes when nothing unusual happens (a guess, a rollback or a check goes through the compiled
+ * function's switch instead). NULL + exception, or the handle. */
+static jit_graph *
+jit_submit(struct trace_replay *p, int wait)
+{
+    jit_step *steps = PyMem_Malloc((size_t)p->ncode * sizeof(jit_step));
+    if (steps == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (int pc = 0; pc < p->ncode; pc++) {
+        const rins *i = &p->code[pc];
+        jit_step *s = &steps[pc];
+        s->op = i->op;
+        s->ins = i;
+        s->next = pc + 1;
+        s->alt = -1;
+        switch (i->op) {
+        case R_CALL: s->next = pc + 2; break;             /* over its KWNAMES */
+        case R_JUMP: s->next = i->a; break;
+        case R_IF_FALSE: case R_IF_TRUE: s->alt = i->b; break;
+        case R_FOR: s->alt = i->c; break;
+        case R_RETURN: case R_BAIL: s->next = -1; break;  /* they end the run */
+        }
+    }
+    jit_graph *g = jit_graph_submit(steps, p->ncode, wait);
+    PyMem_Free(steps);
+    return g;
+}
+
+/* The compiled function of p's graph when it is ready and not slower than the interpreter, else
+ * NULL (interpreted). A graph that has become hot is handed to the compile thread here; the call
+ * does not wait for it (unless the tier is "always"). While the two tiers are compared, *timed
+ * says which one this call's run is timed for (0 interpreted, 1 compiled; else -1). */
+static jit_graph_fn
+compiled_for(struct trace_replay *p, int *timed)
+{
+    *timed = -1;
+    if (jit_mode == 0)
+        return NULL;
+    if (p->jit == NULL) {
+        if ((jit_mode == 1 && p->hits < (uint64_t)jit_after) || p->ncode > jit_max)
+            return NULL;
+        if ((p->jit = jit_submit(p, jit_mode == 2)) == NULL) {
+            PyErr_Clear();              /* out of memory: interpreted, and tried again later */
+            return NULL;
+        }
+    }
+    jit_graph_fn fn = jit_graph_ready(p->jit);
+    if (fn == NULL || jit_mode == 2 || p->tier_verdict > 0)
+        return fn;
+    if (p->tier_verdict < 0)
+        return NULL;
+    *timed = p->ntier_cpu[0] <= p->ntier_cpu[1] ? 0 : 1;
+    return *timed ? fn : NULL;
+}
+
+/* A timed run of the comparison between the tiers (see compiled_for) took ns. */
+static void
+tier_timed(struct trace_replay *p, int timed, uint64_t ns)
+{
+    if (p->ntier_cpu[timed] < COMPARE_CALLS)
+        p->tier_cpu[timed][p->ntier_cpu[timed]++] = ns;
+    if (p->ntier_cpu[0] < COMPARE_CALLS || p->ntier_cpu[1] < COMPARE_CALLS)
+        return;
+    p->tier_ns[0] = median3(p->tier_cpu[0], COMPARE_CALLS);
+    p->tier_ns[1] = median3(p->tier_cpu[1], COMPARE_CALLS);
+    p->tier_verdict = p->tier_ns[1] < p->tier_ns[0] ? 1 : -1;
+}
+
+/* The operations for the compiled tier, by number, as jit/ calls them (the pointer types differ
+ * only in naming the state and instruction types; jit/ never calls them from C). */
+static jit_op_fn jit_ops[R_NOPS];
+
+/* Execute the instruction at *pc (the interpreter's step; as the operations above). */
+static int
+exec_one(run_state *st, int *pc, int guessing)
+{
+    const rins *i = &st->p->code[*pc];
+    switch (i->op) {
+    case R_ARG: return op_arg(st, pc, i, guessing);
+    case R_CONST: return op_const(st, pc, i, guessing);
+    case R_GLOBAL: return op_global(st, pc, i, guessing);
+    case R_MOVE: return op_move(st, pc, i, guessing);
+    case R_BINOP: return op_binop(st, pc, i, guessing);
+    case R_INPLACE: return op_binop(st, pc, i, guessing);
+    case R_UNARY: return op_unary(st, pc, i, guessing);
+    case R_NOT: return op_unary(st, pc, i, guessing);
+    case R_COMPARE: return op_compare(st, pc, i, guessing);
+    case R_GETITEM: return op_getitem(st, pc, i, guessing);
+    case R_GETATTR: return op_getattr(st, pc, i, guessing);
+    case R_BUILD_LIST: return op_build_sequence(st, pc, i, guessing);
+    case R_BUILD_TUPLE: return op_build_sequence(st, pc, i, guessing);
+    case R_BUILD_DICT: return op_build_dict(st, pc, i, guessing);
+    case R_BUILD_SLICE: return op_build_slice(st, pc, i, guessing);
+    case R_APPEND: return op_append(st, pc, i, guessing);
+    case R_CALL: return op_call(st, pc, i, guessing);
+    case R_KWNAMES: return op_kwnames(st, pc, i, guessing);
+    case R_ITER: return op_iter(st, pc, i, guessing);
+    case R_FOR: return op_for(st, pc, i, guessing);
+    case R_JUMP: return op_jump(st, pc, i, guessing);
+    case R_IF_FALSE: return op_branch(st, pc, i, guessing);
+    case R_IF_TRUE: return op_branch(st, pc, i, guessing);
+    case R_UNPACK: return op_unpack(st, pc, i, guessing);
+    case R_RETURN: return op_return(st, pc, i, guessing);
+    case R_BAIL: return op_bail(st, pc, i, guessing);
+    case R_STORE_ITEM: return op_store(st, pc, i, guessing);
+    case R_SET_ADD: return op_store(st, pc, i, guessing);
+    case R_EXTEND: return op_extend(st, pc, i, guessing);
+    case R_BUILD_SET: return op_build_set(st, pc, i, guessing);
+    case R_FORMAT: return op_format(st, pc, i, guessing);
+    case R_BUILD_STRING: return op_build_string(st, pc, i, guessing);
+    case R_DEREF: return op_deref(st, pc, i, guessing);
+    case R_MAP: return op_map(st, pc, i, guessing);
+    }
+    graph_set_location(st->p->filename, i->line);
+    return bail(st, *pc, "unknown operation %d", i->op);
 }
 
 static PyObject *
@@ -1782,7 +2093,14 @@ run(run_state *st, PyObject **result)
 {
     int pc = 0, rc = 0;
     for (;;) {
-        rc = exec_one(st, &pc, 1);
+        if (st->compiled != NULL) {
+            /* Runs on until an operation says otherwise, as the loop below would. */
+            rc = st->compiled(st, &pc);
+            if (rc == JIT_UNKNOWN_PC)
+                rc = exec_one(st, &pc, 1);
+        }
+        else
+            rc = exec_one(st, &pc, 1);
         if (rc == 0)
             continue;
         if (rc == 1) {
@@ -2141,7 +2459,7 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         PyErr_NoMemory();
         return -1;
     }
-    int rc = 0;
+    int rc = 0, compiled = 0;
     if (!bind(p, func, args, nargs, kwnames, bound)) {
         S.misses++;
         goto done;
@@ -2166,6 +2484,9 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         if (PyModule_Check(st.builtins))
             st.builtins = PyModule_GetDict(st.builtins);
         st.nospec_pc = -1;
+        int timed;
+        st.compiled = compiled_for(p, &timed);
+        compiled = st.compiled != NULL;
         st.regs = PyMem_Calloc((size_t)p->nregs, sizeof(PyObject *));
         st.taint = PyMem_Calloc((size_t)p->nregs, 1);
         if (st.regs == NULL || st.taint == NULL) {
@@ -2185,7 +2506,10 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
         PyObject *outer_file;
         int outer_line;
         graph_get_location(&outer_file, &outer_line);
+        uint64_t cpu0 = timed >= 0 ? thread_cpu_ns() : 0;
         rc = run(&st, result);
+        if (rc == 1 && timed >= 0)
+            tier_timed(p, timed, thread_cpu_ns() - cpu0);
         graph_set_location(outer_file, outer_line);
         if (rc == -2) {
             Py_XSETREF(p->reason, Py_XNewRef(st.bail_reason));
@@ -2194,6 +2518,7 @@ replay_execute(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_s
     }
     if (rc == 1) {
         p->hits++;
+        p->compiled_runs += compiled;
         p->bails_in_a_row = 0;
         S.hits++;
     }
@@ -2218,13 +2543,30 @@ done:
 static PyObject *
 core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"mode", "after", "guess", "compare", NULL};
-    const char *mode = NULL;
-    long after = -1;
+    static char *kwlist[] = {"mode", "after", "guess", "compare", "jit", "jit_after", "jit_max",
+                             NULL};
+    static const char *const jit_names[] = {"off", "on", "always"};
+    const char *mode = NULL, *jit = NULL;
+    long after = -1, after_jit = -1, max_jit = -1;
     int guess = -1, compare = -1;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zlii:_replay_configure", kwlist, &mode, &after,
-                                     &guess, &compare))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zliizll:_replay_configure", kwlist, &mode,
+                                     &after, &guess, &compare, &jit, &after_jit, &max_jit))
         return NULL;
+    if (jit != NULL) {
+        int m = -1;
+        for (int k = 0; k < 3; k++)
+            if (strcmp(jit, jit_names[k]) == 0)
+                m = k;
+        if (m < 0) {
+            PyErr_Format(PyExc_ValueError, "pydron: jit must be off, on or always, not %s", jit);
+            return NULL;
+        }
+        jit_mode = m;
+    }
+    if (after_jit >= 0)
+        jit_after = after_jit;
+    if (max_jit >= 0)
+        jit_max = max_jit;
     if (compare >= 0)
         replay_compare = compare != 0;
     if (guess >= 0)
@@ -2245,8 +2587,9 @@ core_replay_configure(PyObject *module, PyObject *args, PyObject *kw)
     if (after >= 0)
         replay_after = after;
     static const char *const names[] = {"off", "on", "reference"};
-    return Py_BuildValue("{ssslsisi}", "mode", names[replay_mode], "after", replay_after, "guess",
-                         replay_guess, "compare", replay_compare);
+    return Py_BuildValue("{ssslsisissslsl}", "mode", names[replay_mode], "after", replay_after,
+                         "guess", replay_guess, "compare", replay_compare, "jit",
+                         jit_names[jit_mode], "jit_after", jit_after, "jit_max", jit_max);
 }
 
 static PyObject *
@@ -2260,6 +2603,43 @@ core_replay_stats(PyObject *module, PyObject *noargs)
                          (unsigned long long)S.bails, "guesses", (unsigned long long)S.guesses,
                          "mispredicts", (unsigned long long)S.mispredicts, "maps",
                          (unsigned long long)S.maps);
+}
+
+/* The compiled tier's part of _replay_state: "jit" (not yet, too large, queued, ready, slower
+ * than the interpreter, failed: why), "compiled" (later calls run compiled code), "compile_ms",
+ * "compiled_runs", and once the tiers were compared "tiers_cpu" (their medians, µs).
+ * 0, or -1 + exception. */
+static int
+add_jit_state(PyObject *d, struct trace_replay *p)
+{
+    double ms = 0.0;
+    const char *error = NULL;
+    int status = p->jit ? jit_graph_status(p->jit, &ms, &error) : -1;
+    PyObject *what;
+    if (status == JIT_FAILED)
+        what = PyUnicode_FromFormat("failed: %s", error);
+    else
+        what = PyUnicode_FromString(
+            status == JIT_READY ? (p->tier_verdict < 0 ? "slower than the interpreter" : "ready")
+            : status == JIT_QUEUED ? "queued" : p->ncode > jit_max ? "too large" : "not yet");
+    int used = status == JIT_READY && (jit_mode == 2 || (jit_mode == 1 && p->tier_verdict >= 0));
+    PyObject *v = Py_BuildValue("{sNsOsOsK}", "jit", what, "compiled", used ? Py_True : Py_False,
+                                "compile_ms", status == JIT_READY ? PyFloat_FromDouble(ms)
+                                                                  : Py_NewRef(Py_None),
+                                "compiled_runs", (unsigned long long)p->compiled_runs);
+    if (v != NULL && p->tier_verdict != 0) {
+        PyObject *cmp = Py_BuildValue("{sdsd}", "interpreted_us", p->tier_ns[0] / 1e3,
+                                      "compiled_us", p->tier_ns[1] / 1e3);
+        if (cmp == NULL || PyDict_SetItemString(v, "tiers_cpu", cmp) < 0)
+            Py_CLEAR(v);
+        Py_XDECREF(cmp);
+    }
+    if (v == NULL || PyDict_Update(d, v) < 0) {
+        Py_XDECREF(v);
+        return -1;
+    }
+    Py_DECREF(v);
+    return 0;
 }
 
 /* _replay_state(fn) -> dict: what became of fn's graph (pydron.explain, tests). */
@@ -2296,6 +2676,8 @@ core_replay_state(PyObject *module, PyObject *fn)
                          "guesses", (unsigned long long)p->guesses, "mispredicts",
                          (unsigned long long)p->mispredicts, "instructions", p->ncode, "sites",
                          sites);
+    if (d != NULL && add_jit_state(d, p) < 0)
+        Py_CLEAR(d);
     if (d != NULL && p->last_trace_ns) {
         PyObject *cmp = Py_BuildValue("{sdsd}", "replay_us", p->last_replay_ns / 1e3,
                                       "trace_us", p->last_trace_ns / 1e3);
@@ -2405,6 +2787,10 @@ trace__replay_init(PyObject *module)
     str_out = PyUnicode_InternFromString("out");
     str_builtins = PyUnicode_InternFromString("__builtins__");
     if (str_out == NULL || str_builtins == NULL)
+        return -1;
+    for (int k = 0; k < R_NOPS; k++)
+        jit_ops[k] = (jit_op_fn)(void (*)(void))op_table[k];
+    if (jit_set_ops(jit_ops, R_NOPS) < 0)
         return -1;
     return PyModule_AddFunctions(module, replay_methods);
 }

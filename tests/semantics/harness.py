@@ -28,7 +28,8 @@ WORKERS = 2
 # tests/test_semantics.py starts one). "pydron-replay(-reference)": the case's call through its
 # graph (trace/replay.c, or the Python reference interpreter).
 MODES = ("plain", "reference", "reference-threads", "pydron", "pydron-1worker", "pydron-cluster",
-         "pydron-replay", "pydron-replay-guess", "pydron-replay-reference")
+         "pydron-replay", "pydron-replay-guess", "pydron-replay-compiled",
+         "pydron-replay-reference")
 CLUSTER: str | None = None
 
 
@@ -146,21 +147,24 @@ def run_pydron(case: Case) -> Outcome:
     return outcome
 
 
-# interpreter -> {case name: (replayed, graph state, reason, guesses)}: what the replay modes did
+# interpreter -> {case name: (replayed, graph state, reason, guesses, compiled runs, own hits)}:
+# what the replay modes did ("replayed": some graph ran to the end during the case, maybe a nested
+# callee's, which depends on what ran before; "own hits": the case's own graph did)
 # in this process (test_semantics checks that the graphs really ran).
 REPLAY_LOG: dict[str, dict[str, tuple]] = {}
 
 
-def run_replayed(case: Case, interpreter: str, guess: int = 1) -> Outcome:
+def run_replayed(case: Case, interpreter: str, guess: int = 1, jit: str = "off") -> Outcome:
     """Under pydron, the case's call through its graph from the first call (trace/replay.c, or
     the Python reference interpreter): the graph is made afresh, and when it gives up the call
     is traced, as in production. `outcome.replayed` says whether the graph ran to the end.
     guess=2: every branch on a task's result guesses, even when the result is in (so that the
-    checkpoints, checks, rollbacks and reuse run on every case)."""
+    checkpoints, checks, rollbacks and reuse run on every case). jit="always": through the
+    graph's compiled code (jit/jit.c), compiled at the first call."""
     from pydron import _core
     fn = getattr(case.fn, "__func__", case.fn)
     ensure_enabled()
-    previous = _core._replay_configure(mode=interpreter, after=0, guess=guess)
+    previous = _core._replay_configure(mode=interpreter, after=0, guess=guess, jit=jit)
     _core._replay_forget(fn)
     try:
         outcome = run_pydron(case)
@@ -168,12 +172,13 @@ def run_replayed(case: Case, interpreter: str, guess: int = 1) -> Outcome:
         # The case's own graph ran (not merely a nested scheduled call's, whose graph may
         # survive from an earlier mode's run: the order of the modes must not matter).
         outcome.replayed = state.get("hits", 0) > 0
-        REPLAY_LOG.setdefault(interpreter if guess == 1 else f"{interpreter}-guess", {})[
-            case.name] = (
-            outcome.replayed, state["state"], state.get("reason"), state.get("guesses", 0))
+        key = interpreter + ("-guess" if guess != 1 else "") + ("-compiled" if jit != "off" else "")
+        REPLAY_LOG.setdefault(key, {})[case.name] = (
+            outcome.replayed, state["state"], state.get("reason"), state.get("guesses", 0),
+            state.get("compiled_runs", 0), state.get("hits", 0))
     finally:
         _core._replay_configure(mode=previous["mode"], after=previous["after"],
-                                guess=previous["guess"])
+                                guess=previous["guess"], jit=previous["jit"])
         _core._replay_forget(fn)
     return outcome
 
@@ -222,6 +227,7 @@ RUNNERS = {"plain": run_plain, "pydron": run_pydron, "pydron-1worker": run_pydro
            "pydron-cluster": run_pydron,
            "pydron-replay": lambda case: run_replayed(case, "on"),
            "pydron-replay-guess": lambda case: run_replayed(case, "on", guess=2),
+           "pydron-replay-compiled": lambda case: run_replayed(case, "on", jit="always"),
            "pydron-replay-reference": lambda case: run_replayed(case, "reference"),
            "reference": run_reference,
            "reference-threads": lambda case: run_reference(case, threads=WORKERS)}
