@@ -1,6 +1,6 @@
 /* jit/jit.h — LLVM (ORC LLJIT through the C API): native code for the replay glue of hot graphs.
  *
- * A graph (trace/replay.c) hands its program over as a table of steps: which operation function
+ * A graph (trace/replay_tier.c) hands its program over as a table of steps: which operation function
  * each instruction calls, the instruction's address (passed to that function as an immediate),
  * and where control goes next when nothing unusual happened. jit/ turns the table into one native
  * function per graph: a basic block per instruction calling its operation directly, branches to

@@ -30,8 +30,8 @@ import textwrap
 import types
 
 # ---- the program -------------------------------------------------------------------------------
-# Instructions are (op, a, b, c, d) tuples of ints; the numbers are shared with trace/replay.c
-# (pydron._core exposes its copy as REPLAY_OPS; a test checks they agree).
+# Instructions are (op, a, b, c, d) tuples of ints; the numbers are shared with enum rop in
+# trace/replay_internal.h (pydron._core exposes its copy as REPLAY_OPS; a test checks they agree).
 
 OPS = [
     "ARG",          # a=dst b=k                  dst = the k-th argument

@@ -1,7 +1,7 @@
 """The compiled tier of replay (issue 8, tiers): a hot graph's program compiled by LLVM on the
-compile thread (jit/jit.c) calls the interpreter's own operations (trace/replay.c). Every case runs
-three ways, traced, interpreted and compiled, and must give the same results, the same exceptions
-and, between the two replays, the same hits and bails."""
+compile thread (jit/jit.c) calls the interpreter's own operations (trace/replay_ops.c). Every
+case runs three ways, traced, interpreted and compiled, and must give the same results, the same
+exceptions and, between the two replays, the same hits and bails."""
 
 import threading
 import time
