@@ -2,7 +2,9 @@
  * may have scribbled on: blobs, result and indirect records, and a whole result ring (positions
  * and record headers included). Built with clang's -fsanitize=fuzzer,address,undefined by
  * `make fuzz`, which runs it for a bounded time; any read out of bounds, any accepted offset
- * outside an allocated block, or any crash is a failure. */
+ * outside an allocated block, or any crash is a failure. The other way round too: a well-formed
+ * blob made from the input (mode 4) must be accepted and read back exactly as written, and the
+ * same blob with one buffer reaching past its block must be refused. */
 #include "exec/wire.h"
 
 #include <stdlib.h>
@@ -44,6 +46,41 @@ touch_view(const wire_blob_view *v)
     (void)sink;
 }
 
+/* Mode 4: a blob written with wire_write_blob from the input (its bytes inline, up to four
+ * buffers inside the allocated blocks, at offsets and lengths taken from the input) is accepted,
+ * consumed whole and read back field for field; one buffer made one byte too long is refused. */
+static void
+well_formed_blob(const unsigned char *in, size_t n)
+{
+    wire_buf bufs[4];
+    uint32_t nbufs = n ? in[0] % 5 : 0;
+    for (uint32_t b = 0; b < nbufs; b++) {
+        size_t blen;
+        uint64_t blk = valid_blk[(b + (n > 1 ? in[1] : 0)) % 4];
+        if (arena_block_len(A, blk, &blen) != 0)
+            abort();
+        uint64_t off = n > 2 + b ? (uint64_t)in[2 + b] * 97 % blen : 0;
+        bufs[b] = (wire_buf){blk, blk + off, blen - off};
+    }
+    uint64_t size = wire_blob_size(n, nbufs, 1);
+    uint64_t *rec = calloc(1, size + 8);
+    size_t written = wire_write_blob(rec, (const char *)in, n, WIRE_NO_BLOCK, 0, bufs, nbufs);
+    wire_blob_view v;
+    size_t used;
+    if (written != size || wire_check_blob(rec, written, A, &v, &used) != NULL || used != written ||
+        v.len != n || v.nbufs != nbufs || (n && memcmp(v.data, in, n) != 0) ||
+        (nbufs && memcmp(v.bufs, bufs, nbufs * sizeof(wire_buf)) != 0))
+        abort();
+    touch_view(&v);
+    if (nbufs) {
+        wire_buf *first = (wire_buf *)((wire_blob *)rec + 1);
+        first->len++;                                  /* one byte past the end of its block */
+        if (wire_check_blob(rec, written, A, &v, &used) == NULL)
+            abort();
+    }
+    free(rec);
+}
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -61,7 +98,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const wire_result *hdr;
     const wire_indirect *ind;
     const void *payload;
-    switch (data[0] % 4) {
+    switch (data[0] % 5) {
     case 0:
         if (wire_check_blob(p, n, A, &v, &used) == NULL) {
             if (used > n)
@@ -79,6 +116,9 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (arena_block_len(A, ind->blk, &blen) != 0 || ind->len > blen)
                 abort();
         }
+        break;
+    case 4:
+        well_formed_blob((const unsigned char *)p, n);
         break;
     default: {
         /* A whole ring as a worker left it: its positions from the input, its data too. */
