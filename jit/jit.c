@@ -128,8 +128,8 @@ done:
  * to the slow block: return what the operation returned, or find the block of *pc through the
  * dispatch switch. One block per step, as few as can be: code generation costs per block.
  * Operations and instructions are addresses baked in as constants: no symbol to resolve, no
- * relocation, no stub (calls through symbols the JIT resolved went through stubs, compiled twice
- * as slowly and ran slower than the interpreter). NULL: out of memory (g->error). */
+ * relocation, no call trampoline (calls through symbols the JIT resolved went through linker
+ * trampolines, compiled twice as slowly and ran slower than the interpreter). NULL: out of memory (g->error). */
 static LLVMModuleRef
 graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
 {

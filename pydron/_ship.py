@@ -490,15 +490,39 @@ def reduce_memmap(a):
         else:
             hi += (n - 1) * s
     span = hi - lo + a.itemsize
-    mapping = _mapping_of(data + lo, data + lo + span)
+    mapping = _mapping_of_mmap(a._mmap)
+    if mapping is None:
+        return _copied_memmap(a)
+    device, inode, base, base_in_file, size = mapping
+    if not (base <= data + lo and data + lo + span <= base + size):
+        return _copied_memmap(a)
+    start = base_in_file + data + lo - base        # the first byte's offset in the file
     try:
         st = os.stat(filename)
     except OSError:
         return _copied_memmap(a)
-    if mapping is None or mapping[:2] != (st.st_dev, st.st_ino) or mapping[2] + span > st.st_size:
+    if (device, inode) != (st.st_dev, st.st_ino) or start + span > st.st_size:
         return _copied_memmap(a)                   # replaced, deleted or truncated since
-    return _rebuild_memmap, (filename, mapping[:2], mapping[2], span, -lo, a.dtype, a.shape,
+    return _rebuild_memmap, (filename, (device, inode), start, span, -lo, a.dtype, a.shape,
                              a.strides, a.offset)
+
+
+# mmap object -> (device, inode, its address, the file offset there, its length): where a
+# mapping lies does not change while it lives, so /proc/self/maps is read once per mapping, not
+# once per task that receives an array over it.
+_mappings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mapping_of_mmap(mm):
+    known = _mappings.get(mm)
+    if known is None:
+        import numpy as np
+        base = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
+        found = _mapping_of(base, base + len(mm))
+        if found is None:
+            return None
+        known = _mappings[mm] = (found[0], found[1], base, found[2], len(mm))
+    return known
 
 
 def _copied_memmap(a):

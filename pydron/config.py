@@ -131,6 +131,20 @@ def _defaults() -> dict[str, Any]:
             "functional": [], "schedule": []}
 
 
+
+def _switch(value, where: str, name: str, allowed: tuple) -> str:
+    """A setting that is on, off or one of a few words: booleans and their spellings become
+    "on"/"off"; anything else must be in `allowed`."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text is True or text in _TRUE:
+        return "on"
+    if text is False or text in _FALSE:
+        return "off"
+    if text not in allowed:
+        raise ConfigError(f"{where}: {name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                          f"got {value!r}")
+    return text
+
 def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
     """Check and normalise one value; strings (environment, command line) are parsed, unless
     `parse` is false (Python callers pass numbers as numbers)."""
@@ -197,24 +211,8 @@ def _convert(key: str, value: Any, where: str, parse: bool = True) -> Any:
             raise ConfigError(f"{where}: intercept must be 'vectorcall' or 'hook', "
                               f"got {value!r}")
         return text
-    if kind == "replay":
-        text = value.strip().lower() if isinstance(value, str) else value
-        if text is True or text in _TRUE:
-            return "on"
-        if text is False or text in _FALSE:
-            return "off"
-        if text not in REPLAYS:
-            raise ConfigError(f"{where}: replay must be on, off or reference, got {value!r}")
-        return text
-    if kind == "jit":
-        text = value.strip().lower() if isinstance(value, str) else value
-        if text is True or text in _TRUE:
-            return "on"
-        if text is False or text in _FALSE:
-            return "off"
-        if text not in JITS:
-            raise ConfigError(f"{where}: jit must be on, off or always, got {value!r}")
-        return text
+    if kind in ("replay", "jit"):
+        return _switch(value, where, kind, REPLAYS if kind == "replay" else JITS)
     if kind == "seconds":
         given = value
         if isinstance(value, str):
