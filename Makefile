@@ -90,7 +90,9 @@ fuzz:
 	mkdir -p build/fuzz/corpus
 	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I. \
 	    tests/fuzz/fuzz_wire.c exec/wire.c exec/arena.c exec/ring.c -o build/fuzz/fuzz_wire
-	build/fuzz/fuzz_wire build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1
+	build/fuzz/fuzz_wire tests/fuzz/regressions/*
+	build/fuzz/fuzz_wire build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=build/fuzz/
 
 # A long chaos run: random SIGKILLs of workers and the fork server under load (tests/chaos.py).
 CHAOS_SECONDS ?= 120

@@ -232,6 +232,9 @@ int exec__testing_module_init(PyObject *module);
 /* Pool state for tests and `pydron info`: pids, arena accounting (new reference). */
 PyObject *exec__pool_info(void);
 PyObject *exec__threads_info(void);                      /* new reference */
+/* Tests only: a pool thread pauses this long after waking the master for a result, before it
+ * looks at the queue again (0: no pause), so that the master's next submit lands in that window. */
+extern _Atomic int exec__threads_post_pause_us;
 /* Interpreter exit: join the pool's threads and refuse further thread tasks. */
 void exec__threads_close(void);
 void exec__cancel_all(void);

@@ -579,6 +579,20 @@ threads_stats(PyObject *self, PyObject *unused)
 }
 
 static PyObject *
+threads_set_post_pause(PyObject *self, PyObject *arg)
+{
+    long us = PyLong_AsLong(arg);
+    if (us == -1 && PyErr_Occurred())
+        return NULL;
+    if (us < 0 || us > 1000000) {
+        PyErr_Format(PyExc_ValueError, "_threads_set_post_pause: %ld us is not from 0 to 1e6", us);
+        return NULL;
+    }
+    atomic_store(&exec__threads_post_pause_us, (int)us);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 threads_shutdown(PyObject *self, PyObject *unused)
 {
     exec__thread_backend.shutdown(1);
@@ -692,6 +706,8 @@ static PyMethodDef testing_methods[] = {
     {"_threads_cancel", threads_cancel, METH_O, "_threads_cancel(ids): exec_cancel."},
     {"_threads_cancel_all", threads_cancel_all, METH_NOARGS, "Forget queued and running tasks."},
     {"_threads_stats", threads_stats, METH_NOARGS, "Thread pool counters."},
+    {"_threads_set_post_pause", threads_set_post_pause, METH_O,
+     "_threads_set_post_pause(us): pool threads pause after posting a result (tests)."},
     {"_threads_shutdown", threads_shutdown, METH_NOARGS, "Join the pool's threads."},
     {"_threads_ffi_version", threads_ffi_version, METH_NOARGS, "libffi version string."},
     {NULL},

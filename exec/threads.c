@@ -31,6 +31,9 @@ static struct {
     thread_job *done_head, *done_tail;
     pthread_t *threads;
     int nthreads, max_threads, idle, stopping;
+    int arriving;                  /* threads about to look at the queue without a signal (just
+                                    * started, or back from a completion notice): queued work they
+                                    * will take needs no new thread */
     pid_t pid;                     /* process the threads belong to */
     Py_ssize_t outstanding;
     uint64_t ffi_calls, python_calls;
@@ -45,6 +48,7 @@ static struct {
 };
 
 static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+_Atomic int exec__threads_post_pause_us;
 
 /* Set in pool threads: they must not join the pool they belong to. */
 static _Thread_local int in_pool_thread;
@@ -139,6 +143,7 @@ thread_main(void *unused)
     PyThreadState *ts = PyEval_SaveThread();
 
     pthread_mutex_lock(&pool.mu);
+    pool.arriving--;
     for (;;) {
         while (pool.queue_head == NULL && !pool.stopping) {
             pool.idle++;
@@ -173,9 +178,13 @@ thread_main(void *unused)
         pool.done_tail = job;
         if (first) {
             pthread_cond_broadcast(&pool.done_cv);
+            pool.arriving++;
             pthread_mutex_unlock(&pool.mu);
             exec__notify_master();
+            if (atomic_load_explicit(&exec__threads_post_pause_us, memory_order_relaxed))
+                usleep((useconds_t)exec__threads_post_pause_us);
             pthread_mutex_lock(&pool.mu);
+            pool.arriving--;
         }
     }
     pthread_mutex_unlock(&pool.mu);
@@ -212,7 +221,7 @@ atfork_child(void)
     pool.done_head = pool.done_tail = NULL;
     pool.queued = 0;
     pool.threads = NULL;
-    pool.nthreads = pool.idle = pool.stopping = 0;
+    pool.nthreads = pool.idle = pool.arriving = pool.stopping = 0;
     pool.outstanding = 0;
     pool.pid = getpid();
 }
@@ -242,7 +251,8 @@ pool_size(void)
     return cores > 0 ? (int)cores : 1;
 }
 
-/* Start another thread if queued work outnumbers idle threads; called with pool.mu held.
+/* Start another thread if queued work outnumbers the threads that will take it (idle or
+ * arriving); called with pool.mu held.
  * 0, or -1 (errno-style code in *err) if no thread could be started and none exists. */
 static int
 maybe_spawn_thread(int *err)
@@ -256,8 +266,8 @@ maybe_spawn_thread(int *err)
             return -1;
         }
     }
-    if (pool.queued <= pool.idle || pool.nthreads >= pool.max_threads + pool.abandoned ||
-        pool.nthreads >= MAX_THREADS)
+    if (pool.queued <= pool.idle + pool.arriving ||
+        pool.nthreads >= pool.max_threads + pool.abandoned || pool.nthreads >= MAX_THREADS)
         return 0;
     /* Pool threads take no signals: they belong to the main thread (and the master's poll). */
     sigset_t all, old;
@@ -270,6 +280,7 @@ maybe_spawn_thread(int *err)
         return pool.nthreads > 0 ? 0 : -1;
     }
     pool.nthreads++;
+    pool.arriving++;
     return 0;
 }
 
@@ -581,7 +592,7 @@ threads_shutdown(int with_python)
     pool.running = NULL;
     pool.queued = 0;
     pool.threads = NULL;
-    pool.nthreads = pool.idle = pool.stopping = pool.abandoned = 0;
+    pool.nthreads = pool.idle = pool.arriving = pool.stopping = pool.abandoned = 0;
     pool.max_threads = 0;
     pthread_mutex_unlock(&pool.mu);
     free(threads);

@@ -6,6 +6,7 @@ back to ctypes itself, with identical results), nothing leaks, and a forked chil
 import ctypes
 import gc
 import math
+import operator
 import os
 import shutil
 import subprocess
@@ -779,3 +780,23 @@ def test_ffi_version_matches_pkg_config():
                               text=True)
         if proc.returncode == 0:
             assert version == proc.stdout.strip()
+
+
+def test_one_task_at_a_time_needs_one_thread():
+    """A task submitted while the only thread is still waking the master for its previous result
+    is taken by that thread when it comes back: sequential use never starts a second thread (it
+    did, and a 10,000-call run ended with one thread more than it began with). The test helper
+    holds the thread in that window so the master's next submit always lands in it."""
+    _core._threads_shutdown()
+    assert _core._threads_stats()["max_threads"] >= 2, "a second thread must be allowed to start"
+    _core._threads_set_post_pause(2000)
+    try:
+        for task_id in range(20):
+            _core._threads_submit(task_id, operator.neg, (task_id,))
+            got = []
+            while not got:                 # the master's poll, taking the result at once
+                got = _core._threads_drain()
+            assert got == [(task_id, False, -task_id)]
+        assert _core._threads_stats()["threads"] == 1
+    finally:
+        _core._threads_set_post_pause(0)
