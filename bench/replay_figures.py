@@ -7,7 +7,8 @@
    compiled (jit/jit.c; the two alternate round by round), and the compile time of that graph;
 4. a loop whose `if` reads each ~2 ms result: guessing against waiting, when guesses hold and
    when every guess would fail;
-5. a fresh process's first call with a warm disk cache, against a replayed call and against a
+5. a fresh process's first call with a warm disk cache (and calls whose graph is loaded from disk
+   again, alternating with replays), against a replayed call and against a
    first call with a cold cache.
 
     .venv/bin/python bench/replay_figures.py [--workers 2] [--repeat 9] [--only guard_and_nodes]
@@ -197,14 +198,26 @@ FIRST_CALL = textwrap.dedent("""
 
     pydron.enable(workers=int(sys.argv[1]), progress=False)
     work(list(range(50)))                       # workers up, estimates made
-    _core._replay_forget(work)
+    if sys.argv[3] == "forget":                 # the first call loads the graph from disk
+        _core._replay_forget(work)
     _core._replay_configure(compare=0)          # every call replayed: what a replay costs
-    t0 = time.perf_counter(); work(list(range(2000))); first = time.perf_counter() - t0
-    times = []
-    for _ in range(9):
-        t0 = time.perf_counter(); work(list(range(2000))); times.append(time.perf_counter() - t0)
-    times.sort()
-    print(json.dumps({"first": first, "replayed": times[4], "stats": _core._replay_stats()}))
+    # Each timed call comes after the same pause, so the workers are as idle before the first
+    # call as before every replay (back-to-back calls find them still spinning).
+    xs = list(range(2000))
+
+    def timed():
+        time.sleep(0.01)
+        t0 = time.perf_counter(); work(xs); return time.perf_counter() - t0
+
+    first = timed()
+    # Then, alternating: the graph dropped and loaded from the disk cache again, and a replay.
+    reloaded, replayed = [], []
+    for _ in range(int(sys.argv[2])):
+        _core._replay_forget(work)
+        reloaded.append(timed())
+        replayed.append(timed())
+    print(json.dumps({"first": first, "reloaded": reloaded, "replayed": replayed,
+                      "stats": _core._replay_stats()}))
 """)
 
 
@@ -214,21 +227,32 @@ def warm_cache(workers, repeat):
     with open(script, "w") as f:
         f.write(FIRST_CALL)
 
-    def run(env):
-        out = subprocess.run([sys.executable, script, str(workers)], capture_output=True,
-                             text=True, env={**os.environ, **env}, check=True)
+    def run(env, rounds, forget="forget"):
+        out = subprocess.run([sys.executable, script, str(workers), str(rounds), forget],
+                             capture_output=True, text=True, env={**os.environ, **env},
+                             check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
-    cold, warm = [], []
-    for _ in range(max(3, repeat // 3)):
+    cold, warm, kept = [], [], []
+    for _ in range(max(3, repeat)):
         subprocess.run(["rm", "-rf", cache], check=True)
-        cold.append(run({"PYDRON_CACHE_DIR": cache}))
-        warm.append(run({"PYDRON_CACHE_DIR": cache}))
-    assert all(w["stats"]["disk_hits"] >= 1 for w in warm)
-    med = lambda rs, k: statistics.median(r[k] for r in rs)       # noqa: E731
-    return [("a fresh process's first call, warm disk cache",
-             f"{med(warm, 'first') * 1e3:.2f} ms",
-             f"a replayed call {med(warm, 'replayed') * 1e3:.2f} ms; first call with a cold "
-             f"cache (traced) {med(cold, 'first') * 1e3:.2f} ms",
+        cold.append(run({"PYDRON_CACHE_DIR": cache}, 3))     # its later calls store the graph
+        warm.append(run({"PYDRON_CACHE_DIR": cache}, 15))
+        kept.append(run({"PYDRON_CACHE_DIR": cache}, 0, "keep"))
+    assert all(w["stats"]["disk_hits"] >= 1 + 15 for w in warm), [w["stats"] for w in warm]
+    med = statistics.median
+    first = med(w["first"] for w in warm)
+    first_kept = med(k["first"] for k in kept)
+    reloaded = med(t for w in warm for t in w["reloaded"])
+    replayed = med(t for w in warm for t in w["replayed"])
+    return [("a fresh process's first 2,000-task call, its graph loaded from the disk cache",
+             f"{first * 1e3:.2f} ms",
+             f"the same call replaying the graph the process already holds (loaded by an earlier "
+             f"small call) {first_kept * 1e3:.2f} ms: {first / first_kept - 1:+.1%}; a later "
+             f"replay {replayed * 1e3:.2f} ms; the first call with a cold cache (traced) "
+             f"{med(c['first'] for c in cold) * 1e3:.2f} ms", "what a replay costs"),
+            ("a call whose graph is loaded from the disk cache (in a warm process, "
+             "alternating with replays)", f"{reloaded * 1e3:.2f} ms",
+             f"a replayed call {replayed * 1e3:.2f} ms: {reloaded / replayed - 1:+.1%}",
              "what a replay costs")]
 
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
+import pickle
 import stat
 import sys
 import tempfile
@@ -32,7 +34,7 @@ from pathlib import Path
 
 log = logging.getLogger("pydron")
 
-FORMAT = 1
+FORMAT = 2                    # 1: JSON payloads (decoded in Python, slower to load)
 MAGIC = "pydron-graph"
 _STATS_KEYS = ("stores", "loads", "rejected", "replay_hits", "replay_misses", "lifts",
                "mispredicts", "bails")
@@ -131,60 +133,59 @@ def _path(base: Path, k: str) -> Path:
     return base / "graphs" / f"{k}.graph"
 
 
-# ---- encoding (JSON only: decoding makes data, nothing else) ------------------------------------
+# ---- encoding (pickle restricted to data: decoding runs no code) -------------------------------
 
-def _enc(v):
-    if v is None or isinstance(v, (bool, str)):
-        return v
-    if isinstance(v, int):
-        return {"i": str(v)} if abs(v) > 2 ** 53 else v
-    if isinstance(v, float):
-        return {"f": repr(v)}
-    if isinstance(v, complex):
-        return {"c": [repr(v.real), repr(v.imag)]}
-    if isinstance(v, bytes):
-        return {"b": v.hex()}
-    if isinstance(v, tuple):
-        return {"t": [_enc(x) for x in v]}
-    if isinstance(v, frozenset):
-        return {"s": [_enc(x) for x in v]}
-    if v is Ellipsis:
-        return {"e": 0}
-    raise TypeError(f"a graph constant of type {type(v).__name__} is not cached")
+# What a graph's constants may be: exact built-in types (nothing else can be unpickled here).
+_ATOMS = frozenset({type(None), bool, int, float, complex, bytes, str, type(Ellipsis)})
+# The only globals a graph file may name: what pickle needs for complex numbers and Ellipsis.
+_GLOBALS = {("builtins", "complex"): complex, ("builtins", "Ellipsis"): Ellipsis}
 
 
-def _dec(v):
-    if v is None or isinstance(v, (bool, str, int)):
-        return v
-    if isinstance(v, dict) and len(v) == 1:
-        (tag, x), = v.items()
-        if tag == "i":
-            return int(x)
-        if tag == "f":
-            return float(x)
-        if tag == "c":
-            return complex(float(x[0]), float(x[1]))
-        if tag == "b":
-            return bytes.fromhex(x)
-        if tag == "t":
-            return tuple(_dec(y) for y in x)
-        if tag == "s":
-            return frozenset(_dec(y) for y in x)
-        if tag == "e":
-            return Ellipsis
-    raise ValueError("malformed graph constant")
+def _is_constant(v) -> bool:
+    t = type(v)
+    if t is tuple or t is frozenset:
+        return all(_is_constant(x) for x in v)
+    return t in _ATOMS
+
+
+class _DataOnly(pickle.Unpickler):
+    """An unpickler that makes data and nothing else: a graph file naming any global other than
+    complex or Ellipsis (a function to call, a class to build) is refused before it is used."""
+
+    def find_class(self, module, name):
+        try:
+            return _GLOBALS[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"names {module}.{name}, which a graph may not") from None
+
+
+def _check_program(value) -> str | None:
+    """Why value is not a program tuple or refusal str as lift_for_core makes them (the
+    interpreter checks the instructions, registers and names itself when it loads one), or
+    None."""
+    if type(value) is str:
+        return None
+    if type(value) is not tuple or len(value) != 9:
+        return "not a program"
+    if type(value[4]) is not tuple or not _is_constant(value[4]):
+        return "a constant of a type a graph cannot hold"
+    return None
 
 
 def encode(program) -> bytes:
-    """A program tuple (or a refusal reason, a str) as the bytes of a cache file."""
-    payload = json.dumps({"graph": _enc(program)}, separators=(",", ":")).encode()
+    """A program tuple (or a refusal reason, a str) as the bytes of a cache file; TypeError for
+    a constant the file cannot hold."""
+    if not _is_constant(program):
+        raise TypeError("a graph constant of a type other than None, bool, int, float, complex, "
+                        "bytes, str, tuple, frozenset or Ellipsis is not cached")
+    payload = pickle.dumps(program, protocol=5)
     from pydron import _core
     return b"%s %d %016x\n" % (MAGIC.encode(), FORMAT, _core._xxh3(payload)) + payload
 
 
 def decode(data: bytes):
     """The program tuple (or refusal str) of a cache file's bytes; ValueError if anything is
-    off (header, hash, JSON, shape)."""
+    off (header, hash, a global, shape)."""
     from pydron import _core
     head, sep, payload = data.partition(b"\n")
     fields = head.split(b" ")
@@ -192,12 +193,13 @@ def decode(data: bytes):
         raise ValueError("not a pydron graph file of this format")
     if fields[2] != b"%016x" % _core._xxh3(payload):
         raise ValueError("the hash does not match (truncated or corrupt)")
-    doc = json.loads(payload)
-    if not isinstance(doc, dict) or set(doc) != {"graph"}:
-        raise ValueError("malformed graph file")
-    value = _dec(doc["graph"])
-    if not isinstance(value, (tuple, str)):
-        raise ValueError("malformed graph file")
+    try:
+        value = _DataOnly(io.BytesIO(payload)).load()
+    except Exception as exc:     # any malformed pickle: refused, whatever the unpickler raised
+        raise ValueError(f"malformed graph file ({exc})") from None
+    problem = _check_program(value)
+    if problem:
+        raise ValueError(f"malformed graph file ({problem})")
     return value
 
 
@@ -208,20 +210,26 @@ def load(fn):
     base = directory()
     if base is None:
         return None
-    path = _path(base, key(fn))
+    path = os.path.join(base, "graphs", key(fn) + ".graph")
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         _reject(path, f"cannot be opened ({exc.strerror})")
         return None
-    with os.fdopen(fd, "rb") as f:
-        problem = _unsafe_file(os.fstat(f.fileno()), path)
+    try:
+        st = os.fstat(fd)
+        problem = _unsafe_file(st, path)
         if problem:
             _reject(path, problem)
             return None
-        data = f.read()
+        data = _read_all(fd, st.st_size)
+    except OSError as exc:
+        _reject(path, f"cannot be read ({exc.strerror})")
+        return None
+    finally:
+        os.close(fd)
     try:
         value = decode(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -229,6 +237,14 @@ def load(fn):
         return None
     _session["loads"] += 1
     return value
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The whole file (size is what fstat said; a file that grew is read to its end too)."""
+    parts = []
+    while chunk := os.read(fd, max(size + 1, 1 << 16)):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _unsafe_file(st, path) -> str | None:
@@ -241,7 +257,7 @@ def _unsafe_file(st, path) -> str | None:
     return None
 
 
-def _reject(path: Path, why: str) -> None:
+def _reject(path, why: str) -> None:
     """A file that is not loaded: said once at debug level, left for the next store to
     replace."""
     _session["rejected"] += 1

@@ -4,13 +4,14 @@ rebuilt; processes share one directory; `pydron cache` lists, counts and clears.
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from pydron import _graph_cache
+from pydron import _core, _graph_cache
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -70,8 +71,18 @@ def test_cache_directory_and_files_are_private(tmp_path):
     assert not list((cache / "graphs").glob(".tmp-*")), "a temporary file was left behind"
 
 
+class Opens:
+    """Pickles as a call of open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "header", "foreign", "world-writable",
-                                    "symlink", "empty", "json"])
+                                    "symlink", "empty", "shape", "constant", "global"])
 def test_a_damaged_or_untrusted_file_is_ignored_and_rebuilt(tmp_path, damage):
     cache = tmp_path / "cache"
     run(tmp_path, cache, calls=2)
@@ -97,12 +108,19 @@ def test_a_damaged_or_untrusted_file_is_ignored_and_rebuilt(tmp_path, damage):
         path.symlink_to(target)
     elif damage == "empty":
         path.write_bytes(b"")
-    elif damage == "json":
-        payload = b'{"graph": {"x": 1}}'
-        from pydron import _core
-        path.write_bytes(b"pydron-graph 1 %016x\n" % _core._xxh3(payload) + payload)
+    elif damage in ("shape", "constant", "global"):     # well hashed, but not a graph's data
+        program = _graph_cache.decode(data)
+        payload = {
+            "shape": pickle.dumps({"graph": program}),
+            "constant": pickle.dumps(program[:4] + ((bytearray(b"x"),),) + program[5:], protocol=5),
+            # unpickling this would create a file: a graph file may name no callable
+            "global": pickle.dumps(Opens(str(tmp_path / "opened"))),
+        }[damage]
+        path.write_bytes(b"pydron-graph %d %016x\n" % (_graph_cache.FORMAT, _core._xxh3(payload))
+                         + payload)
     stats, _ = run(tmp_path, cache, calls=2)
     assert stats["disk_hits"] == 0, f"a {damage} file was loaded"
+    assert not (tmp_path / "opened").exists(), "unpickling a graph file called a global"
     assert stats["lifts"] == 1, "the graph was made again"
     # rebuilt: the next process loads the new file
     path, = graph_files(cache)
@@ -142,6 +160,26 @@ def test_two_processes_share_one_cache(tmp_path):
     # each process replays at least once (its other calls may be traced: the first one when it
     # came before any graph was stored, and one while the graph is compared with its trace)
     assert stats["processes"] == 3 and stats["replay_hits"] >= 3
+
+
+def test_decode_refuses_what_is_not_a_graphs_data(tmp_path):
+    program = ("f", 0, 1, ((0, 0, 0, 0, 0, 1),), (1, "a"), (), 0, (), "f.py")
+    assert _graph_cache.decode(_graph_cache.encode(program)) == program
+
+    def file_of(payload):
+        return b"pydron-graph %d %016x\n" % (_graph_cache.FORMAT, _core._xxh3(payload)) + payload
+    target = tmp_path / "opened"
+    with pytest.raises(ValueError, match="names io.open"):
+        _graph_cache.decode(file_of(pickle.dumps(Opens(str(target)))))
+    assert not target.exists()
+    with pytest.raises(ValueError, match="a constant of a type"):
+        _graph_cache.decode(file_of(pickle.dumps(program[:4] + ([1],) + program[5:])))
+    with pytest.raises(ValueError, match="not a program"):
+        _graph_cache.decode(file_of(pickle.dumps({"graph": program})))
+    with pytest.raises(ValueError, match="malformed graph file"):
+        _graph_cache.decode(file_of(pickle.dumps(program)[:-5]))
+    with pytest.raises(TypeError, match="not cached"):
+        _graph_cache.encode(program[:4] + ((object(),),) + program[5:])
 
 
 def test_constants_round_trip():
