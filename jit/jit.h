@@ -42,7 +42,8 @@ jit_graph *jit_graph_submit(const jit_step *steps, int n, int wait);
 /* The compiled function once it is ready, else NULL. Never blocks. */
 jit_graph_fn jit_graph_ready(jit_graph *g);
 /* JIT_QUEUED (also while compiling), JIT_READY or JIT_FAILED; compile_ms (wall time on the
- * compile thread) and error (why it failed, a string owned by g) when not NULL. */
+ * compile thread, leaving out the making of the LLJIT at the process's first compile) and error
+ * (why it failed, a string owned by g) when not NULL. */
 int jit_graph_status(jit_graph *g, double *compile_ms, const char **error);
 /* The owner is done with g: its code is freed (on the compile thread) when no call can use it
  * any more; the caller guarantees that no call is running g's function. NULL is fine. */
