@@ -18,6 +18,7 @@
 #include <llvm-c/Target.h>
 #include <llvm-c/TargetMachine.h>
 #include <llvm/Config/llvm-config.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -138,14 +139,18 @@ typedef struct {
  * per step (each with its own call, the expected successor as a direct branch and a switch over
  * every step for re-entry) cost LLVM's code generator ~60 µs per step, 80-130 ms for a graph of
  * 1,383 instructions. The table is integers, not pointer constants, so that it is emitted as raw
- * bytes (a constant expression per entry tripled the compile time). NULL: out of memory
- * (g->error). */
+ * bytes (a constant expression per entry tripled the compile time). NULL: out of memory or
+ * a table too large (g->error). */
 static LLVMModuleRef
 graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
 {
     LLVMTypeRef i32 = LLVMInt32TypeInContext(ctx), i64 = LLVMInt64TypeInContext(ctx);
     size_t nbytes = (size_t)g->n * sizeof(table_entry);
-    table_entry *entries = malloc(nbytes);
+    if (nbytes > UINT_MAX) {
+        snprintf(g->error, sizeof(g->error), "%d steps: too many for one table", g->n);
+        return NULL;
+    }
+    table_entry *entries = malloc(nbytes + 1);
     if (entries == NULL) {
         snprintf(g->error, sizeof(g->error), "out of memory");
         return NULL;
