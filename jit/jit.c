@@ -18,17 +18,20 @@
 #include <llvm-c/Target.h>
 #include <llvm-c/TargetMachine.h>
 #include <llvm/Config/llvm-config.h>
+#include <limits.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
-/* Code generation level for graphs: the code is a chain of calls, which optimising does not
- * speed up (measured: the default level compiled 15 times more slowly and ran no faster). */
+/* Code generation level for graphs: the code is a loop making one call per step, which optimising
+ * does not speed up (measured on the 1,383-instruction graph of bench/replay_figures.py: Less and
+ * Default compiled in 2.8-3.8 ms against 1.6, and ran within the noise of None). */
 #define GRAPH_CODEGEN_LEVEL LLVMCodeGenLevelNone
 
 struct jit_graph {
@@ -59,6 +62,7 @@ static struct {
     int nops;
     LLVMOrcLLJITRef lljit;       /* compile thread only, as lljit_error */
     char lljit_error[256];
+    double setup_ms;             /* making lljit (wall time; written before the first publish) */
 } J = {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER,
        .done = PTHREAD_COND_INITIALIZER};
 
@@ -123,96 +127,96 @@ done:
     return rc;
 }
 
-/* The IR of graph g as function fname. A block per step calls its operation and goes straight
- * on to the expected successor when the operation returned 0 with *pc there; anything else goes
- * to the slow block: return what the operation returned, or find the block of *pc through the
- * dispatch switch. One block per step, as few as can be: code generation costs per block.
- * Operations and instructions are addresses baked in as constants: no symbol to resolve, no
- * relocation, no call trampoline (calls through symbols the JIT resolved went through linker
- * trampolines, compiled twice as slowly and ran slower than the interpreter). NULL: out of memory (g->error). */
+/* A step in the compiled function's table: the addresses of its operation and instruction. */
+typedef struct {
+    uint64_t op, ins;
+} table_entry;
+
+/* The IR of graph g as function fname: a loop over the graph's step table, a constant of the module
+ * (per step the operation's address and the instruction's, as plain integers), calling the step
+ * at *pc until an operation returns non-zero or *pc leaves the graph. The code is the same few
+ * blocks whatever the graph's size, so compiling costs about the same for every graph; a block
+ * per step (each with its own call, the expected successor as a direct branch and a switch over
+ * every step for re-entry) cost LLVM's code generator ~60 µs per step, 80-130 ms for a graph of
+ * 1,383 instructions. The table is integers, not pointer constants, so that it is emitted as raw
+ * bytes (a constant expression per entry tripled the compile time). NULL: out of memory or
+ * a table too large (g->error). */
 static LLVMModuleRef
 graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
 {
-    LLVMValueRef *ops = calloc((size_t)J.nops, sizeof(LLVMValueRef));
-    LLVMBasicBlockRef *blocks = malloc((size_t)g->n * sizeof(LLVMBasicBlockRef));
-    if (ops == NULL || blocks == NULL) {
-        free(ops);
-        free(blocks);
+    LLVMTypeRef i32 = LLVMInt32TypeInContext(ctx), i64 = LLVMInt64TypeInContext(ctx);
+    size_t nbytes = (size_t)g->n * sizeof(table_entry);
+    if (nbytes > UINT_MAX) {
+        snprintf(g->error, sizeof(g->error), "%d steps: too many for one table", g->n);
+        return NULL;
+    }
+    table_entry *entries = malloc(nbytes + 1);
+    if (entries == NULL) {
         snprintf(g->error, sizeof(g->error), "out of memory");
         return NULL;
+    }
+    for (int k = 0; k < g->n; k++) {
+        entries[k].op = (uint64_t)(uintptr_t)J.op_fns[g->steps[k].op];
+        entries[k].ins = (uint64_t)(uintptr_t)g->steps[k].ins;
     }
     LLVMModuleRef mod = LLVMModuleCreateWithNameInContext(fname, ctx);
     LLVMSetTarget(mod, LLVMOrcLLJITGetTripleString(J.lljit));
     LLVMSetDataLayout(mod, LLVMOrcLLJITGetDataLayoutStr(J.lljit));
-    LLVMTypeRef i32 = LLVMInt32TypeInContext(ctx), i64 = LLVMInt64TypeInContext(ctx);
+    LLVMValueRef init = LLVMConstStringInContext(ctx, (const char *)entries, (unsigned)nbytes, 1);
+    free(entries);
+    LLVMTypeRef table_type = LLVMTypeOf(init);
+    LLVMValueRef table = LLVMAddGlobal(mod, table_type, "steps");
+    LLVMSetInitializer(table, init);
+    LLVMSetGlobalConstant(table, 1);
+    LLVMSetLinkage(table, LLVMPrivateLinkage);
+    LLVMSetUnnamedAddress(table, LLVMGlobalUnnamedAddr);
+    LLVMSetAlignment(table, _Alignof(table_entry));
+
     LLVMTypeRef i8p = LLVMPointerType(LLVMInt8TypeInContext(ctx), 0);
     LLVMTypeRef i32p = LLVMPointerType(i32, 0);
     LLVMTypeRef op_params[4] = {i8p, i32p, i8p, i32}, graph_params[2] = {i8p, i32p};
     LLVMTypeRef op_type = LLVMFunctionType(i32, op_params, 4, 0);
     LLVMValueRef fn = LLVMAddFunction(mod, fname, LLVMFunctionType(i32, graph_params, 2, 0));
     LLVMValueRef state = LLVMGetParam(fn, 0), pc = LLVMGetParam(fn, 1);
-    LLVMValueRef zero = LLVMConstInt(i32, 0, 0), guessing = LLVMConstInt(i32, 1, 0);
-
     LLVMBasicBlockRef entry = LLVMAppendBasicBlockInContext(ctx, fn, "entry");
-    LLVMBasicBlockRef dispatch = LLVMAppendBasicBlockInContext(ctx, fn, "dispatch");
-    LLVMBasicBlockRef slow = LLVMAppendBasicBlockInContext(ctx, fn, "slow");
+    LLVMBasicBlockRef loop = LLVMAppendBasicBlockInContext(ctx, fn, "loop");
+    LLVMBasicBlockRef step = LLVMAppendBasicBlockInContext(ctx, fn, "step");
     LLVMBasicBlockRef unknown = LLVMAppendBasicBlockInContext(ctx, fn, "unknown");
     LLVMBasicBlockRef leave = LLVMAppendBasicBlockInContext(ctx, fn, "leave");
-    for (int k = 0; k < g->n; k++)
-        blocks[k] = LLVMAppendBasicBlockInContext(ctx, fn, "ins");
     LLVMBuilderRef b = LLVMCreateBuilderInContext(ctx);
 
     LLVMPositionBuilderAtEnd(b, entry);
-    LLVMValueRef rc_slot = LLVMBuildAlloca(b, i32, "rc");
-    LLVMBuildBr(b, dispatch);
-    LLVMPositionBuilderAtEnd(b, dispatch);
-    LLVMValueRef sw = LLVMBuildSwitch(b, LLVMBuildLoad2(b, i32, pc, "pc"), unknown,
-                                      (unsigned)g->n);
-    for (int k = 0; k < g->n; k++)
-        LLVMAddCase(sw, LLVMConstInt(i32, (unsigned long long)k, 0), blocks[k]);
+    LLVMBuildBr(b, loop);
+    /* loop: k = *pc; a k outside the graph goes back to the interpreter */
+    LLVMPositionBuilderAtEnd(b, loop);
+    LLVMValueRef k = LLVMBuildLoad2(b, i32, pc, "k");
+    LLVMValueRef inside = LLVMBuildICmp(b, LLVMIntULT, k, LLVMConstInt(i32, (unsigned)g->n, 0), "");
+    LLVMBuildCondBr(b, inside, step, unknown);
     LLVMPositionBuilderAtEnd(b, unknown);
     LLVMBuildRet(b, LLVMConstInt(i32, JIT_UNKNOWN_PC, 0));
-    LLVMPositionBuilderAtEnd(b, slow);
-    LLVMValueRef rc_phi = LLVMBuildLoad2(b, i32, rc_slot, "");
-    LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, rc_phi, zero, ""), dispatch, leave);
-    LLVMPositionBuilderAtEnd(b, leave);
-    LLVMBuildRet(b, rc_phi);
 
-    for (int k = 0; k < g->n; k++) {
-        const jit_step *s = &g->steps[k];
-        if (ops[s->op] == NULL)
-            ops[s->op] = LLVMConstIntToPtr(
-                LLVMConstInt(i64, (uintptr_t)J.op_fns[s->op], 0), LLVMPointerType(op_type, 0));
-        LLVMPositionBuilderAtEnd(b, blocks[k]);
-        LLVMValueRef args[4] = {
-            state, pc, LLVMConstIntToPtr(LLVMConstInt(i64, (uintptr_t)s->ins, 0), i8p), guessing};
-        LLVMValueRef rc = LLVMBuildCall2(b, op_type, ops[s->op], args, 4, "");
-        LLVMBuildStore(b, rc, rc_slot);
-        int next = s->next >= 0 && s->next < g->n ? s->next : -1;
-        int alt = s->alt >= 0 && s->alt < g->n ? s->alt : -1;
-        if (next < 0 && alt < 0) {
-            LLVMBuildBr(b, slow);
-            continue;
-        }
-        /* rc == 0 and *pc == first, in one test: (rc | (*pc ^ first)) == 0. */
-        int first = next >= 0 ? next : alt;
-        LLVMValueRef now = LLVMBuildLoad2(b, i32, pc, "");
-        LLVMValueRef off = LLVMBuildOr(b, rc, LLVMBuildXor(b, now, LLVMConstInt(i32, first, 0), ""),
-                                       "");
-        LLVMBasicBlockRef otherwise = slow;
-        if (next >= 0 && alt >= 0)
-            otherwise = LLVMAppendBasicBlockInContext(ctx, fn, "alt");
-        LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, off, zero, ""), blocks[first], otherwise);
-        if (otherwise == slow) {
-            continue;
-        }
-        LLVMPositionBuilderAtEnd(b, otherwise);
-        off = LLVMBuildOr(b, rc, LLVMBuildXor(b, now, LLVMConstInt(i32, alt, 0), ""), "");
-        LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, off, zero, ""), blocks[alt], slow);
-    }
+    /* step: rc = table[k].op(state, pc, table[k].ins, 1); on while rc == 0 */
+    LLVMPositionBuilderAtEnd(b, step);
+    LLVMTypeRef i64p = LLVMPointerType(i64, 0);
+    LLVMValueRef at = LLVMBuildMul(b, LLVMBuildZExt(b, k, i64, ""),
+                                   LLVMConstInt(i64, sizeof(table_entry), 0), "");
+    LLVMValueRef idx[2] = {LLVMConstInt(i64, 0, 0), at};
+    LLVMValueRef op_at = LLVMBuildInBoundsGEP2(b, table_type, table, idx, 2, "");
+    idx[1] = LLVMBuildAdd(b, at, LLVMConstInt(i64, offsetof(table_entry, ins), 0), "");
+    LLVMValueRef ins_at = LLVMBuildInBoundsGEP2(b, table_type, table, idx, 2, "");
+    LLVMValueRef op_word = LLVMBuildLoad2(b, i64, LLVMBuildBitCast(b, op_at, i64p, ""), "op");
+    LLVMValueRef ins_word = LLVMBuildLoad2(b, i64, LLVMBuildBitCast(b, ins_at, i64p, ""), "ins");
+    LLVMSetAlignment(op_word, _Alignof(table_entry));
+    LLVMSetAlignment(ins_word, _Alignof(uint64_t));
+    LLVMValueRef args[4] = {state, pc, LLVMBuildIntToPtr(b, ins_word, i8p, ""),
+                            LLVMConstInt(i32, 1, 0)};
+    LLVMValueRef rc = LLVMBuildCall2(
+        b, op_type, LLVMBuildIntToPtr(b, op_word, LLVMPointerType(op_type, 0), ""), args, 4, "rc");
+    LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, rc, LLVMConstInt(i32, 0, 0), ""), loop,
+                    leave);
+    LLVMPositionBuilderAtEnd(b, leave);
+    LLVMBuildRet(b, rc);
     LLVMDisposeBuilder(b);
-    free(ops);
-    free(blocks);
     return mod;
 }
 
@@ -231,8 +235,11 @@ graph_compile(jit_graph *g)
 {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    if (J.lljit == NULL && J.lljit_error[0] == '\0')
+    if (J.lljit == NULL && J.lljit_error[0] == '\0') {
         lljit_create();           /* once: a failure is kept in lljit_error */
+        J.setup_ms = ms_since(&t0);
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+    }
     if (J.lljit == NULL) {
         snprintf(g->error, sizeof(g->error), "%s", J.lljit_error);
         return JIT_FAILED;
@@ -245,6 +252,7 @@ graph_compile(jit_graph *g)
         LLVMOrcDisposeThreadSafeContext(tsctx);
         return JIT_FAILED;
     }
+    /* Verified every time: it costs 0.03 ms, and an invalid module must fail, not crash. */
     if (LLVMVerifyModule(mod, LLVMReturnStatusAction, &verify_msg)) {
         snprintf(g->error, sizeof(g->error), "invalid IR: %s", verify_msg);
         LLVMDisposeMessage(verify_msg);
@@ -561,7 +569,8 @@ jit_add(PyObject *module, PyObject *args)
     return PyLong_FromLongLong(jitted_add(a, b));
 }
 
-/* _jit_info() -> dict: the compile thread and its counts (tests, pydron info). */
+/* _jit_info() -> dict: the compile thread and its counts, and what making the LLJIT took at the
+ * first compile (setup_ms; a graph's compile_ms leaves it out) (tests, pydron info). */
 static PyObject *
 jit_info(PyObject *module, PyObject *noargs)
 {
@@ -569,11 +578,12 @@ jit_info(PyObject *module, PyObject *noargs)
     long tid = J.started ? J.thread_id : 0;
     unsigned long long compiled = J.compiled, failed = J.failed;
     int forked = J.forked, paused = J.paused;
+    double setup_ms = compiled + failed > 0 ? J.setup_ms : 0.0;
     pthread_mutex_unlock(&J.lock);
-    return Py_BuildValue("{sssNsKsKsOsO}", "llvm", LLVM_VERSION_STRING, "thread_id",
+    return Py_BuildValue("{sssNsKsKsOsOsd}", "llvm", LLVM_VERSION_STRING, "thread_id",
                          tid ? PyLong_FromLong(tid) : Py_NewRef(Py_None), "compiled", compiled,
                          "failed", failed, "forked", forked ? Py_True : Py_False, "paused",
-                         paused ? Py_True : Py_False);
+                         paused ? Py_True : Py_False, "setup_ms", setup_ms);
 }
 
 /* _jit_pause(flag): hold the compile thread before its next compile (tests: a call that makes a

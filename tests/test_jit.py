@@ -194,7 +194,8 @@ def test_compiled_replay_returns_what_the_interpreter_and_the_trace_do(fn, args,
 
 def test_guesses_and_rollbacks_run_compiled():
     """With every branch on a result guessing, the compiled replay guesses and rolls back as
-    the interpreter does (the rollbacks re-enter the compiled function through its switch)."""
+    the interpreter does (a rollback re-enters the compiled function at the instruction it
+    moved the program counter to)."""
     xs = [5, 1, 6, 2, 7, 0, 9, 1]
     traced, (interpreted, compiled), (s_int, s_comp) = three_ways(branch_on_results, xs,
                                                                   guess=2)
@@ -270,6 +271,35 @@ def test_the_compiled_function_stays_only_if_it_beats_the_interpreter():
     assert state["compiled"] is faster
     assert outcome(loop_and_branch, list(range(30)), 2) == expected
     assert _core._replay_state(loop_and_branch)["compiled_runs"] == state["compiled_runs"] + faster
+
+
+def big_graph(statements, path):
+    """A scheduled function of about 4 * statements instructions, no task (the shape of the
+    1,000-node graph of bench/replay_figures.py), and its plain Python twin. The source goes to
+    a file: lifting reads it."""
+    body = "\n".join(f"    a = a + {i}\n    b = b * 1 if a > b else b - {i % 3}"
+                     for i in range(statements))
+    src = f"def nodes(a, b):\n{body}\n    return a, b\n"
+    path.write_text(src)
+    plain, scheduled = {}, {}
+    exec(compile(src, str(path), "exec"), plain)
+    exec(compile(src, str(path), "exec"), scheduled)
+    return pydron.schedule(scheduled["nodes"]), plain["nodes"]
+
+
+def test_a_graph_of_a_thousand_instructions_runs_compiled_as_plain_python_does(tmp_path):
+    """A graph the size of the compile-time reference (its table is a constant of the compiled
+    code) compiles, every call runs through the compiled function, and the results are plain
+    Python's, on either side of every branch."""
+    nodes, plain = big_graph(300, tmp_path / "big_graph.py")
+    _core._replay_configure(jit="always")
+    _core._replay_forget(nodes)
+    args = [(1, 2), (-5, 40_000), (10**6, 3)]
+    assert [nodes(a, b) for a, b in args] == [plain(a, b) for a, b in args]
+    state = _core._replay_state(nodes)
+    assert state["instructions"] > 1000
+    assert state["jit"] == "ready" and state["compiled"] is True
+    assert state["hits"] == state["compiled_runs"] == len(args) and state["bails"] == 0
 
 
 def test_a_graph_over_the_size_limit_stays_interpreted():

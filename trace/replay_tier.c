@@ -7,9 +7,8 @@
  * back into this file (jit/jit.h). */
 #include "trace/replay_internal.h"
 
-/* p's program as jit/ takes it: per instruction its operation, its address, and where control
- * goes when nothing unusual happens (a guess, a rollback or a check goes through the compiled
- * function's switch instead). NULL + exception, or the handle. */
+/* p's program as jit/ takes it: per instruction its operation and its address. NULL +
+ * exception, or the handle. */
 static jit_graph *
 jit_submit(struct trace_replay *p, int wait)
 {
@@ -19,19 +18,8 @@ jit_submit(struct trace_replay *p, int wait)
         return NULL;
     }
     for (int pc = 0; pc < p->ncode; pc++) {
-        const rins *i = &p->code[pc];
-        jit_step *s = &steps[pc];
-        s->op = i->op;
-        s->ins = i;
-        s->next = pc + 1;
-        s->alt = -1;
-        switch (i->op) {
-        case R_CALL: s->next = pc + 2; break;             /* over its KWNAMES */
-        case R_JUMP: s->next = i->a; break;
-        case R_IF_FALSE: case R_IF_TRUE: s->alt = i->b; break;
-        case R_FOR: s->alt = i->c; break;
-        case R_RETURN: case R_BAIL: s->next = -1; break;  /* they end the run */
-        }
+        steps[pc].op = p->code[pc].op;
+        steps[pc].ins = &p->code[pc];
     }
     jit_graph *g = jit_graph_submit(steps, p->ncode, wait);
     PyMem_Free(steps);
