@@ -1,6 +1,7 @@
 /* exec/executor.c — the executor interface of exec.h over the executors (the process pool in
- * pool.c, the thread pool in threads.c): submission by kind, one completion queue that exec_poll
- * fills from every executor and hands out, the word the master sleeps on, cancel, shutdown.
+ * pool.c and pool_collect.c, the thread pool in threads.c): submission by kind, one completion
+ * queue that exec_poll fills from every executor and hands out, the word the master sleeps on,
+ * cancel, shutdown.
  * Thread and GIL model: everything here runs with the GIL held, except the sleep in exec_poll
  * (GIL released) and exec__notify_master, which pool threads call without it. */
 #include "exec/internal.h"
