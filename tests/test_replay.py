@@ -11,12 +11,11 @@ import pytest
 import pydron
 from pydron import _core, _replay
 
+from helpers import module_pool
+from replay_cases import (branch_on_results, calls_plain_helper, divides, fails_on, inc, inner,
+                          plain_helper, side_effects)
 
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2, replay="on")
-    yield
-    pydron.disable()
+pool, plain = module_pool(workers=2, replay="on")
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +27,6 @@ def fresh():
     yield
     _core._replay_configure(mode=previous["mode"], after=previous["after"],
                             compare=previous["compare"])
-
-
-def plain(fn, *args):
-    with _disabled():
-        return fn(*args)
-
-
-class _disabled:
-    def __enter__(self):
-        pydron.disable()
-
-    def __exit__(self, *exc):
-        pydron.enable(workers=2, replay="on")
 
 
 def replayed(fn, *args):
@@ -55,26 +41,8 @@ def replayed(fn, *args):
 # ---- functions under test --------------------------------------------------------------------
 
 @pydron.functional
-def inc(x):
-    return x + 1
-
-
-@pydron.functional
 def square(x):
     return x * x
-
-
-@pydron.functional
-def slow_square(x):
-    time.sleep(0.02)
-    return x * x
-
-
-@pydron.functional
-def fails_on(x, bad):
-    if x in bad:
-        raise ValueError(f"bad element {x}")
-    return x
 
 
 @pydron.functional
@@ -110,18 +78,6 @@ callee = inc
 
 
 @pydron.schedule
-def branch_on_results(xs):
-    out = []
-    for x in xs:
-        r = slow_square(x)
-        if r > 10:
-            out.append(inc(r))
-        else:
-            out.append(-1)
-    return out
-
-
-@pydron.schedule
 def filter_on_results(xs):
     return [x for x in xs if square(x) > 10]
 
@@ -129,28 +85,6 @@ def filter_on_results(xs):
 @pydron.schedule
 def map_with_failure(xs, bad):
     return [fails_on(x, bad) for x in xs]
-
-
-@pydron.schedule
-def divides(xs, d):
-    out = []
-    for x in xs:
-        out.append(inc(x) // d)
-    return out
-
-
-side_effects = []
-
-
-def plain_helper(x):
-    side_effects.append(x)
-    return x
-
-
-@pydron.schedule
-def calls_plain_helper(x):
-    r = inc(x)
-    return plain_helper(r)
 
 
 @pydron.schedule
@@ -174,11 +108,6 @@ def numpy_pipeline(images):
     for r in out:
         total += r
     return np.stack(out).mean(axis=0), total
-
-
-@pydron.schedule
-def inner(x):
-    return inc(x) * 2
 
 
 @pydron.schedule
