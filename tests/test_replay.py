@@ -3,6 +3,7 @@ its bytecode. Every result is compared with plain Python's run of the same code;
 show the graph really ran (or gave up to the trace, where that is the point)."""
 
 import random
+import sys
 import time
 
 import numpy as np
@@ -140,7 +141,7 @@ SCHEDULED = [comprehension, loop_with_globals, calls_global_callee, branch_on_re
 
 
 def _more_scheduled():
-    return [logged_branch]
+    return [logged_branch, compares_unbound, subscripts_unbound]
 
 
 # ---- the program format --------------------------------------------------------------------------
@@ -237,6 +238,47 @@ def test_an_error_in_the_graph_is_raised_by_the_trace():
     with pytest.raises(ZeroDivisionError) as info:
         divides([1, 2], 0)
     assert any(f.name == "divides" for f in info.traceback), "the scheduled function's frame"
+
+
+@pydron.schedule
+def compares_unbound(x, bind):
+    r = inc(1)
+    if bind:
+        y = r
+    return x < y
+
+
+@pydron.schedule
+def subscripts_unbound(x, bind):
+    r = inc(1)
+    if bind:
+        y = r
+    return x[y]
+
+
+class Operand:
+    """Compares and subscripts without failing: only the unbound name makes the call raise."""
+
+    def __lt__(self, other):
+        return True
+
+    def __getitem__(self, key):
+        return key
+
+
+@pytest.mark.parametrize("fn", [compares_unbound, subscripts_unbound])
+def test_a_second_operand_without_value_gives_up_and_keeps_no_reference_to_the_first(fn):
+    """The graph gives up when the second operand of a comparison or subscript has no value; the
+    first, already read, is let go (the trace then raises plain Python's UnboundLocalError)."""
+    x = Operand()
+    for _ in range(3):
+        assert fn(x, True) == plain(fn, x, True)
+    refs = sys.getrefcount(x)
+    for _ in range(3):
+        with pytest.raises(UnboundLocalError):
+            fn(x, False)
+    assert _core._replay_state(fn)["bails"] >= 1, "the graph ran and gave up"
+    assert sys.getrefcount(x) == refs
 
 
 @pytest.mark.parametrize("bad", [{0}, {7}, {999}, {3, 500}])
