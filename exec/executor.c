@@ -233,26 +233,26 @@ collect_all(void)
     return total;
 }
 
+/* Whether an executor has something for collect_all. */
 static int
-anything_ready(uint32_t notes)
+backends_ready(void)
 {
-    if (atomic_load(&notifications) != notes)
-        return 1;
     for (int k = 0; k < EXEC_NKINDS; k++)
         if (backends[k]->ready())
             return 1;
     return 0;
 }
 
+static int
+anything_ready(uint32_t notes)
+{
+    return atomic_load(&notifications) != notes || backends_ready();
+}
+
 int
 exec_ready(void)
 {
-    if (done.count)
-        return 1;
-    for (int k = 0; k < EXEC_NKINDS; k++)
-        if (backends[k]->ready())
-            return 1;
-    return 0;
+    return done.count || backends_ready();
 }
 
 int

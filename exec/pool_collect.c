@@ -590,6 +590,14 @@ filter_cancelled(mtask *t, const uint64_t *sorted, Py_ssize_t n, mtask **tail)
     return head;
 }
 
+/* The cancelled tasks no worker has: queued, or given up on and not reported yet. */
+static void
+drop_cancelled_unsent(const uint64_t *sorted, Py_ssize_t n)
+{
+    pool__m.q_head = filter_cancelled(pool__m.q_head, sorted, n, &pool__m.q_tail);
+    pool__m.failed_head = filter_cancelled(pool__m.failed_head, sorted, n, &pool__m.failed_tail);
+}
+
 /* Soft cancel: queued tasks are dropped, tasks already in a worker's ring run to their end and
  * their results are dropped (no worker is killed: for speculation gone wrong, where the tasks are
  * tiny and side-effect free). */
@@ -598,8 +606,7 @@ pool__forget(const uint64_t *sorted, Py_ssize_t n)
 {
     if (!pool__m.running)
         return;
-    pool__m.q_head = filter_cancelled(pool__m.q_head, sorted, n, &pool__m.q_tail);
-    pool__m.failed_head = filter_cancelled(pool__m.failed_head, sorted, n, &pool__m.failed_tail);
+    drop_cancelled_unsent(sorted, n);
     for (int i = 0; i < pool__m.nworkers; i++)
         for (mtask *t = pool__m.slots[i].head; t; t = t->next)
             if (exec__id_in(sorted, n, t->id))
@@ -611,8 +618,7 @@ pool__cancel(const uint64_t *sorted, Py_ssize_t n)
 {
     if (!pool__m.running)
         return;
-    pool__m.q_head = filter_cancelled(pool__m.q_head, sorted, n, &pool__m.q_tail);
-    pool__m.failed_head = filter_cancelled(pool__m.failed_head, sorted, n, &pool__m.failed_tail);
+    drop_cancelled_unsent(sorted, n);
     for (int i = 0; i < pool__m.nworkers; i++) {
         mslot *s = &pool__m.slots[i];
         /* What finished is handed over (exec_cancel drops the cancelled ones' completions). */
