@@ -91,9 +91,9 @@ int exec_submit(exec_kind kind, const exec_task *t);
 exec_kind exec_task_kind(void);
 
 /* ---- implementing an executor ----------------------------------------------------------------
- * What every executor provides (the process pool in exec/pool.c, the thread pool in
- * exec/threads.c, a cluster in remote/); exec/executor.c multiplexes them behind the calls
- * above. All with the GIL held; none calls back into graph/. */
+ * What every executor provides (the process pool in exec/pool.c and exec/pool_collect.c, the
+ * thread pool in exec/threads.c, a cluster in remote/); exec/executor.c multiplexes them behind
+ * the calls above. All with the GIL held; none calls back into graph/. */
 typedef struct {
     const char *name;
     int (*submit)(const exec_task *t);                 /* 0, or -1 + exception */

@@ -1,6 +1,7 @@
 /* exec/executor.c — the executor interface of exec.h over the executors (the process pool in
- * pool.c, the thread pool in threads.c): submission by kind, one completion queue that exec_poll
- * fills from every executor and hands out, the word the master sleeps on, cancel, shutdown.
+ * pool.c and pool_collect.c, the thread pool in threads.c): submission by kind, one completion
+ * queue that exec_poll fills from every executor and hands out, the word the master sleeps on,
+ * cancel, shutdown.
  * Thread and GIL model: everything here runs with the GIL held, except the sleep in exec_poll
  * (GIL released) and exec__notify_master, which pool threads call without it. */
 #include "exec/internal.h"
@@ -232,26 +233,26 @@ collect_all(void)
     return total;
 }
 
+/* Whether an executor has something for collect_all. */
 static int
-anything_ready(uint32_t notes)
+backends_ready(void)
 {
-    if (atomic_load(&notifications) != notes)
-        return 1;
     for (int k = 0; k < EXEC_NKINDS; k++)
         if (backends[k]->ready())
             return 1;
     return 0;
 }
 
+static int
+anything_ready(uint32_t notes)
+{
+    return atomic_load(&notifications) != notes || backends_ready();
+}
+
 int
 exec_ready(void)
 {
-    if (done.count)
-        return 1;
-    for (int k = 0; k < EXEC_NKINDS; k++)
-        if (backends[k]->ready())
-            return 1;
-    return 0;
+    return done.count || backends_ready();
 }
 
 int

@@ -82,7 +82,7 @@ extern unsigned exec__fork_generation;
 extern _Atomic Py_ssize_t exec__live_arena_refs;
 
 /* ---- executors (executor.c; exec_backend is in exec.h) ------------------------------------- */
-extern const exec_backend exec__process_backend;   /* pool.c */
+extern const exec_backend exec__process_backend;   /* pool.c, pool_collect.c */
 /* The value of a remote result through the attached cluster: new reference, NULL + exc. */
 PyObject *exec__remote_fetch(PyObject *ref);
 /* At fork, in the child: a child of user code forgets the parent's pool without touching it. */

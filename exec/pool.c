@@ -1,16 +1,15 @@
-/* exec/pool.c — the master side of the process pool: the shared control block and arena, the
- * queue of tasks not yet in a worker's ring, dispatching tasks (and function definitions) into
- * rings, reading results back, blaming and replacing dead workers, cancelling, start and stop.
+/* exec/pool.c — the master side of the process pool, going out: the shared control block and
+ * the arena (start and stop), the queue of tasks not yet in a worker's ring, and dispatching
+ * tasks (and function definitions) into the rings. What comes back (results, deaths, limits,
+ * fork server restarts, cancels) is pool_collect.c; the state both share is pool_internal.h.
  * Thread and GIL model: master only, GIL held; workers and the fork server touch only the
  * shared control block, the rings and the arena. */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include "exec/internal.h"
+#include "exec/pool_internal.h"
 
-#include <errno.h>
 #include <signal.h>
-#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -25,87 +24,28 @@
 #define MIN_INFLIGHT 2
 #define QUEUE_NS 50e6
 #define UNKNOWN_NS 1e6                 /* expected run time of a function never timed yet */
-#define MAX_KILLS 3                    /* a task that killed this many workers fails */
-#define MAX_IDLE_DEATHS 20             /* a slot whose workers die this often idle is disabled */
 #define ARENA_MAX ((size_t)32 << 30)   /* the arena reserves up to this, never beyond RAM */
 #define ARENA_MIN ((size_t)64 << 20)
-#define REAP_WAIT_MS 2000              /* for the fork server to quit before it is killed */
-#define RING_CAPACITY ring_capacity_for(EXEC_RING_BYTES)   /* the master's own copy */
-#define MAX_FORKSERVER_RESTARTS 5      /* crashes within FORKSERVER_RESTART_WINDOW_S: give up */
-#define LIMITS_CHECK_NS 10000000       /* how often timeouts and memory limits are checked */
-#define FORKSERVER_RESTART_WINDOW_S 10.0
 
-typedef struct mtask {
-    struct mtask *next;
-    uint64_t id;
-    uint32_t fn_id;
-    int kills;
-    double est_ns;             /* expected run time when dispatched */
-    uint64_t timeout_ns;       /* 0: none */
-    size_t memory_limit;       /* 0: none */
-    int chunk;                 /* a chunk of a map: WIRE_TASK_CHUNK */
-    int forgotten;             /* cancelled softly while in a ring: its result is dropped */
-    PyObject *fn;              /* strong */
-    PyObject *error;           /* WorkerLostError once given up on */
-    exec_blob *args;           /* owned */
-    Py_ssize_t ndeps;
-    exec_blob *deps[];         /* owned */
-} mtask;
-
-typedef struct {
-    mtask *head, *tail;        /* written to the worker's ring, result not yet read: ring order */
-    Py_ssize_t count;
-    double queued_ns;          /* expected run time of the tasks in flight */
-    int spawned;               /* the fork server was asked for a worker and it has not died */
-    int killing;               /* SIGKILLed by a cancel: its death is expected */
-    int disabled;              /* died too often without running anything */
-    int poisoned;              /* wrote a malformed record: nothing more is read from it */
-    int idle_deaths;
-    uint32_t seen_deaths;
-    uint8_t *defined;          /* fn ids already sent to the current worker */
-    size_t defined_cap;
-} mslot;
-
-static struct {
-    int running, nworkers;
-    void *ctl;
-    size_t ctl_size;
-    void *arena_mem;
-    size_t arena_size;
-    pid_t fs_pid;
-    int fs_sock;
-    int workers_started;
-    mslot slots[EXEC_MAX_WORKERS];
-    mtask *q_head, *q_tail;            /* submitted, not yet in a ring */
-    mtask *failed_head, *failed_tail;  /* given up on, to report */
-    Py_ssize_t outstanding;
-    uint32_t seen_deaths;
-    int rr;
-    int forgotten;                     /* a fork of user code dropped the parent's pool */
-    int restarts;                      /* fork server restarts in the current window */
-    Py_ssize_t limited;                /* outstanding tasks with a timeout or a memory limit */
-    Py_ssize_t synced_modules;         /* len(sys.modules) when the fork server last imported */
-    uint64_t limits_checked_ns;
-    double restart_window_start;
-} M;
+pool_state pool__m;
 
 int
 exec_running(void)
 {
-    return M.running;
+    return pool__m.running;
 }
 
 int
 exec_nworkers(void)
 {
-    return M.running ? M.nworkers : 0;
+    return pool__m.running ? pool__m.nworkers : 0;
 }
 
-static void
-task_free(mtask *t)
+void
+pool__task_free(mtask *t)
 {
     if (t->timeout_ns || t->memory_limit)
-        M.limited--;
+        pool__m.limited--;
     Py_XDECREF(t->fn);
     Py_XDECREF(t->error);
     exec_blob_decref(t->args);
@@ -121,21 +61,10 @@ free_task_list(mtask *t, int with_python)
     while (t) {
         mtask *next = t->next;
         if (with_python)
-            task_free(t);
-        M.outstanding--;
+            pool__task_free(t);
+        pool__m.outstanding--;
         t = next;
     }
-}
-
-static void
-list_append(mtask **head, mtask **tail, mtask *t)
-{
-    t->next = NULL;
-    if (*tail)
-        (*tail)->next = t;
-    else
-        *head = t;
-    *tail = t;
 }
 
 static int
@@ -171,45 +100,46 @@ static void
 sync_imports(void)
 {
     PyObject *modules = PySys_GetObject("modules");          /* borrowed */
-    if (modules == NULL || !PyDict_Check(modules) || PyDict_GET_SIZE(modules) == M.synced_modules)
+    if (modules == NULL || !PyDict_Check(modules) ||
+        PyDict_GET_SIZE(modules) == pool__m.synced_modules)
         return;
     PyObject *names = exec__call_helper("imports_since_fork", NULL, 0);
     if (names != NULL && PyBytes_Check(names))
-        exec__forkserver_import(M.fs_sock, PyBytes_AS_STRING(names),
+        exec__forkserver_import(pool__m.fs_sock, PyBytes_AS_STRING(names),
                                 (size_t)PyBytes_GET_SIZE(names));
     Py_XDECREF(names);
     PyErr_Clear();
-    M.synced_modules = PyDict_GET_SIZE(modules);
+    pool__m.synced_modules = PyDict_GET_SIZE(modules);
 }
 
 int
 exec_sync_imports(void)
 {
-    if (!M.running || M.workers_started)
+    if (!pool__m.running || pool__m.workers_started)
         return 0;
     sync_imports();
     return 1;
 }
 
-static void
-spawn_worker(int i)
+void
+pool__spawn_worker(int i)
 {
-    mslot *s = &M.slots[i];
+    mslot *s = &pool__m.slots[i];
     if (s->disabled)
         return;
     sync_imports();
-    if (exec__forkserver_spawn(M.fs_sock, i) == 0)
+    if (exec__forkserver_spawn(pool__m.fs_sock, i) == 0)
         s->spawned = 1;
 }
 
-static void
-start_workers(void)
+void
+pool__start_workers(void)
 {
-    if (M.workers_started)
+    if (pool__m.workers_started)
         return;
-    M.workers_started = 1;
-    for (int i = 0; i < M.nworkers; i++)
-        spawn_worker(i);
+    pool__m.workers_started = 1;
+    for (int i = 0; i < pool__m.nworkers; i++)
+        pool__spawn_worker(i);
 }
 
 /* Least-outstanding live worker with room for a task expected to run est_ns, or -1. */
@@ -217,17 +147,17 @@ static int
 pick_slot(double est_ns)
 {
     int best = -1;
-    for (int k = 0; k < M.nworkers; k++) {
-        int i = (M.rr + k) % M.nworkers;
-        mslot *s = &M.slots[i];
+    for (int k = 0; k < pool__m.nworkers; k++) {
+        int i = (pool__m.rr + k) % pool__m.nworkers;
+        mslot *s = &pool__m.slots[i];
         if (!s->spawned || s->killing || s->disabled || s->count >= MAX_INFLIGHT)
             continue;
         if (s->count >= MIN_INFLIGHT && s->queued_ns + est_ns > QUEUE_NS)
             continue;
-        if (best < 0 || s->count < M.slots[best].count)
+        if (best < 0 || s->count < pool__m.slots[best].count)
             best = i;
     }
-    M.rr = M.nworkers ? (M.rr + 1) % M.nworkers : 0;
+    pool__m.rr = pool__m.nworkers ? (pool__m.rr + 1) % pool__m.nworkers : 0;
     return best;
 }
 
@@ -291,7 +221,7 @@ dispatch(mtask *t)
     int i = pick_slot(t->est_ns);
     if (i < 0)
         return -1;
-    mslot *s = &M.slots[i];
+    mslot *s = &pool__m.slots[i];
     ring *r = exec__to_worker(i);
     if (!slot_defined(s, t->fn_id)) {
         if (write_define(r, t->fn_id) < 0 || slot_mark_defined(s, t->fn_id) < 0)
@@ -302,30 +232,30 @@ dispatch(mtask *t)
         return -1;
     }
     wake_notify(&r->readable);
-    list_append(&s->head, &s->tail, t);
+    pool__list_append(&s->head, &s->tail, t);
     s->count++;
     s->queued_ns += t->est_ns;
     return 0;
 }
 
-static void
-flush_queue(void)
+void
+pool__flush_queue(void)
 {
-    while (M.q_head) {
-        mtask *t = M.q_head;
+    while (pool__m.q_head) {
+        mtask *t = pool__m.q_head;
         mtask *next = t->next;
         if (dispatch(t) < 0)
             return;
-        M.q_head = next;
-        if (M.q_head == NULL)
-            M.q_tail = NULL;
+        pool__m.q_head = next;
+        if (pool__m.q_head == NULL)
+            pool__m.q_tail = NULL;
     }
 }
 
 static int
 pool_submit(const exec_task *et)
 {
-    if (!M.running) {
+    if (!pool__m.running) {
         PyErr_SetString(PyExc_RuntimeError, "pydron: the process executor is not running");
         return -1;
     }
@@ -356,7 +286,7 @@ pool_submit(const exec_task *et)
     t->chunk = et->chunk;
     t->forgotten = 0;
     if (t->timeout_ns || t->memory_limit)
-        M.limited++;
+        pool__m.limited++;
     t->fn = Py_NewRef(et->fn);
     t->error = NULL;
     t->args = et->args;
@@ -366,630 +296,21 @@ pool_submit(const exec_task *et)
         t->deps[d] = et->deps[d];
         exec_blob_incref(t->deps[d]);
     }
-    M.outstanding++;
+    pool__m.outstanding++;
     exec__install_array_allocator();    /* once numpy is imported: the master's arrays too */
     exec__note_arena_full();
-    start_workers();
-    if (M.q_head == NULL && dispatch(t) == 0)
+    pool__start_workers();
+    if (pool__m.q_head == NULL && dispatch(t) == 0)
         return 0;
-    list_append(&M.q_head, &M.q_tail, t);
-    flush_queue();
-    return 0;
-}
-
-/* ---- results and deaths ----------------------------------------------------------------------- */
-
-/* Hand t's outcome over as a completion; consumes t and the blob/object references. */
-static int
-complete(mtask *t, int failed, exec_blob *blob, PyObject *object, int worker, uint64_t elapsed_ns)
-{
-    exec_completion c = {t->id, failed, blob, object, 0, 0, 0};
-    if (worker) {
-        /* The worker's run time; it finished about now (results are drained promptly). */
-        c.worker = worker;
-        c.finished = pydron_now();
-        c.started = c.finished - (double)elapsed_ns * 1e-9;
-    }
-    M.outstanding--;
-    int forgotten = t->forgotten;
-    task_free(t);
-    if (forgotten) {
-        /* Nobody waits for it any more (exec_forget). */
-        exec_blob_decref(blob);
-        Py_XDECREF(object);
-        return 0;
-    }
-    return exec__complete(&c);
-}
-
-static void kill_slot(int i);
-
-/* A worker wrote a record the master cannot trust: fail the task it was for (the oldest one in
- * flight) with an error naming the problem, and replace the worker. -1 + exception only when
- * even that fails. */
-static int
-reject_record(int i, const char *what, const char *detail)
-{
-    mslot *s = &M.slots[i];
-    mtask *t = s->head;
-    PyObject *w = PyUnicode_FromString(what), *d = PyUnicode_FromString(detail);
-    PyObject *exc = NULL;
-    if (w && d) {
-        PyObject *args[2] = {w, d};
-        exc = exec__call_helper("bad_record", args, 2);
-    }
-    Py_XDECREF(w);
-    Py_XDECREF(d);
-    if (exc == NULL)
-        return -1;
-    kill_slot(i);
-    s->poisoned = 1;
-    if (t == NULL) {
-        Py_DECREF(exc);
-        return 0;
-    }
-    s->head = t->next;
-    if (s->head == NULL)
-        s->tail = NULL;
-    s->count--;
-    return complete(t, 1, NULL, exc, i + 1, 0);
-}
-
-/* Read every record of worker i's result ring; with discard (its tasks were cancelled), drop
- * them. Returns the number of completions, or -1 + exception. */
-static int
-drain_slot(int i, int discard)
-{
-    mslot *s = &M.slots[i];
-    int n = 0;
-    if (s->poisoned)
-        return 0;                  /* its death resets the ring */
-    for (;;) {
-        wire_in in;
-        uint32_t kind;
-        size_t len;
-        const char *err;
-        const void *p = wire_next(&in, exec__to_master(i), RING_CAPACITY, exec__arena, &kind,
-                                  &len, &err);
-        if (p == NULL) {
-            if (err == NULL)
-                return n;
-            wire_skip(&in);
-            return reject_record(i, "record", err) < 0 ? -1 : n;
-        }
-        const wire_result *hdr;
-        wire_blob_view view;
-        if (kind == WIRE_NOTE) {              /* PYDRON_CHECK: said once, the task goes on */
-            err = wire_check_result(p, len, exec__arena, &hdr, &view);
-            exec_blob *note = err ? NULL : exec__blob_from_view(&view);
-            wire_done(&in);
-            if (err != NULL)
-                return reject_record(i, "note record", err) < 0 ? -1 : n;
-            PyObject *v = note ? exec_blob_decode(note) : NULL;
-            exec_blob_decref(note);
-            PyObject *r = v ? exec__call_helper("worker_note", &v, 1) : NULL;
-            Py_XDECREF(r);
-            Py_XDECREF(v);
-            PyErr_Clear();
-            continue;
-        }
-        if (kind != WIRE_RESULT && kind != WIRE_ERROR)
-            err = "record of an unknown kind";
-        else
-            err = wire_check_result(p, len, exec__arena, &hdr, &view);
-        if (err != NULL) {
-            wire_done(&in);
-            if (reject_record(i, "result record", err) < 0)
-                return -1;
-            return n;
-        }
-        uint64_t task_id = hdr->task_id, elapsed_ns = hdr->elapsed_ns;
-        exec_blob *blob = exec__blob_from_view(&view);
-        wire_done(&in);
-        if (blob == NULL)
-            return -1;
-        mtask *t = s->head;
-        if (t == NULL || t->id != task_id || discard) {
-            exec_blob_decref(blob);   /* a cancelled task's result */
-            continue;
-        }
-        s->head = t->next;
-        if (s->head == NULL)
-            s->tail = NULL;
-        s->count--;
-        s->queued_ns = s->count ? s->queued_ns - t->est_ns : 0;
-        s->idle_deaths = 0;
-        PyObject *exc = NULL;
-        if (kind == WIRE_RESULT) {
-            exec__fn_observe(t->fn_id, elapsed_ns);
-        }
-        else {
-            exc = exec__decode_error(blob);
-            exec_blob_decref(blob);
-            blob = NULL;
-        }
-        n++;
-        if (complete(t, kind == WIRE_ERROR, blob, exc, i + 1, elapsed_ns) < 0)
-            return -1;
-    }
-}
-
-static const char *
-signal_name(int sig)
-{
-    switch (sig) {
-    case SIGSEGV: return "SIGSEGV";
-    case SIGKILL: return "SIGKILL";
-    case SIGABRT: return "SIGABRT";
-    case SIGBUS: return "SIGBUS";
-    case SIGFPE: return "SIGFPE";
-    case SIGILL: return "SIGILL";
-    case SIGTERM: return "SIGTERM";
-    case SIGINT: return "SIGINT";
-    case SIGPIPE: return "SIGPIPE";
-    case SIGUSR1: return "SIGUSR1";
-    case SIGUSR2: return "SIGUSR2";
-    case SIGXCPU: return "SIGXCPU";
-    default: return NULL;
-    }
-}
-
-/* "killed by SIGSEGV", "exit status 3": new reference, NULL + exception. */
-static PyObject *
-describe_status(int status)
-{
-    if (WIFSIGNALED(status)) {
-        const char *n = signal_name(WTERMSIG(status));
-        return n ? PyUnicode_FromFormat("killed by %s", n)
-                 : PyUnicode_FromFormat("killed by signal %d", WTERMSIG(status));
-    }
-    return PyUnicode_FromFormat("exit status %d", WIFEXITED(status) ? WEXITSTATUS(status) : status);
-}
-
-/* The WorkerLostError for a task that killed its workers MAX_KILLS times (new reference; never
- * NULL: falls back to a plainer message). */
-static PyObject *
-worker_lost_error(mtask *t, int status, uint64_t maxrss_kb)
-{
-    PyObject *how = describe_status(status);
-    PyObject *rss = PyLong_FromUnsignedLongLong(maxrss_kb * 1024);
-    PyObject *kills = PyLong_FromLong(t->kills);
-    PyObject *data = PyBytes_FromStringAndSize(t->args->data, (Py_ssize_t)t->args->len);
-    PyObject *bufs = exec__blob_buffers(t->args);
-    PyObject *exc = NULL;
-    if (how && kills && data && bufs && rss) {
-        PyObject *a[7] = {t->fn, how, kills, data, bufs, rss,
-                          WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL ? Py_True : Py_False};
-        exc = exec__call_helper("worker_lost", a, 7);
-    }
-    Py_XDECREF(rss);
-    Py_XDECREF(how);
-    Py_XDECREF(kills);
-    Py_XDECREF(data);
-    Py_XDECREF(bufs);
-    if (exc == NULL) {
-        PyErr_Clear();
-        exc = PyObject_CallFunction(PyExc_RuntimeError, "s",
-                                    "pydron: a task killed its worker process");
-        if (exc == NULL) {
-            PyErr_Clear();
-            exc = Py_NewRef(PyExc_RuntimeError);
-        }
-    }
-    return exc;
-}
-
-static void
-requeue_front(mtask *head, mtask *tail)
-{
-    if (head == NULL)
-        return;
-    tail->next = M.q_head;
-    M.q_head = head;
-    if (M.q_tail == NULL)
-        M.q_tail = tail;
-}
-
-/* Worker i died: keep what it finished, blame the task it was running (unless blame is 0: the
- * fork server died, or the worker was killed on purpose), re-run the rest on a replacement.
- * Returns the number of completions, or -1 + exception. */
-static int
-handle_death(int i, int blame)
-{
-    mslot *s = &M.slots[i];
-    exec_slot *sh = &exec__shared->slots[i];
-    int status = atomic_load(&sh->death_status);
-    int n = drain_slot(i, s->killing);
-    if (n < 0)
-        return -1;
-    uint64_t blamed = atomic_load(&sh->running_task);
-    atomic_store(&sh->running_task, 0);
-    held_release_all(&sh->held, exec__arena);     /* the dead worker's references */
-    ring_reset(exec__to_worker(i));
-    ring_reset(exec__to_master(i));
-    s->spawned = 0;
-    if (s->defined)
-        memset(s->defined, 0, s->defined_cap);
-    mtask *keep_head = NULL, *keep_tail = NULL;
-    for (mtask *t = s->head, *next; t; t = next) {
-        next = t->next;
-        if (t->forgotten) {
-            M.outstanding--;
-            task_free(t);
-            continue;
-        }
-        if (blame && !s->killing && t->id == blamed && blamed != 0 && ++t->kills >= MAX_KILLS) {
-            t->error = worker_lost_error(t, status, atomic_load(&sh->death_maxrss_kb));
-            list_append(&M.failed_head, &M.failed_tail, t);
-            continue;
-        }
-        list_append(&keep_head, &keep_tail, t);
-    }
-    if (blame && blamed == 0 && !s->killing && ++s->idle_deaths > MAX_IDLE_DEATHS)
-        s->disabled = 1;    /* dies without running anything: do not fork it forever */
-    s->head = s->tail = NULL;
-    s->count = 0;
-    s->queued_ns = 0;
-    s->killing = 0;
-    s->poisoned = 0;
-    requeue_front(keep_head, keep_tail);
-    if (M.running)
-        spawn_worker(i);
-    return n;
-}
-
-static int
-handle_deaths(void)
-{
-    uint32_t d = atomic_load(&exec__shared->deaths);
-    if (d == M.seen_deaths)
-        return 0;
-    M.seen_deaths = d;
-    int n = 0;
-    for (int i = 0; i < M.nworkers; i++) {
-        uint32_t sd = atomic_load(&exec__shared->slots[i].deaths);
-        if (sd == M.slots[i].seen_deaths)
-            continue;
-        M.slots[i].seen_deaths = sd;
-        int k = handle_death(i, 1);
-        if (k < 0)
-            return -1;
-        n += k;
-    }
-    /* Every worker disabled: nothing will ever run what is queued. */
-    int alive = 0;
-    for (int i = 0; i < M.nworkers; i++)
-        alive += !M.slots[i].disabled;
-    while (!alive && M.q_head) {
-        mtask *t = M.q_head;
-        M.q_head = t->next;
-        if (M.q_head == NULL)
-            M.q_tail = NULL;
-        t->error = exec__call_helper("workers_die_at_start", NULL, 0);
-        if (t->error == NULL)
-            return -1;
-        list_append(&M.failed_head, &M.failed_tail, t);
-    }
-    return n;
-}
-
-static int
-complete_failed(void)
-{
-    int n = 0;
-    while (M.failed_head) {
-        mtask *t = M.failed_head;
-        M.failed_head = t->next;
-        if (M.failed_head == NULL)
-            M.failed_tail = NULL;
-        PyObject *exc = t->error;
-        t->error = NULL;
-        n++;
-        if (complete(t, 1, NULL, exc, 0, 0) < 0)
-            return -1;
-    }
-    return n;
-}
-
-static void requeue_front(mtask *head, mtask *tail);
-
-/* Resident memory of pid in bytes, or 0 when it cannot be read. */
-static size_t
-resident_bytes(pid_t pid)
-{
-    char path[64];
-    unsigned long long size = 0, resident = 0;
-    snprintf(path, sizeof path, "/proc/%d/statm", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return 0;
-    int ok = fscanf(f, "%llu %llu", &size, &resident) == 2;
-    fclose(f);
-    return ok ? (size_t)resident * (size_t)sysconf(_SC_PAGESIZE) : 0;
-}
-
-/* The task worker i runs went past its timeout or memory limit: the worker is killed (the only
- * way to stop it), the task fails with the error, and the rest of what the worker held runs
- * again elsewhere. 0, or -1 + exception. */
-static int
-stop_running_task(int i, mtask *t, const char *helper_name, PyObject *limit, PyObject *used)
-{
-    mslot *s = &M.slots[i];
-    PyObject *args[3] = {t->fn, limit, used};
-    PyObject *exc = exec__call_helper(helper_name, args, used ? 3 : 2);
-    if (exc == NULL)
-        return -1;
-    kill_slot(i);
-    /* Take t out; the others go back to the queue (killing: their results are discarded). */
-    mtask *keep = NULL, *tail = NULL;
-    for (mtask *x = s->head, *next; x; x = next) {
-        next = x->next;
-        if (x != t)
-            list_append(&keep, &tail, x);
-    }
-    requeue_front(keep, tail);
-    s->head = s->tail = NULL;
-    s->count = 0;
-    s->queued_ns = 0;
-    return complete(t, 1, NULL, exc, i + 1, 0);
-}
-
-/* Tasks running past their timeout or memory limit are stopped (checked every
- * LIMITS_CHECK_NS while such tasks are outstanding). */
-static int
-enforce_limits(void)
-{
-    uint64_t now = pydron_now_ns();
-    if (M.limited == 0 || now - M.limits_checked_ns < LIMITS_CHECK_NS)
-        return 0;
-    M.limits_checked_ns = now;
-    for (int i = 0; i < M.nworkers; i++) {
-        mslot *s = &M.slots[i];
-        exec_slot *sh = &exec__shared->slots[i];
-        uint64_t running = atomic_load(&sh->running_task);
-        if (s->killing || running == 0 || s->head == NULL)
-            continue;
-        mtask *t = s->head;
-        while (t && t->id != running)
-            t = t->next;
-        if (t == NULL || (t->timeout_ns == 0 && t->memory_limit == 0))
-            continue;
-        uint64_t since = atomic_load(&sh->running_since_ns);
-        if (t->timeout_ns && now > since && now - since > t->timeout_ns) {
-            PyObject *limit = PyFloat_FromDouble((double)t->timeout_ns * 1e-9);
-            int rc = limit ? stop_running_task(i, t, "task_timed_out", limit, NULL) : -1;
-            Py_XDECREF(limit);
-            if (rc < 0)
-                return -1;
-            continue;
-        }
-        size_t rss = t->memory_limit ? resident_bytes(atomic_load(&sh->pid)) : 0;
-        if (t->memory_limit && rss > t->memory_limit) {
-            PyObject *limit = PyLong_FromSize_t(t->memory_limit), *used = PyLong_FromSize_t(rss);
-            int rc = limit && used ? stop_running_task(i, t, "task_over_memory", limit, used) : -1;
-            Py_XDECREF(limit);
-            Py_XDECREF(used);
-            if (rc < 0)
-                return -1;
-        }
-    }
-    return 0;
-}
-
-/* One round: deaths, results, failures, limits; then refill the rings. */
-static int
-pool_collect(void)
-{
-    if (!M.running)
-        return 0;
-    int total = 0, n;
-    if (enforce_limits() < 0)
-        return -1;
-    if ((n = handle_deaths()) < 0)
-        return -1;
-    total += n;
-    for (int i = 0; i < M.nworkers; i++) {
-        if ((n = drain_slot(i, M.slots[i].killing)) < 0)
-            return -1;
-        total += n;
-    }
-    if ((n = complete_failed()) < 0)
-        return -1;
-    total += n;
-    flush_queue();
-    return total;
-}
-
-static int
-pool_ready(void)
-{
-    if (!M.running)
-        return 0;
-    if (atomic_load(&exec__shared->deaths) != M.seen_deaths)
-        return 1;
-    for (int i = 0; i < M.nworkers; i++)
-        if (!ring_empty(exec__to_master(i)))
-            return 1;
+    pool__list_append(&pool__m.q_head, &pool__m.q_tail, t);
+    pool__flush_queue();
     return 0;
 }
 
 static Py_ssize_t
 pool_outstanding(void)
 {
-    return M.outstanding;
-}
-
-static void shutdown_pool(int with_python);
-
-/* Whether pid has exited (gone, or a zombie waiting for whoever reaps it now). */
-static int
-process_gone(pid_t pid)
-{
-    if (kill(pid, 0) < 0 && errno == ESRCH)
-        return 1;
-    char path[64], state = 0;
-    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return 1;
-    int ok = fscanf(f, "%*d (%*[^)]) %c", &state) == 1;
-    fclose(f);
-    return !ok || state == 'Z' || state == 'X';
-}
-
-/* The fork server died (killed from outside): its workers die with it (they are killed here
- * too, and PDEATHSIG kills them anyway). Once they are gone, what they finished is kept, the
- * rest runs again, and a new fork server is forked from here, as enable() did. 0, or -1 + exc
- * when it keeps dying. */
-static int
-restart_forkserver(int status)
-{
-    /* Killed from outside (SIGKILL) it is always restarted; crashing or exiting by itself again
-     * and again, it would only crash again: then the pool ends. */
-    double now = pydron_now();
-    if (now - M.restart_window_start > FORKSERVER_RESTART_WINDOW_S) {
-        M.restart_window_start = now;
-        M.restarts = 0;
-    }
-    if (!(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) &&
-        ++M.restarts > MAX_FORKSERVER_RESTARTS) {
-        shutdown_pool(1);
-        PyErr_Format(PyExc_RuntimeError, "pydron: the executor's fork server failed %d times "
-                     "within %d s (last: status %d); the process pool is gone",
-                     MAX_FORKSERVER_RESTARTS, (int)FORKSERVER_RESTART_WINDOW_S, status);
-        return -1;
-    }
-    close(M.fs_sock);
-    M.fs_sock = -1;
-    pid_t pids[EXEC_MAX_WORKERS] = {0};
-    for (int i = 0; i < M.nworkers; i++) {
-        pids[i] = atomic_load(&exec__shared->slots[i].pid);
-        if (pids[i] > 0)
-            kill(pids[i], SIGKILL);
-    }
-    for (int i = 0; i < M.nworkers; i++)
-        for (int k = 0; pids[i] > 0 && k < REAP_WAIT_MS && !process_gone(pids[i]); k++)
-            usleep(1000);
-    int total = 0;
-    for (int i = 0; i < M.nworkers; i++) {
-        atomic_store(&exec__shared->slots[i].pid, 0);
-        int n = handle_death(i, 0);
-        if (n < 0)
-            return -1;
-        total += n;
-        M.slots[i].seen_deaths = atomic_load(&exec__shared->slots[i].deaths);
-    }
-    M.seen_deaths = atomic_load(&exec__shared->deaths);
-    int sock;
-    pid_t pid = exec__forkserver_start(&sock);
-    if (pid < 0) {
-        PyObject *exc = PyErr_GetRaisedException();
-        shutdown_pool(1);
-        PyErr_SetRaisedException(exc);
-        return -1;
-    }
-    M.fs_pid = pid;
-    M.fs_sock = sock;
-    M.synced_modules = 0;
-    M.workers_started = 0;
-    start_workers();
-    flush_queue();
-    return total;
-}
-
-static int
-pool_check(void)
-{
-    int st;
-    if (!M.running || waitpid(M.fs_pid, &st, WNOHANG) == 0)
-        return 0;
-    return restart_forkserver(st) < 0 ? -1 : 0;
-}
-
-/* SIGKILL worker i (waiting briefly for it to have a pid) and expect its death. */
-static void
-kill_slot(int i)
-{
-    mslot *s = &M.slots[i];
-    exec_slot *sh = &exec__shared->slots[i];
-    pid_t pid = 0;
-    for (int k = 0; k < 2000 && s->spawned && (pid = atomic_load(&sh->pid)) == 0; k++)
-        usleep(1000);
-    if (pid > 0)
-        kill(pid, SIGKILL);
-    s->killing = 1;
-}
-
-/* Drop the cancelled tasks of a list; with sorted NULL, all of them. Returns the rest. */
-static mtask *
-filter_cancelled(mtask *t, const uint64_t *sorted, Py_ssize_t n, mtask **tail)
-{
-    mtask *head = NULL;
-    *tail = NULL;
-    for (mtask *next; t; t = next) {
-        next = t->next;
-        if (sorted == NULL || exec__id_in(sorted, n, t->id)) {
-            task_free(t);
-            M.outstanding--;
-            continue;
-        }
-        list_append(&head, tail, t);
-    }
-    return head;
-}
-
-/* Soft cancel: queued tasks are dropped, tasks already in a worker's ring run to their end and
- * their results are dropped (no worker is killed: for speculation gone wrong, where the tasks are
- * tiny and side-effect free). */
-static void
-pool_forget(const uint64_t *sorted, Py_ssize_t n)
-{
-    if (!M.running)
-        return;
-    M.q_head = filter_cancelled(M.q_head, sorted, n, &M.q_tail);
-    M.failed_head = filter_cancelled(M.failed_head, sorted, n, &M.failed_tail);
-    for (int i = 0; i < M.nworkers; i++)
-        for (mtask *t = M.slots[i].head; t; t = t->next)
-            if (exec__id_in(sorted, n, t->id))
-                t->forgotten = 1;
-}
-
-static void
-pool_cancel(const uint64_t *sorted, Py_ssize_t n)
-{
-    if (!M.running)
-        return;
-    M.q_head = filter_cancelled(M.q_head, sorted, n, &M.q_tail);
-    M.failed_head = filter_cancelled(M.failed_head, sorted, n, &M.failed_tail);
-    for (int i = 0; i < M.nworkers; i++) {
-        mslot *s = &M.slots[i];
-        /* What finished is handed over (exec_cancel drops the cancelled ones' completions). */
-        if (drain_slot(i, s->killing) < 0)
-            PyErr_Clear();
-        int hit = 0;
-        for (mtask *t = s->head; t && !hit; t = t->next)
-            hit = sorted == NULL || exec__id_in(sorted, n, t->id);
-        if (!hit)
-            continue;
-        /* A ring cannot be taken back: the worker is killed, and the tasks it held that were
-         * not cancelled run again on another worker. */
-        kill_slot(i);
-        mtask *tail;
-        mtask *keep = filter_cancelled(s->head, sorted, n, &tail);
-        requeue_front(keep, tail);
-        s->head = s->tail = NULL;
-        s->count = 0;
-        s->queued_ns = 0;
-    }
-}
-
-void
-exec__cancel_all(void)
-{
-    PyObject *exc = PyErr_GetRaisedException();
-    pool_cancel(NULL, 0);
-    exec__thread_backend.cancel(NULL, 0);
-    PyErr_SetRaisedException(exc);
+    return pool__m.outstanding;
 }
 
 /* ---- start and shutdown ----------------------------------------------------------------------- */
@@ -1006,7 +327,7 @@ physical_memory(void)
 static void
 atexit_shutdown(void)
 {
-    shutdown_pool(0);
+    pool__shutdown(0);
 }
 
 /* In a child forked by user code (os.fork, multiprocessing), the pool is the parent's: forget it
@@ -1015,15 +336,15 @@ atexit_shutdown(void)
 void
 exec__pool_forget_in_child(void)
 {
-    if (exec__internal_fork || !M.running)
+    if (exec__internal_fork || !pool__m.running)
         return;
-    if (M.fs_sock >= 0)
-        close(M.fs_sock);
-    M.running = 0;
-    M.forgotten = 1;               /* the Python-side tables are reset by the next exec_start */
-    M.q_head = M.q_tail = M.failed_head = M.failed_tail = NULL;
-    memset(M.slots, 0, sizeof(M.slots));
-    M.outstanding = 0;
+    if (pool__m.fs_sock >= 0)
+        close(pool__m.fs_sock);
+    pool__m.running = 0;
+    pool__m.forgotten = 1;         /* the Python-side tables are reset by the next exec_start */
+    pool__m.q_head = pool__m.q_tail = pool__m.failed_head = pool__m.failed_tail = NULL;
+    memset(pool__m.slots, 0, sizeof(pool__m.slots));
+    pool__m.outstanding = 0;
     guard_detach_after_fork();     /* the child's arrays keep their bytes, privately */
     exec__user_fork_child = 1;
     exec__shared = NULL;
@@ -1098,14 +419,14 @@ exec_start(int nworkers)
     }
     if (nworkers > EXEC_MAX_WORKERS)
         nworkers = EXEC_MAX_WORKERS;
-    if (M.running) {
-        if (nworkers == M.nworkers)
+    if (pool__m.running) {
+        if (nworkers == pool__m.nworkers)
             return 0;
-        shutdown_pool(1);
+        pool__shutdown(1);
     }
-    if (M.forgotten) {             /* function blobs may point into the parent's arena */
+    if (pool__m.forgotten) {       /* function blobs may point into the parent's arena */
         exec__fn_table_clear(1);
-        M.forgotten = 0;
+        pool__m.forgotten = 0;
     }
     if (exec__helpers_before_fork() < 0)
         return -1;
@@ -1132,15 +453,15 @@ exec_start(int nworkers)
         exec__arena = NULL;
         return -1;
     }
-    M.ctl = sh;
-    M.ctl_size = ctl_size;
-    M.arena_mem = mem;
-    M.arena_size = arena_size;
-    M.nworkers = nworkers;
-    M.seen_deaths = 0;
-    M.workers_started = 0;
-    M.outstanding = 0;
-    memset(M.slots, 0, sizeof(M.slots));
+    pool__m.ctl = sh;
+    pool__m.ctl_size = ctl_size;
+    pool__m.arena_mem = mem;
+    pool__m.arena_size = arena_size;
+    pool__m.nworkers = nworkers;
+    pool__m.seen_deaths = 0;
+    pool__m.workers_started = 0;
+    pool__m.outstanding = 0;
+    memset(pool__m.slots, 0, sizeof(pool__m.slots));
 
     int sock;
     pid_t pid = exec__forkserver_start(&sock);
@@ -1151,10 +472,10 @@ exec_start(int nworkers)
         exec__arena = NULL;
         return -1;
     }
-    M.fs_pid = pid;
-    M.fs_sock = sock;
-    M.synced_modules = 0;
-    M.running = 1;
+    pool__m.fs_pid = pid;
+    pool__m.fs_sock = sock;
+    pool__m.synced_modules = 0;
+    pool__m.running = 1;
     exec__set_master_word(&sh->master);
     exec__install_array_allocator();
     static int atexit_registered;
@@ -1167,36 +488,36 @@ exec_start(int nworkers)
 
 /* with_python: the interpreter is alive (and the GIL held), so Python references can be dropped;
  * at Py_AtExit time they are simply forgotten. */
-static void
-shutdown_pool(int with_python)
+void
+pool__shutdown(int with_python)
 {
-    if (!M.running)
+    if (!pool__m.running)
         return;
-    M.running = 0;
-    exec__forkserver_quit(M.fs_sock);
-    close(M.fs_sock);
+    pool__m.running = 0;
+    exec__forkserver_quit(pool__m.fs_sock);
+    close(pool__m.fs_sock);
     int st;
     pid_t r = 0;
-    for (int k = 0; k < REAP_WAIT_MS && (r = waitpid(M.fs_pid, &st, WNOHANG)) == 0; k++)
+    for (int k = 0; k < POOL_REAP_WAIT_MS && (r = waitpid(pool__m.fs_pid, &st, WNOHANG)) == 0; k++)
         usleep(1000);
     if (r == 0) {
-        for (int i = 0; i < M.nworkers; i++) {
+        for (int i = 0; i < pool__m.nworkers; i++) {
             pid_t w = atomic_load(&exec__shared->slots[i].pid);
             if (w > 0)
                 kill(w, SIGKILL);
         }
-        kill(M.fs_pid, SIGKILL);
-        waitpid(M.fs_pid, &st, 0);
+        kill(pool__m.fs_pid, SIGKILL);
+        waitpid(pool__m.fs_pid, &st, 0);
     }
-    free_task_list(M.q_head, with_python);
-    free_task_list(M.failed_head, with_python);
-    M.q_head = M.q_tail = M.failed_head = M.failed_tail = NULL;
-    for (int i = 0; i < M.nworkers; i++) {
-        free_task_list(M.slots[i].head, with_python);
-        PyMem_RawFree(M.slots[i].defined);
+    free_task_list(pool__m.q_head, with_python);
+    free_task_list(pool__m.failed_head, with_python);
+    pool__m.q_head = pool__m.q_tail = pool__m.failed_head = pool__m.failed_tail = NULL;
+    for (int i = 0; i < pool__m.nworkers; i++) {
+        free_task_list(pool__m.slots[i].head, with_python);
+        PyMem_RawFree(pool__m.slots[i].defined);
     }
-    memset(M.slots, 0, sizeof(M.slots));
-    M.outstanding = 0;
+    memset(pool__m.slots, 0, sizeof(pool__m.slots));
+    pool__m.outstanding = 0;
     exec__codec_memo_clear(with_python);
     exec__fn_table_clear(with_python);
     exec__shared = NULL;
@@ -1205,12 +526,13 @@ shutdown_pool(int with_python)
     int unmap = exec__wake_sleepers();
     exec__set_master_word(NULL);
     if (unmap)
-        munmap(M.ctl, M.ctl_size);
+        munmap(pool__m.ctl, pool__m.ctl_size);
     /* Lending is over: private copies merged back, protections lifted. */
     guard_stop(0);
     if (atomic_load(&exec__live_arena_refs) == 0) {
         guard_stop(1);
-        munmap(M.arena_mem, M.arena_size);   /* else an array still views it: leave it mapped */
+        /* no array views it any more (else it stays mapped) */
+        munmap(pool__m.arena_mem, pool__m.arena_size);
     }
     if (exec__arena_fd >= 0 && atomic_load(&exec__live_arena_refs) == 0) {
         close(exec__arena_fd);
@@ -1222,20 +544,20 @@ shutdown_pool(int with_python)
 const exec_backend exec__process_backend = {
     .name = "processes",
     .submit = pool_submit,
-    .collect = pool_collect,
-    .ready = pool_ready,
-    .check = pool_check,
-    .cancel = pool_cancel,
-    .forget = pool_forget,
+    .collect = pool__collect,
+    .ready = pool__ready,
+    .check = pool__check,
+    .cancel = pool__cancel,
+    .forget = pool__forget,
     .outstanding = pool_outstanding,
-    .shutdown = shutdown_pool,
+    .shutdown = pool__shutdown,
 };
 
 PyObject *
 exec__pool_info(void)
 {
     PyObject *pids = PyList_New(0);
-    for (int i = 0; pids && M.running && i < M.nworkers; i++) {
+    for (int i = 0; pids && pool__m.running && i < pool__m.nworkers; i++) {
         PyObject *p = PyLong_FromLong(atomic_load(&exec__shared->slots[i].pid));
         if (p == NULL || PyList_Append(pids, p) < 0)
             Py_CLEAR(pids);
@@ -1249,8 +571,8 @@ exec__pool_info(void)
     guard_stats gs;
     guard_get_stats(&gs);
     return Py_BuildValue("{s:i,s:i,s:i,s:N,s:n,s:K,s:K,s:K,s:K,s:n,s:n,s:K,s:K,s:K,s:K}",
-                         "running", M.running, "nworkers", exec_nworkers(),
-                         "forkserver", M.running ? (int)M.fs_pid : 0, "workers", pids,
+                         "running", pool__m.running, "nworkers", exec_nworkers(),
+                         "forkserver", pool__m.running ? (int)pool__m.fs_pid : 0, "workers", pids,
                          "outstanding", exec_outstanding(),
                          "arena_pages", (unsigned long long)st.total_pages,
                          "arena_used_pages", (unsigned long long)st.used_pages,

@@ -626,19 +626,27 @@ core_exec_worker_ring(PyObject *self, PyObject *unused)
                          "arena_size", (unsigned long long)(st.total_pages * ARENA_PAGE));
 }
 
-/* _exec_scalars_dump(obj) -> bytes | None: what the C fast path writes for a result (None when
- * it leaves obj to the general pickler); _exec_scalars_load(bytes) -> value | NotImplemented. */
+/* What a C pickler of small values answered (rc, data, len as exec__scalars_dump gives them):
+ * its bytes, None when it left the value to the general pickler, or NULL + exception. */
 static PyObject *
-core_scalars_dump(PyObject *self, PyObject *obj)
+scalars_answer(int rc, const char *data, size_t len)
 {
-    const char *data;
-    size_t len;
-    int rc = exec__scalars_dump(obj, &data, &len);
     if (rc < 0)
         return NULL;
     if (rc == 0)
         Py_RETURN_NONE;
     return PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+}
+
+/* _exec_scalars_dump(obj) -> bytes | None: what the C fast path writes for a result (None when
+ * it leaves obj to the general pickler); _exec_scalars_load(bytes) -> value | NotImplemented. */
+static PyObject *
+core_scalars_dump(PyObject *self, PyObject *obj)
+{
+    const char *data = NULL;
+    size_t len = 0;
+    int rc = exec__scalars_dump(obj, &data, &len);
+    return scalars_answer(rc, data, len);
 }
 
 static PyObject *
@@ -648,14 +656,10 @@ core_scalars_dump_call(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "_exec_scalars_dump_call expects the args tuple");
         return NULL;
     }
-    const char *data;
-    size_t len;
+    const char *data = NULL;
+    size_t len = 0;
     int rc = exec__scalars_dump_call(args, &data, &len);
-    if (rc < 0)
-        return NULL;
-    if (rc == 0)
-        Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize(data, (Py_ssize_t)len);
+    return scalars_answer(rc, data, len);
 }
 
 static PyObject *

@@ -16,24 +16,12 @@ import pytest
 import pydron
 from pydron import _core
 
+from helpers import module_pool
 from isolated import run
 
 pytestmark = pytest.mark.nosan      # SIGSEGV-driven copy on write: ASan owns that signal
 
-
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2)
-    yield
-    pydron.disable()
-
-
-def plain(fn, *args):
-    pydron.disable()
-    try:
-        return fn(*args)
-    finally:
-        pydron.enable(workers=2)
+pool, plain = module_pool(workers=2)
 
 
 N = 1 << 18          # 2 MiB of float64: in the arena

@@ -7,16 +7,13 @@ import pytest
 
 import pydron
 
+from helpers import module_pool
+
 pytestmark = pytest.mark.nosan      # big: run without the sanitizer's overhead
 
-
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    # The traced path's records are what this file measures: a replayed call would send a
-    # comprehension of tasks as a few chunks (tests/test_replay.py covers that).
-    pydron.enable(workers=2, replay="off")
-    yield
-    pydron.disable()
+# The traced path's records are what this file measures: a replayed call would send a
+# comprehension of tasks as a few chunks (tests/test_replay.py covers that).
+pool, _ = module_pool(workers=2, replay="off")
 
 
 @pydron.functional

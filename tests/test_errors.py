@@ -11,14 +11,10 @@ import pytest
 import pydron
 from pydron import _exec_helpers
 
+from helpers import module_pool
 from isolated import run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2)
-    yield
-    pydron.disable()
+pool, _ = module_pool(workers=2)
 
 
 @pydron.functional

@@ -10,14 +10,13 @@ import pytest
 
 import pydron
 from pydron import _core
+
+from helpers import module_pool
 from isolated import run
+from replay_cases import (branch_on_results, calls_plain_helper, divides, fails_on, inc, inner,
+                          side_effects, slow_square)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2, replay="on")
-    yield
-    pydron.disable()
+pool, _ = module_pool(workers=2, replay="on")
 
 
 @pytest.fixture(autouse=True)
@@ -30,24 +29,6 @@ def settings():
                             compare=previous["compare"], guess=previous["guess"],
                             jit=previous["jit"], jit_after=previous["jit_after"],
                             jit_max=previous["jit_max"])
-
-
-@pydron.functional
-def inc(x):
-    return x + 1
-
-
-@pydron.functional
-def slow_square(x):
-    time.sleep(0.005)
-    return x * x
-
-
-@pydron.functional
-def fails_on(x, bad):
-    if x in bad:
-        raise ValueError(f"bad element {x}")
-    return x
 
 
 @pydron.schedule
@@ -65,18 +46,6 @@ def loop_and_branch(xs, k):
 
 
 @pydron.schedule
-def branch_on_results(xs):
-    out = []
-    for x in xs:
-        r = slow_square(x)
-        if r > 10:
-            out.append(inc(r))
-        else:
-            out.append(-1)
-    return out
-
-
-@pydron.schedule
 def while_on_results(n):
     x = n
     steps = 0
@@ -89,11 +58,6 @@ def while_on_results(n):
 @pydron.schedule
 def comprehension(xs, bad):
     return [fails_on(x, bad) for x in xs]
-
-
-@pydron.schedule
-def inner(x):
-    return inc(x) * 2
 
 
 @pydron.schedule
@@ -117,28 +81,6 @@ def containers(xs, label):
         d[x] = inc(x)
         s.add(x % 3)
     return f"{label}:{len(d)}", sorted(s), d
-
-
-@pydron.schedule
-def divides(xs, d):
-    out = []
-    for x in xs:
-        out.append(inc(x) // d)
-    return out
-
-
-seen = []
-
-
-def plain_helper(x):
-    seen.append(x)
-    return x
-
-
-@pydron.schedule
-def calls_plain_helper(x):
-    r = inc(x)
-    return plain_helper(r)
 
 
 def outcome(fn, *args):
@@ -219,10 +161,10 @@ def test_exceptions_are_the_same_three_ways(fn, args):
 def test_a_compiled_bail_leaves_no_trace_of_the_graph():
     """A plain callee makes the graph give up before calling it (rc -2): the trace calls it once,
     compiled or not."""
-    seen.clear()
+    side_effects.clear()
     traced, (interpreted, compiled), (s_int, s_comp) = three_ways(calls_plain_helper, 4)
     assert interpreted == compiled == traced == ("returned", 5)
-    assert seen == [5, 5, 5]
+    assert side_effects == [5, 5, 5]
     assert s_int["bails"] == s_comp["bails"] == 1
     assert s_comp["jit"] == "ready" and s_comp["compiled_runs"] == 0
 

@@ -7,12 +7,9 @@ import pytest
 import pydron
 from pydron import _core
 
+from helpers import module_pool
 
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2)
-    yield
-    pydron.disable()
+pool, _ = module_pool(workers=2)
 
 
 @pydron.functional

@@ -12,20 +12,9 @@ import pytest
 
 import pydron
 
+from helpers import module_pool
 
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2)
-    yield
-    pydron.disable()
-
-
-def plain(fn, *args):
-    pydron.disable()
-    try:
-        return fn(*args)
-    finally:
-        pydron.enable(workers=2)
+pool, plain = module_pool(workers=2)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ its bytecode. Every result is compared with plain Python's run of the same code;
 show the graph really ran (or gave up to the trace, where that is the point)."""
 
 import random
+import sys
 import time
 
 import numpy as np
@@ -11,12 +12,11 @@ import pytest
 import pydron
 from pydron import _core, _replay
 
+from helpers import module_pool
+from replay_cases import (branch_on_results, calls_plain_helper, divides, fails_on, inc, inner,
+                          plain_helper, side_effects)
 
-@pytest.fixture(scope="module", autouse=True)
-def pool():
-    pydron.enable(workers=2, replay="on")
-    yield
-    pydron.disable()
+pool, plain = module_pool(workers=2, replay="on")
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +28,6 @@ def fresh():
     yield
     _core._replay_configure(mode=previous["mode"], after=previous["after"],
                             compare=previous["compare"])
-
-
-def plain(fn, *args):
-    with _disabled():
-        return fn(*args)
-
-
-class _disabled:
-    def __enter__(self):
-        pydron.disable()
-
-    def __exit__(self, *exc):
-        pydron.enable(workers=2, replay="on")
 
 
 def replayed(fn, *args):
@@ -55,26 +42,8 @@ def replayed(fn, *args):
 # ---- functions under test --------------------------------------------------------------------
 
 @pydron.functional
-def inc(x):
-    return x + 1
-
-
-@pydron.functional
 def square(x):
     return x * x
-
-
-@pydron.functional
-def slow_square(x):
-    time.sleep(0.02)
-    return x * x
-
-
-@pydron.functional
-def fails_on(x, bad):
-    if x in bad:
-        raise ValueError(f"bad element {x}")
-    return x
 
 
 @pydron.functional
@@ -110,18 +79,6 @@ callee = inc
 
 
 @pydron.schedule
-def branch_on_results(xs):
-    out = []
-    for x in xs:
-        r = slow_square(x)
-        if r > 10:
-            out.append(inc(r))
-        else:
-            out.append(-1)
-    return out
-
-
-@pydron.schedule
 def filter_on_results(xs):
     return [x for x in xs if square(x) > 10]
 
@@ -129,28 +86,6 @@ def filter_on_results(xs):
 @pydron.schedule
 def map_with_failure(xs, bad):
     return [fails_on(x, bad) for x in xs]
-
-
-@pydron.schedule
-def divides(xs, d):
-    out = []
-    for x in xs:
-        out.append(inc(x) // d)
-    return out
-
-
-side_effects = []
-
-
-def plain_helper(x):
-    side_effects.append(x)
-    return x
-
-
-@pydron.schedule
-def calls_plain_helper(x):
-    r = inc(x)
-    return plain_helper(r)
 
 
 @pydron.schedule
@@ -174,11 +109,6 @@ def numpy_pipeline(images):
     for r in out:
         total += r
     return np.stack(out).mean(axis=0), total
-
-
-@pydron.schedule
-def inner(x):
-    return inc(x) * 2
 
 
 @pydron.schedule
@@ -211,7 +141,7 @@ SCHEDULED = [comprehension, loop_with_globals, calls_global_callee, branch_on_re
 
 
 def _more_scheduled():
-    return [logged_branch]
+    return [logged_branch, compares_unbound, subscripts_unbound]
 
 
 # ---- the program format --------------------------------------------------------------------------
@@ -308,6 +238,47 @@ def test_an_error_in_the_graph_is_raised_by_the_trace():
     with pytest.raises(ZeroDivisionError) as info:
         divides([1, 2], 0)
     assert any(f.name == "divides" for f in info.traceback), "the scheduled function's frame"
+
+
+@pydron.schedule
+def compares_unbound(x, bind):
+    r = inc(1)
+    if bind:
+        y = r
+    return x < y
+
+
+@pydron.schedule
+def subscripts_unbound(x, bind):
+    r = inc(1)
+    if bind:
+        y = r
+    return x[y]
+
+
+class Operand:
+    """Compares and subscripts without failing: only the unbound name makes the call raise."""
+
+    def __lt__(self, other):
+        return True
+
+    def __getitem__(self, key):
+        return key
+
+
+@pytest.mark.parametrize("fn", [compares_unbound, subscripts_unbound])
+def test_a_second_operand_without_value_gives_up_and_keeps_no_reference_to_the_first(fn):
+    """The graph gives up when the second operand of a comparison or subscript has no value; the
+    first, already read, is let go (the trace then raises plain Python's UnboundLocalError)."""
+    x = Operand()
+    for _ in range(3):
+        assert fn(x, True) == plain(fn, x, True)
+    refs = sys.getrefcount(x)
+    for _ in range(3):
+        with pytest.raises(UnboundLocalError):
+            fn(x, False)
+    assert _core._replay_state(fn)["bails"] >= 1, "the graph ran and gave up"
+    assert sys.getrefcount(x) == refs
 
 
 @pytest.mark.parametrize("bad", [{0}, {7}, {999}, {3, 500}])

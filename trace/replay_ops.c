@@ -131,6 +131,47 @@ static PyObject *compare(int op, PyObject *x, PyObject *y);
             return replay__bail(st, here, "line %d reads a name that has no value",          \
                                 i->line);                                                    \
     } while (0)
+/* READ of an operation's second operand; first, the value of its first, is released when the
+ * operation returns here. what: the operation, in its failure's message. */
+#define READ_SECOND(dst, r, deep, first, what)                                                 \
+    do {                                                                                       \
+        if (R[r] == NULL) {                                                                    \
+            Py_DECREF(first);                                                                  \
+            return replay__bail(st, here, "line %d reads a name that has no value", i->line);  \
+        }                                                                                      \
+        dst = replay__operand(st, pc, R[r], deep, guessing ? SLICE() : -1);                    \
+        if (dst == NULL) {                                                                     \
+            Py_DECREF(first);                                                                  \
+            if (PyErr_Occurred())                                                              \
+                return replay__failed(st, here, what);                                         \
+            return 0;                         /* guessed: *pc is the branch's way */           \
+        }                                                                                      \
+    } while (0)
+/* READ of what the operation iterates over. An iterator the call was handed cannot be consumed
+ * here: the trace, taking over, would find it consumed. */
+#define READ_ITERABLE(dst, r)                                                                  \
+    do {                                                                                       \
+        READ(dst, r, 0);                                                                       \
+        if (replay__outside_iterator(st, r, dst)) {                                            \
+            Py_DECREF(dst);                                                                    \
+            return replay__bail(st, here, "line %d consumes an iterator it was handed",        \
+                                i->line);                                                      \
+        }                                                                                      \
+    } while (0)
+
+/* A change in place cannot be undone: with guesses open, they are checked first (waiting); the
+ * operation runs again once all of them held, else the run goes on where the rollback put *pc.
+ * What the operation returns. */
+static int
+settle_before_change(run_state *st, int *pc, int here)
+{
+    int rc = replay__settle_all(st, pc);
+    if (rc < 0)
+        return -1;
+    if (rc == 0)
+        *pc = here;           /* all held: do it again, without guesses open */
+    return 0;
+}
 
 static int
 op_arg(run_state *st, int *pc, const rins *i, int guessing)
@@ -202,14 +243,7 @@ op_binop(run_state *st, int *pc, const rins *i, int guessing)
     }
     else {
         READ(x, i->b, 1);
-        PyObject *yy = replay__operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
-        if (yy == NULL) {
-            Py_DECREF(x);
-            if (PyErr_Occurred())
-                return replay__failed(st, here, replay__rop_names[i->op]);
-            return 0;
-        }
-        y = yy;
+        READ_SECOND(y, i->c, 1, x, replay__rop_names[i->op]);
     }
     if (inplace && !replay__immutable(x) && st->taint[i->b] != FRESH) {
         Py_DECREF(x);
@@ -218,15 +252,9 @@ op_binop(run_state *st, int *pc, const rins *i, int guessing)
                             i->line);
     }
     if (inplace && !replay__immutable(x) && !concat && st->ncp > 0) {
-        /* A change in place cannot be undone: the guesses are checked first. */
         Py_DECREF(x);
         Py_DECREF(y);
-        int rc = replay__settle_all(st, pc);
-        if (rc < 0)
-            return -1;
-        if (rc == 0)
-            *pc = here;           /* all held: do it again, without guesses open */
-        return 0;
+        return settle_before_change(st, pc, here);
     }
     PyObject *r = binop_fn(i->d, x, y, inplace);
     /* A new object, unless the operator handed back an operand. */
@@ -267,14 +295,7 @@ op_compare(run_state *st, int *pc, const rins *i, int guessing)
     int identity = i->d == 6 || i->d == 7;
     PyObject *x, *y;
     READ(x, i->b, !identity);
-    NEED(i->c);
-    y = replay__operand(st, pc, R[i->c], !identity, guessing ? SLICE() : -1);
-    if (y == NULL) {
-        Py_DECREF(x);
-        if (PyErr_Occurred())
-            return replay__failed(st, here, "a comparison");
-        return 0;
-    }
+    READ_SECOND(y, i->c, !identity, x, "a comparison");
     PyObject *r = compare(i->d, x, y);
     Py_DECREF(x);
     Py_DECREF(y);
@@ -290,14 +311,7 @@ op_getitem(run_state *st, int *pc, const rins *i, int guessing)
     OP_BEGIN();
     PyObject *c, *k;
     READ(c, i->b, 0);
-    NEED(i->c);
-    k = replay__operand(st, pc, R[i->c], 1, guessing ? SLICE() : -1);
-    if (k == NULL) {
-        Py_DECREF(c);
-        if (PyErr_Occurred())
-            return replay__failed(st, here, "a subscript");
-        return 0;
-    }
+    READ_SECOND(k, i->c, 1, c, "a subscript");
     PyObject *r = PyObject_GetItem(c, k);
     Py_DECREF(c);
     Py_DECREF(k);
@@ -496,11 +510,7 @@ op_iter(run_state *st, int *pc, const rins *i, int guessing)
 {
     OP_BEGIN();
     PyObject *x;
-    READ(x, i->b, 0);
-    if (replay__outside_iterator(st, i->b, x)) {
-        Py_DECREF(x);
-        return replay__bail(st, here, "line %d consumes an iterator it was handed", i->line);
-    }
+    READ_ITERABLE(x, i->b);
     PyObject *it = PyObject_GetIter(x);
     Py_DECREF(x);
     PyObject *r = it ? cursor_new(it) : NULL;
@@ -570,11 +580,7 @@ op_unpack(run_state *st, int *pc, const rins *i, int guessing)
 {
     OP_BEGIN();
     PyObject *x;
-    READ(x, i->b, 0);
-    if (replay__outside_iterator(st, i->b, x)) {
-        Py_DECREF(x);
-        return replay__bail(st, here, "line %d consumes an iterator it was handed", i->line);
-    }
+    READ_ITERABLE(x, i->b);
     PyObject *t = PySequence_Tuple(x);
     Py_DECREF(x);
     if (t == NULL)
@@ -618,14 +624,8 @@ op_store(run_state *st, int *pc, const rins *i, int guessing)
         NEED(i->c);
     if (st->taint[i->a] != FRESH)
         return replay__bail(st, here, "line %d changes a container the call did not make", i->line);
-    if (st->ncp > 0) {
-        int rc = replay__settle_all(st, pc);
-        if (rc < 0)
-            return -1;
-        if (rc == 0)
-            *pc = here;
-        return 0;
-    }
+    if (st->ncp > 0)
+        return settle_before_change(st, pc, here);
     PyObject *c = trace__force(R[i->a]);
     if (c == NULL)
         return replay__failed(st, here, "a store");
@@ -780,48 +780,55 @@ op_map(run_state *st, int *pc, const rins *i, int guessing)
     return 0;
 }
 
+#undef READ_ITERABLE
+#undef READ_SECOND
 #undef READ
 #undef NEED
 #undef SLICE
 #undef OP_BEGIN
 
+/* Each operation's number and function, in one list: the compiled tier's table and the
+ * interpreter's switch below are both made from it. */
+#define OPERATIONS(X)                                                                          \
+    X(R_ARG, op_arg)                                                                           \
+    X(R_CONST, op_const)                                                                       \
+    X(R_GLOBAL, op_global)                                                                     \
+    X(R_MOVE, op_move)                                                                         \
+    X(R_BINOP, op_binop)                                                                       \
+    X(R_INPLACE, op_binop)                                                                     \
+    X(R_UNARY, op_unary)                                                                       \
+    X(R_NOT, op_unary)                                                                         \
+    X(R_COMPARE, op_compare)                                                                   \
+    X(R_GETITEM, op_getitem)                                                                   \
+    X(R_GETATTR, op_getattr)                                                                   \
+    X(R_BUILD_LIST, op_build_sequence)                                                         \
+    X(R_BUILD_TUPLE, op_build_sequence)                                                        \
+    X(R_BUILD_DICT, op_build_dict)                                                             \
+    X(R_BUILD_SLICE, op_build_slice)                                                           \
+    X(R_APPEND, op_append)                                                                     \
+    X(R_CALL, op_call)                                                                         \
+    X(R_KWNAMES, op_kwnames)                                                                   \
+    X(R_ITER, op_iter)                                                                         \
+    X(R_FOR, op_for)                                                                           \
+    X(R_JUMP, op_jump)                                                                         \
+    X(R_IF_FALSE, op_branch)                                                                   \
+    X(R_IF_TRUE, op_branch)                                                                    \
+    X(R_UNPACK, op_unpack)                                                                     \
+    X(R_RETURN, op_return)                                                                     \
+    X(R_BAIL, op_bail)                                                                         \
+    X(R_STORE_ITEM, op_store)                                                                  \
+    X(R_SET_ADD, op_store)                                                                     \
+    X(R_EXTEND, op_extend)                                                                     \
+    X(R_BUILD_SET, op_build_set)                                                               \
+    X(R_FORMAT, op_format)                                                                     \
+    X(R_BUILD_STRING, op_build_string)                                                         \
+    X(R_DEREF, op_deref)                                                                       \
+    X(R_MAP, op_map)
+
 /* The operations by number: what the compiled tier calls (replay__rop_names gives their names). */
-const replay_op_fn replay__op_table[R_NOPS] = {
-    [R_ARG] = op_arg,
-    [R_CONST] = op_const,
-    [R_GLOBAL] = op_global,
-    [R_MOVE] = op_move,
-    [R_BINOP] = op_binop,
-    [R_INPLACE] = op_binop,
-    [R_UNARY] = op_unary,
-    [R_NOT] = op_unary,
-    [R_COMPARE] = op_compare,
-    [R_GETITEM] = op_getitem,
-    [R_GETATTR] = op_getattr,
-    [R_BUILD_LIST] = op_build_sequence,
-    [R_BUILD_TUPLE] = op_build_sequence,
-    [R_BUILD_DICT] = op_build_dict,
-    [R_BUILD_SLICE] = op_build_slice,
-    [R_APPEND] = op_append,
-    [R_CALL] = op_call,
-    [R_KWNAMES] = op_kwnames,
-    [R_ITER] = op_iter,
-    [R_FOR] = op_for,
-    [R_JUMP] = op_jump,
-    [R_IF_FALSE] = op_branch,
-    [R_IF_TRUE] = op_branch,
-    [R_UNPACK] = op_unpack,
-    [R_RETURN] = op_return,
-    [R_BAIL] = op_bail,
-    [R_STORE_ITEM] = op_store,
-    [R_SET_ADD] = op_store,
-    [R_EXTEND] = op_extend,
-    [R_BUILD_SET] = op_build_set,
-    [R_FORMAT] = op_format,
-    [R_BUILD_STRING] = op_build_string,
-    [R_DEREF] = op_deref,
-    [R_MAP] = op_map,
-};
+#define TABLE_ENTRY(op, fn) [op] = fn,
+const replay_op_fn replay__op_table[R_NOPS] = {OPERATIONS(TABLE_ENTRY)};
+#undef TABLE_ENTRY
 
 /* Execute the instruction at *pc (the interpreter's step; as the operations above). */
 int
@@ -829,40 +836,9 @@ replay__exec_one(run_state *st, int *pc, int guessing)
 {
     const rins *i = &st->p->code[*pc];
     switch (i->op) {
-    case R_ARG: return op_arg(st, pc, i, guessing);
-    case R_CONST: return op_const(st, pc, i, guessing);
-    case R_GLOBAL: return op_global(st, pc, i, guessing);
-    case R_MOVE: return op_move(st, pc, i, guessing);
-    case R_BINOP: return op_binop(st, pc, i, guessing);
-    case R_INPLACE: return op_binop(st, pc, i, guessing);
-    case R_UNARY: return op_unary(st, pc, i, guessing);
-    case R_NOT: return op_unary(st, pc, i, guessing);
-    case R_COMPARE: return op_compare(st, pc, i, guessing);
-    case R_GETITEM: return op_getitem(st, pc, i, guessing);
-    case R_GETATTR: return op_getattr(st, pc, i, guessing);
-    case R_BUILD_LIST: return op_build_sequence(st, pc, i, guessing);
-    case R_BUILD_TUPLE: return op_build_sequence(st, pc, i, guessing);
-    case R_BUILD_DICT: return op_build_dict(st, pc, i, guessing);
-    case R_BUILD_SLICE: return op_build_slice(st, pc, i, guessing);
-    case R_APPEND: return op_append(st, pc, i, guessing);
-    case R_CALL: return op_call(st, pc, i, guessing);
-    case R_KWNAMES: return op_kwnames(st, pc, i, guessing);
-    case R_ITER: return op_iter(st, pc, i, guessing);
-    case R_FOR: return op_for(st, pc, i, guessing);
-    case R_JUMP: return op_jump(st, pc, i, guessing);
-    case R_IF_FALSE: return op_branch(st, pc, i, guessing);
-    case R_IF_TRUE: return op_branch(st, pc, i, guessing);
-    case R_UNPACK: return op_unpack(st, pc, i, guessing);
-    case R_RETURN: return op_return(st, pc, i, guessing);
-    case R_BAIL: return op_bail(st, pc, i, guessing);
-    case R_STORE_ITEM: return op_store(st, pc, i, guessing);
-    case R_SET_ADD: return op_store(st, pc, i, guessing);
-    case R_EXTEND: return op_extend(st, pc, i, guessing);
-    case R_BUILD_SET: return op_build_set(st, pc, i, guessing);
-    case R_FORMAT: return op_format(st, pc, i, guessing);
-    case R_BUILD_STRING: return op_build_string(st, pc, i, guessing);
-    case R_DEREF: return op_deref(st, pc, i, guessing);
-    case R_MAP: return op_map(st, pc, i, guessing);
+#define CASE(op, fn) case op: return fn(st, pc, i, guessing);
+    OPERATIONS(CASE)
+#undef CASE
     }
     graph_set_location(st->p->filename, i->line);
     return replay__bail(st, *pc, "unknown operation %d", i->op);
