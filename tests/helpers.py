@@ -1,5 +1,8 @@
-"""Set-up shared by the test modules that run their cases in one pool for the whole module, and
-compare each with plain Python's run of the same code."""
+"""Set-up shared by test modules: a pool for a whole module with plain Python's run of the same
+code beside it, and the /dev/shm check of the fault tests."""
+
+import os
+import time
 
 import pytest
 
@@ -26,3 +29,46 @@ def module_pool(**options):
             pydron.enable(**options)
 
     return pool, plain
+
+
+SHM = "/dev/shm"
+
+
+def shm_entries():
+    """The names in /dev/shm now."""
+    try:
+        return set(os.listdir(SHM))
+    except FileNotFoundError:
+        return set()
+
+
+def _in_use_by_anyone(path):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if any(path in line for line in f):
+                    return True
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(path):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def leaked_shm(before):
+    """Entries of /dev/shm that are new since `before` and that no process maps or holds open:
+    what a scenario left behind. pydron's shared memory is anonymous, so anything here is a
+    leak; entries other programs on the machine are using at the moment (multiprocessing's
+    semaphores, say) are not, and one that is about to be used or removed gets a second look
+    a second later."""
+    def unused():
+        return sorted(n for n in shm_entries() - before
+                      if not _in_use_by_anyone(os.path.join(SHM, n)))
+    leaked = unused()
+    if leaked:
+        time.sleep(1.0)
+        leaked = unused()
+    return leaked

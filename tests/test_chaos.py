@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+from helpers import leaked_shm, shm_entries
+
 pytestmark = pytest.mark.nosan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_chaos_short(tmp_path):
-    shm_before = set(os.listdir("/dev/shm"))
+    shm_before = shm_entries()
     proc = subprocess.run([sys.executable, os.path.join(HERE, "chaos.py"), "--seconds", "6",
                            "--tasks", "2000", "--kill-every", "0.02", "0.2"],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path)
@@ -25,4 +27,4 @@ def test_chaos_short(tmp_path):
     assert r["rounds"] >= 5 and r["kills"]["worker"] >= 10 and r["kills"]["forkserver"] >= 1, r
     assert r["fds_delta"] == 0 and r["arena_pages_delta"] == 0, r
     assert r["processes_left"] == [] and r["stats"]["inflight"] == 0, r
-    assert set(os.listdir("/dev/shm")) - shm_before == set()
+    assert leaked_shm(shm_before) == []

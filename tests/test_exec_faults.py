@@ -13,6 +13,8 @@ import time
 import psutil
 import pytest
 
+from helpers import leaked_shm, shm_entries
+
 pytestmark = pytest.mark.nosan
 
 PRELUDE = textwrap.dedent("""
@@ -32,13 +34,6 @@ PRELUDE = textwrap.dedent("""
         left = [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
         assert not left, left
 """)
-
-
-def shm_entries():
-    try:
-        return set(os.listdir("/dev/shm"))
-    except FileNotFoundError:
-        return set()
 
 
 def wait_gone(pids, timeout=10.0):
@@ -84,7 +79,7 @@ def run_scenario(body, tmp_path, timeout=120, interrupt_after_line=None):
     # Whatever the subprocess started must be gone once it is.
     pids = {p for r in reports for p in r.get("pids", [])}
     assert wait_gone(pids) == [], f"left behind: {pids}\n{err}"
-    assert shm_entries() - shm_before == set()
+    assert leaked_shm(shm_before) == []
     return proc.returncode, reports, err
 
 

@@ -14,7 +14,7 @@ import pytest
 
 psutil = pytest.importorskip("psutil")
 
-SHM = "/dev/shm"
+from helpers import SHM, leaked_shm, shm_entries     # noqa: E402  (after the psutil check)
 
 PRELUDE = r'''
 import atexit, json, os, signal, sys, threading, time
@@ -68,7 +68,7 @@ class Scenario:
         self.script = PRELUDE + textwrap.dedent(body)
         self.tmp_path = tmp_path
         self.timeout = timeout
-        self.shm_before = _shm_entries()
+        self.shm_before = shm_entries()
         # A file rather than -c, so tracebacks can show source lines of the tasks.
         path = tmp_path / "scenario.py"
         path.write_text(self.script)
@@ -148,15 +148,8 @@ class Scenario:
             return
         stale = [path for path in report.get("shm", []) if os.path.exists(path)]
         assert not stale, f"shared memory the scenario used is still there: {stale}"
-        leaked = self._unused_new_shm()
-        if leaked:
-            time.sleep(1.0)     # another test run's segment in the making is gone or in use by now
-            leaked = self._unused_new_shm()
+        leaked = leaked_shm(self.shm_before)
         assert not leaked, f"new entries in {SHM} that no process uses: {leaked}"
-
-    def _unused_new_shm(self):
-        new = _shm_entries() - self.shm_before
-        return sorted(name for name in new if not _in_use_by_anyone(os.path.join(SHM, name)))
 
 
 def _describe(p):
@@ -164,29 +157,6 @@ def _describe(p):
         return f"{p.pid} {p.name()} {p.cmdline()[:4]}"
     except psutil.Error:
         return f"{p.pid} (gone while being described)"
-
-
-def _shm_entries():
-    try:
-        return set(os.listdir(SHM))
-    except FileNotFoundError:
-        return set()
-
-
-def _in_use_by_anyone(path):
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                if any(path in line for line in f):
-                    return True
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(path):
-                    return True
-        except OSError:
-            continue
-    return False
 
 
 def _survivors(session_id, children):
