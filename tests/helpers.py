@@ -61,12 +61,15 @@ def _in_use_by_anyone(path):
 def leaked_shm(before):
     """Entries of /dev/shm that are new since `before` and that no process maps or holds open:
     what a scenario left behind. pydron's shared memory is anonymous, so anything here is a
-    leak; entries other programs on the machine are using at the moment (multiprocessing's
-    semaphores, say) are not, and one that is about to be used or removed gets a second look
-    a second later."""
+    leak; entries other programs on the machine are using at the moment are not, and one that
+    is about to be used or removed gets a second look a second later. multiprocessing's
+    semaphores (sem.mp-*) are not looked at: pydron's runtime never imports multiprocessing,
+    and processes other programs start with spawn or forkserver (Dask's nannies) leave theirs
+    until their resource tracker removes them, or for good when they are killed."""
     def unused():
         return sorted(n for n in shm_entries() - before
-                      if not _in_use_by_anyone(os.path.join(SHM, n)))
+                      if not n.startswith("sem.mp-")
+                      and not _in_use_by_anyone(os.path.join(SHM, n)))
     leaked = unused()
     if leaked:
         time.sleep(1.0)

@@ -574,3 +574,30 @@ def test_master_killed_leaves_no_workers(tmp_path):
     os.kill(scenario.proc.pid, signal.SIGKILL)
     scenario.finish()
     scenario.check_leftovers({}, check_shm=False)
+
+
+def test_the_runtime_never_imports_multiprocessing(tmp_path):
+    """What lets the /dev/shm checks leave multiprocessing's semaphores (sem.mp-*) aside: a
+    scheduled call, its tasks, the pool and its shutdown use no multiprocessing."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import pydron
+        pydron.enable(workers=2)
+
+        @pydron.functional
+        def inc(x):
+            return x + 1
+
+        @pydron.schedule
+        def work(n):
+            return sum(inc(i) for i in [inc(j) for j in range(n)])
+
+        assert work(50) == work(50) == sum(range(2, 52))
+        pydron.disable()
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "multiprocessing"))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
