@@ -13,6 +13,20 @@ import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# A module scenarios import their tasks from (files={"incs.py": INCS}): inc, a functional, and
+# incs(n), a scheduled function making n calls of it.
+INCS = """
+import pydron
+
+@pydron.functional
+def inc(x):
+    return x + 1
+
+@pydron.schedule
+def incs(n):
+    return [inc(i) for i in range(n)]
+"""
+
 
 def tagged(tag):
     """Processes whose environment carries tag (the scenario and everything it forked)."""

@@ -15,6 +15,7 @@ import pytest
 psutil = pytest.importorskip("psutil")
 
 from helpers import SHM, leaked_shm, shm_entries     # noqa: E402  (after the psutil check)
+from isolated import INCS, run                       # noqa: E402
 
 PRELUDE = r'''
 import atexit, json, os, signal, sys, threading, time
@@ -50,15 +51,7 @@ def report(**fields):
     REPORT["children"] = [(p.pid, p.create_time()) for p in kids]
     REPORT["shm"] = _shm_in_use([me] + kids)
     print("REPORT " + json.dumps(REPORT), flush=True)
-
-@pydron.functional
-def inc(x):
-    return x + 1
-
-@pydron.schedule
-def incs(n):
-    return [inc(i) for i in range(n)]
-'''
+''' + INCS
 
 
 class Scenario:
@@ -579,25 +572,14 @@ def test_master_killed_leaves_no_workers(tmp_path):
 def test_the_runtime_never_imports_multiprocessing(tmp_path):
     """What lets the /dev/shm checks leave multiprocessing's semaphores (sem.mp-*) aside: a
     scheduled call, its tasks, the pool and its shutdown use no multiprocessing."""
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent("""
+    proc = run("""
         import sys
         import pydron
+        from incs import incs
         pydron.enable(workers=2)
-
-        @pydron.functional
-        def inc(x):
-            return x + 1
-
-        @pydron.schedule
-        def work(n):
-            return sum(inc(i) for i in [inc(j) for j in range(n)])
-
-        assert work(50) == work(50) == sum(range(2, 52))
+        assert incs(50) == incs(50) == list(range(1, 51))
         pydron.disable()
         print(sorted(m for m in sys.modules if m.split(".")[0] == "multiprocessing"))
-    """))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=120)
+    """, tmp_path, files={"incs.py": INCS})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import pytest
 
 pytestmark = pytest.mark.nosan
 
-from isolated import run
+from isolated import INCS, run
 
 
 def test_enable_from_a_thread_that_ends(tmp_path):
@@ -70,15 +70,8 @@ def test_child_forked_by_the_user_runs_plainly(tmp_path):
     plain Python (never 'executor is not running'), and the parent's pool is untouched."""
     proc = run("""
         import os, pydron, multiprocessing as mp
+        from incs import incs
         pydron.enable(workers=2)
-
-        @pydron.functional
-        def inc(x):
-            return x + 1
-
-        @pydron.schedule
-        def incs(n):
-            return [inc(i) for i in range(n)]
 
         assert incs(5) == [1, 2, 3, 4, 5]
         pid = os.fork()
@@ -91,7 +84,7 @@ def test_child_forked_by_the_user_runs_plainly(tmp_path):
             assert pool.map(incs, [3, 4]) == [[1, 2, 3], [1, 2, 3, 4]]
         assert incs(100) == list(range(1, 101))      # the parent's pool still works
         print("ok")
-    """, tmp_path)
+    """, tmp_path, files={"incs.py": INCS})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
 
@@ -102,15 +95,8 @@ def test_closed_socket_is_not_held_by_pydron_processes(tmp_path):
     proc = run("""
         import socket, sys, time, pydron, psutil
         s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(); port = s.getsockname()[1]
+        from incs import incs
         pydron.enable(workers=2)
-
-        @pydron.functional
-        def inc(x):
-            return x + 1
-
-        @pydron.schedule
-        def incs(n):
-            return [inc(i) for i in range(n)]
 
         assert incs(4) == [1, 2, 3, 4]                 # workers exist
         s.close()
@@ -121,7 +107,7 @@ def test_closed_socket_is_not_held_by_pydron_processes(tmp_path):
                    if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                           for c in p.net_connections(kind="tcp"))]
         print(len(holders), port)
-    """, tmp_path)
+    """, tmp_path, files={"incs.py": INCS})
     assert proc.returncode == 0, proc.stderr
     count, port = proc.stdout.split()
     assert count == "0", f"port {port} still listened on"
