@@ -92,3 +92,49 @@ def test_task_raising_keyboard_interrupt_is_its_calls_failure(tmp_path):
     assert lines[:5] == ["caught: raised by the task 2"] * 5
     assert lines[5] == "True True []"
     assert lines[6] == "True"
+
+
+def test_ctrl_c_while_a_graph_is_read_or_made_is_the_calls(tmp_path):
+    """A Ctrl-C that lands while pydron reads a graph from the disk cache or lifts one (Python
+    code, where signals are handled) interrupts the call, and the next call goes on as if it had
+    not happened. It used to be swallowed: the call ran on to its end, and a graph interrupted
+    while being lifted was refused for good."""
+    proc = run("""
+        import pydron
+        from pydron import _core, _replay
+        pydron.enable(workers=2)
+
+        def interrupted_once(real, what):
+            calls = []
+            def helper(fn):
+                calls.append(fn)
+                if len(calls) == 1:
+                    raise KeyboardInterrupt(what)
+                return real(fn)
+            return helper
+
+        _replay.cached_for_core = interrupted_once(_replay.cached_for_core, "reading the cache")
+        _replay.lift_for_core = interrupted_once(_replay.lift_for_core, "lifting")
+
+        @pydron.functional
+        def inc(x):
+            return x + 1
+
+        @pydron.schedule
+        def work(n):
+            return [inc(i) for i in range(n)]
+
+        outcomes = []
+        for _ in range(5):
+            try:
+                outcomes.append(work(3))
+            except KeyboardInterrupt as exc:
+                outcomes.append(f"interrupted while {exc}")
+        print(outcomes)
+        print(_core._replay_state(work)["state"], _core._replay_stats()["hits"])
+    """, tmp_path, env={"PYDRON_CACHE_DIR": "off"})
+    assert proc.returncode == 0, proc.stderr
+    outcomes, state = proc.stdout.splitlines()
+    assert outcomes == str(["interrupted while reading the cache", [1, 2, 3],
+                            "interrupted while lifting", [1, 2, 3], [1, 2, 3]])
+    assert state.split()[0] == "ready" and int(state.split()[1]) >= 1, state

@@ -303,8 +303,11 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
         return -1;
     }
     if (p->state == REPLAY_UNTRIED) {
-        if (p->traced == 0 && replay_from_disk(func, info) < 0)
+        if (p->traced == 0 && replay_from_disk(func, info) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return -1;            /* Ctrl-C or an exit while reading it: the user's */
             PyErr_Clear();            /* the disk cache is only ever a shortcut */
+        }
         if (p->state != REPLAY_UNTRIED)
             goto ready;
         if (p->traced < replay_after) {
@@ -313,6 +316,10 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
             return 0;
         }
         if (replay__prepare(func, info) < 0) {
+            /* Ctrl-C or an exit while lifting (Python code, where signals land): raised as the
+             * call's, and the next call lifts again. */
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                return -1;
             /* Lifting itself failed: never a reason to fail the call. */
             PyObject *exc = PyErr_GetRaisedException();
             p->state = REPLAY_REFUSED;
