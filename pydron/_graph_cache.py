@@ -315,16 +315,18 @@ def store(fn, program) -> bool:
     return True
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """data as the file at path, mode 0600: written to a temporary file in the same directory,
-    then renamed into place, so that readers see a whole file or none. OSError."""
+def _write_private(path: Path, data: bytes, sync: bool = True) -> None:
+    """data as the file at path, mode 0600: written to a temporary file in the same directory
+    (flushed to the disk first unless not sync), then renamed into place, so that readers see a
+    whole file or none. OSError."""
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
         tmp = None
@@ -393,8 +395,10 @@ def store_object(code_key: str, environment: str, obj: bytes) -> bool:
     if base is None:
         return False
     try:
+        # not synced: this runs in the call that first uses the code (an fsync cost it
+        # milliseconds), and a file a crash leaves torn fails its hash and is compiled again
         _write_private(object_path(base, code_key, environment),
-                       encode_object(environment, obj))
+                       encode_object(environment, obj), sync=False)
     except OSError as exc:
         log.debug("pydron: object of code %s not cached: %s", code_key, exc)
         return False
