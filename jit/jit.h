@@ -15,10 +15,11 @@
  * them back at jit_graph_start, which loads them instead of compiling (a file that does not load
  * is compiled instead).
  *
- * Thread model: jit_graph_submit / _ready / _status / _release are called with the GIL held (from
- * any thread). Compiling happens on one compile thread of jit/'s own, which never touches a
- * Python object and never takes the GIL; it only reads its own copy of the step table. A forked
- * child compiles nothing (its graphs already compiled stay usable). */
+ * Thread model: jit_graph_new / _start / _ready / _status / _take_object / _release are called
+ * with the GIL held (from any thread). Compiling and linking happen on one compile thread of
+ * jit/'s own, which never touches a Python object and never takes the GIL; it only reads its
+ * own copies of the step table and of the object it was handed (the disk is the caller's). A
+ * forked child compiles nothing (its graphs already compiled stay usable). */
 #ifndef PYDRON_JIT_H
 #define PYDRON_JIT_H
 

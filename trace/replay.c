@@ -536,8 +536,8 @@ core_replay_stats(PyObject *module, PyObject *noargs)
 /* The compiled tier's part of _replay_state: "jit" (not yet, too large, queued, ready, slower
  * than the interpreter, failed: why), "compiled" (later calls run compiled code), "compile_ms"
  * (compiling or linking its object file), "from_object" (its code was linked from an object file
- * of the disk cache), "compiled_runs", and once the tiers were compared "tiers_cpu" (their medians, µs).
- * 0, or -1 + exception. */
+ * of the disk cache), "compiled_runs", and once the tiers were compared "tiers_cpu" (their
+ * medians, µs). 0, or -1 + exception. */
 static int
 add_jit_state(PyObject *d, struct trace_replay *p)
 {
