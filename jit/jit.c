@@ -494,16 +494,19 @@ start_thread(void)
 
 /* ---- the interface (GIL held) -------------------------------------------------------------- */
 
-static char *make_environment(void);
+static char *make_environment(uint64_t ops_hash);
 
 int
-jit_set_ops(const jit_op_fn *fns, int n)
+jit_set_ops(const jit_op_fn *fns, const char *const *names, int n)
 {
     if (J.nops != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pydron.jit: the operations are set already");
         return -1;
     }
-    if ((J.environment = make_environment()) == NULL) {
+    uint64_t h = 0;
+    for (int k = 0; k < n; k++)
+        h = XXH3_64bits_withSeed(names[k], strlen(names[k]) + 1, h);
+    if ((J.environment = make_environment(h)) == NULL) {
         PyErr_NoMemory();
         return -1;
     }
@@ -535,19 +538,20 @@ jit_environment(void)
     return J.environment;
 }
 
-/* "llvm …; triple …; cpu …; features …; python …; codegen …" (malloc'd), or NULL. */
+/* "llvm …; triple …; cpu …; features …; python …; codegen …; ops …" (malloc'd), or NULL. */
 static char *
-make_environment(void)
+make_environment(uint64_t ops_hash)
 {
     char *triple = LLVMGetDefaultTargetTriple();
     char *cpu = LLVMGetHostCPUName(), *features = LLVMGetHostCPUFeatures();
-    const char *fmt = "llvm %s; triple %s; cpu %s; features %s; python %s; codegen %d";
+    const char *fmt = "llvm %s; triple %s; cpu %s; features %s; python %s; codegen %d; "
+                      "ops %016llx";
     int len = snprintf(NULL, 0, fmt, LLVM_VERSION_STRING, triple, cpu, features, PY_VERSION,
-                       (int)GRAPH_CODEGEN_LEVEL);
+                       (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash);
     char *env = len < 0 ? NULL : malloc((size_t)len + 1);
     if (env != NULL)
         snprintf(env, (size_t)len + 1, fmt, LLVM_VERSION_STRING, triple, cpu, features,
-                 PY_VERSION, (int)GRAPH_CODEGEN_LEVEL);
+                 PY_VERSION, (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash);
     LLVMDisposeMessage(triple);
     LLVMDisposeMessage(cpu);
     LLVMDisposeMessage(features);

@@ -39,12 +39,15 @@ typedef int (*jit_graph_fn)(void *state, int *pc, const void *ins, const jit_op_
 enum jit_status { JIT_QUEUED, JIT_READY, JIT_FAILED };
 typedef struct jit_graph jit_graph;
 
-/* The operations, by number (the array is kept). Once, before any submit. 0, or -1 + exception. */
-int jit_set_ops(const jit_op_fn *fns, int n);
+/* The operations, by number (the array is kept), and their names (which go into the environment,
+ * so that code made by a build that numbers its operations otherwise is not used). Once, before
+ * any graph. 0, or -1 + exception. */
+int jit_set_ops(const jit_op_fn *fns, const char *const *names, int n);
 /* The operations given to jit_set_ops (what a compiled function is called with). */
 const jit_op_fn *jit_operations(void);
 /* What compiled code depends on besides its graph: LLVM version, target triple, host CPU name and
- * features, Python version (a string owned by jit/; the same for the whole process). */
+ * features, Python version, code generation level, the operations' names (their XXH3) (a string
+ * owned by jit/; the same for the whole process). */
 const char *jit_environment(void);
 /* A graph of n steps: ops[k] is step k's operation (copied), ins_size the size of one instruction.
  * Its key (jit_graph_key) is known at once; nothing is compiled until jit_graph_start. The caller

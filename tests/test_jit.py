@@ -512,22 +512,28 @@ def test_a_damaged_untrusted_or_foreign_object_file_is_ignored_and_rebuilt(tmp_p
     assert third["info"]["object_hits"] == 1 and third["info"]["compiled"] == 0
 
 
-def test_an_object_file_is_keyed_by_the_environment_it_was_made_for(tmp_path):
-    """Another LLVM, CPU, Python or pydron version is another file name (and the file names
-    the environment it was made for: test_a_damaged_..._foreign_object_file...)."""
+def test_an_object_file_is_keyed_by_the_environment_it_was_made_for(tmp_path, monkeypatch):
+    """Another LLVM, CPU, Python version or numbering of the operations is another file name,
+    and so is another pydron version (the file also names the environment it was made for:
+    test_a_damaged_untrusted_or_foreign_object_file_is_ignored_and_rebuilt)."""
     from pydron import _graph_cache
     env = _core._jit_info()["environment"]
     assert "llvm " in env and "; cpu " in env and "; features " in env and "; python " in env
+    assert "; ops " in env
     base = tmp_path
     here = _graph_cache.object_path(base, "0123456789abcdef", env)
     assert here == _graph_cache.object_path(base, "0123456789abcdef", env)
     for other in (re.sub(r"llvm [^;]*;", "llvm 13.0.1;", env),
                   re.sub(r"; cpu [^;]*;", "; cpu some-other-cpu;", env),
                   re.sub(r"; features [^;]*;", "; features +sse2;", env),
-                  re.sub(r"; python [^;]*;", "; python 3.12.0;", env)):
+                  re.sub(r"; python [^;]*;", "; python 3.12.0;", env),
+                  re.sub(r"; ops [0-9a-f]+", "; ops 0123456789abcdef", env)):
         assert other != env
         assert _graph_cache.object_path(base, "0123456789abcdef", other) != here
     assert _graph_cache.object_path(base, "fedcba9876543210", env) != here
+    monkeypatch.setattr(pydron, "__version__", "0.0.0-other")
+    assert _graph_cache.object_path(base, "0123456789abcdef", env) != here
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="another environment"):
         _graph_cache.decode_object(_graph_cache.encode_object(env, b"obj"),
                                    env.replace("; cpu ", "; cpu x"))

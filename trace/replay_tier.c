@@ -149,5 +149,5 @@ replay__tier_init(void)
 {
     for (int k = 0; k < R_NOPS; k++)
         jit_ops[k] = (jit_op_fn)(void (*)(void))replay__op_table[k];
-    return jit_set_ops(jit_ops, R_NOPS);
+    return jit_set_ops(jit_ops, replay__rop_names, R_NOPS);
 }
