@@ -1,10 +1,12 @@
 /* jit/jit.c — the compiled tier of graph replay: a graph's step table (jit/jit.h) becomes LLVM IR,
- * one function per graph, compiled by an ORC LLJIT on a compile thread of its own. Also
+ * one function per graph, emitted as an object file and linked into an ORC LLJIT on a compile
+ * thread of its own; or an object file a process before this one emitted is linked instead. Also
  * `_jit_add`, the self-test that the linked libLLVM compiles and runs code on this machine.
  *
- * Thread and GIL model: the compile thread owns the graphs' LLJIT (it makes it, adds modules,
- * looks functions up, removes their code); callers hold the GIL and only queue work and read a
- * graph's status, an atomic published after the function pointer. One mutex guards the queue and
+ * Thread and GIL model: the compile thread owns the graphs' LLJIT and target machine (it makes
+ * them, emits and adds objects, looks functions up, removes their code) and the list of code in
+ * the LLJIT; callers hold the GIL and only queue work and read a graph's status, an atomic
+ * published after the function pointer and the emitted object. One mutex guards the queue and
  * who frees a handle. Nothing here touches a Python object off the calling thread. At exit
  * (Py_AtExit) the compile thread is stopped and joined, so that no compile runs while LLVM's
  * globals are destroyed; a forked child has no compile thread and compiles nothing. */
@@ -28,15 +30,36 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 /* Code generation level for graphs: the code is a loop making one call per step, which optimising
  * does not speed up (measured on the 1,383-instruction graph of bench/replay_figures.py: Less and
  * Default compiled in 2.8-3.8 ms against 1.6, and ran within the noise of None). */
 #define GRAPH_CODEGEN_LEVEL LLVMCodeGenLevelNone
 
+/* Code in the LLJIT, one per key (compile thread only): graphs of the same key share it, since
+ * its function's name is made of the key. */
+typedef struct jit_code {
+    char key[17];
+    jit_graph_fn fn;
+    LLVMOrcResourceTrackerRef rt;
+    int refs;                    /* graphs using it */
+    struct jit_code *next;
+} jit_code;
+
 struct jit_graph {
-    jit_step *steps;
+    int32_t *ops;                /* per step, its operation */
     int n;
+    size_t ins_size;
+    char key[17];
+    void *object;                /* handed to jit_graph_start to load (the compile thread frees) */
+    size_t object_size;
+    void *emitted;               /* the object the compile emitted, until taken (after status) */
+    size_t emitted_size;
+    int loaded;                  /* the code came from object (after status) */
+    int rejected;                /* object did not link: compiled instead (compile thread) */
+    int shared;                  /* the code of another graph of the same key (compile thread) */
+    int started;                 /* jit_graph_start was called (under J.lock) */
     unsigned id;
     _Atomic int status;          /* enum jit_status; READY is stored after fn */
     jit_graph_fn fn;
@@ -44,7 +67,7 @@ struct jit_graph {
     char error[256];
     int released;                /* the owner is done with it (under J.lock) */
     int remove;                  /* queued to have its code removed (under J.lock) */
-    LLVMOrcResourceTrackerRef rt;   /* its code in the LLJIT: compile thread only */
+    jit_code *code;              /* its code in the LLJIT: compile thread only */
     jit_graph *next;             /* in the queue */
 };
 
@@ -57,10 +80,13 @@ static struct {
     long thread_id;              /* the compile thread's native id (0: none yet) */
     jit_graph *head, *tail;
     unsigned next_id;
-    uint64_t compiled, failed;
+    uint64_t compiled, failed, loaded, rejected, shared;
     const jit_op_fn *op_fns;
     int nops;
-    LLVMOrcLLJITRef lljit;       /* compile thread only, as lljit_error */
+    char *environment;           /* jit_environment (set with the operations) */
+    LLVMOrcLLJITRef lljit;       /* compile thread only, as lljit_error, tm and codes */
+    LLVMTargetMachineRef tm;     /* emits graphs' objects, made as the LLJIT's */
+    jit_code *codes;
     char lljit_error[256];
     double setup_ms;             /* making lljit (wall time; written before the first publish) */
 } J = {.lock = PTHREAD_MUTEX_INITIALIZER, .work = PTHREAD_COND_INITIALIZER,
@@ -87,27 +113,41 @@ describe_llvm_error(char *buf, size_t size, const char *what, LLVMErrorRef err)
     LLVMDisposeErrorMessage(msg);
 }
 
-/* The graphs' LLJIT, for the host, at GRAPH_CODEGEN_LEVEL. 0, or -1 with J.lljit_error. */
+/* A target machine for the host at GRAPH_CODEGEN_LEVEL (what jit_environment names), or NULL
+ * with J.lljit_error. */
+static LLVMTargetMachineRef
+host_target_machine(void)
+{
+    char *triple = LLVMGetDefaultTargetTriple(), *msg = NULL;
+    char *cpu = LLVMGetHostCPUName(), *features = LLVMGetHostCPUFeatures();
+    LLVMTargetRef target;
+    LLVMTargetMachineRef tm = NULL;
+    if (LLVMGetTargetFromTriple(triple, &target, &msg)) {
+        snprintf(J.lljit_error, sizeof(J.lljit_error), "no target for %s: %s", triple, msg);
+        LLVMDisposeMessage(msg);
+    }
+    else if ((tm = LLVMCreateTargetMachine(target, triple, cpu, features, GRAPH_CODEGEN_LEVEL,
+                                           LLVMRelocDefault, LLVMCodeModelJITDefault)) == NULL)
+        snprintf(J.lljit_error, sizeof(J.lljit_error), "no target machine for %s", triple);
+    LLVMDisposeMessage(triple);
+    LLVMDisposeMessage(cpu);
+    LLVMDisposeMessage(features);
+    return tm;
+}
+
+/* The graphs' LLJIT, and the target machine that emits their objects (both for the host, at
+ * GRAPH_CODEGEN_LEVEL). 0, or -1 with J.lljit_error. */
 static int
 lljit_create(void)
 {
     LLVMInitializeNativeTarget();
     LLVMInitializeNativeAsmPrinter();
-    char *triple = LLVMGetDefaultTargetTriple(), *msg = NULL;
-    char *cpu = LLVMGetHostCPUName(), *features = LLVMGetHostCPUFeatures();
-    LLVMTargetRef target;
-    int rc = -1;
-    if (LLVMGetTargetFromTriple(triple, &target, &msg)) {
-        snprintf(J.lljit_error, sizeof(J.lljit_error), "no target for %s: %s", triple, msg);
-        LLVMDisposeMessage(msg);
-        goto done;
-    }
-    LLVMTargetMachineRef tm = LLVMCreateTargetMachine(target, triple, cpu, features,
-                                                      GRAPH_CODEGEN_LEVEL, LLVMRelocDefault,
-                                                      LLVMCodeModelJITDefault);
-    if (tm == NULL) {
-        snprintf(J.lljit_error, sizeof(J.lljit_error), "no target machine for %s", triple);
-        goto done;
+    LLVMTargetMachineRef tm = host_target_machine();
+    if (tm == NULL)
+        return -1;
+    if ((J.tm = host_target_machine()) == NULL) {
+        LLVMDisposeTargetMachine(tm);
+        return -1;
     }
     /* The builders take ownership: tm by the target machine builder, that by the LLJIT's. */
     LLVMOrcLLJITBuilderRef builder = LLVMOrcCreateLLJITBuilder();
@@ -117,67 +157,53 @@ lljit_create(void)
     if (err) {
         J.lljit = NULL;
         describe_llvm_error(J.lljit_error, sizeof(J.lljit_error), "creating the LLJIT", err);
-        goto done;
+        LLVMDisposeTargetMachine(J.tm);
+        J.tm = NULL;
+        return -1;
     }
-    rc = 0;
-done:
-    LLVMDisposeMessage(triple);
-    LLVMDisposeMessage(cpu);
-    LLVMDisposeMessage(features);
-    return rc;
+    return 0;
 }
 
-/* A step in the compiled function's table: the addresses of its operation and instruction. */
-typedef struct {
-    uint64_t op, ins;
-} table_entry;
-
-/* The IR of graph g as function fname: a loop over the graph's step table, a constant of the module
- * (per step the operation's address and the instruction's, as plain integers), calling the step
- * at *pc until an operation returns non-zero or *pc leaves the graph. The code is the same few
- * blocks whatever the graph's size, so compiling costs about the same for every graph; a block
- * per step (each with its own call, the expected successor as a direct branch and a switch over
- * every step for re-entry) cost LLVM's code generator ~60 µs per step, 80-130 ms for a graph of
- * 1,383 instructions. The table is integers, not pointer constants, so that it is emitted as raw
- * bytes (a constant expression per entry tripled the compile time). NULL: out of memory or
- * a table too large (g->error). */
+/* The IR of graph g as function fname(state, pc, ins, ops): a loop over the graph's table of
+ * operation numbers, a constant of the module, calling ops[table[*pc]](state, pc, ins + *pc *
+ * ins_size, 1) until an operation returns non-zero or *pc leaves the graph. No address of this
+ * process is in it (the instructions and operations are arguments), so its object serves another
+ * process. The code is the same few blocks whatever the graph's size, so compiling costs about
+ * the same for every graph; a block per step (each with its own call, the expected successor as a
+ * direct branch and a switch over every step for re-entry) cost LLVM's code generator ~60 µs per
+ * step, 80-130 ms for a graph of 1,383 instructions. The table is a byte string, emitted as raw
+ * bytes (a constant expression per entry tripled the compile time). NULL: a table too large
+ * (g->error). */
 static LLVMModuleRef
 graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
 {
     LLVMTypeRef i32 = LLVMInt32TypeInContext(ctx), i64 = LLVMInt64TypeInContext(ctx);
-    size_t nbytes = (size_t)g->n * sizeof(table_entry);
+    LLVMTypeRef i8 = LLVMInt8TypeInContext(ctx);
+    size_t nbytes = (size_t)g->n * sizeof(int32_t);
     if (nbytes > UINT_MAX) {
         snprintf(g->error, sizeof(g->error), "%d steps: too many for one table", g->n);
         return NULL;
     }
-    table_entry *entries = malloc(nbytes + 1);
-    if (entries == NULL) {
-        snprintf(g->error, sizeof(g->error), "out of memory");
-        return NULL;
-    }
-    for (int k = 0; k < g->n; k++) {
-        entries[k].op = (uint64_t)(uintptr_t)J.op_fns[g->steps[k].op];
-        entries[k].ins = (uint64_t)(uintptr_t)g->steps[k].ins;
-    }
     LLVMModuleRef mod = LLVMModuleCreateWithNameInContext(fname, ctx);
     LLVMSetTarget(mod, LLVMOrcLLJITGetTripleString(J.lljit));
     LLVMSetDataLayout(mod, LLVMOrcLLJITGetDataLayoutStr(J.lljit));
-    LLVMValueRef init = LLVMConstStringInContext(ctx, (const char *)entries, (unsigned)nbytes, 1);
-    free(entries);
+    LLVMValueRef init = LLVMConstStringInContext(ctx, (const char *)g->ops, (unsigned)nbytes, 1);
     LLVMTypeRef table_type = LLVMTypeOf(init);
     LLVMValueRef table = LLVMAddGlobal(mod, table_type, "steps");
     LLVMSetInitializer(table, init);
     LLVMSetGlobalConstant(table, 1);
     LLVMSetLinkage(table, LLVMPrivateLinkage);
     LLVMSetUnnamedAddress(table, LLVMGlobalUnnamedAddr);
-    LLVMSetAlignment(table, _Alignof(table_entry));
+    LLVMSetAlignment(table, _Alignof(int32_t));
 
-    LLVMTypeRef i8p = LLVMPointerType(LLVMInt8TypeInContext(ctx), 0);
-    LLVMTypeRef i32p = LLVMPointerType(i32, 0);
-    LLVMTypeRef op_params[4] = {i8p, i32p, i8p, i32}, graph_params[2] = {i8p, i32p};
+    LLVMTypeRef i8p = LLVMPointerType(i8, 0), i32p = LLVMPointerType(i32, 0);
+    LLVMTypeRef op_params[4] = {i8p, i32p, i8p, i32};
     LLVMTypeRef op_type = LLVMFunctionType(i32, op_params, 4, 0);
-    LLVMValueRef fn = LLVMAddFunction(mod, fname, LLVMFunctionType(i32, graph_params, 2, 0));
+    LLVMTypeRef op_ptr = LLVMPointerType(op_type, 0);
+    LLVMTypeRef graph_params[4] = {i8p, i32p, i8p, LLVMPointerType(op_ptr, 0)};
+    LLVMValueRef fn = LLVMAddFunction(mod, fname, LLVMFunctionType(i32, graph_params, 4, 0));
     LLVMValueRef state = LLVMGetParam(fn, 0), pc = LLVMGetParam(fn, 1);
+    LLVMValueRef ins = LLVMGetParam(fn, 2), ops = LLVMGetParam(fn, 3);
     LLVMBasicBlockRef entry = LLVMAppendBasicBlockInContext(ctx, fn, "entry");
     LLVMBasicBlockRef loop = LLVMAppendBasicBlockInContext(ctx, fn, "loop");
     LLVMBasicBlockRef step = LLVMAppendBasicBlockInContext(ctx, fn, "step");
@@ -195,23 +221,21 @@ graph_module(jit_graph *g, LLVMContextRef ctx, const char *fname)
     LLVMPositionBuilderAtEnd(b, unknown);
     LLVMBuildRet(b, LLVMConstInt(i32, JIT_UNKNOWN_PC, 0));
 
-    /* step: rc = table[k].op(state, pc, table[k].ins, 1); on while rc == 0 */
+    /* step: rc = ops[table[k]](state, pc, ins + k * ins_size, 1); on while rc == 0 */
     LLVMPositionBuilderAtEnd(b, step);
-    LLVMTypeRef i64p = LLVMPointerType(i64, 0);
-    LLVMValueRef at = LLVMBuildMul(b, LLVMBuildZExt(b, k, i64, ""),
-                                   LLVMConstInt(i64, sizeof(table_entry), 0), "");
-    LLVMValueRef idx[2] = {LLVMConstInt(i64, 0, 0), at};
+    LLVMValueRef k64 = LLVMBuildZExt(b, k, i64, "");
+    LLVMValueRef idx[2] = {LLVMConstInt(i64, 0, 0),
+                           LLVMBuildMul(b, k64, LLVMConstInt(i64, sizeof(int32_t), 0), "")};
     LLVMValueRef op_at = LLVMBuildInBoundsGEP2(b, table_type, table, idx, 2, "");
-    idx[1] = LLVMBuildAdd(b, at, LLVMConstInt(i64, offsetof(table_entry, ins), 0), "");
-    LLVMValueRef ins_at = LLVMBuildInBoundsGEP2(b, table_type, table, idx, 2, "");
-    LLVMValueRef op_word = LLVMBuildLoad2(b, i64, LLVMBuildBitCast(b, op_at, i64p, ""), "op");
-    LLVMValueRef ins_word = LLVMBuildLoad2(b, i64, LLVMBuildBitCast(b, ins_at, i64p, ""), "ins");
-    LLVMSetAlignment(op_word, _Alignof(table_entry));
-    LLVMSetAlignment(ins_word, _Alignof(uint64_t));
-    LLVMValueRef args[4] = {state, pc, LLVMBuildIntToPtr(b, ins_word, i8p, ""),
+    LLVMValueRef op_no = LLVMBuildLoad2(b, i32, LLVMBuildBitCast(b, op_at, i32p, ""), "opno");
+    LLVMSetAlignment(op_no, _Alignof(int32_t));
+    LLVMValueRef op_idx = LLVMBuildZExt(b, op_no, i64, "");
+    LLVMValueRef op_slot = LLVMBuildInBoundsGEP2(b, op_ptr, ops, &op_idx, 1, "");
+    LLVMValueRef op = LLVMBuildLoad2(b, op_ptr, op_slot, "op");
+    LLVMValueRef ins_off = LLVMBuildMul(b, k64, LLVMConstInt(i64, g->ins_size, 0), "");
+    LLVMValueRef args[4] = {state, pc, LLVMBuildInBoundsGEP2(b, i8, ins, &ins_off, 1, "ins"),
                             LLVMConstInt(i32, 1, 0)};
-    LLVMValueRef rc = LLVMBuildCall2(
-        b, op_type, LLVMBuildIntToPtr(b, op_word, LLVMPointerType(op_type, 0), ""), args, 4, "rc");
+    LLVMValueRef rc = LLVMBuildCall2(b, op_type, op, args, 4, "rc");
     LLVMBuildCondBr(b, LLVMBuildICmp(b, LLVMIntEQ, rc, LLVMConstInt(i32, 0, 0), ""), loop,
                     leave);
     LLVMPositionBuilderAtEnd(b, leave);
@@ -228,8 +252,94 @@ ms_since(const struct timespec *t0)
     return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
-/* Compile g: on success g->fn and g->rt are set. Returns the status to publish (JIT_READY, or
- * JIT_FAILED with g->error). Compile thread, without the lock. */
+/* The code of key in the LLJIT, or NULL. */
+static jit_code *
+code_find(const char *key)
+{
+    for (jit_code *c = J.codes; c != NULL; c = c->next)
+        if (strcmp(c->key, key) == 0)
+            return c;
+    return NULL;
+}
+
+/* Link the object in buf (consumed) into the LLJIT under a resource tracker of its own and look
+ * fname up in it: c->rt and c->fn are set. 0, or -1 with error[size] (nothing is left in the
+ * LLJIT). */
+static int
+code_add_object(jit_code *c, const char *fname, LLVMMemoryBufferRef buf, char *error,
+                size_t size)
+{
+    c->rt = LLVMOrcJITDylibCreateResourceTracker(LLVMOrcLLJITGetMainJITDylib(J.lljit));
+    LLVMErrorRef err = LLVMOrcLLJITAddObjectFileWithRT(J.lljit, c->rt, buf);
+    if (err) {
+        describe_llvm_error(error, size, "adding the object", err);
+        goto fail;
+    }
+    LLVMOrcExecutorAddress addr = 0;
+    if ((err = LLVMOrcLLJITLookup(J.lljit, &addr, fname))) {
+        describe_llvm_error(error, size, "linking", err);
+        goto fail;
+    }
+    c->fn = (jit_graph_fn)(uintptr_t)addr;
+    return 0;
+fail:
+    if ((err = LLVMOrcResourceTrackerRemove(c->rt)))
+        LLVMConsumeError(err);
+    LLVMOrcReleaseResourceTracker(c->rt);
+    c->rt = NULL;
+    return -1;
+}
+
+/* Emit g's code as an object file (a copy kept in g->emitted for its owner) and link it as c.
+ * 0, or -1 with g->error. */
+static int
+code_compile(jit_graph *g, jit_code *c, const char *fname)
+{
+    char *msg = NULL;
+    LLVMContextRef ctx = LLVMContextCreate();
+    LLVMModuleRef mod = graph_module(g, ctx, fname);
+    LLVMMemoryBufferRef buf = NULL;
+    int rc = -1;
+    if (mod == NULL)
+        goto done;
+    /* Verified every time: it costs 0.03 ms, and an invalid module must fail, not crash. */
+    if (LLVMVerifyModule(mod, LLVMReturnStatusAction, &msg)) {
+        snprintf(g->error, sizeof(g->error), "invalid IR: %s", msg);
+        goto done;
+    }
+    LLVMDisposeMessage(msg);
+    msg = NULL;
+    if (LLVMTargetMachineEmitToMemoryBuffer(J.tm, mod, LLVMObjectFile, &msg, &buf)) {
+        snprintf(g->error, sizeof(g->error), "emitting the object: %s", msg);
+        buf = NULL;
+        goto done;
+    }
+    size_t size = LLVMGetBufferSize(buf);
+    if ((g->emitted = malloc(size ? size : 1)) == NULL) {
+        snprintf(g->error, sizeof(g->error), "out of memory");
+        goto done;
+    }
+    memcpy(g->emitted, LLVMGetBufferStart(buf), size);
+    g->emitted_size = size;
+    rc = code_add_object(c, fname, buf, g->error, sizeof(g->error));
+    buf = NULL;                      /* the LLJIT's now, added or not */
+    if (rc < 0) {
+        free(g->emitted);
+        g->emitted = NULL;
+    }
+done:
+    if (buf != NULL)
+        LLVMDisposeMemoryBuffer(buf);
+    LLVMDisposeMessage(msg);
+    if (mod != NULL)
+        LLVMDisposeModule(mod);
+    LLVMContextDispose(ctx);
+    return rc;
+}
+
+/* Load g's object if it was given one and it links, else compile g: on success g->fn and g->code
+ * are set (shared with a graph of the same key whose code is in the LLJIT already). Returns the
+ * status to publish (JIT_READY, or JIT_FAILED with g->error). Compile thread, without the lock. */
 static int
 graph_compile(jit_graph *g)
 {
@@ -240,70 +350,76 @@ graph_compile(jit_graph *g)
         J.setup_ms = ms_since(&t0);
         clock_gettime(CLOCK_MONOTONIC, &t0);
     }
+    void *object = g->object;
+    g->object = NULL;
+    int status = JIT_FAILED;
     if (J.lljit == NULL) {
         snprintf(g->error, sizeof(g->error), "%s", J.lljit_error);
-        return JIT_FAILED;
+        goto done;
     }
-    char fname[48], *verify_msg = NULL;
-    snprintf(fname, sizeof(fname), "pydron_graph_%u", g->id);
-    LLVMOrcThreadSafeContextRef tsctx = LLVMOrcCreateNewThreadSafeContext();
-    LLVMModuleRef mod = graph_module(g, LLVMOrcThreadSafeContextGetContext(tsctx), fname);
-    if (mod == NULL) {
-        LLVMOrcDisposeThreadSafeContext(tsctx);
-        return JIT_FAILED;
+    jit_code *c = code_find(g->key);
+    if (c == NULL) {
+        char fname[48];
+        snprintf(fname, sizeof(fname), "pydron_graph_%s", g->key);
+        if ((c = calloc(1, sizeof(*c))) == NULL) {
+            snprintf(g->error, sizeof(g->error), "out of memory");
+            goto done;
+        }
+        snprintf(c->key, sizeof(c->key), "%s", g->key);
+        if (object != NULL) {
+            LLVMMemoryBufferRef buf = LLVMCreateMemoryBufferWithMemoryRangeCopy(
+                object, g->object_size, fname);
+            if (code_add_object(c, fname, buf, g->error, sizeof(g->error)) == 0)
+                g->loaded = 1;
+            else
+                g->rejected = 1;      /* compiled instead */
+        }
+        if (!g->loaded && code_compile(g, c, fname) < 0) {
+            free(c);
+            goto done;
+        }
+        c->next = J.codes;
+        J.codes = c;
     }
-    /* Verified every time: it costs 0.03 ms, and an invalid module must fail, not crash. */
-    if (LLVMVerifyModule(mod, LLVMReturnStatusAction, &verify_msg)) {
-        snprintf(g->error, sizeof(g->error), "invalid IR: %s", verify_msg);
-        LLVMDisposeMessage(verify_msg);
-        LLVMDisposeModule(mod);
-        LLVMOrcDisposeThreadSafeContext(tsctx);
-        return JIT_FAILED;
-    }
-    LLVMDisposeMessage(verify_msg);
-    /* The module now belongs to tsm, and the context stays alive as long as tsm needs it. */
-    LLVMOrcThreadSafeModuleRef tsm = LLVMOrcCreateNewThreadSafeModule(mod, tsctx);
-    LLVMOrcDisposeThreadSafeContext(tsctx);
-    g->rt = LLVMOrcJITDylibCreateResourceTracker(LLVMOrcLLJITGetMainJITDylib(J.lljit));
-    LLVMErrorRef err = LLVMOrcLLJITAddLLVMIRModuleWithRT(J.lljit, g->rt, tsm);
-    if (err) {
-        LLVMOrcDisposeThreadSafeModule(tsm);
-        describe_llvm_error(g->error, sizeof(g->error), "adding the module", err);
-        goto fail;
-    }
-    LLVMOrcExecutorAddress addr = 0;
-    if ((err = LLVMOrcLLJITLookup(J.lljit, &addr, fname))) {
-        describe_llvm_error(g->error, sizeof(g->error), "compiling", err);
-        goto fail;
-    }
-    g->fn = (jit_graph_fn)(uintptr_t)addr;
+    else
+        g->shared = 1;
+    c->refs++;
+    g->code = c;
+    g->fn = c->fn;
     g->compile_ms = ms_since(&t0);
-    return JIT_READY;
-fail:
-    if ((err = LLVMOrcResourceTrackerRemove(g->rt)))
-        LLVMConsumeError(err);
-    LLVMOrcReleaseResourceTracker(g->rt);
-    g->rt = NULL;
-    return JIT_FAILED;
+    status = JIT_READY;
+done:
+    free(object);
+    return status;
 }
 
-/* Free g's code (compile thread, without the lock): no call can be running it. */
+/* g no longer uses its code, which is freed (compile thread, without the lock) once no graph
+ * does: no call can be running it. */
 static void
 graph_remove_code(jit_graph *g)
 {
-    if (g->rt == NULL)
+    jit_code *c = g->code;
+    g->code = NULL;
+    if (c == NULL || --c->refs > 0)
         return;
-    LLVMErrorRef err = LLVMOrcResourceTrackerRemove(g->rt);
+    for (jit_code **at = &J.codes; *at != NULL; at = &(*at)->next)
+        if (*at == c) {
+            *at = c->next;
+            break;
+        }
+    LLVMErrorRef err = LLVMOrcResourceTrackerRemove(c->rt);
     if (err)
         LLVMConsumeError(err);      /* the code stays mapped: only memory is lost */
-    LLVMOrcReleaseResourceTracker(g->rt);
-    g->rt = NULL;
+    LLVMOrcReleaseResourceTracker(c->rt);
+    free(c);
 }
 
 static void
 graph_free(jit_graph *g)
 {
-    free(g->steps);
+    free(g->ops);
+    free(g->object);
+    free(g->emitted);
     free(g);
 }
 
@@ -336,7 +452,12 @@ compile_thread(void *arg)
         pthread_mutex_unlock(&J.lock);
         int status = graph_compile(g);
         pthread_mutex_lock(&J.lock);
-        if (status == JIT_READY)
+        J.rejected += g->rejected;
+        if (status == JIT_READY && g->loaded)
+            J.loaded++;
+        else if (status == JIT_READY && g->shared)
+            J.shared++;
+        else if (status == JIT_READY)
             J.compiled++;
         else
             J.failed++;
@@ -373,11 +494,20 @@ start_thread(void)
 
 /* ---- the interface (GIL held) -------------------------------------------------------------- */
 
+static char *make_environment(uint64_t ops_hash);
+
 int
-jit_set_ops(const jit_op_fn *fns, int n)
+jit_set_ops(const jit_op_fn *fns, const char *const *names, int n)
 {
     if (J.nops != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pydron.jit: the operations are set already");
+        return -1;
+    }
+    uint64_t h = 0;
+    for (int k = 0; k < n; k++)
+        h = XXH3_64bits_withSeed(names[k], strlen(names[k]) + 1, h);
+    if ((J.environment = make_environment(h)) == NULL) {
+        PyErr_NoMemory();
         return -1;
     }
     J.op_fns = fns;
@@ -396,41 +526,122 @@ enqueue(jit_graph *g)
     pthread_cond_signal(&J.work);
 }
 
+const jit_op_fn *
+jit_operations(void)
+{
+    return J.op_fns;
+}
+
+const char *
+jit_environment(void)
+{
+    return J.environment;
+}
+
+/* "llvm …; triple …; cpu …; features …; python …; codegen …; ops …" (malloc'd), or NULL. */
+static char *
+make_environment(uint64_t ops_hash)
+{
+    char *triple = LLVMGetDefaultTargetTriple();
+    char *cpu = LLVMGetHostCPUName(), *features = LLVMGetHostCPUFeatures();
+    const char *fmt = "llvm %s; triple %s; cpu %s; features %s; python %s; codegen %d; "
+                      "ops %016llx";
+    int len = snprintf(NULL, 0, fmt, LLVM_VERSION_STRING, triple, cpu, features, PY_VERSION,
+                       (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash);
+    char *env = len < 0 ? NULL : malloc((size_t)len + 1);
+    if (env != NULL)
+        snprintf(env, (size_t)len + 1, fmt, LLVM_VERSION_STRING, triple, cpu, features,
+                 PY_VERSION, (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash);
+    LLVMDisposeMessage(triple);
+    LLVMDisposeMessage(cpu);
+    LLVMDisposeMessage(features);
+    return env;
+}
+
 jit_graph *
-jit_graph_submit(const jit_step *steps, int n, int wait)
+jit_graph_new(const int *ops, int n, size_t ins_size)
 {
     jit_graph *g = calloc(1, sizeof(*g));
-    if (g == NULL || (g->steps = malloc((size_t)n * sizeof(jit_step))) == NULL) {
+    if (g == NULL || (g->ops = malloc((size_t)n * sizeof(int32_t) + 1)) == NULL) {
         free(g);
         PyErr_NoMemory();
         return NULL;
     }
-    memcpy(g->steps, steps, (size_t)n * sizeof(jit_step));
-    g->n = n;
     for (int k = 0; k < n; k++)
-        if (steps[k].op < 0 || steps[k].op >= J.nops) {
-            snprintf(g->error, sizeof(g->error), "step %d: no operation %d", k, steps[k].op);
-            atomic_store(&g->status, JIT_FAILED);
-            return g;
+        g->ops[k] = ops[k];
+    g->n = n;
+    g->ins_size = ins_size;
+    atomic_store(&g->status, JIT_QUEUED);
+    /* what the code depends on: the environment, then its shape, then the steps */
+    const char *env = J.environment ? J.environment : "";
+    uint64_t shape[3] = {ins_size, (uint64_t)J.nops, (uint64_t)n};
+    uint64_t h = XXH3_64bits_withSeed(env, strlen(env), 0);
+    h = XXH3_64bits_withSeed(shape, sizeof(shape), h);
+    h = XXH3_64bits_withSeed(g->ops, (size_t)n * sizeof(int32_t), h);
+    snprintf(g->key, sizeof(g->key), "%016llx", (unsigned long long)h);
+    return g;
+}
+
+const char *
+jit_graph_key(jit_graph *g)
+{
+    return g->key;
+}
+
+/* Fail g with why (not queued). */
+static void
+graph_fail(jit_graph *g, const char *why)
+{
+    snprintf(g->error, sizeof(g->error), "%s", why);
+    atomic_store(&g->status, JIT_FAILED);
+}
+
+void
+jit_graph_start(jit_graph *g, const void *object, size_t size, int wait)
+{
+    for (int k = 0; k < g->n; k++)
+        if (g->ops[k] < 0 || g->ops[k] >= J.nops) {
+            char why[64];
+            snprintf(why, sizeof(why), "step %d: no operation %d", k, g->ops[k]);
+            graph_fail(g, why);
+            return;
         }
+    if (object != NULL && (g->object = malloc(size ? size : 1)) != NULL) {
+        memcpy(g->object, object, size);      /* (out of memory: compiled instead) */
+        g->object_size = size;
+    }
     pthread_mutex_lock(&J.lock);
+    g->started = 1;
     g->id = ++J.next_id;
     const char *why = J.forked ? "not in a forked process" : J.stopping ? "shut down"
                       : J.nops == 0 ? "no operations" : NULL;
     if (why == NULL && !J.started && start_thread() < 0)
         why = "the compile thread could not start";
-    if (why != NULL) {
-        snprintf(g->error, sizeof(g->error), "%s", why);
-        atomic_store(&g->status, JIT_FAILED);
-    }
+    if (why != NULL)
+        graph_fail(g, why);
     else {
-        atomic_store(&g->status, JIT_QUEUED);
         enqueue(g);
         while (wait && !J.paused && atomic_load(&g->status) == JIT_QUEUED)
             pthread_cond_wait(&J.done, &J.lock);
     }
     pthread_mutex_unlock(&J.lock);
-    return g;
+}
+
+void *
+jit_graph_take_object(jit_graph *g, size_t *size)
+{
+    if (atomic_load_explicit(&g->status, memory_order_acquire) != JIT_READY)
+        return NULL;
+    void *object = g->emitted;
+    *size = g->emitted_size;
+    g->emitted = NULL;
+    return object;
+}
+
+int
+jit_graph_loaded(jit_graph *g)
+{
+    return atomic_load_explicit(&g->status, memory_order_acquire) == JIT_READY && g->loaded;
 }
 
 jit_graph_fn
@@ -459,7 +670,10 @@ jit_graph_release(jit_graph *g)
     g->released = 1;
     int s = atomic_load(&g->status);
     int thread = J.started && !J.stopping;
-    if (s == JIT_QUEUED && thread) {
+    if (!g->started && s == JIT_QUEUED) {
+        graph_free(g);                /* never queued */
+    }
+    else if (s == JIT_QUEUED && thread) {
         /* waiting or being compiled: the compile thread frees it */
     }
     else if (s == JIT_READY && thread) {
@@ -569,21 +783,27 @@ jit_add(PyObject *module, PyObject *args)
     return PyLong_FromLongLong(jitted_add(a, b));
 }
 
-/* _jit_info() -> dict: the compile thread and its counts, and what making the LLJIT took at the
- * first compile (setup_ms; a graph's compile_ms leaves it out) (tests, pydron info). */
+/* _jit_info() -> dict: the compile thread and its counts (compiled; object_hits: loaded from an
+ * object file instead; object_rejected: an object file that did not link, compiled instead;
+ * shared: the code of a graph of the same key already in this process), what making the LLJIT
+ * took at the first compile (setup_ms; a graph's compile_ms leaves it out) and what compiled code
+ * depends on (environment) (tests, pydron info). */
 static PyObject *
 jit_info(PyObject *module, PyObject *noargs)
 {
     pthread_mutex_lock(&J.lock);
     long tid = J.started ? J.thread_id : 0;
-    unsigned long long compiled = J.compiled, failed = J.failed;
+    unsigned long long compiled = J.compiled, failed = J.failed, loaded = J.loaded;
+    unsigned long long rejected = J.rejected, shared = J.shared;
     int forked = J.forked, paused = J.paused;
-    double setup_ms = compiled + failed > 0 ? J.setup_ms : 0.0;
+    double setup_ms = compiled + failed + loaded + shared > 0 ? J.setup_ms : 0.0;
     pthread_mutex_unlock(&J.lock);
-    return Py_BuildValue("{sssNsKsKsOsOsd}", "llvm", LLVM_VERSION_STRING, "thread_id",
+    return Py_BuildValue("{sssNsKsKsKsKsKsOsOsdss}", "llvm", LLVM_VERSION_STRING, "thread_id",
                          tid ? PyLong_FromLong(tid) : Py_NewRef(Py_None), "compiled", compiled,
-                         "failed", failed, "forked", forked ? Py_True : Py_False, "paused",
-                         paused ? Py_True : Py_False, "setup_ms", setup_ms);
+                         "failed", failed, "object_hits", loaded, "object_rejected", rejected,
+                         "shared", shared, "forked", forked ? Py_True : Py_False, "paused",
+                         paused ? Py_True : Py_False, "setup_ms", setup_ms, "environment",
+                         J.environment ? J.environment : "");
 }
 
 /* _jit_pause(flag): hold the compile thread before its next compile (tests: a call that makes a

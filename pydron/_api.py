@@ -226,7 +226,7 @@ def _note_cache_session() -> None:
     """At exit: this process's replay counters go to the disk cache's stats (pydron info)."""
     try:
         from pydron import _graph_cache
-        _graph_cache.note_session(_core._replay_stats())
+        _graph_cache.note_session(_core._replay_stats(), _core._jit_info())
     except Exception as exc:        # never an error at exit
         log.debug("pydron: graph cache counters not saved: %s", exc)
 

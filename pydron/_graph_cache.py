@@ -1,9 +1,13 @@
 """The graph cache on disk: lifted graphs of scheduled functions, kept between processes so that
 the first call of a fresh process replays at once.
 
+Also the compiled tier's object files (jit/jit.c), so that a later process links a hot graph's
+code instead of compiling it.
+
 Where: the `cache_dir` setting (PYDRON_CACHE_DIR, pydron/config.py), else $XDG_CACHE_HOME/pydron, else
 ~/.cache/pydron; `off` turns the cache off. Layout: <dir>/graphs/<key>.graph, one file per graph,
-and <dir>/stats.json (counters summed over the processes that used the cache).
+<dir>/graphs/<key>.object, one file per compiled graph, and <dir>/stats.json (counters summed over
+the processes that used the cache).
 
 What is trusted: nothing that could have been written by someone else, or half-written.
   - the directory is made with mode 0700; a directory (or file) that is not owned by this user
@@ -15,7 +19,12 @@ What is trusted: nothing that could have been written by someone else, or half-w
     parsed further; the payload is JSON, which decodes to data only;
   - the key covers the code object (bytecode, constants, names, line table, file, qualified
     name), the Python version, pydron's version and the graph format: a change to any of them is
-    another key.
+    another key;
+  - an object file's key covers its code's key (jit_graph_key: the graph's operations, the
+    instruction size, the number of operations), the environment the code was made for (LLVM
+    version, target triple, CPU name and features, Python version: jit_environment), pydron's
+    version and the object format; the environment and pydron's version are also written in the
+    file, after the hash, and a file that names another is not used.
 """
 from __future__ import annotations
 
@@ -36,8 +45,11 @@ log = logging.getLogger("pydron")
 
 FORMAT = 2                    # 1: JSON payloads (decoded in Python, slower to load)
 MAGIC = "pydron-graph"
+OBJECT_FORMAT = 1
+OBJECT_MAGIC = "pydron-object"
 _STATS_KEYS = ("stores", "loads", "rejected", "replay_hits", "replay_misses", "lifts",
-               "mispredicts", "bails")
+               "mispredicts", "bails", "object_stores", "object_loads", "object_rejected",
+               "jit_compiles", "jit_object_hits")
 
 _UNSET = object()
 _configured = _UNSET                     # what enable() said: a path, "off", or None (default)
@@ -178,21 +190,32 @@ def encode(program) -> bytes:
     if not _is_constant(program):
         raise TypeError("a graph constant of a type other than None, bool, int, float, complex, "
                         "bytes, str, tuple, frozenset or Ellipsis is not cached")
-    payload = pickle.dumps(program, protocol=5)
+    return _with_header(MAGIC, FORMAT, pickle.dumps(program, protocol=5))
+
+
+def _with_header(magic: str, fmt: int, payload: bytes) -> bytes:
+    """payload behind the header line that says what it is and holds its XXH3 hash."""
     from pydron import _core
-    return b"%s %d %016x\n" % (MAGIC.encode(), FORMAT, _core._xxh3(payload)) + payload
+    return b"%s %d %016x\n" % (magic.encode(), fmt, _core._xxh3(payload)) + payload
+
+
+def _payload(data: bytes, magic: str, fmt: int, what: str) -> bytes:
+    """What follows the header of a file's bytes once the header and the hash check out;
+    ValueError if they do not."""
+    from pydron import _core
+    head, sep, payload = data.partition(b"\n")
+    fields = head.split(b" ")
+    if not sep or len(fields) != 3 or fields[0] != magic.encode() or fields[1] != b"%d" % fmt:
+        raise ValueError(f"not a pydron {what} file of this format")
+    if fields[2] != b"%016x" % _core._xxh3(payload):
+        raise ValueError("the hash does not match (truncated or corrupt)")
+    return payload
 
 
 def decode(data: bytes):
     """The program tuple (or refusal str) of a cache file's bytes; ValueError if anything is
     off (header, hash, a global, shape)."""
-    from pydron import _core
-    head, sep, payload = data.partition(b"\n")
-    fields = head.split(b" ")
-    if not sep or len(fields) != 3 or fields[0] != MAGIC.encode() or fields[1] != b"%d" % FORMAT:
-        raise ValueError("not a pydron graph file of this format")
-    if fields[2] != b"%016x" % _core._xxh3(payload):
-        raise ValueError("the hash does not match (truncated or corrupt)")
+    payload = _payload(data, MAGIC, FORMAT, "graph")
     try:
         value = _DataOnly(io.BytesIO(payload)).load()
     except Exception as exc:     # any malformed pickle: refused, whatever the unpickler raised
@@ -211,25 +234,9 @@ def load(fn):
     if base is None:
         return None
     path = os.path.join(base, "graphs", key(fn) + ".graph")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
+    data = _read_trusted(path)
+    if data is None:
         return None
-    except OSError as exc:
-        _reject(path, f"cannot be opened ({exc.strerror})")
-        return None
-    try:
-        st = os.fstat(fd)
-        problem = _unsafe_file(st, path)
-        if problem:
-            _reject(path, problem)
-            return None
-        data = _read_all(fd, st.st_size)
-    except OSError as exc:
-        _reject(path, f"cannot be read ({exc.strerror})")
-        return None
-    finally:
-        os.close(fd)
     try:
         value = decode(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -237,6 +244,30 @@ def load(fn):
         return None
     _session["loads"] += 1
     return value
+
+
+def _read_trusted(path, counter="rejected") -> bytes | None:
+    """The bytes of the file at path if it is a regular file of this user's that others may not
+    write, else None (a missing file quietly; any other is counted in counter and logged)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _reject(path, f"cannot be opened ({exc.strerror})", counter)
+        return None
+    try:
+        st = os.fstat(fd)
+        problem = _unsafe_file(st, path)
+        if problem:
+            _reject(path, problem, counter)
+            return None
+        return _read_all(fd, st.st_size)
+    except OSError as exc:
+        _reject(path, f"cannot be read ({exc.strerror})", counter)
+        return None
+    finally:
+        os.close(fd)
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -257,10 +288,10 @@ def _unsafe_file(st, path) -> str | None:
     return None
 
 
-def _reject(path, why: str) -> None:
+def _reject(path, why: str, counter="rejected") -> None:
     """A file that is not loaded: said once at debug level, left for the next store to
     replace."""
-    _session["rejected"] += 1
+    _session[counter] += 1
     log.debug("pydron: graph cache file %s ignored: %s", path, why)
 
 
@@ -275,32 +306,112 @@ def store(fn, program) -> bool:
     except TypeError as exc:
         log.debug("pydron: graph of %s not cached: %s", fn.__qualname__, exc)
         return False
-    path = _path(base, key(fn))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".graph")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        tmp = None
+        _write_private(_path(base, key(fn)), data)
     except OSError as exc:
         log.debug("pydron: graph of %s not cached: %s", fn.__qualname__, exc)
         return False
+    _session["stores"] += 1
+    return True
+
+
+def _write_private(path: Path, data: bytes, sync: bool = True) -> None:
+    """data as the file at path, mode 0600: written to a temporary file in the same directory
+    (flushed to the disk first unless not sync), then renamed into place, so that readers see a
+    whole file or none. OSError."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        tmp = None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    _session["stores"] += 1
+
+
+# ---- object files of the compiled tier (called by trace/replay_tier.c, GIL held) ---------------
+
+def _object_environment(environment: str) -> bytes:
+    """The line an object file starts with (after its header): what its code was made for."""
+    from pydron import __version__
+    return f"pydron {__version__}; {environment}".encode("utf-8", "surrogatepass")
+
+
+def object_path(base: Path, code_key: str, environment: str) -> Path:
+    """Where the object file of code_key, made for environment, is kept."""
+    from pydron import _core
+    parts = b"\x1f".join([OBJECT_MAGIC.encode(), b"%d" % OBJECT_FORMAT, sys.version.encode(),
+                          _object_environment(environment), code_key.encode()])
+    return base / "graphs" / ("%016x.object" % _core._xxh3(parts))
+
+
+def encode_object(environment: str, obj: bytes) -> bytes:
+    return _with_header(OBJECT_MAGIC, OBJECT_FORMAT,
+                        _object_environment(environment) + b"\n" + obj)
+
+
+def decode_object(data: bytes, environment: str) -> bytes:
+    """The object file in a cache file's bytes; ValueError if the header, the hash or the
+    environment it was made for is not this process's."""
+    payload = _payload(data, OBJECT_MAGIC, OBJECT_FORMAT, "object")
+    made_for, sep, obj = payload.partition(b"\n")
+    if not sep or made_for != _object_environment(environment):
+        raise ValueError("made for another environment (%s)"
+                         % made_for[:200].decode("utf-8", "replace"))
+    return obj
+
+
+def load_object(code_key: str, environment: str) -> bytes | None:
+    """The object file kept for code_key (jit_graph_key) made for environment
+    (jit_environment), or None: none, or not to be trusted (ignored; the next store replaces
+    it)."""
+    base = directory()
+    if base is None:
+        return None
+    path = object_path(base, code_key, environment)
+    data = _read_trusted(path, "object_rejected")
+    if data is None:
+        return None
+    try:
+        obj = decode_object(data, environment)
+    except ValueError as exc:
+        _reject(path, str(exc), "object_rejected")
+        return None
+    _session["object_loads"] += 1
+    return obj
+
+
+def store_object(code_key: str, environment: str, obj: bytes) -> bool:
+    """Keep the object file a compile of code_key emitted, for later processes. False when the
+    cache is off or the write failed (never an error for the caller)."""
+    base = directory()
+    if base is None:
+        return False
+    try:
+        # not synced: this runs in the call that first uses the code (an fsync cost it
+        # milliseconds), and a file a crash leaves torn fails its hash and is compiled again
+        _write_private(object_path(base, code_key, environment),
+                       encode_object(environment, obj), sync=False)
+    except OSError as exc:
+        log.debug("pydron: object of code %s not cached: %s", code_key, exc)
+        return False
+    _session["object_stores"] += 1
     return True
 
 
 # ---- counters, listing, clearing (pydron cache, pydron info) ------------------------------------
 
-def note_session(replay_stats: dict) -> None:
-    """Add this process's counters to <dir>/stats.json (under a lock: processes share it)."""
+def note_session(replay_stats: dict, jit_info: dict | None = None) -> None:
+    """Add this process's counters to <dir>/stats.json (under a lock: processes share it):
+    replay's (_replay_stats), and the compiled tier's (_jit_info: graphs compiled, graphs whose
+    code was linked from an object file instead)."""
     base = directory()
     if base is None:
         return
@@ -309,6 +420,8 @@ def note_session(replay_stats: dict) -> None:
                          ("lifts", "lifts"), ("mispredicts", "mispredicts"),
                          ("bails", "bails")):
         counts[ours] = replay_stats.get(theirs, 0)
+    for ours, theirs in (("jit_compiles", "compiled"), ("jit_object_hits", "object_hits")):
+        counts[ours] = (jit_info or {}).get(theirs, 0)
     if not any(counts.values()):
         return
     path = base / "stats.json"
@@ -342,8 +455,10 @@ def stats() -> dict:
     if base is None:
         return {"directory": None}
     files = list((base / "graphs").glob("*.graph"))
+    objects = list((base / "graphs").glob("*.object"))
     out = {"directory": str(base), "graphs": len(files),
-           "bytes": sum(f.stat().st_size for f in files)}
+           "bytes": sum(f.stat().st_size for f in files),
+           "objects": len(objects), "object_bytes": sum(f.stat().st_size for f in objects)}
     try:
         with open(base / "stats.json") as f:
             counters = json.load(f)
@@ -379,13 +494,14 @@ def entries() -> list[dict]:
 
 
 def clear() -> int:
-    """Remove every cached graph and the counters; the number of files removed."""
+    """Remove every cached graph and object file and the counters; the number of files
+    removed."""
     base = directory()
     if base is None:
         return 0
     n = 0
     for path in list((base / "graphs").iterdir()):
-        if path.suffix == ".graph" or path.name.startswith(".tmp-"):
+        if path.suffix in (".graph", ".object") or path.name.startswith(".tmp-"):
             with contextlib.suppress(OSError):
                 path.unlink()
                 n += 1

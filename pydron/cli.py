@@ -509,7 +509,11 @@ def _cache_text(st: dict) -> str:
             f"call(s), {st.get('replay_misses', 0)} traced, {st.get('lifts', 0)} graph(s) made "
             f"lifted, {st.get('loads', 0)} loaded from disk, {st.get('mispredicts', 0)} "
             f"misprediction(s), {st.get('bails', 0)} replay(s) given up, "
-            f"{st.get('rejected', 0)} file(s) rejected")
+            f"{st.get('rejected', 0)} file(s) rejected; compiled tier: "
+            f"{st.get('objects', 0)} object file(s), {st.get('object_bytes', 0)} bytes; "
+            f"{st.get('jit_compiles', 0)} graph(s) compiled, {st.get('jit_object_hits', 0)} "
+            f"linked from an object file, {st.get('object_rejected', 0)} object file(s) "
+            f"rejected")
 
 
 def _cluster_info(cfg) -> dict | None:

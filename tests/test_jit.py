@@ -3,6 +3,8 @@ compile thread (jit/jit.c) calls the interpreter's own operations (trace/replay_
 case runs three ways, traced, interpreted and compiled, and must give the same results, the same
 exceptions and, between the two replays, the same hits and bails."""
 
+import os
+import re
 import threading
 import time
 
@@ -305,3 +307,210 @@ def test_fork_and_exit_with_the_compile_thread(tmp_path):
     proc = run(FORK_AND_EXIT, tmp_path, env={"PYDRON_CACHE_DIR": "off"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("done"), proc.stdout
+
+
+# ---- object files kept in the disk cache (pydron/_graph_cache.py) -----------------------------
+
+OBJECT_SCRIPT = """
+    import json, sys
+    import pydron
+    from pydron import _core, _graph_cache
+
+    @pydron.functional
+    def inc(x):
+        return x + 1
+
+    def plain_inc(x):
+        return x + 1
+
+    @pydron.schedule
+    def work(xs, k):
+        out = []
+        for x in xs:
+            if x % 3:
+                out.append(inc(x) + k)
+            else:
+                out.append(x * k)
+        total = 0
+        for r in out:
+            total += r
+        return total, out
+
+    def plain(xs, k):
+        out = []
+        for x in xs:
+            if x % 3:
+                out.append(plain_inc(x) + k)
+            else:
+                out.append(x * k)
+        total = 0
+        for r in out:
+            total += r
+        return total, out
+
+    pydron.enable(workers=1, progress=False)
+    _core._replay_configure(after=0, compare=0, jit="always")
+    args = [(list(range(12)), 3), ([5, 6, 7], -2), ([], 1)]
+    state = None
+    results = []
+    for a in args:
+        results.append(work(*a))
+        state = state or _core._replay_state(work)     # right after the code was made
+    info = _core._jit_info()
+    print(json.dumps({"same": results == [plain(*a) for a in args],
+                      "state": {k: state[k] for k in ("jit", "compiled")},
+                      "from_object": state["from_object"],
+                      "compiled_runs": _core._replay_state(work)["compiled_runs"],
+                      "info": {k: info[k] for k in ("compiled", "object_hits",
+                                                    "object_rejected", "failed")},
+                      "session": _graph_cache._session}))
+"""
+
+
+def object_run(tmp_path, cache):
+    proc = run(OBJECT_SCRIPT, tmp_path, env={"PYDRON_CACHE_DIR": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    import json
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["same"], "the results differ from plain Python's"
+    assert out["state"] == {"jit": "ready", "compiled": True}, out
+    assert out["compiled_runs"] == 3, out
+    assert out["info"]["failed"] == 0, out
+    return out
+
+
+def object_files(cache):
+    return sorted((cache / "graphs").glob("*.object"))
+
+
+def test_a_second_process_links_the_object_file_instead_of_compiling(tmp_path):
+    cache = tmp_path / "cache"
+    first = object_run(tmp_path, cache)
+    assert first["info"]["compiled"] == 1 and first["info"]["object_hits"] == 0
+    assert first["from_object"] is False
+    assert first["session"]["object_stores"] == 1
+    path, = object_files(cache)
+    assert os.stat(path).st_mode & 0o077 == 0
+    assert not list((cache / "graphs").glob(".tmp-*")), "a temporary file was left behind"
+    second = object_run(tmp_path, cache)
+    assert second["info"]["compiled"] == 0 and second["info"]["object_hits"] == 1
+    assert second["from_object"] is True
+    assert second["session"]["object_loads"] == 1 and second["session"]["object_stores"] == 0
+    assert object_files(cache) == [path]
+
+
+def _rehashed(data, payload):
+    """A file with data's header magic and format around payload, with payload's right hash."""
+    from pydron import _graph_cache
+    return (b"%s %d %016x\n" % (_graph_cache.OBJECT_MAGIC.encode(), _graph_cache.OBJECT_FORMAT,
+                                _core._xxh3(payload)) + payload)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "world-writable",
+                                    "other-cpu", "other-llvm", "not-an-object"])
+def test_a_damaged_untrusted_or_foreign_object_file_is_ignored_and_rebuilt(tmp_path, damage):
+    cache = tmp_path / "cache"
+    object_run(tmp_path, cache)
+    path, = object_files(cache)
+    data = path.read_bytes()
+    payload = data.partition(b"\n")[2]
+    made_for, _, obj = payload.partition(b"\n")
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        i = len(data) - 100
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    elif damage == "foreign":
+        if os.getuid() != 0:
+            pytest.skip("changing a file's owner needs root")
+        os.chown(path, 65534, 65534)
+    elif damage == "world-writable":
+        os.chmod(path, 0o666)
+    elif damage == "other-cpu":        # well hashed, at this key's path, made for another CPU
+        made_for = re.sub(rb"; cpu [^;]*;", b"; cpu some-other-cpu;", made_for)
+        path.write_bytes(_rehashed(data, made_for + b"\n" + obj))
+    elif damage == "other-llvm":
+        made_for = re.sub(rb"; llvm [^;]*;", b"; llvm 13.0.1;", made_for)
+        path.write_bytes(_rehashed(data, made_for + b"\n" + obj))
+    elif damage == "not-an-object":    # passes every check of the file; LLVM refuses to link it
+        path.write_bytes(_rehashed(data, made_for + b"\n" + b"\x7fELF" + bytes(200)))
+    if damage != "not-an-object":
+        assert path.read_bytes() != data or damage in ("foreign", "world-writable")
+    again = object_run(tmp_path, cache)
+    assert again["info"]["object_hits"] == 0, f"a {damage} object file was linked"
+    assert again["info"]["compiled"] == 1, "the graph was compiled again"
+    assert again["from_object"] is False
+    if damage == "not-an-object":
+        assert again["session"]["object_loads"] == 1
+        assert again["info"]["object_rejected"] == 1
+    else:
+        assert again["session"]["object_rejected"] == 1
+        assert again["info"]["object_rejected"] == 0
+    # rebuilt: the file was replaced by the compile's, which the next process links
+    assert object_files(cache) == [path]
+    st = os.stat(path)
+    assert st.st_uid == os.getuid() and st.st_mode & 0o077 == 0
+    third = object_run(tmp_path, cache)
+    assert third["info"]["object_hits"] == 1 and third["info"]["compiled"] == 0
+
+
+def test_an_object_file_is_keyed_by_the_environment_it_was_made_for(tmp_path, monkeypatch):
+    """Another LLVM, CPU, Python version or numbering of the operations is another file name,
+    and so is another pydron version (the file also names the environment it was made for:
+    test_a_damaged_untrusted_or_foreign_object_file_is_ignored_and_rebuilt)."""
+    from pydron import _graph_cache
+    env = _core._jit_info()["environment"]
+    assert "llvm " in env and "; cpu " in env and "; features " in env and "; python " in env
+    assert "; ops " in env
+    base = tmp_path
+    here = _graph_cache.object_path(base, "0123456789abcdef", env)
+    assert here == _graph_cache.object_path(base, "0123456789abcdef", env)
+    for other in (re.sub(r"llvm [^;]*;", "llvm 13.0.1;", env),
+                  re.sub(r"; cpu [^;]*;", "; cpu some-other-cpu;", env),
+                  re.sub(r"; features [^;]*;", "; features +sse2;", env),
+                  re.sub(r"; python [^;]*;", "; python 3.12.0;", env),
+                  re.sub(r"; ops [0-9a-f]+", "; ops 0123456789abcdef", env)):
+        assert other != env
+        assert _graph_cache.object_path(base, "0123456789abcdef", other) != here
+    assert _graph_cache.object_path(base, "fedcba9876543210", env) != here
+    monkeypatch.setattr(pydron, "__version__", "0.0.0-other")
+    assert _graph_cache.object_path(base, "0123456789abcdef", env) != here
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="another environment"):
+        _graph_cache.decode_object(_graph_cache.encode_object(env, b"obj"),
+                                   env.replace("; cpu ", "; cpu x"))
+    assert _graph_cache.decode_object(_graph_cache.encode_object(env, b"obj"), env) == b"obj"
+
+
+@pydron.schedule
+def twin_a(xs):
+    out = []
+    for x in xs:
+        out.append(inc(x) * 2)
+    return out
+
+
+@pydron.schedule
+def twin_b(xs):
+    out = []
+    for x in xs:
+        out.append(inc(x) * 2)
+    return out
+
+
+def test_graphs_of_the_same_code_share_it_in_a_process():
+    """Two graphs whose operations are the same have one key: the second uses the code of the
+    first (its function is named by the key, so it could not be linked twice)."""
+    _core._replay_configure(jit="always")
+    _core._replay_forget(twin_a)
+    _core._replay_forget(twin_b)
+    assert twin_a([1, 2]) == [4, 6]
+    before = _core._jit_info()["shared"]
+    assert twin_b([3, 4]) == [8, 10]
+    assert _core._jit_info()["shared"] == before + 1
+    for fn in (twin_a, twin_b):
+        state = _core._replay_state(fn)
+        assert state["compiled"] is True and state["compiled_runs"] == 1
+    _core._replay_forget(twin_a)        # twin_b's code stays: it still uses it
+    assert twin_b([5]) == [12]
+    assert _core._replay_state(twin_b)["compiled_runs"] == 2

@@ -541,9 +541,10 @@ core_replay_stats(PyObject *module, PyObject *noargs)
 }
 
 /* The compiled tier's part of _replay_state: "jit" (not yet, too large, queued, ready, slower
- * than the interpreter, failed: why), "compiled" (later calls run compiled code), "compile_ms",
- * "compiled_runs", and once the tiers were compared "tiers_cpu" (their medians, µs).
- * 0, or -1 + exception. */
+ * than the interpreter, failed: why), "compiled" (later calls run compiled code), "compile_ms"
+ * (compiling or linking its object file), "from_object" (its code was linked from an object file
+ * of the disk cache), "compiled_runs", and once the tiers were compared "tiers_cpu" (their
+ * medians, µs). 0, or -1 + exception. */
 static int
 add_jit_state(PyObject *d, struct trace_replay *p)
 {
@@ -560,10 +561,12 @@ add_jit_state(PyObject *d, struct trace_replay *p)
             : p->ncode > replay__jit_max ? "too large" : "not yet");
     int used = status == JIT_READY &&
                (replay__jit_mode == 2 || (replay__jit_mode == 1 && p->tier_verdict >= 0));
-    PyObject *v = Py_BuildValue("{sNsOsOsK}", "jit", what, "compiled", used ? Py_True : Py_False,
+    PyObject *v = Py_BuildValue("{sNsOsOsKsO}", "jit", what, "compiled", used ? Py_True : Py_False,
                                 "compile_ms", status == JIT_READY ? PyFloat_FromDouble(ms)
                                                                   : Py_NewRef(Py_None),
-                                "compiled_runs", (unsigned long long)p->compiled_runs);
+                                "compiled_runs", (unsigned long long)p->compiled_runs,
+                                "from_object", p->jit && jit_graph_loaded(p->jit) ? Py_True
+                                                                                  : Py_False);
     if (v != NULL && p->tier_verdict != 0) {
         PyObject *cmp = Py_BuildValue("{sdsd}", "interpreted_us", p->tier_ns[0] / 1e3,
                                       "compiled_us", p->tier_ns[1] / 1e3);

@@ -67,6 +67,7 @@ struct trace_replay {
     int since_compare;             /* calls since the comparison began */
     uint64_t last_replay_ns, last_trace_ns;   /* the medians of the last comparison */
     jit_graph *jit;                /* the compiled tier's handle, once the graph was hot */
+    int jit_collected;             /* its compile's object was handed to the disk cache */
     uint64_t compiled_runs;        /* runs that went through the compiled function */
     /* The compiled function against the interpreter once it is ready (tier "on"): COMPARE_CALLS
      * runs of each, alternating, master CPU ns ([0] interpreted, [1] compiled); the verdict: 1

@@ -295,7 +295,7 @@ replay__run(run_state *st, PyObject **result)
     for (;;) {
         if (st->compiled != NULL) {
             /* Runs on until an operation says otherwise, as the loop below would. */
-            rc = st->compiled(st, &pc);
+            rc = st->compiled(st, &pc, st->p->code, jit_operations());
             if (rc == JIT_UNKNOWN_PC)
                 rc = replay__exec_one(st, &pc, 1);
         }
