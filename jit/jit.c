@@ -538,20 +538,26 @@ jit_environment(void)
     return J.environment;
 }
 
-/* "llvm …; triple …; cpu …; features …; python …; codegen …; ops …" (malloc'd), or NULL. */
+/* When this file was compiled: what graph_module emits may change from one build to the next
+ * without pydron's version changing (a developer's tree), and an object made by another build
+ * must not be linked. */
+#define JIT_BUILD __DATE__ " " __TIME__
+
+/* "llvm …; triple …; cpu …; features …; python …; codegen …; ops …; build …" (malloc'd), or
+ * NULL. */
 static char *
 make_environment(uint64_t ops_hash)
 {
     char *triple = LLVMGetDefaultTargetTriple();
     char *cpu = LLVMGetHostCPUName(), *features = LLVMGetHostCPUFeatures();
     const char *fmt = "llvm %s; triple %s; cpu %s; features %s; python %s; codegen %d; "
-                      "ops %016llx";
+                      "ops %016llx; build %s";
     int len = snprintf(NULL, 0, fmt, LLVM_VERSION_STRING, triple, cpu, features, PY_VERSION,
-                       (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash);
+                       (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash, JIT_BUILD);
     char *env = len < 0 ? NULL : malloc((size_t)len + 1);
     if (env != NULL)
         snprintf(env, (size_t)len + 1, fmt, LLVM_VERSION_STRING, triple, cpu, features,
-                 PY_VERSION, (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash);
+                 PY_VERSION, (int)GRAPH_CODEGEN_LEVEL, (unsigned long long)ops_hash, JIT_BUILD);
     LLVMDisposeMessage(triple);
     LLVMDisposeMessage(cpu);
     LLVMDisposeMessage(features);
