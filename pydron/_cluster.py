@@ -227,6 +227,9 @@ def plan_batches(tasks, run_time: dict, slots: int) -> list[list]:
     for t in tasks:
         est = run_time.get(t.fn_key)
         if t.timeout:
+            if current:
+                groups.append(current)
+                current, work = [], 0.0
             groups.append([t])
             continue
         this = "unknown" if est is None else "known"
