@@ -214,9 +214,10 @@ def plan_batches(tasks, run_time: dict, slots: int) -> list[list]:
     UNKNOWN_BATCHES_MAX batches of them per flush. The others are cut by factoring: in rounds
     of `slots` batches, each about 1/(2 x slots) of the known work not yet cut, at least
     BATCH_SECONDS (or an equal share of a smaller flush) and at most BATCH_MAX_SECONDS and
-    BATCH_MAX_TASKS. Dask hands batches that read no other batch's result to the next free
+    BATCH_MAX_TASKS. Dask hands batches that read nothing but functions to the next free
     worker thread in this order, so the large batches run first and the small last ones even
-    out the finish. Every worker thread gets a part of a flush of at least `slots` tasks."""
+    out the finish (batches that read results or constants are placed by Dask where those
+    are). Every worker thread gets a part of a flush of at least `slots` tasks."""
     slots = max(1, slots)
     unknown = sum(1 for t in tasks if t.fn_key not in run_time)
     unknown_per_batch = max(1, -(-unknown // UNKNOWN_BATCHES_MAX))
@@ -607,11 +608,11 @@ class Adapter:
             input_keys = [k for k, _ in inputs]
             batch.inputs = [keep for _, keep in inputs if keep is not None]
             batch.payload = (payload, input_keys)
-            # A batch that reads no other batch's result is a root task: Dask queues it and
-            # gives it to the next free worker thread, in `keys` order. Placed by where its
-            # inputs are, the batches of a small flush all went to the worker holding the
-            # function, and the other workers idled.
-            root = {"_data_producer": not any(isinstance(keep, Batch) for _, keep in inputs)} \
+            # A batch that reads nothing but functions (no other batch's result, no scattered
+            # constant) is a root task: Dask queues it and gives it to the next free worker
+            # thread, in `keys` order. Placed by where its inputs are, the batches of a small
+            # flush all went to the worker holding the function, and the other workers idled.
+            root = {"_data_producer": all(keep is None for _, keep in inputs)} \
                 if _dask_orders() else {}
             dsk[key] = Task(key, _cluster_worker.run_batch, payload,
                             *[TaskRef(k) for k in input_keys], **root)
