@@ -96,6 +96,21 @@ def test_batches_run_in_the_order_the_tasks_were_made(tmp_path):
     assert not c.leftovers(), c.leftovers()
 
 
+def test_a_map_spreads_its_chunks_over_the_cluster_threads():
+    """With one local worker and a cluster of 2 workers x 2 threads, a map of 32 calls is cut
+    into at least a chunk per cluster thread (it was cut for the one local worker: 2 chunks,
+    2 of the 4 threads busy)."""
+    c = DaskProcesses(workers=2, nthreads=2)
+    try:
+        out, _ = run_script("map-chunks", c.address, env={"PYDRON_WORKERS": "1"})
+    finally:
+        c.close()
+    assert out["result"] == [i * i for i in range(32)]
+    assert out["slots"] == 4
+    assert out["chunks"] >= 4, out
+    assert not c.leftovers(), c.leftovers()
+
+
 def test_failures_in_batches_surface_in_program_order(cluster):
     """Tasks fail in the middle of multi-task batches: the failure raised is the first in
     program order (as plain Python raises it), with its class and message; the same program

@@ -155,6 +155,15 @@ def main():
         out["batches"] = _cluster.current().stats["batches"] - before
         with open(os.path.join(marks, "order")) as f:
             out["order"] = [int(line) for line in f]
+    elif mode == "map-chunks":
+        # A map straight from graph/ (as a replayed comprehension makes one): its chunks are
+        # spread over the cluster's worker threads, not over the local pool's workers.
+        from pydron import _cluster, _core
+        adapter = _cluster.current()
+        before = adapter.stats["tasks"]
+        out["result"] = [r[0] for r in _core._map(where, [(i,) for i in range(32)])]
+        out["chunks"] = adapter.stats["tasks"] - before
+        out["slots"] = adapter.slots
     elif mode == "failures":
         bad = tuple(int(x) for x in os.environ["BAD"].split(","))
         n = int(os.environ["TASKS"])
