@@ -223,31 +223,31 @@ def plan_batches(tasks, run_time: dict, slots: int) -> list[list]:
     unknown_per_batch = max(1, -(-unknown // UNKNOWN_BATCHES_MAX))
     left = sum(run_time[t.fn_key] for t in tasks if t.fn_key in run_time and not t.timeout)
     floor = max(min(BATCH_SECONDS, left / slots), 1e-7)
-    groups, current, work, kind = [], [], 0.0, None
+    groups, current, work, current_known = [], [], 0.0, False
     share, round_left = 0.0, 0
     for t in tasks:
         est = run_time.get(t.fn_key)
+        known = est is not None
         if t.timeout:
             if current:
                 groups.append(current)
                 current, work = [], 0.0
             groups.append([t])
             continue
-        this = "unknown" if est is None else "known"
-        if current and (this != kind or
-                        (this == "unknown" and len(current) >= unknown_per_batch) or
-                        (this == "known" and (work + est > share * (1 + 1e-9) or
-                                              len(current) >= BATCH_MAX_TASKS))):
+        if current and (known != current_known or
+                        (not known and len(current) >= unknown_per_batch) or
+                        (known and (work + est > share * (1 + 1e-9) or
+                                    len(current) >= BATCH_MAX_TASKS))):
             groups.append(current)
             current, work = [], 0.0
-        if not current and this == "known":
-            if round_left == 0:
+        if not current and known:
+            if round_left == 0:        # a new round: its batches' share of the work left
                 share = min(max(floor, left / (2 * slots)), BATCH_MAX_SECONDS)
                 round_left = slots
             round_left -= 1
-        kind = this
+        current_known = known
         current.append(t)
-        if this == "known":
+        if known:
             work += est
             left -= est
     if current:
