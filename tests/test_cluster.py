@@ -91,7 +91,7 @@ def test_batches_run_in_the_order_the_tasks_were_made(tmp_path):
     finally:
         c.close()
     assert out["result"] == list(range(40))
-    assert out["batches"] >= 3, out
+    assert out["batches"] >= 2, out        # a map's 2 chunks at least, or the rounds of a flush
     assert out["order"] == list(range(40))
     assert not c.leftovers(), c.leftovers()
 
