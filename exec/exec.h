@@ -115,6 +115,9 @@ typedef struct {
     /* The value of a remote result (exec_blob_remote), fetched: new reference, NULL + exc.
      * NULL for executors whose results are ordinary blobs. */
     PyObject *(*fetch)(PyObject *ref);
+    /* Optional: how many tasks it runs at once (a cluster's worker threads); 0 when it does not
+     * know. NULL: the process pool's workers are the measure. Never raises. */
+    int (*slots)(void);
 } exec_backend;
 
 /* For executors that call functions themselves: a callable that runs a map's chunk of fn (an
@@ -188,6 +191,10 @@ int exec_running(void);
  * the workers exist. */
 int exec_sync_imports(void);
 int exec_nworkers(void);
+/* How many tasks of kind exec_task_kind() run at once: the attached cluster's worker threads
+ * when it says, else the process pool's workers (0 while the pool is not running). What a map
+ * spreads its chunks over. */
+int exec_task_slots(void);
 /* 1 in a worker process (or the fork server, which imports modules for them): pydron never
  * schedules there, functional calls run as plain calls. */
 int exec_in_worker(void);

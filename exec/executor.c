@@ -66,6 +66,14 @@ exec_task_kind(void)
     return backends[EXEC_REMOTE] != &no_backend ? EXEC_REMOTE : EXEC_PROCESSES;
 }
 
+int
+exec_task_slots(void)
+{
+    const exec_backend *b = backends[exec_task_kind()];
+    int n = b->slots ? b->slots() : 0;
+    return n > 0 ? n : exec_nworkers();
+}
+
 PyObject *
 exec__remote_fetch(PyObject *ref)
 {

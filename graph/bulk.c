@@ -16,11 +16,12 @@
 
 static PyObject *str_ok, *str_err;
 
-/* How many calls a chunk takes, for n calls of fn over the pool. */
+/* How many calls a chunk takes, for n calls of fn over the workers (a cluster's threads when
+ * one is attached). */
 static Py_ssize_t
 chunk_size(PyObject *fn, Py_ssize_t n)
 {
-    int workers = exec_nworkers();
+    int workers = exec_task_slots();
     if (workers < 1)
         workers = 1;
     Py_ssize_t spread = (n + workers * CHUNKS_PER_WORKER - 1) / (workers * CHUNKS_PER_WORKER);

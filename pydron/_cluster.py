@@ -44,9 +44,14 @@ from pydron import _cluster_worker, _exec_helpers
 
 log = logging.getLogger("pydron")
 
-# Seconds of work one batch aims at: long enough to amortise Dask's cost per task (~1 ms),
-# short enough to spread work over the workers and to start dependents early.
+# How a flush is cut into batches (`plan_batches`): in rounds of one batch per worker thread, each
+# batch 1/(2 x threads) of the known work not yet cut (factoring, a guided self-scheduling): few
+# Dask tasks while much is left, small ones at the end so that the workers finish together.
+# A batch holds at least BATCH_SECONDS of work, long enough to amortise what a Dask task costs
+# (a scheduler round trip and a few process wake-ups: 1-10 ms on a busy machine), and at most
+# BATCH_MAX_SECONDS, so that results still stream back and a lost worker loses little.
 BATCH_SECONDS = 0.02
+BATCH_MAX_SECONDS = 2.0
 BATCH_MAX_TASKS = 4096
 # A task whose function has no known run time yet is sized as one batch of its own, but a flush
 # makes at most this many such batches (a first flush of a few thousand tiny tasks).
@@ -63,6 +68,8 @@ CONSTANTS_MAX_BYTES = 4 << 30
 # next reads are free); a larger one value by value.
 FETCH_WHOLE_MAX_BYTES = 4 << 20
 CONNECT_TIMEOUT_S = 30.0
+# The worker threads are counted again at a flush when the last count is older than this.
+SLOTS_REFRESH_S = 1.0
 # The client stays disconnected from the scheduler this long before the cluster counts as lost.
 RECONNECT_GRACE_S = 5.0
 
@@ -197,6 +204,66 @@ class _Task:
         self.inputs = None          # the keys the spec's indexes name
 
 
+# ---- cutting a flush into batches -----------------------------------------------------------------
+
+def plan_batches(tasks, run_time: dict, slots: int) -> list[list]:
+    """Cut `tasks` (in submission order, which is kept) into batches for `slots` worker threads.
+
+    A task with a timeout is a batch of its own (its timer is the batch's). Tasks whose function
+    has no known run time (`run_time` maps a task's fn_key to seconds) go alone, at most
+    UNKNOWN_BATCHES_MAX batches of them per flush. The others are cut by factoring: in rounds
+    of `slots` batches, each about 1/(2 x slots) of the known work not yet cut, at least
+    BATCH_SECONDS (or an equal share of a smaller flush) and at most BATCH_MAX_SECONDS and
+    BATCH_MAX_TASKS. Dask hands batches that read nothing but functions to the next free
+    worker thread in this order, so the large batches run first and the small last ones even
+    out the finish (batches that read results or constants are placed by Dask where those
+    are). Every worker thread gets a part of a flush of at least `slots` tasks."""
+    slots = max(1, slots)
+    unknown = sum(1 for t in tasks if t.fn_key not in run_time)
+    unknown_per_batch = max(1, -(-unknown // UNKNOWN_BATCHES_MAX))
+    left = sum(run_time[t.fn_key] for t in tasks if t.fn_key in run_time and not t.timeout)
+    floor = max(min(BATCH_SECONDS, left / slots), 1e-7)
+    groups, current, work, current_known = [], [], 0.0, False
+    share, round_left = 0.0, 0
+    for t in tasks:
+        est = run_time.get(t.fn_key)
+        known = est is not None
+        if t.timeout:
+            if current:
+                groups.append(current)
+                current, work = [], 0.0
+            groups.append([t])
+            continue
+        if current and (known != current_known or
+                        (not known and len(current) >= unknown_per_batch) or
+                        (known and (work + est > share * (1 + 1e-9) or
+                                    len(current) >= BATCH_MAX_TASKS))):
+            groups.append(current)
+            current, work = [], 0.0
+        if not current and known:
+            if round_left == 0:        # a new round: its batches' share of the work left
+                share = min(max(floor, left / (2 * slots)), BATCH_MAX_SECONDS)
+                round_left = slots
+            round_left -= 1
+        current_known = known
+        current.append(t)
+        if known:
+            work += est
+            left -= est
+    if current:
+        groups.append(current)
+    # A run time learnt from smaller calls of the same function (a warm-up) must not put a
+    # whole flush on one worker.
+    while len(groups) < min(len(tasks), slots):
+        largest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        g = groups[largest]
+        if len(g) < 2:
+            break
+        half = len(g) // 2
+        groups[largest:largest + 1] = [g[:half], g[half:]]
+    return groups
+
+
 # ---- the adapter --------------------------------------------------------------------------------
 
 class Adapter:
@@ -237,6 +304,7 @@ class Adapter:
         self._closed = False
         self.stats = collections.Counter()
         self.slots = 1
+        self._slots_asked = 0.0
         self._refresh_slots()
         client.subscribe_topic(self.topic, self._on_report)
 
@@ -485,6 +553,7 @@ class Adapter:
                     self._timer_armed = False
                 tasks = [t for t in tasks if not t.cancelled]
                 if tasks and self._lost is None:
+                    self._ask_slots()
                     try:
                         await self._send(tasks)
                     except Exception as exc:     # fail these tasks, not the event loop
@@ -494,56 +563,9 @@ class Adapter:
         finally:
             self._flushing = False
 
-    def _plan(self, tasks):
-        """Cut the tasks into batches of about BATCH_SECONDS of known work each (order kept)."""
-        groups, current, work = [], [], 0.0
-        unknown = sum(1 for t in tasks if t.fn_key not in self._run_time)
-        # Tasks of unknown length: alone, unless there are many (then evenly grouped).
-        unknown_per_batch = max(1, -(-unknown // UNKNOWN_BATCHES_MAX))
-        total = sum(self._run_time.get(t.fn_key, BATCH_SECONDS) for t in tasks)
-        # Enough batches for every worker thread when there is work for them all.
-        target = BATCH_SECONDS if total >= BATCH_SECONDS * self.slots else \
-            max(total / max(1, self.slots), 1e-4)
-        unknown_in_current = 0
-        for t in tasks:
-            est = self._run_time.get(t.fn_key)
-            if t.timeout:
-                groups.append([t])                   # its timer is the batch's
-                continue
-            if est is None:
-                if current and unknown_in_current == 0:
-                    groups.append(current)
-                    current, work = [], 0.0
-                current.append(t)
-                unknown_in_current += 1
-                if unknown_in_current >= unknown_per_batch:
-                    groups.append(current)
-                    current, work, unknown_in_current = [], 0.0, 0
-                continue
-            if unknown_in_current:
-                groups.append(current)
-                current, work, unknown_in_current = [], 0.0, 0
-            if current and (work + est > target or len(current) >= BATCH_MAX_TASKS):
-                groups.append(current)
-                current, work = [], 0.0
-            current.append(t)
-            work += est
-        if current:
-            groups.append(current)
-        # Every worker thread gets a part of a flush: a run time learnt from smaller calls of
-        # the same function (a warm-up) must not put a whole flush on one worker.
-        while len(groups) < min(len(tasks), self.slots):
-            largest = max(range(len(groups)), key=lambda i: len(groups[i]))
-            g = groups[largest]
-            if len(g) < 2:
-                break
-            half = len(g) // 2
-            groups[largest:largest + 1] = [g[:half], g[half:]]
-        return groups
-
     async def _send(self, tasks):
         from dask._task_spec import DataNode, Task, TaskRef
-        groups = self._plan(tasks)
+        groups = plan_batches(tasks, self._run_time, self.slots)
         table_key = self._class_table()
         dsk, keys, batches = {}, [], []
         new_functions = []
@@ -586,8 +608,14 @@ class Adapter:
             input_keys = [k for k, _ in inputs]
             batch.inputs = [keep for _, keep in inputs if keep is not None]
             batch.payload = (payload, input_keys)
+            # A batch that reads nothing but functions (no other batch's result, no scattered
+            # constant) is a root task: Dask queues it and gives it to the next free worker
+            # thread, in `keys` order. Placed by where its inputs are, the batches of a small
+            # flush all went to the worker holding the function, and the other workers idled.
+            root = {"_data_producer": all(keep is None for _, keep in inputs)} \
+                if _dask_orders() else {}
             dsk[key] = Task(key, _cluster_worker.run_batch, payload,
-                            *[TaskRef(k) for k in input_keys])
+                            *[TaskRef(k) for k in input_keys], **root)
             keys.append(key)
             batches.append(batch)
             for k in input_keys:
@@ -597,10 +625,11 @@ class Adapter:
             await self._scatter(scatter)
         for k in new_functions:
             dsk[k] = DataNode(k, self._function_data[k])
-        futures = self.client.get(dsk, keys + new_functions, sync=False)
-        for k, fut in zip(new_functions, futures[len(keys):]):
+        submitted = self._submit_graph(dsk, new_functions + keys)
+        for k, fut in zip(new_functions, submitted):
             self._function_futures[k] = fut
             self._function_data.pop(k, None)
+        futures = submitted[len(new_functions):]
         self.stats["batches"] += len(batches)
         self.stats["tasks"] += len(tasks)
         siblings = [weakref.ref(b) for b in batches]
@@ -609,6 +638,22 @@ class Adapter:
             batch.future = fut
             self._batches[batch.key] = batch
             fut.add_done_callback(self._on_done)
+
+    def _submit_graph(self, dsk, keys):
+        """Send a graph; the futures of `keys`, in order. Dask starts the graph's ready tasks in
+        the order of `keys` (its own ordering breaks ties by key name, which ran a flush's
+        batches backwards: the small last ones first, the program's first results last), and
+        this graph's after those of earlier flushes (fifo_timeout=0: a generation per graph).
+        That takes Client._graph_to_futures, as Client.map calls it; a Dask without it gets
+        Client.get and its own order."""
+        if not _dask_orders():
+            return self.client.get(dsk, keys, sync=False)
+        from dask._expr import LLGExpr
+        from distributed.spans import SpanMetadata
+        futures = self.client._graph_to_futures(
+            LLGExpr(dsk), set(keys), internal_priority={k: i for i, k in enumerate(keys)},
+            fifo_timeout=0, span_metadata=SpanMetadata(collections=[{"type": "low-level-graph"}]))
+        return [futures[k] for k in keys]
 
     def _export(self, hold, input_of, scatter):
         """(pickle bytes, buffer specs) of a BlobHold: small buffers inline, large ones as the
@@ -857,6 +902,26 @@ class Adapter:
             self.slots = max(1, sum(w.get("nthreads", 1) for w in workers.values()))
         except Exception:
             self.slots = max(1, self.slots)
+        self._slots_asked = time.monotonic()
+
+    def _ask_slots(self):
+        """Have the worker threads counted again in the background (Dask's event-loop thread)
+        when the last count is older than SLOTS_REFRESH_S: workers join late (a cluster found
+        with one worker up) or leave, and batches are cut for the threads there are."""
+        now = time.monotonic()
+        if now - self._slots_asked < SLOTS_REFRESH_S:
+            return
+        self._slots_asked = now
+
+        async def count():
+            try:
+                info = await self.client.scheduler.identity(n_workers=-1)
+                self.slots = max(1, sum(w.get("nthreads", 1)
+                                        for w in info.get("workers", {}).values()))
+            except Exception as exc:      # the count stays as it was
+                log.debug("pydron: counting the Dask worker threads: %r", exc)
+
+        self.client.loop.add_callback(count)
 
     def info(self) -> dict:
         try:
@@ -870,6 +935,30 @@ class Adapter:
 
     def lane_names(self) -> dict[int, str]:
         return {lane: f"dask {addr}" for addr, lane in self._lanes.items()}
+
+
+def _dask_orders() -> bool:
+    """Whether this Dask lets the client order a graph's tasks and mark root tasks:
+    Client._graph_to_futures takes an expression with priorities, Task takes _data_producer
+    (distributed 2025 and later). Without, graphs go through Client.get as they are."""
+    global _orders_known
+    if _orders_known is None:
+        import inspect
+        try:
+            from dask._task_spec import Task
+            from distributed import Client
+            import dask._expr  # noqa: F401
+            import distributed.spans  # noqa: F401
+            sent = inspect.signature(Client._graph_to_futures).parameters
+            _orders_known = all(p in sent for p in ("expr", "internal_priority",
+                                                    "fifo_timeout", "span_metadata")) and \
+                "_data_producer" in inspect.signature(Task.__init__).parameters
+        except (AttributeError, ImportError, TypeError, ValueError):
+            _orders_known = False
+    return _orders_known
+
+
+_orders_known: bool | None = None
 
 
 def _is_cancelled(exc) -> bool:
@@ -956,8 +1045,13 @@ def connect(address: str, *, security=None, insecure: bool = False,
         disconnect()
     cluster = None
     n = parse_local(address)
+    # A cluster started here is used once all its workers are up (batches are cut for the
+    # threads there are); one found running, as soon as one worker is.
+    wanted = 1
     try:
         if n is not None:
+            from pydron import config
+            wanted = n = n or config.default_workers()
             cluster = _start_local(n)
             client = Client(cluster, set_as_default=False, timeout=timeout)
             where = f"{address} ({cluster.scheduler_address})"
@@ -971,9 +1065,12 @@ def connect(address: str, *, security=None, insecure: bool = False,
                                    f"{exc}") from None
             where = address
         try:
-            client.wait_for_workers(1, timeout=timeout)
+            client.wait_for_workers(wanted, timeout=timeout)
         except Exception:
             client.close()
+            if wanted > 1:
+                raise ClusterError(f"pydron: the {wanted} Dask workers of {where} did not all "
+                                   f"start within {timeout:g} s") from None
             raise ClusterError(f"pydron: no Dask worker joined the scheduler at {where} within "
                                f"{timeout:g} s (start some with `dask worker ADDRESS`)") from None
         try:

@@ -15,7 +15,7 @@ static uint64_t seen;                    /* `signalled` when collect last asked 
 static int unflushed;                    /* submitted since the last flush request */
 static Py_ssize_t outstanding;           /* submitted, neither handed over nor cancelled */
 static PyObject *str_submit, *str_collect, *str_flush, *str_check, *str_cancel, *str_fetch,
-                *str_close;
+                *str_close, *str_slots;
 
 static const exec_backend remote_backend;
 
@@ -279,10 +279,27 @@ remote_fetch(PyObject *ref)
     return call_adapter(str_fetch, &ref, 1);
 }
 
+/* adapter.slots: the cluster's worker threads as the adapter last counted them; 0 when it has
+ * no such count (the error, if any, is dropped: a map then spreads over the local pool's size). */
+static int
+remote_slots(void)
+{
+    if (adapter == NULL)
+        return 0;
+    PyObject *pending = PyErr_GetRaisedException();
+    PyObject *r = PyObject_GetAttr(adapter, str_slots);
+    long n = r && PyLong_Check(r) ? PyLong_AsLong(r) : 0;
+    Py_XDECREF(r);
+    PyErr_Clear();
+    PyErr_SetRaisedException(pending);
+    return n > 0 && n < INT_MAX ? (int)n : 0;
+}
+
 static const exec_backend remote_backend = {
     .name = "cluster", .submit = remote_submit, .collect = remote_collect,
     .ready = remote_ready, .check = remote_check, .cancel = remote_cancel,
     .outstanding = remote_outstanding, .shutdown = remote_shutdown, .fetch = remote_fetch,
+    .slots = remote_slots,
 };
 
 /* ---- attaching -------------------------------------------------------------------------------- */
@@ -299,8 +316,9 @@ intern_names(void)
     str_cancel = PyUnicode_InternFromString("cancel");
     str_fetch = PyUnicode_InternFromString("fetch");
     str_close = PyUnicode_InternFromString("close");
+    str_slots = PyUnicode_InternFromString("slots");
     if (!str_submit || !str_collect || !str_flush || !str_check || !str_cancel || !str_fetch ||
-        !str_close)
+        !str_close || !str_slots)
         return -1;
     return 0;
 }

@@ -21,7 +21,9 @@
  *                     failed, and remote/ detaches the adapter
  *   cancel(ids) -> int   forget these tasks; how many of them were the adapter's
  *   fetch(ref) -> value
- *   close()      interpreter exit */
+ *   close()      interpreter exit
+ * and reads its attribute `slots`: the cluster's worker threads (an int), what a map's chunks
+ * are spread over. */
 enum { REMOTE_DONE = 0, REMOTE_VALUE = 1, REMOTE_FAILED = 2 };
 
 /* Attach adapter (borrowed; a reference is taken) as the EXEC_REMOTE executor. 0, or -1 + exc. */

@@ -71,6 +71,56 @@ def test_tasks_run_in_the_dask_workers_in_batches(cluster):
     assert stats["batches"] < stats["tasks"], stats      # tiny tasks share Dask tasks
 
 
+def test_a_small_flush_spreads_over_every_worker(cluster):
+    """A flush cut into one batch per worker thread (its run time learnt from quick calls, its
+    tasks long) runs on both workers: Dask queues batches that read no other batch's result
+    and hands each to a free worker thread, instead of placing them all by where their
+    function is (they all went to one worker, and the other idled)."""
+    out, _ = run_script("small-flush", cluster.address)
+    assert [r[0] for r in out["result"]] == [0, 1, 4, 9]
+    assert {r[1] for r in out["result"]} == worker_pids(cluster)
+
+
+def test_batches_run_in_the_order_the_tasks_were_made(tmp_path):
+    """On one single-threaded worker the batches run in submission order: the largest first,
+    as factoring means, and the program's first results first (Dask's own order ran a flush's
+    batches backwards)."""
+    c = DaskProcesses(workers=1)
+    try:
+        out, _ = run_script("order", c.address, env={"TASKS": "40", "MARKS": str(tmp_path)})
+    finally:
+        c.close()
+    assert out["result"] == list(range(40))
+    assert out["batches"] >= 2, out        # a map's 2 chunks at least, or the rounds of a flush
+    assert out["order"] == list(range(40))
+    assert not c.leftovers(), c.leftovers()
+
+
+def test_a_map_spreads_its_chunks_over_the_cluster_threads():
+    """With one local worker and a cluster of 2 workers x 2 threads, a map of 32 calls is cut
+    into at least a chunk per cluster thread (it was cut for the one local worker: 2 chunks,
+    2 of the 4 threads busy)."""
+    c = DaskProcesses(workers=2, nthreads=2)
+    try:
+        out, _ = run_script("map-chunks", c.address, env={"PYDRON_WORKERS": "1"})
+    finally:
+        c.close()
+    assert out["result"] == [i * i for i in range(32)]
+    assert out["slots"] == 4
+    assert out["chunks"] >= 4, out
+    assert not c.leftovers(), c.leftovers()
+
+
+def test_failures_in_batches_surface_in_program_order(cluster):
+    """Tasks fail in the middle of multi-task batches: the failure raised is the first in
+    program order (as plain Python raises it), with its class and message; the same program
+    without failures gives plain Python's sum."""
+    out, _ = run_script("failures", cluster.address, env={"TASKS": "60", "BAD": "41,7,12"})
+    assert out["result"] == "caught TaskFailure: task 7 failed"
+    assert out["clean"] == sum(range(60))
+    assert out["stats"]["batches"] < out["stats"]["tasks"], out["stats"]
+
+
 def test_user_exception_caught_by_the_same_except(cluster):
     out, _ = run_script("catches", cluster.address)
     assert out["result"] == "caught TaskFailure: task 17 failed"
@@ -173,6 +223,96 @@ def test_timeline_has_one_lane_per_dask_worker(cluster, tmp_path):
     slices = [e for e in events if e.get("ph") == "X"]
     assert len(slices) == 200
     assert all(e["tid"] >= 1 and e["dur"] >= 0 for e in slices)
+
+
+# ---- cutting a flush into batches, no cluster needed ----------------------------------------------
+
+class PlannedTask:
+    """What plan_batches reads of a task."""
+
+    def __init__(self, i, fn_key="f", timeout=0.0):
+        self.i, self.fn_key, self.timeout = i, fn_key, timeout
+
+    def __repr__(self):
+        return f"T{self.i}"
+
+
+def planned(n, fn_key="f", start=0, timeout=0.0):
+    return [PlannedTask(start + i, fn_key, timeout) for i in range(n)]
+
+
+def check_plan(tasks, groups, run_time):
+    """Every task once, in order; no empty batch; a timed task alone; known and unknown run
+    times never share a batch."""
+    assert [t for g in groups for t in g] == tasks
+    for g in groups:
+        assert g
+        if any(t.timeout for t in g):
+            assert len(g) == 1
+        assert len({t.fn_key in run_time for t in g}) == 1
+
+
+def test_plan_cuts_by_factoring():
+    from pydron._cluster import plan_batches
+    tasks, run_time = planned(32), {"f": 0.015}
+    groups = plan_batches(tasks, run_time, 2)
+    check_plan(tasks, groups, run_time)
+    # Rounds of 2 batches, each a quarter of the work left, down to BATCH_SECONDS (20 ms).
+    assert [len(g) for g in groups] == [8, 8, 4, 4, 2, 2, 1, 1, 1, 1]
+    groups = plan_batches(tasks, run_time, 4)
+    assert [len(g) for g in groups] == [4] * 4 + [2] * 4 + [1] * 8
+
+
+def test_plan_shares_a_small_flush_between_the_threads():
+    from pydron._cluster import plan_batches
+    tasks, run_time = planned(12), {"f": 0.001}
+    assert [len(g) for g in plan_batches(tasks, run_time, 2)] == [6, 6]
+    assert [len(g) for g in plan_batches(tasks, run_time, 3)] == [4, 4, 4]
+    # A run time learnt from quick calls: still a part for every thread.
+    tasks, run_time = planned(4), {"f": 1e-6}
+    assert [len(g) for g in plan_batches(tasks, run_time, 4)] == [1, 1, 1, 1]
+    assert [len(g) for g in plan_batches(planned(1), run_time, 4)] == [1]
+
+
+def test_plan_keeps_batches_within_their_limits():
+    from pydron import _cluster
+    tasks, run_time = planned(2000), {"f": 0.5}
+    groups = _cluster.plan_batches(tasks, run_time, 2)
+    check_plan(tasks, groups, run_time)
+    assert max(len(g) for g in groups) * 0.5 <= _cluster.BATCH_MAX_SECONDS
+    tasks, run_time = planned(50_000), {"f": 1e-7}
+    groups = _cluster.plan_batches(tasks, run_time, 2)
+    check_plan(tasks, groups, run_time)
+    assert max(len(g) for g in groups) <= _cluster.BATCH_MAX_TASKS
+    assert len(groups) == 50_000 // _cluster.BATCH_MAX_TASKS + 1
+
+
+def test_plan_unknown_run_times_and_timeouts():
+    from pydron import _cluster
+    run_time = {"f": 0.001}
+    tasks = (planned(3, "new") + planned(10, start=3) + planned(2, timeout=1.0, start=13) +
+             planned(200, "new", start=15) + planned(5, start=215))
+    groups = _cluster.plan_batches(tasks, run_time, 2)
+    check_plan(tasks, groups, run_time)
+    unknown = [g for g in groups if g[0].fn_key == "new"]
+    # 203 tasks of unknown run time: at most UNKNOWN_BATCHES_MAX batches' worth, 4 a batch.
+    assert [len(g) for g in unknown] == [3] + [4] * 50
+    assert [g for g in groups if g[0].timeout] == [[tasks[13]], [tasks[14]]]
+
+
+def test_plan_of_mixed_run_times_keeps_every_task_in_order():
+    import random
+    from pydron._cluster import plan_batches
+    rng = random.Random(7)
+    run_time = {f"f{k}": rng.choice([1e-6, 1e-4, 0.003, 0.05, 0.4]) for k in range(5)}
+    for trial in range(200):
+        tasks = [PlannedTask(i, rng.choice(list(run_time) + ["unknown"]),
+                             timeout=1.0 if rng.random() < 0.05 else 0.0)
+                 for i in range(rng.randrange(1, 300))]
+        slots = rng.randrange(1, 9)
+        groups = plan_batches(tasks, run_time, slots)
+        check_plan(tasks, groups, run_time)
+        assert len(groups) >= min(len(tasks), slots)
 
 
 # ---- addresses and security, no cluster needed ---------------------------------------------------

@@ -63,6 +63,49 @@ def spread(n):
     return [where(i) for i in range(n)]
 
 
+@pydron.functional
+def napping(i, seconds):
+    time.sleep(seconds)
+    return i * i, os.getpid()
+
+
+@pydron.schedule
+def naps(n, seconds):
+    return [napping(i, seconds) for i in range(n)]
+
+
+@pydron.functional
+def in_turn(i, seconds, marks):
+    """Appends i to the marks file when it runs: the order the worker ran the tasks in."""
+    time.sleep(seconds)
+    fd = os.open(os.path.join(marks, "order"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{i}\n".encode())
+    finally:
+        os.close(fd)
+    return i
+
+
+@pydron.schedule
+def turns(n, seconds, marks):
+    return [in_turn(i, seconds, marks) for i in range(n)]
+
+
+@pydron.functional
+def fail_on_any(i, bad):
+    if i in bad:
+        raise TaskFailure(f"task {i} failed")
+    return i
+
+
+@pydron.schedule
+def first_failure(n, bad):
+    try:
+        return sum([fail_on_any(i, bad) for i in range(n)])
+    except TaskFailure as e:
+        return f"caught {type(e).__name__}: {e}"
+
+
 @pydron.schedule
 def two_stages(n, seconds, marks):
     firsts = [slow_inc(i, seconds, marks) for i in range(n)]
@@ -97,6 +140,38 @@ def main():
         out["stats"] = dict(_cluster.current().stats)
     elif mode == "catches":
         out["result"] = catches(50, 17)
+    elif mode == "small-flush":
+        # The first call teaches the adapter that napping is quick; the second's tasks are
+        # long: its flush looks small (a batch per worker thread) but takes a while.
+        naps(8, 0.0)
+        out["result"] = naps(4, float(os.environ.get("SECONDS", "0.5")))
+    elif mode == "order":
+        marks = os.environ["MARKS"]
+        turns(4, 0.005, marks)              # run times known from here on
+        os.unlink(os.path.join(marks, "order"))
+        from pydron import _cluster
+        before = _cluster.current().stats["batches"]
+        out["result"] = turns(int(os.environ["TASKS"]), 0.005, marks)
+        out["batches"] = _cluster.current().stats["batches"] - before
+        with open(os.path.join(marks, "order")) as f:
+            out["order"] = [int(line) for line in f]
+    elif mode == "map-chunks":
+        # A map straight from graph/ (as a replayed comprehension makes one): its chunks are
+        # spread over the cluster's worker threads, not over the local pool's workers.
+        from pydron import _cluster, _core
+        adapter = _cluster.current()
+        before = adapter.stats["tasks"]
+        out["result"] = [r[0] for r in _core._map(where, [(i,) for i in range(32)])]
+        out["chunks"] = adapter.stats["tasks"] - before
+        out["slots"] = adapter.slots
+    elif mode == "failures":
+        bad = tuple(int(x) for x in os.environ["BAD"].split(","))
+        n = int(os.environ["TASKS"])
+        first_failure(n, ())                # run times known: several tasks per batch
+        out["result"] = first_failure(n, bad)
+        out["clean"] = first_failure(n, ())
+        from pydron import _cluster
+        out["stats"] = dict(_cluster.current().stats)
     elif mode == "kill-worker":
         n = int(os.environ["TASKS"])
         out["result"] = two_stages(n, float(os.environ["SECONDS"]), os.environ["MARKS"])
