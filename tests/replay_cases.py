@@ -63,3 +63,17 @@ def calls_plain_helper(x):
 @pydron.schedule
 def inner(x):
     return inc(x) * 2
+
+
+@pydron.schedule
+def loop_and_branch(xs, k):
+    out = []
+    for x in xs:
+        if x % 2:
+            out.append(inc(x) + k)
+        else:
+            out.append(x * k)
+    total = 0
+    for r in out:
+        total += r
+    return total, out

@@ -16,7 +16,7 @@ from pydron import _core
 from helpers import module_pool
 from isolated import run
 from replay_cases import (branch_on_results, calls_plain_helper, divides, fails_on, inc, inner,
-                          side_effects, slow_square)
+                          loop_and_branch, side_effects, slow_square)
 
 pool, _ = module_pool(workers=2, replay="on")
 
@@ -31,20 +31,6 @@ def settings():
                             compare=previous["compare"], guess=previous["guess"],
                             jit=previous["jit"], jit_after=previous["jit_after"],
                             jit_max=previous["jit_max"])
-
-
-@pydron.schedule
-def loop_and_branch(xs, k):
-    out = []
-    for x in xs:
-        if x % 2:
-            out.append(inc(x) + k)
-        else:
-            out.append(x * k)
-    total = 0
-    for r in out:
-        total += r
-    return total, out
 
 
 @pydron.schedule
@@ -313,51 +299,22 @@ def test_fork_and_exit_with_the_compile_thread(tmp_path):
 
 OBJECT_SCRIPT = """
     import json, sys
+    sys.path.insert(0, TESTS_DIR)
     import pydron
     from pydron import _core, _graph_cache
+    from replay_cases import loop_and_branch as work
 
-    @pydron.functional
-    def inc(x):
-        return x + 1
-
-    def plain_inc(x):
-        return x + 1
-
-    @pydron.schedule
-    def work(xs, k):
-        out = []
-        for x in xs:
-            if x % 3:
-                out.append(inc(x) + k)
-            else:
-                out.append(x * k)
-        total = 0
-        for r in out:
-            total += r
-        return total, out
-
-    def plain(xs, k):
-        out = []
-        for x in xs:
-            if x % 3:
-                out.append(plain_inc(x) + k)
-            else:
-                out.append(x * k)
-        total = 0
-        for r in out:
-            total += r
-        return total, out
-
+    args = [(list(range(12)), 3), ([5, 6, 7], -2), ([], 1)]
+    plain = [work(*a) for a in args]           # before enable(): plain Python
     pydron.enable(workers=1, progress=False)
     _core._replay_configure(after=0, compare=0, jit="always")
-    args = [(list(range(12)), 3), ([5, 6, 7], -2), ([], 1)]
     state = None
     results = []
     for a in args:
         results.append(work(*a))
         state = state or _core._replay_state(work)     # right after the code was made
     info = _core._jit_info()
-    print(json.dumps({"same": results == [plain(*a) for a in args],
+    print(json.dumps({"same": results == plain,
                       "state": {k: state[k] for k in ("jit", "compiled")},
                       "from_object": state["from_object"],
                       "compiled_runs": _core._replay_state(work)["compiled_runs"],
@@ -368,7 +325,8 @@ OBJECT_SCRIPT = """
 
 
 def object_run(tmp_path, cache):
-    proc = run(OBJECT_SCRIPT, tmp_path, env={"PYDRON_CACHE_DIR": str(cache)})
+    script = OBJECT_SCRIPT.replace("TESTS_DIR", repr(os.path.dirname(os.path.abspath(__file__))))
+    proc = run(script, tmp_path, env={"PYDRON_CACHE_DIR": str(cache)})
     assert proc.returncode == 0, proc.stderr
     import json
     out = json.loads(proc.stdout.strip().splitlines()[-1])
