@@ -90,6 +90,10 @@ fuzz:
 	mkdir -p build/fuzz/corpus
 	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I. \
 	    tests/fuzz/fuzz_wire.c exec/wire.c exec/arena.c exec/ring.c -o build/fuzz/fuzz_wire
+	clang-14 -g -O1 -fsanitize=fuzzer,address,undefined -DFUZZ_ORACLE_SELFTEST -I. \
+	    tests/fuzz/fuzz_wire.c exec/wire.c exec/arena.c exec/ring.c -o build/fuzz/fuzz_oracle_selftest
+	! build/fuzz/fuzz_oracle_selftest tests/fuzz/regressions/* >build/fuzz/selftest.log 2>&1 || \
+	    { echo "fuzz_wire: its oracle let a buffer past its block through"; exit 1; }
 	build/fuzz/fuzz_wire tests/fuzz/regressions/*
 	build/fuzz/fuzz_wire build/fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	    -artifact_prefix=build/fuzz/

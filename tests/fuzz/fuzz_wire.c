@@ -2,7 +2,9 @@
  * may have scribbled on: blobs, result and indirect records, and a whole result ring (positions
  * and record headers included). Built with clang's -fsanitize=fuzzer,address,undefined by
  * `make fuzz`, which runs it for a bounded time; any read out of bounds, any accepted offset
- * outside an allocated block, or any crash is a failure. The other way round too: a well-formed
+ * outside an allocated block (asserted: the arena is one mapping, where ASan sees nothing), or
+ * any crash is a failure. `make fuzz` first builds it with FUZZ_ORACLE_SELFTEST and requires it
+ * to abort, so an oracle that lets everything through fails the build. The other way round too: a well-formed
  * blob made from the input (mode 4) must be accepted and read back exactly as written, and the
  * same blob with one buffer reaching past its block must be refused. */
 #include "exec/wire.h"
@@ -28,17 +30,34 @@ setup(void)
     R = ring_init(aligned_alloc(64, RING_BYTES), RING_BYTES);
 }
 
-/* Whatever a check accepted must lie inside allocated blocks: touch every byte it points at. */
+/* [off, off + len) lies inside allocated block blk, or the checker accepted what it must not. The
+ * arena is one mapping, so ASan cannot see a read past a block that stays inside it: this can. */
 static void
-touch_view(const wire_blob_view *v)
+assert_in_block(uint64_t blk, uint64_t off, uint64_t len)
+{
+    size_t blen;
+    if (arena_block_len(A, blk, &blen) != 0 || off < blk || off - blk > blen ||
+        len > blen - (off - blk))
+        abort();
+}
+
+/* Whatever a check accepted must lie inside the record (inline bytes) or inside allocated blocks
+ * (arena bytes and buffers): asserted, then every byte it points at is touched. */
+static void
+touch_view(const wire_blob_view *v, const void *rec, size_t avail)
 {
     volatile unsigned char sink = 0;
+    if (v->data_blk == WIRE_NO_BLOCK) {
+        const char *lo = rec, *hi = lo + avail;
+        if (v->data < lo || v->data > hi || v->len > (uint64_t)(hi - v->data))
+            abort();
+    }
+    else
+        assert_in_block(v->data_blk, (uint64_t)(v->data - (const char *)A), v->len);
     for (uint64_t i = 0; i < v->len; i++)
         sink ^= (unsigned char)v->data[i];
     for (uint32_t b = 0; b < v->nbufs; b++) {
-        size_t blen;
-        if (arena_block_len(A, v->bufs[b].blk, &blen) != 0)
-            abort();
+        assert_in_block(v->bufs[b].blk, v->bufs[b].off, v->bufs[b].len);
         const unsigned char *p = arena_ptr(A, v->bufs[b].off);
         for (uint64_t i = 0; i < v->bufs[b].len; i += 4096)
             sink ^= p[i];
@@ -71,7 +90,7 @@ well_formed_blob(const unsigned char *in, size_t n)
         v.len != n || v.nbufs != nbufs || (n && memcmp(v.data, in, n) != 0) ||
         (nbufs && memcmp(v.bufs, bufs, nbufs * sizeof(wire_buf)) != 0))
         abort();
-    touch_view(&v);
+    touch_view(&v, rec, written);
     if (nbufs) {
         wire_buf *first = (wire_buf *)((wire_blob *)rec + 1);
         first->len++;                                  /* one byte past the end of its block */
@@ -81,11 +100,31 @@ well_formed_blob(const unsigned char *in, size_t n)
     free(rec);
 }
 
+#ifdef FUZZ_ORACLE_SELFTEST
+/* Built this way by `make fuzz`, the target must abort on any input: it hands the oracle a view
+ * whose buffer reaches one byte past its block, as a checker that wrongly accepted it would. A
+ * target that ran on would be one that cannot fail. */
+static void
+oracle_selftest(void)
+{
+    size_t blen;
+    if (arena_block_len(A, valid_blk[0], &blen) != 0)
+        abort();
+    wire_buf past = {valid_blk[0], valid_blk[0], blen + 1};
+    wire_blob_view v = {.data = "", .len = 0, .data_blk = WIRE_NO_BLOCK, .bufs = &past,
+                        .nbufs = 1};
+    touch_view(&v, v.data, 0);
+}
+#endif
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     if (A == NULL)
         setup();
+#ifdef FUZZ_ORACLE_SELFTEST
+    oracle_selftest();
+#endif
     if (size < 1)
         return 0;
     /* The input, aligned as records in shared memory are. */
@@ -103,17 +142,17 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (wire_check_blob(p, n, A, &v, &used) == NULL) {
             if (used > n)
                 abort();
-            touch_view(&v);
+            touch_view(&v, p, n);
         }
         break;
     case 1:
         if (wire_check_result(p, n, A, &hdr, &v) == NULL)
-            touch_view(&v);
+            touch_view(&v, p, n);
         break;
     case 2:
         if (wire_check_indirect(p, n, A, &ind, &payload) == NULL) {
-            size_t blen;
-            if (arena_block_len(A, ind->blk, &blen) != 0 || ind->len > blen)
+            assert_in_block(ind->blk, ind->blk, ind->len);
+            if (payload != arena_ptr(A, ind->blk))
                 abort();
         }
         break;
@@ -141,7 +180,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             if (rec == NULL)
                 break;
             if (wire_check_result(rec, len, A, &hdr, &v) == NULL)
-                touch_view(&v);
+                touch_view(&v, rec, len);
             ring_pop_checked(R, cap, in.ring_len);   /* no decref: the arena stays as set up */
         }
         break;
