@@ -233,7 +233,7 @@ def load(fn):
     base = directory()
     if base is None:
         return None
-    path = os.path.join(base, "graphs", key(fn) + ".graph")
+    path = _path(base, key(fn))
     data = _read_trusted(path)
     if data is None:
         return None
