@@ -1,6 +1,8 @@
 /* exec/scalars.c — the common case of a task's arguments and results, pickled and unpickled in C:
  * calls whose arguments are ints, floats, bools, None, short strs and bytes (and tuples of
- * them), and results that are one such value. The bytes written are ordinary pickle protocol 5
+ * them), and results that are one such value. One list of such values may appear per pickle
+ * (a map's chunk of argument tuples, the results a chunk sends back): with one list there is no
+ * second reference to it whose sharing the pickle would have to keep. The bytes written are ordinary pickle protocol 5
  * (any unpickler reads them); writing them here skips the pickler object, its memo and two
  * Python-level calls per task, and reading a scalar result back skips pickle.loads. Anything
  * else goes to the general codec (codec.c).
@@ -16,7 +18,7 @@ enum {
     OP_BINFLOAT = 'G', OP_SHORT_BINUNICODE = 0x8c, OP_BINUNICODE = 'X',
     OP_SHORT_BINBYTES = 'C', OP_BINBYTES = 'B',
     OP_EMPTY_TUPLE = ')', OP_TUPLE1 = 0x85, OP_TUPLE2 = 0x86, OP_TUPLE3 = 0x87, OP_MARK = '(',
-    OP_TUPLE = 't',
+    OP_TUPLE = 't', OP_EMPTY_LIST = ']', OP_APPENDS = 'e',
 };
 
 /* Strings and bytes longer than this take the general codec (out-of-band buffers, arena). */
@@ -24,10 +26,15 @@ enum {
 /* Tuples nested this deep, or this long, take the general codec. */
 #define SCALAR_DEPTH_MAX 2
 #define SCALAR_TUPLE_MAX 64
+/* A list takes this many items at most (a map's chunk holds up to 4096 calls); pickle's own
+ * writer appends in batches of 1000, and so does this one. */
+#define SCALAR_LIST_MAX 8192
+#define SCALAR_APPENDS_BATCH 1000
 
 typedef struct {
     char *buf;
     size_t len, cap;
+    int lists;                  /* lists written into this pickle so far (at most one) */
 } out;
 
 static int
@@ -147,6 +154,27 @@ put_value(out *o, PyObject *v, int depth)
         return put(o, b, n < 256 ? 2 : 5) < 0 || put(o, PyBytes_AS_STRING(v), (size_t)n) < 0
                    ? -1 : 1;
     }
+    if (PyList_CheckExact(v) && o->lists == 0 && PyList_GET_SIZE(v) <= SCALAR_LIST_MAX) {
+        /* Only its items' reads run here (no Python code), so the list cannot change size
+         * while it is written; its items may be scalars and tuples, not lists. */
+        o->lists = 1;
+        Py_ssize_t n = PyList_GET_SIZE(v);
+        if (put1(o, OP_EMPTY_LIST) < 0)
+            return -1;
+        for (Py_ssize_t start = 0; start < n; start += SCALAR_APPENDS_BATCH) {
+            Py_ssize_t end = n - start > SCALAR_APPENDS_BATCH ? start + SCALAR_APPENDS_BATCH : n;
+            if (put1(o, OP_MARK) < 0)
+                return -1;
+            for (Py_ssize_t k = start; k < end; k++) {
+                int rc = put_value(o, PyList_GET_ITEM(v, k), depth < 0 ? 0 : depth);
+                if (rc <= 0)
+                    return rc;
+            }
+            if (put1(o, OP_APPENDS) < 0)
+                return -1;
+        }
+        return 1;
+    }
     if (PyTuple_CheckExact(v) && depth < SCALAR_DEPTH_MAX &&
         PyTuple_GET_SIZE(v) <= SCALAR_TUPLE_MAX) {
         Py_ssize_t n = PyTuple_GET_SIZE(v);
@@ -171,6 +199,7 @@ int
 exec__scalars_dump_call(PyObject *args, const char **data, size_t *len)
 {
     scratch.len = 0;
+    scratch.lists = 0;
     unsigned char proto[2] = {OP_PROTO, 5};
     if (put(&scratch, proto, 2) < 0)
         goto nomem;
@@ -205,6 +234,7 @@ int
 exec__scalars_dump(PyObject *obj, const char **data, size_t *len)
 {
     scratch.len = 0;
+    scratch.lists = 0;
     unsigned char proto[2] = {OP_PROTO, 5};
     if (put(&scratch, proto, 2) < 0)
         goto nomem;

@@ -494,6 +494,31 @@ def test_a_graph_slower_than_its_trace_is_set_aside_and_compared_again():
     assert _core._replay_state(glue)["hits"] > hits, "compared again after 64 calls"
 
 
+def test_a_clear_win_is_compared_again_less_and_less_often():
+    """Each comparison traces a few calls: after one where the graph cost at most a third of
+    its trace, the next comes after twice as many calls (up to 4096); after a closer one, after
+    64 again."""
+    _core._replay_configure(compare=1)
+    _core._replay_forget(comprehension)
+    xs = list(range(3000))
+    expected = [x + 1 for x in xs]
+    seen = []
+    for _ in range(3):
+        before = _core._replay_state(comprehension)
+        every = before.get("master_cpu", {}).get("recompare_every", 64) or 64
+        misses = _core._replay_stats()["misses"]
+        for _ in range(every + 8):                  # through the next comparison
+            assert comprehension(xs) == expected
+        cpu = _core._replay_state(comprehension)["master_cpu"]
+        clear = cpu["replay_us"] * 3 <= cpu["trace_us"]
+        assert cpu["recompare_every"] == (min(every * 2, 4096) if clear else 64), cpu
+        # the calls traced in between: the comparison's own (3), and the first calls'
+        traced = _core._replay_stats()["misses"] - misses
+        assert traced <= 3 + (8 if not seen else 0), traced
+        seen.append(cpu["recompare_every"])
+    assert seen == sorted(seen)
+
+
 def test_a_graph_of_many_tasks_beats_its_trace_and_stays():
     _core._replay_configure(compare=1)
     xs = list(range(3000))

@@ -252,8 +252,14 @@ compare_with_trace(struct trace_replay *p)
     p->last_trace_ns = t;
     if ((double)r <= SLOWER_RATIO * (double)t + SLOWER_SLACK_NS) {
         p->state = REPLAY_READY;
+        int every = p->recompare_every ? p->recompare_every : RECOMPARE_CALLS;
+        if ((double)r * CLEAR_WIN_RATIO <= (double)t)
+            p->recompare_every = every * 2 < RECOMPARE_CALLS_MAX ? every * 2 : RECOMPARE_CALLS_MAX;
+        else
+            p->recompare_every = RECOMPARE_CALLS;
         return;
     }
+    p->recompare_every = RECOMPARE_CALLS;
     if (p->state != REPLAY_SLOWER) {
         p->state = REPLAY_SLOWER;
         Py_XSETREF(p->reason, PyUnicode_FromFormat(
@@ -334,8 +340,9 @@ ready:
         return 0;
     }
     /* The comparison with the trace: at first, then again every RECOMPARE_CALLS calls (the
-     * arguments, hence the costs, may change). */
-    if (replay_compare && replay__mode == 1 && ++p->since_compare >= RECOMPARE_CALLS) {
+     * arguments, hence the costs, may change), less often after clear wins. */
+    if (replay_compare && replay__mode == 1 &&
+        ++p->since_compare >= (p->recompare_every ? p->recompare_every : RECOMPARE_CALLS)) {
         p->since_compare = 0;
         p->nreplay_cpu = p->ntrace_cpu = 0;
     }
@@ -619,8 +626,9 @@ core_replay_state(PyObject *module, PyObject *fn)
     if (d != NULL && add_jit_state(d, p) < 0)
         Py_CLEAR(d);
     if (d != NULL && p->last_trace_ns) {
-        PyObject *cmp = Py_BuildValue("{sdsd}", "replay_us", p->last_replay_ns / 1e3,
-                                      "trace_us", p->last_trace_ns / 1e3);
+        PyObject *cmp = Py_BuildValue("{sdsdsi}", "replay_us", p->last_replay_ns / 1e3,
+                                      "trace_us", p->last_trace_ns / 1e3, "recompare_every",
+                                      p->recompare_every);
         if (cmp == NULL || PyDict_SetItemString(d, "master_cpu", cmp) < 0)
             Py_CLEAR(d);
         Py_XDECREF(cmp);

@@ -195,6 +195,21 @@ error:
 
 /* A MAP: fn(args from template) for each element of seq. Returns the pending list (new ref) or
  * NULL: exception, or bail (*bailed). */
+/* A map's argument tuples live until its chunks are encoded, thousands at a time: those holding
+ * only values the cycle collector does not track (numbers, strings) are untracked at once, as
+ * the collector itself would untrack them at its next pass, so that the collections their
+ * allocation triggers have nothing of theirs to traverse. */
+static void
+replay__untrack_atomic(PyObject *tuple)
+{
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(tuple); k++) {
+        PyObject *v = PyTuple_GET_ITEM(tuple, k);
+        if (PyObject_IS_GC(v) && PyObject_GC_IsTracked(v))
+            return;
+    }
+    PyObject_GC_UnTrack(tuple);
+}
+
 PyObject *
 replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
 {
@@ -276,6 +291,8 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
         }
         Py_XDECREF(items);
         Py_DECREF(elem);
+        if (args != NULL)
+            replay__untrack_atomic(args);
         if (args == NULL || PyList_Append(calls, args) < 0) {
             Py_XDECREF(args);
             goto done;

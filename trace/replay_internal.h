@@ -48,6 +48,12 @@ enum { REPLAY_UNTRIED, REPLAY_READY, REPLAY_REFUSED, REPLAY_DEAD, REPLAY_SLOWER 
 #define SLOWER_RATIO 1.25
 #define SLOWER_SLACK_NS 2000
 #define RECOMPARE_CALLS 64
+/* A graph whose replay costs at most 1/CLEAR_WIN_RATIO of its trace is compared again after
+ * twice as many calls as last time, up to RECOMPARE_CALLS_MAX: a comparison traces
+ * COMPARE_CALLS calls, each several times a replay, and a clear win is not worth re-checking
+ * every 64 calls. A closer result goes back to RECOMPARE_CALLS. */
+#define CLEAR_WIN_RATIO 3.0
+#define RECOMPARE_CALLS_MAX 4096
 
 /* A scheduled code object's graph and what became of it (trace_codeinfo.replay). */
 struct trace_replay {
@@ -65,6 +71,7 @@ struct trace_replay {
     int nreplay_cpu, ntrace_cpu;
     int timing_trace;              /* the call being traced now is one of the comparison's */
     int since_compare;             /* calls since the comparison began */
+    int recompare_every;           /* calls between two comparisons (0: RECOMPARE_CALLS) */
     uint64_t last_replay_ns, last_trace_ns;   /* the medians of the last comparison */
     jit_graph *jit;                /* the compiled tier's handle, once the graph was hot */
     int jit_collected;             /* its compile's object was handed to the disk cache */
