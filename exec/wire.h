@@ -54,9 +54,9 @@ typedef struct {
     uint32_t pad;
 } wire_task;
 
-/* The arguments are (calls, None), calls a list of argument tuples: the worker calls the
- * function on each, in order, and returns ("ok", results), or at the first failure
- * ("err", index, pickled exception). */
+/* The arguments are ((calls,), None), calls a list of argument tuples, or ((values, 1), None),
+ * values a list of single arguments: the worker calls the function on each, in order, and
+ * returns ("ok", results), or at the first failure ("err", index, pickled exception). */
 #define WIRE_TASK_CHUNK 1u
 
 typedef struct {

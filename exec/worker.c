@@ -287,11 +287,13 @@ done:
 static PyObject *
 run_chunk(PyObject *fn, PyObject *calls)
 {
-    if (!PyTuple_Check(calls) || PyTuple_GET_SIZE(calls) != 1 ||
-        !PyList_Check(PyTuple_GET_ITEM(calls, 0))) {
+    /* (calls,), or (values, 1): one argument per call (exec/wire.h WIRE_TASK_CHUNK) */
+    Py_ssize_t form = PyTuple_Check(calls) ? PyTuple_GET_SIZE(calls) : 0;
+    if ((form != 1 && form != 2) || !PyList_Check(PyTuple_GET_ITEM(calls, 0))) {
         PyErr_SetString(PyExc_RuntimeError, "pydron: malformed chunk of a map");
         return NULL;
     }
+    int flat = form == 2;
     calls = PyTuple_GET_ITEM(calls, 0);
     Py_ssize_t n = PyList_GET_SIZE(calls);
     PyObject *results = PyList_New(0);
@@ -299,9 +301,10 @@ run_chunk(PyObject *fn, PyObject *calls)
         return NULL;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *args = PyList_GET_ITEM(calls, i);
-        PyObject *r = PyTuple_Check(args) ? PyObject_Call(fn, args, NULL) : NULL;
+        PyObject *r = flat ? PyObject_CallOneArg(fn, args)
+                           : PyTuple_Check(args) ? PyObject_Call(fn, args, NULL) : NULL;
         if (r == NULL) {
-            if (!PyTuple_Check(args))
+            if (!flat && !PyTuple_Check(args))
                 PyErr_SetString(PyExc_TypeError, "pydron: a map's call is not a tuple");
             PyObject *exc = PyErr_GetRaisedException();
             PyObject *data = exec__pickle_exception(exc, fn);
@@ -374,7 +377,7 @@ run_task(wire_in *in, ring *out, const char *rec, size_t len)
         check_report(out, task_id, fn, call, digests, hdr_flags & WIRE_TASK_CHUNK);
         PyErr_SetRaisedException(err);
     }
-    if ((hdr_flags & WIRE_TASK_CHUNK) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(call, 0)) == 1 &&
+    if ((hdr_flags & WIRE_TASK_CHUNK) && PyTuple_GET_SIZE(PyTuple_GET_ITEM(call, 0)) >= 1 &&
         PyList_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0))) {
         /* The estimate is per call of fn, not per chunk. */
         Py_ssize_t calls = PyList_GET_SIZE(PyTuple_GET_ITEM(PyTuple_GET_ITEM(call, 0), 0));

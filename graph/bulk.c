@@ -14,7 +14,7 @@
 #define CHUNKS_PER_WORKER 2
 #define CHUNK_MAX 4096
 
-static PyObject *str_ok, *str_err;
+static PyObject *str_ok, *str_err, *flat_marker;     /* flat_marker: the int 1 */
 
 /* How many calls a chunk takes, for n calls of fn over the workers (a cluster's threads when
  * one is attached). */
@@ -38,7 +38,7 @@ chunk_size(PyObject *fn, Py_ssize_t n)
 }
 
 PyObject *
-graph_submit_map(PyObject *fn, PyObject *calls, const graph_task_options *options)
+graph_submit_map(PyObject *fn, PyObject *calls, int flat, const graph_task_options *options)
 {
     if (!PyList_CheckExact(calls)) {
         PyErr_SetString(PyExc_TypeError, "pydron: a map takes a list of argument tuples");
@@ -55,7 +55,9 @@ graph_submit_map(PyObject *fn, PyObject *calls, const graph_task_options *option
         return NULL;
     for (Py_ssize_t c = 0; c < nchunks; c++) {
         PyObject *slice = PyList_GetSlice(calls, c * size, (c + 1) * size < n ? (c + 1) * size : n);
-        PyObject *args = slice ? PyTuple_Pack(1, slice) : NULL;
+        /* (calls,) or, flat, (values, 1): exec/wire.h WIRE_TASK_CHUNK */
+        PyObject *args = !slice ? NULL : flat ? PyTuple_Pack(2, slice, flat_marker)
+                                                : PyTuple_Pack(1, slice);
         Py_XDECREF(slice);
         PyObject *task = args ? graph_submit(fn, args, NULL, &chunk_options) : NULL;
         Py_XDECREF(args);
@@ -137,7 +139,7 @@ core_map(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "OO!:_map", &fn, &PyList_Type, &calls))
         return NULL;
     graph_task_options options = {0};
-    return graph_submit_map(fn, calls, &options);
+    return graph_submit_map(fn, calls, 0, &options);
 }
 
 static PyMethodDef bulk_methods[] = {
@@ -151,7 +153,8 @@ graph__bulk_init(PyObject *module)
 {
     str_ok = PyUnicode_InternFromString("ok");
     str_err = PyUnicode_InternFromString("err");
-    if (str_ok == NULL || str_err == NULL)
+    flat_marker = PyLong_FromLong(1);
+    if (str_ok == NULL || str_err == NULL || flat_marker == NULL)
         return -1;
     return PyModule_AddFunctions(module, bulk_methods);
 }

@@ -36,8 +36,11 @@ PyObject *graph_submit(PyObject *fn, PyObject *args, PyObject *kwargs,
                        const graph_task_options *options);
 /* fn(*args) for every args tuple in calls (a list), as a few chunk tasks that each run a loop in
  * a worker, sized from fn's measured run time: a pending list of the results, in order, whose
- * failure is that of the earliest failing call. Borrows; new reference or NULL + exception. */
-PyObject *graph_submit_map(PyObject *fn, PyObject *calls, const graph_task_options *options);
+ * failure is that of the earliest failing call. With flat, calls holds the single argument of
+ * each call instead of a tuple (no tuple per call to make, send and free).
+ * Borrows; new reference or NULL + exception. */
+PyObject *graph_submit_map(PyObject *fn, PyObject *calls, int flat,
+                           const graph_task_options *options);
 /* Wait for a task and return its value (new reference), or raise the exception plain Python
  * would have raised first: the earliest failure among the tasks submitted before it. */
 PyObject *graph_wait(graph_task *t);

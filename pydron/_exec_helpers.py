@@ -448,8 +448,12 @@ def _digest(value):
 
 def argument_digests(call, chunk=False):
     """Worker side, before the task runs: [(where, digest)] of each argument (of each call,
-    for a chunk of a map: call is ([args tuple, ...],), None)."""
-    calls = call[0][0] if chunk else [call[0]]
+    for a chunk of a map: call is (([args tuple, ...],), None), or (([value, ...], 1), None)
+    when each call takes one argument)."""
+    if chunk:
+        calls = call[0][0] if len(call[0]) == 1 else [(v,) for v in call[0][0]]
+    else:
+        calls = [call[0]]
     kwargs = None if chunk else call[1]
     out = []
     for args in calls:
@@ -498,17 +502,18 @@ def worker_note(note) -> None:
 
 class ChunkRunner:
     """A map's chunk for executors that call functions themselves (the cluster): fn(*args) for
-    each args of the list it is called with, in order; ("ok", results), or at the first failure
-    ("err", index, pickled exception), as exec/worker.c run_chunk answers."""
+    each args of the list it is called with (fn(value) for each value when flat), in order;
+    ("ok", results), or at the first failure ("err", index, pickled exception), as
+    exec/worker.c run_chunk answers."""
 
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, calls):
+    def __call__(self, calls, flat=0):
         results = []
         for i, args in enumerate(calls):
             try:
-                results.append(self.fn(*args))
+                results.append(self.fn(args) if flat else self.fn(*args))
             except BaseException as exc:  # noqa: BLE001 — the element's failure, raised later
                 return ("err", i, pickle_exception(exc, self.fn))
         return ("ok", results)

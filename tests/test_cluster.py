@@ -108,6 +108,8 @@ def test_a_map_spreads_its_chunks_over_the_cluster_threads():
     assert out["result"] == [i * i for i in range(32)]
     assert out["slots"] == 4
     assert out["chunks"] >= 4, out
+    assert out["replayed"] == [[i * i for i in range(32)]] * 8
+    assert out["replay_hits"] >= 1, out
     assert not c.leftovers(), c.leftovers()
 
 

@@ -494,6 +494,42 @@ def test_a_graph_slower_than_its_trace_is_set_aside_and_compared_again():
     assert _core._replay_state(glue)["hits"] > hits, "compared again after 64 calls"
 
 
+@pydron.functional
+def first_of(pair):
+    if pair is None:
+        raise LookupError("no pair")
+    return pair[0]
+
+
+@pydron.schedule
+def firsts(pairs):
+    return [first_of(p) for p in pairs]
+
+
+@pytest.mark.parametrize("pairs", [
+    [(i, -i) for i in range(600)],                       # tuples: one argument each, not two
+    [[i, "x"] for i in range(300)] + [(1,), "ab", b"cd"],
+    [(i,) for i in range(50)] + [None] + [(i,) for i in range(50)] + [None],
+], ids=["tuples", "mixed", "fails"])
+def test_a_replayed_map_of_a_one_argument_function(pairs):
+    """A comprehension calling a one-argument function is sent as chunks of values, one
+    argument each (no tuple per call): what each call receives, the results, and the earliest
+    failure are plain Python's."""
+    def outcome(run):
+        try:
+            return ("returned", run())
+        except Exception as e:  # noqa: BLE001 — the exception is part of the outcome
+            return ("raised", type(e).__name__, str(e))
+
+    _core._replay_forget(firsts)
+    expected = outcome(lambda: plain(firsts, pairs))
+    maps = _core._replay_stats()["maps"]
+    for _ in range(8):
+        assert outcome(lambda: firsts(pairs)) == expected
+    assert _core._replay_state(firsts)["hits"] >= 4
+    assert _core._replay_stats()["maps"] > maps
+
+
 def test_a_clear_win_is_compared_again_less_and_less_often():
     """Each comparison traces a few calls: after one where the graph cost at most a third of
     its trace, the next comes after twice as many calls (up to 4096); after a closer one, after

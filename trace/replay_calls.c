@@ -244,6 +244,9 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
     Py_ssize_t ntarget = PyLong_AsSsize_t(PyTuple_GET_ITEM(tmpl, 0));
     PyObject *sources = PyTuple_GET_ITEM(tmpl, 1);
     Py_ssize_t nsrc = PyTuple_GET_SIZE(sources);
+    /* A one-argument callee sent as a chunk takes its values as they are (graph_submit_map). */
+    int flat = nsrc == 1 && kind == CALLEE_FUNCTIONAL && trace__is_function(fn) &&
+               !info->options.threads;
     it = PyObject_GetIter(seq);
     calls = PyList_New(0);
     if (it == NULL || calls == NULL)
@@ -267,8 +270,8 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
                 goto done;
             }
         }
-        PyObject *args = PyTuple_New(nsrc);
-        for (Py_ssize_t k = 0; args && k < nsrc; k++) {
+        PyObject *args = flat ? NULL : PyTuple_New(nsrc);
+        for (Py_ssize_t k = 0; (flat || args) && k < nsrc; k++) {
             PyObject *s = PyTuple_GET_ITEM(sources, k);
             const char *what = PyUnicode_AsUTF8(PyTuple_GET_ITEM(s, 0));
             PyObject *v;
@@ -287,11 +290,14 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
                 *bailed = replay__bail(st, pc, "line %d reads a name that has no value", i->line);
                 goto done;
             }
-            PyTuple_SET_ITEM(args, k, Py_NewRef(v));
+            if (flat)
+                args = Py_NewRef(v);
+            else
+                PyTuple_SET_ITEM(args, k, Py_NewRef(v));
         }
         Py_XDECREF(items);
         Py_DECREF(elem);
-        if (args != NULL)
+        if (args != NULL && !flat)
             replay__untrack_atomic(args);
         if (args == NULL || PyList_Append(calls, args) < 0) {
             Py_XDECREF(args);
@@ -304,15 +310,16 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
     replay__counters.maps++;
     if (kind == CALLEE_FUNCTIONAL && trace__is_function(fn) && !info->options.threads &&
         PyList_GET_SIZE(calls) > 1) {
-        result = graph_submit_map(fn, calls, &info->options);
+        result = graph_submit_map(fn, calls, flat, &info->options);
         goto done;
     }
     /* One call at a time through the dispatcher. */
     result = PyList_New(0);
     for (Py_ssize_t k = 0; result && k < PyList_GET_SIZE(calls); k++) {
         PyObject *args = PyList_GET_ITEM(calls, k);
-        PyObject *r = trace__dispatch(fn, &PyTuple_GET_ITEM(args, 0), PyTuple_GET_SIZE(args),
-                                      NULL);
+        PyObject *r = flat ? trace__dispatch(fn, &PyList_GET_ITEM(calls, k), 1, NULL)
+                           : trace__dispatch(fn, &PyTuple_GET_ITEM(args, 0),
+                                             PyTuple_GET_SIZE(args), NULL);
         if (r == NULL || PyList_Append(result, r) < 0)
             Py_CLEAR(result);
         Py_XDECREF(r);

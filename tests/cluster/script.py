@@ -17,6 +17,11 @@ def where(i):
     return i * i, os.getpid()
 
 
+@pydron.schedule
+def squares(xs):
+    return [where(x) for x in xs]
+
+
 @pydron.functional
 def slow_inc(i, seconds, marks):
     time.sleep(seconds)
@@ -164,6 +169,10 @@ def main():
         out["result"] = [r[0] for r in _core._map(where, [(i,) for i in range(32)])]
         out["chunks"] = adapter.stats["tasks"] - before
         out["slots"] = adapter.slots
+        # The same as a replayed comprehension of a one-argument function, whose chunks carry
+        # the values without a tuple each (graph_submit_map flat).
+        out["replayed"] = [[r[0] for r in squares(list(range(32)))] for _ in range(8)]
+        out["replay_hits"] = _core._replay_state(squares)["hits"]
     elif mode == "failures":
         bad = tuple(int(x) for x in os.environ["BAD"].split(","))
         n = int(os.environ["TASKS"])
