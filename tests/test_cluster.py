@@ -123,6 +123,20 @@ def test_failures_in_batches_surface_in_program_order(cluster):
     assert out["stats"]["batches"] < out["stats"]["tasks"], out["stats"]
 
 
+def test_a_dask_without_ordered_graphs_runs_the_same(cluster):
+    """pydron orders a flush's batches through Dask's private Client._graph_to_futures; on a
+    Dask without it, graphs go through the public Client.get: the same results, the same
+    first failure, batches still shared by tiny tasks."""
+    out, _ = run_script("spread", cluster.address, env={"UNORDERED": "1"})
+    assert out["ordered"] is False
+    assert [r[0] for r in out["result"]] == [i * i for i in range(200)]
+    assert out["stats"]["batches"] < out["stats"]["tasks"] == 200, out["stats"]
+    out, _ = run_script("failures", cluster.address,
+                        env={"UNORDERED": "1", "TASKS": "60", "BAD": "41,7,12"})
+    assert out["result"] == "caught TaskFailure: task 7 failed"
+    assert out["clean"] == sum(range(60))
+
+
 def test_user_exception_caught_by_the_same_except(cluster):
     out, _ = run_script("catches", cluster.address)
     assert out["result"] == "caught TaskFailure: task 17 failed"
