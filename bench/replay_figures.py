@@ -180,8 +180,9 @@ def guard_and_nodes(workers, repeat):
 
 
 def alternating(fn, repeat):
-    """Median seconds of fn() guessing and of fn() waiting, the calls interleaved (guess, wait,
-    then wait, guess, ...), so that a change in the machine's load falls on both alike."""
+    """fn() guessing against fn() waiting, the calls interleaved in pairs (guess, wait, then
+    wait, guess, ...) so that a change in the machine's load falls on both alike: the median
+    seconds of each, and the median over the pairs of guessing's time / waiting's."""
     from pydron import _core
     times = {1: [], 0: []}
     for k in range(repeat):
@@ -191,7 +192,8 @@ def alternating(fn, repeat):
             fn()
             times[guess].append(time.perf_counter() - t0)
     _core._replay_configure(guess=1)
-    return statistics.median(times[1]), statistics.median(times[0])
+    ratio = statistics.median(g / w for g, w in zip(times[1], times[0]))
+    return statistics.median(times[1]), statistics.median(times[0]), ratio
 
 
 def speculation(workers, repeat):
@@ -204,11 +206,11 @@ def speculation(workers, repeat):
     for modulus, what in ((1, "guesses hold"), (2, "every guess would fail")):
         for _ in range(7):              # past the comparison with the trace
             branch_program(48, 20_000, modulus)
-        guess, wait = alternating(lambda: branch_program(48, 20_000, modulus), repeat)
+        guess, wait, ratio = alternating(lambda: branch_program(48, 20_000, modulus), repeat)
         rows.append((f"loop whose if reads each ~2 ms result, {what}",
                      f"{guess * 1e3:.1f} ms guessing", f"{wait * 1e3:.1f} ms waiting: "
-                     f"{wait / guess:.2f}× faster" if guess < wait else
-                     f"{wait * 1e3:.1f} ms waiting: {guess / wait - 1:+.1%} slower",
+                     f"{1 / ratio:.2f}× faster" if ratio < 1 else
+                     f"{wait * 1e3:.1f} ms waiting: {ratio - 1:+.1%} slower",
                      "≥ 1.5× faster" if modulus == 1 else "≤ 5% slower"))
     pydron.disable()
     return rows
