@@ -5,8 +5,8 @@
 2. what entering and leaving a replayed call costs (its "guard"), against a plain call;
 3. master-side cost per replayed node on a 1,000-node graph without tasks, interpreted and
    compiled (jit/jit.c; the two alternate round by round), and the compile time of that graph;
-4. a loop whose `if` reads each ~2 ms result: guessing against waiting, when guesses hold and
-   when every guess would fail;
+4. a loop whose `if` reads each ~2 ms result: guessing against waiting (their calls interleaved),
+   when guesses hold and when every guess would fail;
 5. a fresh process's first call with a warm disk cache (and calls whose graph is loaded from disk
    again, alternating with replays), against a replayed call and against a
    first call with a cold cache.
@@ -179,6 +179,23 @@ def guard_and_nodes(workers, repeat):
              f"{statistics.median(compile_call):.2f} ms compiling", "below the compile")]
 
 
+def alternating(fn, repeat):
+    """fn() guessing against fn() waiting, the calls interleaved in pairs (guess, wait, then
+    wait, guess, ...) so that a change in the machine's load falls on both alike: the median
+    seconds of each, and the median over the pairs of guessing's time / waiting's."""
+    from pydron import _core
+    times = {1: [], 0: []}
+    for k in range(repeat):
+        for guess in ((1, 0) if k % 2 == 0 else (0, 1)):
+            _core._replay_configure(guess=guess)
+            t0 = time.perf_counter()
+            fn()
+            times[guess].append(time.perf_counter() - t0)
+    _core._replay_configure(guess=1)
+    ratio = statistics.median(g / w for g, w in zip(times[1], times[0]))
+    return statistics.median(times[1]), statistics.median(times[0]), ratio
+
+
 def speculation(workers, repeat):
     import pydron
     from pydron import _core
@@ -189,15 +206,11 @@ def speculation(workers, repeat):
     for modulus, what in ((1, "guesses hold"), (2, "every guess would fail")):
         for _ in range(7):              # past the comparison with the trace
             branch_program(48, 20_000, modulus)
-        _core._replay_configure(guess=1)
-        guess = median_time(lambda: branch_program(48, 20_000, modulus), repeat)
-        _core._replay_configure(guess=0)
-        wait = median_time(lambda: branch_program(48, 20_000, modulus), repeat)
-        _core._replay_configure(guess=1)
+        guess, wait, ratio = alternating(lambda: branch_program(48, 20_000, modulus), repeat)
         rows.append((f"loop whose if reads each ~2 ms result, {what}",
                      f"{guess * 1e3:.1f} ms guessing", f"{wait * 1e3:.1f} ms waiting: "
-                     f"{wait / guess:.2f}× faster" if guess < wait else
-                     f"{wait * 1e3:.1f} ms waiting: {guess / wait - 1:+.1%} slower",
+                     f"{1 / ratio:.2f}× faster" if ratio < 1 else
+                     f"{wait * 1e3:.1f} ms waiting: {ratio - 1:+.1%} slower",
                      "≥ 1.5× faster" if modulus == 1 else "≤ 5% slower"))
     pydron.disable()
     return rows

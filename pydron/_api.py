@@ -272,8 +272,12 @@ def stats() -> dict:
     """Task counters of this process (submitted, finished, in flight, live pending values), and
     the replay's (replay_hits: calls that ran their graph, replay_misses: calls traced,
     replay_bails: graphs that gave up to the trace, replay_guesses / replay_mispredicts: branches
-    guessed past a pending result and guesses that were wrong, replay_maps: comprehensions sent
-    as chunk tasks, replay_disk_hits: graphs found in the disk cache)."""
+    guessed past a pending result and guesses that were wrong, replay_speculative_tasks: tasks
+    submitted while a guess was open, replay_dropped_tasks / replay_reused_tasks: tasks a wrong
+    guess dropped, or took back for the right path to make again, replay_sites_stopped /
+    replay_sites_resumed: branch sites that stopped guessing, and that guessed again later,
+    replay_maps: comprehensions sent as chunk tasks, replay_disk_hits: graphs found in the disk
+    cache)."""
     core = _require_core()
     out = core._stats()
     out.update({f"replay_{k}": v for k, v in core._replay_stats().items()})

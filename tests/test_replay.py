@@ -141,7 +141,7 @@ SCHEDULED = [comprehension, loop_with_globals, calls_global_callee, branch_on_re
 
 
 def _more_scheduled():
-    return [logged_branch, compares_unbound, subscripts_unbound]
+    return [logged_branch, compares_unbound, subscripts_unbound, keeps_large_squares]
 
 
 # ---- the program format --------------------------------------------------------------------------
@@ -384,6 +384,81 @@ def test_a_site_that_guesses_wrong_too_often_stops_guessing():
     site = _core._replay_state(filter_on_results)["sites"][0]
     assert site["guesses"] > 0 and site["misses"] >= 4, site
     assert site["guessing"] is False, site
+
+
+@pydron.schedule
+def keeps_large_squares(xs):
+    out = []
+    for x in xs:
+        r = square(x)
+        if r > 10:
+            out.append(inc(r))
+        else:
+            out.append(-x)
+    return out
+
+
+SPECULATION = ("guesses", "speculative_tasks", "dropped_tasks", "reused_tasks")
+
+
+def speculation_counts():
+    stats = _core._replay_stats()
+    return {k: stats[k] for k in SPECULATION}
+
+
+def test_a_site_that_starts_to_miss_stops_guessing_within_a_few_calls():
+    """A site's recent guesses decide, not its whole life: after 240 guesses that held, the
+    outcomes start to alternate, and within a few calls the site stops guessing; from then on
+    no call guesses, submits a task on a guess, drops or takes back one."""
+    alternating = [5, 1] * 4
+    expected = plain(keeps_large_squares, alternating)
+    _core._replay_configure(guess=2)       # guesses even when the result is in: no race
+    try:
+        steady = [5] * 8
+        for _ in range(30):
+            assert keeps_large_squares(steady) == [26] * 8
+        site = _core._replay_state(keeps_large_squares)["sites"][0]
+        assert site["guessing"] is True and site["misses"] == 0 and site["guesses"] >= 200, site
+        before = speculation_counts()
+        for calls in range(1, 5):
+            assert keeps_large_squares(alternating) == expected
+            if not _core._replay_state(keeps_large_squares)["sites"][0]["guessing"]:
+                break
+        site = _core._replay_state(keeps_large_squares)["sites"][0]
+        assert site["guessing"] is False and site["stops"] == 1, (calls, site)
+        assert 4 <= site["misses"] < 16, site
+        stopped = speculation_counts()
+        assert stopped["speculative_tasks"] > before["speculative_tasks"], "it did speculate"
+        for _ in range(5):
+            assert keeps_large_squares(alternating) == expected
+        assert speculation_counts() == stopped, "a stopped site still speculated"
+        assert _core._replay_state(keeps_large_squares)["hits"] == 29 + calls + 5, "replayed"
+    finally:
+        _core._replay_configure(guess=1)
+
+
+def test_a_stopped_site_guesses_again_once_its_branch_holds_steady():
+    """While a stopped site waits, what it would have guessed is checked: a run of outcomes
+    that a guess would have got right turns guessing back on."""
+    alternating = [5, 1] * 4
+    expected = plain(keeps_large_squares, alternating)
+    _core._replay_configure(guess=2)
+    try:
+        for _ in range(6):
+            assert keeps_large_squares(alternating) == expected
+        assert _core._replay_state(keeps_large_squares)["sites"][0]["guessing"] is False
+        resumed = _core._replay_stats()["sites_resumed"]
+        assert keeps_large_squares([5] * 20) == [26] * 20    # 19 would-be guesses hold
+        site = _core._replay_state(keeps_large_squares)["sites"][0]
+        assert site["guessing"] is True, site
+        assert _core._replay_stats()["sites_resumed"] == resumed + 1
+        before = speculation_counts()
+        assert keeps_large_squares([5] * 8) == [26] * 8
+        after = speculation_counts()
+        assert after["guesses"] > before["guesses"], "guessing again"
+        assert after["speculative_tasks"] > before["speculative_tasks"]
+    finally:
+        _core._replay_configure(guess=1)
 
 
 def test_a_loop_whose_condition_reads_results():

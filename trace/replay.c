@@ -537,14 +537,20 @@ static PyObject *
 core_replay_stats(PyObject *module, PyObject *noargs)
 {
     const struct replay_counters *c = &replay__counters;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}", "slower", (unsigned long long)c->slower,
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsK}", "slower",
+                         (unsigned long long)c->slower,
                          "disk_hits", (unsigned long long)c->disk_hits,
                          "hits", (unsigned long long)c->hits, "misses",
                          (unsigned long long)c->misses, "lifts", (unsigned long long)c->lifts,
                          "refusals", (unsigned long long)c->refusals, "bails",
                          (unsigned long long)c->bails, "guesses", (unsigned long long)c->guesses,
                          "mispredicts", (unsigned long long)c->mispredicts, "maps",
-                         (unsigned long long)c->maps);
+                         (unsigned long long)c->maps, "speculative_tasks",
+                         (unsigned long long)c->speculative_tasks, "dropped_tasks",
+                         (unsigned long long)c->dropped_tasks, "reused_tasks",
+                         (unsigned long long)c->reused_tasks, "sites_stopped",
+                         (unsigned long long)c->sites_stopped, "sites_resumed",
+                         (unsigned long long)c->sites_resumed);
 }
 
 /* The compiled tier's part of _replay_state: "jit" (not yet, too large, queued, ready, slower
@@ -608,8 +614,11 @@ core_replay_state(PyObject *module, PyObject *fn)
     PyObject *sites = PyList_New(p->state == REPLAY_READY ? p->nsites : 0);
     for (int s = 0; sites && s < PyList_GET_SIZE(sites); s++) {
         rsite *x = &p->sites[s];
-        PyObject *d = Py_BuildValue("{sIsIsisO}", "guesses", x->guesses, "misses", x->misses,
-                                    "last", (int)x->last, "guessing", x->off ? Py_False : Py_True);
+        PyObject *d = Py_BuildValue("{sIsIsisOsIsisi}", "guesses", x->guesses, "misses",
+                                    x->misses, "last", (int)x->last, "guessing",
+                                    x->off ? Py_False : Py_True, "stops", x->stops,
+                                    "recent_misses", __builtin_popcount(x->recent),
+                                    "recent_checks", (int)x->nrecent);
         if (d == NULL)
             Py_CLEAR(sites);
         else

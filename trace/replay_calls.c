@@ -159,8 +159,10 @@ replay__functional_call(run_state *st, PyObject *callable, PyObject *const *args
                 Py_DECREF(t);
                 goto error;
             }
-            if (rc > 0)
+            if (rc > 0) {
                 task = t;
+                replay__counters.reused_tasks++;
+            }
             else {
                 PyObject *one = PyList_New(1);
                 if (one != NULL) {
@@ -175,8 +177,11 @@ replay__functional_call(run_state *st, PyObject *callable, PyObject *const *args
         else if (PyErr_Occurred())
             goto error;
     }
-    if (task == NULL)
+    if (task == NULL) {
         task = trace__dispatch(callable, args, nargs, kwnames);
+        if (st->ncp > 0 && task != NULL && graph_is_task(task))
+            replay__counters.speculative_tasks++;
+    }
     if (task != NULL && key != NULL && st->ncp > 0 && graph_is_task(task)) {
         PyObject *rec = PyTuple_Pack(3, task, key, kept);
         if (rec == NULL || (st->records == NULL && (st->records = PyList_New(0)) == NULL) ||

@@ -32,8 +32,17 @@ typedef struct {
     int32_t op, a, b, c, d, line;
 } rins;
 
+/* A branch site's speculation history (per code object: it lasts across calls). A guess counts
+ * once it is checked (held or missed); a guess dropped unchecked because an earlier one missed
+ * says nothing about the site. A site stops guessing when GUESS_OFF_MISSES of its last
+ * GUESS_WINDOW checked guesses missed. While it waits, each outcome is compared with what it
+ * would have guessed (the last outcome), and it guesses again once GUESS_WINDOW such would-be
+ * guesses in a row held. */
 typedef struct {
-    uint32_t guesses, misses;
+    uint32_t guesses, misses;  /* guesses made and found wrong, over the graph's life */
+    uint32_t stops;            /* times it stopped guessing */
+    uint16_t recent;           /* the last checks, newest in bit 0: 1 missed */
+    uint8_t nrecent;           /* how many checks recent holds (<= GUESS_WINDOW) */
     int8_t last;               /* the last outcome: -1 none yet */
     uint8_t off;               /* guessed wrong too often: waits like the trace */
 } rsite;
@@ -88,6 +97,10 @@ struct trace_replay {
 /* Process-wide counters (pydron info; replay.c). */
 struct replay_counters {
     uint64_t hits, misses, lifts, refusals, bails, guesses, mispredicts, maps, disk_hits, slower;
+    /* Speculation's work: tasks submitted while a guess was open, tasks a rollback dropped, tasks
+     * a rollback took back and the right path made again, sites that stopped guessing, and
+     * sites that guessed again after waiting. */
+    uint64_t speculative_tasks, dropped_tasks, reused_tasks, sites_stopped, sites_resumed;
 };
 extern struct replay_counters replay__counters;
 
@@ -106,8 +119,8 @@ extern long replay__jit_after;
 extern long replay__jit_max;
 
 #define MAX_CHECKPOINTS 64
-#define GUESS_MIN_MISSES 4      /* a site stops guessing past this many misses ... */
-#define GUESS_MAX_MISS_RATE 4   /* ... when more than 1 in this many guesses missed */
+#define GUESS_WINDOW 16         /* checks a site's history holds (the bits of rsite.recent) */
+#define GUESS_OFF_MISSES 4      /* a site stops guessing at this many misses in its window */
 /* Tables pydron._replay gives (replay.c): callables known to have no effect but their result
  * (set); {exact type: set of method names}, likewise; callables and method names whose result
  * is new (set). */
@@ -187,6 +200,9 @@ int replay__failed(run_state *st, int pc, const char *what);
 /* A checkpoint for the branch at if_pc, not waiting for wait_on: then on along the guess. *pc
  * is where to go on. 0, or -1 + exception. */
 int replay__guess(run_state *st, int if_pc, PyObject *wait_on, int *pc);
+/* A check of what site guessed, or (while it waits) would have guessed: wrong or not. Stops or
+ * resumes the site's guessing (rsite says when). */
+void replay__site_checked(rsite *site, int wrong);
 /* Settle the checkpoints whose awaited value has arrived (without waiting): 0 when all held, 1
  * after a rollback (*pc is where to go on), -1 + exception. */
 int replay__settle_arrived(run_state *st, int *pc);

@@ -569,7 +569,10 @@ op_branch(run_state *st, int *pc, const rins *i, int guessing)
     Py_DECREF(x);
     if (t < 0)
         return replay__failed(st, here, "a truth test");
-    p->sites[i->c].last = (int8_t)t;
+    rsite *site = &p->sites[i->c];
+    if (guessing && site->off && site->last >= 0)
+        replay__site_checked(site, site->last != t);   /* what it would have guessed */
+    site->last = (int8_t)t;
     if ((i->op == R_IF_FALSE) != t)
         *pc = i->b;
     return 0;

@@ -6,7 +6,8 @@
  * next branch, on return, before giving up. A wrong guess drops the tasks submitted since the
  * checkpoint (softly), undoes the appends, restores the registers and loop positions, takes the
  * other way, and keeps the calls it made for reuse when the same call is made again. A site whose
- * guesses fail too often stops guessing.
+ * recent guesses failed too often stops guessing, and guesses again once what it would have
+ * guessed held long enough (rsite in replay_internal.h).
  *
  * Thread and GIL model: GIL held throughout; everything of one call is on its C stack (run_state);
  * the per-site guess counters in the shared per-code state are only counted. */
@@ -156,6 +157,7 @@ roll_back(run_state *st, int k)
                 Py_CLEAR(drop);
         }
         if (drop != NULL) {
+            replay__counters.dropped_tasks += (uint64_t)PyList_GET_SIZE(drop);
             graph_forget_tasks(drop);
             Py_DECREF(drop);
         }
@@ -244,6 +246,7 @@ validate_oldest(run_state *st, int *pc)
         return 1;
     }
     site->last = (int8_t)truth;
+    replay__site_checked(site, truth != c->guess);
     if (truth == c->guess) {
         settle_oldest(st);
         return 0;
@@ -251,13 +254,36 @@ validate_oldest(run_state *st, int *pc)
     site->misses++;
     p->mispredicts++;
     replay__counters.mispredicts++;
-    if (site->misses >= GUESS_MIN_MISSES && site->misses * GUESS_MAX_MISS_RATE > site->guesses)
-        site->off = 1;
     int if_pc = c->if_pc;
     roll_back(st, 0);
     int jumps = br->op == R_IF_FALSE ? !truth : truth;
     *pc = jumps ? br->b : if_pc + 1;
     return 1;
+}
+
+_Static_assert(GUESS_WINDOW == 8 * sizeof(((rsite *)0)->recent),
+               "a site's window is the bits of rsite.recent");
+
+void
+replay__site_checked(rsite *site, int wrong)
+{
+    site->recent = (uint16_t)((site->recent << 1) | (wrong != 0));
+    if (site->nrecent < GUESS_WINDOW)
+        site->nrecent++;
+    if (!site->off && __builtin_popcount(site->recent) >= GUESS_OFF_MISSES) {
+        site->off = 1;
+        site->stops++;
+        replay__counters.sites_stopped++;
+    }
+    else if (site->off && site->nrecent == GUESS_WINDOW && site->recent == 0) {
+        site->off = 0;
+        replay__counters.sites_resumed++;
+    }
+    else
+        return;
+    /* A new window for the new way: what the site did before says nothing about it. */
+    site->recent = 0;
+    site->nrecent = 0;
 }
 
 /* Settle the checkpoints whose awaited value has arrived (without waiting): as settle_all. */
@@ -341,6 +367,7 @@ replay__state_clear(run_state *st)
             if (PyList_Append(drop, PyTuple_GET_ITEM(entry, 0)) < 0)
                 Py_CLEAR(drop);
         if (drop != NULL) {
+            replay__counters.dropped_tasks += (uint64_t)PyList_GET_SIZE(drop);
             graph_forget_tasks(drop);
             Py_DECREF(drop);
         }
