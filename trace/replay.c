@@ -92,15 +92,21 @@ bind(struct trace_replay *p, PyObject *func, PyObject *const *args, Py_ssize_t n
 }
 
 /* The first call of fn in this process: its graph from the disk cache (pydron/_graph_cache.py)
- * when a process before this one made it, so that this call replays at once. 0 (found or not),
- * or -1 + exception. */
+ * when a process before this one made it, so that this call replays at once. Read in C
+ * (replay_disk.c) unless the file or the cache is out of the ordinary: then by the Python loader.
+ * 0 (found or not), or -1 + exception. */
 static int
 replay_from_disk(PyObject *fn, trace_codeinfo *info)
 {
     if (replay_load_helpers() < 0)
         return -1;
-    PyObject *t = PyObject_CallOneArg(cached_fn, fn);
-    if (t == NULL)
+    PyObject *t;
+    int found = replay__disk_load(fn, &t);
+    if (found < 0)
+        return -1;
+    if (found == 0)
+        return 0;
+    if (found == 2 && (t = PyObject_CallOneArg(cached_fn, fn)) == NULL)
         return -1;
     if (t == Py_None) {
         Py_DECREF(t);
@@ -186,13 +192,36 @@ replay__prepare(PyObject *fn, trace_codeinfo *info)
     return take_lifted(p, t);
 }
 
-/* The tables of known-pure callees, again at every lift: numpy may have been imported since.
- * 0, or -1 + exception. */
+/* What the tables of known-pure callees depend on (as pure_tables() in pydron/_replay.py): the
+ * numpy module and whether numpy.linalg and numpy.fft are imported. */
+static PyObject *tables_numpy;      /* borrowed, compared only */
+static int tables_linalg = -1, tables_fft = -1;
+
+/* The modules the tables depend on, imported now: 1 the tables were taken under them, else 0. */
+static int
+pure_tables_current(PyObject **np, int *linalg, int *fft)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    if (!PyDict_Check(modules))
+        return 0;
+    *np = PyDict_GetItemString(modules, "numpy");
+    *linalg = PyDict_GetItemString(modules, "numpy.linalg") != NULL;
+    *fft = PyDict_GetItemString(modules, "numpy.fft") != NULL;
+    return replay__pure_callees != NULL && *np == tables_numpy && *linalg == tables_linalg &&
+           *fft == tables_fft;
+}
+
+/* The tables of known-pure callees, again at every lift and load: numpy may have been imported
+ * since (asked of pydron._replay only then). 0, or -1 + exception. */
 static int
 refresh_pure_tables(void)
 {
     if (replay_load_helpers() < 0)
         return -1;
+    PyObject *np = NULL;
+    int linalg = -1, fft = -1;
+    if (pure_tables_current(&np, &linalg, &fft))
+        return 0;
     PyObject *tables = PyObject_CallNoArgs(pure_fn);
     if (tables == NULL)
         return -1;
@@ -207,6 +236,9 @@ refresh_pure_tables(void)
     Py_XSETREF(replay__pure_methods, Py_NewRef(PyTuple_GET_ITEM(tables, 1)));
     Py_XSETREF(replay__new_objects, Py_NewRef(PyTuple_GET_ITEM(tables, 2)));
     Py_DECREF(tables);
+    tables_numpy = np;
+    tables_linalg = linalg;
+    tables_fft = fft;
     return 0;
 }
 
@@ -728,7 +760,7 @@ trace__replay_init(PyObject *module)
     str_builtins = PyUnicode_InternFromString("__builtins__");
     if (replay__str_out == NULL || str_builtins == NULL)
         return -1;
-    if (replay__tier_init() < 0)
+    if (replay__tier_init() < 0 || replay__disk_init(module) < 0)
         return -1;
     return PyModule_AddFunctions(module, replay_methods);
 }
