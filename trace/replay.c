@@ -40,14 +40,15 @@ long replay__jit_max = 1 << 16;
 PyObject *replay__str_out;
 static PyObject *str_builtins;       /* "__builtins__" */
 PyObject *replay__pure_callees, *replay__pure_methods, *replay__new_objects;
-static PyObject *lift_fn;            /* pydron._replay.lift_for_core */
+static PyObject *replay_module;      /* pydron._replay: lift_for_core, cached_for_core are looked
+                                      * up at each (rare) use, as a test may replace them */
 static PyObject *reference_fn;       /* pydron._replay.run_reference */
 static PyObject *pure_fn;            /* pydron._replay.pure_tables */
-static PyObject *cached_fn;          /* pydron._replay.cached_for_core */
 
 /* ---- entering a call --------------------------------------------------------------------------- */
 
 static int replay_load_helpers(void);
+static PyObject *call_helper(const char *name, PyObject *arg);
 static int refresh_pure_tables(void);
 static int take_lifted(struct trace_replay *p, PyObject *t);
 
@@ -106,7 +107,7 @@ replay_from_disk(PyObject *fn, trace_codeinfo *info)
         return -1;
     if (found == 0)
         return 0;
-    if (found == 2 && (t = PyObject_CallOneArg(cached_fn, fn)) == NULL)
+    if (found == 2 && (t = call_helper("cached_for_core", fn)) == NULL)
         return -1;
     if (t == Py_None) {
         Py_DECREF(t);
@@ -151,22 +152,29 @@ take_lifted(struct trace_replay *p, PyObject *t)
 static int
 replay_load_helpers(void)
 {
-    if (lift_fn != NULL)
+    if (replay_module != NULL)
         return 0;
     PyObject *mod = PyImport_ImportModule("pydron._replay");
-    lift_fn = mod ? PyObject_GetAttrString(mod, "lift_for_core") : NULL;
     reference_fn = mod ? PyObject_GetAttrString(mod, "run_reference") : NULL;
     pure_fn = mod ? PyObject_GetAttrString(mod, "pure_tables") : NULL;
-    cached_fn = mod ? PyObject_GetAttrString(mod, "cached_for_core") : NULL;
-    Py_XDECREF(mod);
-    if (lift_fn == NULL || reference_fn == NULL || pure_fn == NULL || cached_fn == NULL) {
-        Py_CLEAR(lift_fn);
+    if (reference_fn == NULL || pure_fn == NULL) {
+        Py_XDECREF(mod);
         Py_CLEAR(reference_fn);
         Py_CLEAR(pure_fn);
-        Py_CLEAR(cached_fn);
         return -1;
     }
+    replay_module = mod;
     return 0;
+}
+
+/* pydron._replay.<name>(arg): a new reference, or NULL + exception. */
+static PyObject *
+call_helper(const char *name, PyObject *arg)
+{
+    PyObject *f = PyObject_GetAttrString(replay_module, name);
+    PyObject *r = f ? PyObject_CallOneArg(f, arg) : NULL;
+    Py_XDECREF(f);
+    return r;
 }
 
 /* Lift fn's graph if it is time. 0, or -1 + exception (an internal error, not a refusal). */
@@ -186,7 +194,7 @@ replay__prepare(PyObject *fn, trace_codeinfo *info)
     if (refresh_pure_tables() < 0)
         return -1;
     replay__counters.lifts++;
-    PyObject *t = PyObject_CallOneArg(lift_fn, fn);
+    PyObject *t = call_helper("lift_for_core", fn);
     if (t == NULL)
         return -1;
     return take_lifted(p, t);
@@ -323,25 +331,50 @@ trace__replay_traced(trace_codeinfo *info, uint64_t started)
     }
 }
 
+/* fn's replay state, made at its first call, when the graph is read from the disk cache: a
+ * graph, or NULL + exception (memory, or an interrupt while reading it: the user's). */
+static struct trace_replay *
+replay_state_at_call(PyObject *func, trace_codeinfo *info)
+{
+    struct trace_replay *p = info->replay;
+    if (p == NULL && (p = info->replay = PyMem_Calloc(1, sizeof(*p))) == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (p->state == REPLAY_UNTRIED && p->traced == 0 && !p->disk_tried) {
+        p->disk_tried = 1;
+        if (replay_from_disk(func, info) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                p->disk_tried = 0;    /* the next call reads it again */
+                return NULL;          /* Ctrl-C or an exit while reading it: the user's */
+            }
+            PyErr_Clear();            /* the disk cache is only ever a shortcut */
+        }
+    }
+    return p;
+}
+
+int
+trace__replay_ready(PyObject *func, trace_codeinfo *info)
+{
+    if (replay__mode == 0)
+        return 0;
+    struct trace_replay *p = replay_state_at_call(func, info);
+    if (p == NULL)
+        return -1;
+    return p->state == REPLAY_READY || p->state == REPLAY_SLOWER;
+}
+
 int
 trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_ssize_t nargs,
                    PyObject *kwnames, PyObject **result)
 {
     if (replay__mode == 0)
         return 0;
-    struct trace_replay *p = info->replay;
-    if (p == NULL && (p = info->replay = PyMem_Calloc(1, sizeof(*p))) == NULL) {
-        PyErr_NoMemory();
+    struct trace_replay *p = replay_state_at_call(func, info);
+    if (p == NULL)
         return -1;
-    }
     if (p->state == REPLAY_UNTRIED) {
-        if (p->traced == 0 && replay_from_disk(func, info) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception))
-                return -1;            /* Ctrl-C or an exit while reading it: the user's */
-            PyErr_Clear();            /* the disk cache is only ever a shortcut */
-        }
-        if (p->state != REPLAY_UNTRIED)
-            goto ready;
         if (p->traced < replay_after) {
             p->traced++;
             replay__counters.misses++;
@@ -360,7 +393,7 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
             PyErr_Clear();
         }
     }
-ready:
+
     if (p->state != REPLAY_READY && p->state != REPLAY_SLOWER) {
         replay__counters.misses++;
         return 0;
@@ -723,6 +756,16 @@ core_replay_call(PyObject *module, PyObject *args)
     return Py_BuildValue("(ON)", Py_True, result);
 }
 
+/* _replay_warm(): what the first call that replays needs from Python, made now (enable()): the
+ * helpers of pydron._replay (imported) and the tables of pure callees. */
+static PyObject *
+core_replay_warm(PyObject *module, PyObject *noargs)
+{
+    if (refresh_pure_tables() < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_replay_ops(PyObject *module, PyObject *noargs)
 {
@@ -746,6 +789,8 @@ static PyMethodDef replay_methods[] = {
     {"_replay_state", core_replay_state, METH_O, "What became of fn's graph."},
     {"_replay_forget", core_replay_forget, METH_O, "Drop fn's graph."},
     {"_replay_ops", core_replay_ops, METH_NOARGS, "The interpreter's operation names, in order."},
+    {"_replay_warm", core_replay_warm, METH_NOARGS,
+     "Import the interpreter's Python helpers and make its tables now, not at the first call."},
     {"_replay_call", core_replay_call, METH_VARARGS,
      "_replay_call(fn, args, kwnames=None): a nested scheduled call through its graph only."},
     {NULL},

@@ -54,6 +54,7 @@ enum { REPLAY_UNTRIED, REPLAY_READY, REPLAY_REFUSED, REPLAY_DEAD, REPLAY_SLOWER 
 struct trace_replay {
     int state;
     long traced;                 /* calls traced before the graph was lifted */
+    int disk_tried;              /* the disk cache was read for it (at the first call) */
     int bails_in_a_row;
     PyObject *reason;            /* refused, dead: why (str); ready: the last bail's reason */
     PyObject *name, *filename, *consts, *names, *argnames;
