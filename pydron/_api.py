@@ -204,6 +204,7 @@ def enable(workers: int | None = None, progress: bool | None = None,
         for f in list(_scheduled):
             core._intercept(f, True)
     _start_import_sync(core)
+    _warm_first_call(core)
     if cfg.report:
         from pydron import report
         report.start()
@@ -220,6 +221,23 @@ def enable(workers: int | None = None, progress: bool | None = None,
         except BaseException:
             disable()
             raise
+
+
+def _warm_first_call(core) -> None:
+    """What the first scheduled call would otherwise make on its way, made now, so that it costs
+    what a later call costs (bench/replay_figures.py warm_cache): the replay interpreter's Python
+    helpers and tables of pure callees (pydron._replay), and cloudpickle, which shipping the first
+    task of a function consults (pydron/_ship.py). Then the young generations are collected:
+    what enable() and the imports made lives as long as the process, and left young it was
+    walked by the first collection that a call's own allocations set off (0.3-0.7 ms inside the
+    first 2,000-task call, against ~1 ms here, once)."""
+    import gc
+    core._replay_warm()
+    try:
+        import cloudpickle.cloudpickle  # noqa: F401
+    except ImportError:                 # another cloudpickle: _ship copes at the first task
+        pass
+    gc.collect(1)
 
 
 def _note_cache_session() -> None:

@@ -16,7 +16,10 @@ What is trusted: nothing that could have been written by someone else, or half-w
     readers see a whole file or none, and processes share the directory safely;
   - every file starts with a header line holding the XXH3 hash of the rest; a file whose hash,
     format or owner does not check out is ignored (and replaced by the next store), never
-    parsed further; the payload is JSON, which decodes to data only;
+    parsed further; the payload is a pickle that decodes to data only (_DataOnly);
+  - a first call's graph is read by trace/replay_disk.c, which takes only a file that passes
+    every check here and holds a graph's data (unpickled by _DataOnly); any other file, and a
+    cache that is off or not yet checked, is load()'s, which says why it refuses it;
   - the key covers the code object (bytecode, constants, names, line table, file, qualified
     name), the Python version, pydron's version and the graph format: a change to any of them is
     another key;
@@ -62,6 +65,8 @@ def configure(value) -> None:
     global _configured
     _configured = None if value in (None, "") else os.fspath(value)
     _checked.clear()
+    from pydron import _core
+    _core._disk_cache_use(None)         # the C loader waits for directory() to check it
 
 
 _checked: dict = {}          # setting -> the directory found usable (checked once per process)
@@ -75,7 +80,19 @@ def directory() -> Path | None:
     if _configured in _checked:
         return _checked[_configured]
     _checked[_configured] = found = _directory(_configured)
+    _hand_to_core(found)
     return found
+
+
+def _hand_to_core(found: Path | None) -> None:
+    """Tell the C loader (trace/replay_disk.c) where graphs are read from, and how: it takes the
+    ordinary case, a whole file of this format, and hands everything else to load()."""
+    from pydron import _core
+    if found is None:
+        _core._disk_cache_use(None)
+    else:
+        _core._disk_cache_use(str(found / "graphs"), b"%s %d " % (MAGIC.encode(), FORMAT),
+                              _key_prefix(), _DataOnly, io.BytesIO)
 
 
 def _directory(value) -> Path | None:
@@ -123,22 +140,21 @@ def _give_up(base: Path, why: str) -> None:
     return None
 
 
-def _fingerprint(code) -> str:
-    """What identifies a code object across processes (nested code objects, such as 3.11's
-    comprehension bodies, by their own fingerprint: their repr holds an address)."""
-    consts = ", ".join(f"<code {_fingerprint(c)}>" if isinstance(c, type(code)) else repr(c)
-                       for c in code.co_consts)
-    return "\x1f".join([code.co_filename, code.co_qualname, str(code.co_firstlineno),
-                        code.co_code.hex(), consts, repr(code.co_names),
-                        repr(code.co_varnames), repr(code.co_freevars),
-                        code.co_linetable.hex()])
+def _key_prefix() -> bytes:
+    """What every key hashes before the code object: the file format and the versions."""
+    from pydron import __version__
+    return "\x1f".join([MAGIC, str(FORMAT), __version__, sys.version]).encode(
+        "utf-8", "surrogatepass")
 
 
 def key(fn) -> str:
-    """The cache key of scheduled function fn's graph: hex XXH3 over what decides it."""
-    from pydron import _core, __version__
-    parts = [MAGIC, str(FORMAT), __version__, sys.version, _fingerprint(fn.__code__)]
-    return "%016x" % _core._xxh3("\x1f".join(parts).encode("utf-8", "surrogatepass"))
+    """The cache key of scheduled function fn's graph: hex XXH3 over what decides it, the
+    prefix then the code object's file, qualified name, first line, bytecode, constants (nested
+    code objects, such as 3.11's comprehension bodies, by their own fields: their repr holds an
+    address), names, variable and free variable names and line table (trace/replay_disk.c,
+    which the C loader uses too)."""
+    from pydron import _core
+    return _core._graph_key(fn.__code__, _key_prefix())
 
 
 def _path(base: Path, k: str) -> Path:
@@ -242,7 +258,6 @@ def load(fn):
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         _reject(path, str(exc))
         return None
-    _session["loads"] += 1
     return value
 
 
@@ -416,9 +431,10 @@ def note_session(replay_stats: dict, jit_info: dict | None = None) -> None:
     if base is None:
         return
     counts = dict(_session)
-    for ours, theirs in (("replay_hits", "hits"), ("replay_misses", "misses"),
-                         ("lifts", "lifts"), ("mispredicts", "mispredicts"),
-                         ("bails", "bails")):
+    # every graph loaded (by the C loader or load()) is a disk hit of the core's
+    for ours, theirs in (("loads", "disk_hits"), ("replay_hits", "hits"),
+                         ("replay_misses", "misses"), ("lifts", "lifts"),
+                         ("mispredicts", "mispredicts"), ("bails", "bails")):
         counts[ours] = replay_stats.get(theirs, 0)
     for ours, theirs in (("jit_compiles", "compiled"), ("jit_object_hits", "object_hits")):
         counts[ours] = (jit_info or {}).get(theirs, 0)

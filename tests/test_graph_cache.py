@@ -212,3 +212,109 @@ def test_pydron_cache_commands(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "pydron", "cache", "shred"], capture_output=True,
                          text=True, env=env)
     assert bad.returncode == 2 and "shred" in bad.stderr
+
+
+HELD_OR_LOADED = textwrap.dedent("""
+    import json, sys
+    import pydron
+    from pydron import _core
+
+    @pydron.functional
+    def inc(x):
+        return x + 1
+
+    @pydron.schedule
+    def work(xs, k):
+        out = [inc(x) for x in xs]
+        total = 0
+        for r in out:
+            if r % k:
+                total += r
+        return out, total
+
+    pydron.enable(workers=2)
+    first = work(list(range(30)), 3)
+    after_first = sorted(m for m in sys.modules if m.startswith(("pydron._rewrite", "bytecode")))
+    _core._replay_configure(compare=0)
+    runs = []
+    for forget in (False, True, False, True):
+        if forget:
+            _core._replay_forget(work)
+        before = _core._replay_stats()
+        result = work(list(range(30)), 3)
+        after = _core._replay_stats()
+        state = _core._replay_state(work)
+        runs.append({"forget": forget, "result": result,
+                     "delta": {k: after[k] - before[k] for k in after},
+                     "state": {k: state[k] for k in ("state", "instructions", "bails")},
+                     "sites": len(state["sites"])})
+    print(json.dumps({"first": first, "rewriter_after_first": after_first, "runs": runs}))
+""")
+
+
+def test_a_graph_loaded_from_disk_replays_as_the_graph_held(tmp_path):
+    """A call whose graph was just read from the disk cache (by the C loader) returns what a
+    replay of the graph the process holds returns, counted the same but for the disk hit; and
+    a fresh process's first call that replays from the cache neither rewrites the function's
+    bytecode nor imports the rewriter."""
+    cache = tmp_path / "cache"
+    run(tmp_path, cache, calls=2)                       # another function: the cache is made
+    script = tmp_path / "held.py"
+    script.write_text(HELD_OR_LOADED)
+    env = {**os.environ, "PYDRON_CACHE_DIR": str(cache)}
+
+    def go():
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    go()                                                # traced, then lifted and stored
+    fresh = go()
+    expected = [list(range(1, 31)), sum(r for r in range(1, 31) if r % 3)]
+    assert fresh["first"] == expected
+    assert fresh["rewriter_after_first"] == [], "the first call rewrote although it replayed"
+    held, loaded = [r for r in fresh["runs"] if not r["forget"]], \
+                   [r for r in fresh["runs"] if r["forget"]]
+    for h, ld in zip(held, loaded):
+        assert ld["result"] == h["result"] == expected
+        assert ld["state"] == h["state"] and ld["state"]["state"] == "ready"
+        assert ld["sites"] == h["sites"]
+        assert ld["delta"] == {**h["delta"], "disk_hits": 1}, (ld["delta"], h["delta"])
+        assert h["delta"]["hits"] == 1 and h["delta"]["misses"] == 0
+
+
+def test_the_c_decoder_reads_what_encode_writes_and_leaves_the_rest():
+    """_core._graph_decode_payload (trace/replay_disk.c) gives back what pickle wrote for a
+    graph's data, and None for any payload it does not read itself (complex, Ellipsis, a large
+    int, a global, a truncated one): those go to _DataOnly."""
+    values = [("f", 2, 5, ((0, 1, 2, 3, 4, 7),),
+               (None, True, False, 1.5, float("inf"), -0.0, 0, 255, 256, 65535, 65536,
+                2 ** 31 - 1, -2 ** 31, -1, 2 ** 62, -2 ** 63, b"\x00\xff", b"x" * 300, "é",
+                "\ud800", "y" * 300, (1, (2,)), frozenset({1, "a"}), (), ""),
+               ("x", "x"), 1, ("a",), "f.py"),
+              "no graph: a refusal"]
+    for v in values:
+        payload = _graph_cache.encode(v).partition(b"\n")[2]
+        back = _core._graph_decode_payload(payload)
+        assert back == v and repr(back) == repr(v)
+    for v in [(1 + 2j,), (...,), (2 ** 80,), Opens("/nonexistent")]:
+        assert _core._graph_decode_payload(pickle.dumps(v, protocol=5)) is None
+    good = pickle.dumps(values[0], protocol=5)
+    for cut in (1, len(good) // 2, len(good) - 1):
+        assert _core._graph_decode_payload(good[:cut]) is None
+    assert _core._graph_decode_payload(good + b"N") is None
+
+
+def test_the_key_follows_the_code():
+    """The key (trace/replay_disk.c, for the C loader and store alike) is the same for the
+    same code compiled twice, and another for a change in a constant, in a nested code object
+    or in a name."""
+    def compiled(src):
+        ns = {}
+        exec(compile(src, "k.py", "exec"), ns)
+        return ns["f"]
+    base = "def f(xs):\n    return [x + 1 for x in xs]\n"
+    assert _graph_cache.key(compiled(base)) == _graph_cache.key(compiled(base))
+    for other in (base.replace("x + 1", "x + 2"), base.replace("xs]", "xs if x]"),
+                  base.replace("xs", "ys")):
+        assert _graph_cache.key(compiled(other)) != _graph_cache.key(compiled(base))

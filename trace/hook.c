@@ -160,9 +160,13 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
         exec_in_worker())
         return default_eval(ts, frame, throwflag);
 
-    PyObject *rewritten = trace__rewritten((PyObject *)co, info);
-    if (rewritten == NULL) {
-        if (!PyErr_Occurred())
+    /* A call its graph takes needs no rewritten code: made when a call is first traced, so a
+     * fresh process whose first call replays from the disk cache never rewrites (nor imports
+     * the rewriter): milliseconds, and the garbage its first collection then walks. */
+    int ready = trace__replay_ready(FRAME_FUNC(frame), info);
+    PyObject *rewritten = ready ? NULL : trace__rewritten((PyObject *)co, info);
+    if (ready < 0 || (rewritten == NULL && ready == 0)) {
+        if (ready == 0 && !PyErr_Occurred())
             return default_eval(ts, frame, throwflag);   /* refused: runs plainly */
         release_frame(ts, frame);
         return NULL;
@@ -173,7 +177,16 @@ trace_eval_frame(PyThreadState *ts, _PyInterpreterFrame *frame, int throwflag)
     int replayed = replay_frame(frame, info, &result);
     if (replayed == 0) {
         uint64_t started = trace__replay_timing(info) ? trace__replay_clock() : 0;
-        result = call_with_frame_args(frame, rewritten);
+        if (rewritten == NULL)
+            rewritten = trace__rewritten((PyObject *)co, info);
+        if (rewritten != NULL)
+            result = call_with_frame_args(frame, rewritten);
+        else if (!PyErr_Occurred()) {
+            /* A graph for code the rewrite refuses (never lifted here): plainly, as above. */
+            result = default_eval(ts, frame, throwflag);
+            result = trace__session_end(&session, result);
+            return result;
+        }
         if (started)
             trace__replay_traced(info, started);
     }
@@ -259,11 +272,13 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
     if (!trace__enabled || info == NULL || info->kind != TRACE_SCHEDULED || info->refused ||
         exec_in_worker())
         return function_vectorcall(func, args, nargsf, kwnames);
-    PyObject *rewritten = trace__rewritten(code, info);
-    if (rewritten == NULL) {
-        if (PyErr_Occurred())
-            return NULL;
-        return function_vectorcall(func, args, nargsf, kwnames);
+    /* As trace_eval_frame: the rewritten code is made when a call is first traced. */
+    int ready = trace__replay_ready(func, info);
+    PyObject *rewritten = ready ? NULL : trace__rewritten(code, info);
+    if (ready < 0 || (rewritten == NULL && ready == 0)) {
+        if (ready == 0 && !PyErr_Occurred())
+            return function_vectorcall(func, args, nargsf, kwnames);   /* refused: plainly */
+        return NULL;
     }
     trace_session session;
     trace__session_begin(&session, ((PyFunctionObject *)func)->func_qualname);
@@ -272,7 +287,13 @@ scheduled_vectorcall(PyObject *func, PyObject *const *args, size_t nargsf, PyObj
                                       &result);
     if (replayed == 0) {
         uint64_t started = trace__replay_timing(info) ? trace__replay_clock() : 0;
-        result = trace__call_rewritten(func, rewritten, args, nargsf, kwnames);
+        if (rewritten == NULL)
+            rewritten = trace__rewritten(code, info);
+        if (rewritten != NULL)
+            result = trace__call_rewritten(func, rewritten, args, nargsf, kwnames);
+        else if (!PyErr_Occurred())
+            /* A graph for code the rewrite refuses (never lifted here): plainly, as above. */
+            result = function_vectorcall(func, args, nargsf, kwnames);
         if (started)
             trace__replay_traced(info, started);
     }

@@ -76,6 +76,10 @@ PyObject *trace__dispatch(PyObject *callable, PyObject *const *args, Py_ssize_t 
 int trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args,
                        Py_ssize_t nargs, PyObject *kwnames, PyObject **result);
 void trace__replay_free(struct trace_replay *p);
+/* Whether func's next call can go to its graph without the rewritten code: 1 a graph is ready
+ * (the first call of a fresh process reads it from the disk cache here), 0 not (the entry makes
+ * the rewritten code first, as a traced call needs it), -1 + exception (an interrupt). */
+int trace__replay_ready(PyObject *func, trace_codeinfo *info);
 /* When trace__replay_call returned 0, the caller asks whether to time the traced call (the graph
  * is being compared with its trace): started = trace__replay_clock() before the call,
  * trace__replay_traced(info, started) after it. */

@@ -40,14 +40,15 @@ long replay__jit_max = 1 << 16;
 PyObject *replay__str_out;
 static PyObject *str_builtins;       /* "__builtins__" */
 PyObject *replay__pure_callees, *replay__pure_methods, *replay__new_objects;
-static PyObject *lift_fn;            /* pydron._replay.lift_for_core */
+static PyObject *replay_module;      /* pydron._replay: lift_for_core, cached_for_core are looked
+                                      * up at each (rare) use, as a test may replace them */
 static PyObject *reference_fn;       /* pydron._replay.run_reference */
 static PyObject *pure_fn;            /* pydron._replay.pure_tables */
-static PyObject *cached_fn;          /* pydron._replay.cached_for_core */
 
 /* ---- entering a call --------------------------------------------------------------------------- */
 
 static int replay_load_helpers(void);
+static PyObject *call_helper(const char *name, PyObject *arg);
 static int refresh_pure_tables(void);
 static int take_lifted(struct trace_replay *p, PyObject *t);
 
@@ -92,15 +93,21 @@ bind(struct trace_replay *p, PyObject *func, PyObject *const *args, Py_ssize_t n
 }
 
 /* The first call of fn in this process: its graph from the disk cache (pydron/_graph_cache.py)
- * when a process before this one made it, so that this call replays at once. 0 (found or not),
- * or -1 + exception. */
+ * when a process before this one made it, so that this call replays at once. Read in C
+ * (replay_disk.c) unless the file or the cache is out of the ordinary: then by the Python loader.
+ * 0 (found or not), or -1 + exception. */
 static int
 replay_from_disk(PyObject *fn, trace_codeinfo *info)
 {
     if (replay_load_helpers() < 0)
         return -1;
-    PyObject *t = PyObject_CallOneArg(cached_fn, fn);
-    if (t == NULL)
+    PyObject *t;
+    int found = replay__disk_load(fn, &t);
+    if (found < 0)
+        return -1;
+    if (found == 0)
+        return 0;
+    if (found == 2 && (t = call_helper("cached_for_core", fn)) == NULL)
         return -1;
     if (t == Py_None) {
         Py_DECREF(t);
@@ -145,22 +152,29 @@ take_lifted(struct trace_replay *p, PyObject *t)
 static int
 replay_load_helpers(void)
 {
-    if (lift_fn != NULL)
+    if (replay_module != NULL)
         return 0;
     PyObject *mod = PyImport_ImportModule("pydron._replay");
-    lift_fn = mod ? PyObject_GetAttrString(mod, "lift_for_core") : NULL;
     reference_fn = mod ? PyObject_GetAttrString(mod, "run_reference") : NULL;
     pure_fn = mod ? PyObject_GetAttrString(mod, "pure_tables") : NULL;
-    cached_fn = mod ? PyObject_GetAttrString(mod, "cached_for_core") : NULL;
-    Py_XDECREF(mod);
-    if (lift_fn == NULL || reference_fn == NULL || pure_fn == NULL || cached_fn == NULL) {
-        Py_CLEAR(lift_fn);
+    if (reference_fn == NULL || pure_fn == NULL) {
+        Py_XDECREF(mod);
         Py_CLEAR(reference_fn);
         Py_CLEAR(pure_fn);
-        Py_CLEAR(cached_fn);
         return -1;
     }
+    replay_module = mod;
     return 0;
+}
+
+/* pydron._replay.<name>(arg): a new reference, or NULL + exception. */
+static PyObject *
+call_helper(const char *name, PyObject *arg)
+{
+    PyObject *f = PyObject_GetAttrString(replay_module, name);
+    PyObject *r = f ? PyObject_CallOneArg(f, arg) : NULL;
+    Py_XDECREF(f);
+    return r;
 }
 
 /* Lift fn's graph if it is time. 0, or -1 + exception (an internal error, not a refusal). */
@@ -180,19 +194,42 @@ replay__prepare(PyObject *fn, trace_codeinfo *info)
     if (refresh_pure_tables() < 0)
         return -1;
     replay__counters.lifts++;
-    PyObject *t = PyObject_CallOneArg(lift_fn, fn);
+    PyObject *t = call_helper("lift_for_core", fn);
     if (t == NULL)
         return -1;
     return take_lifted(p, t);
 }
 
-/* The tables of known-pure callees, again at every lift: numpy may have been imported since.
- * 0, or -1 + exception. */
+/* What the tables of known-pure callees depend on (as pure_tables() in pydron/_replay.py): the
+ * numpy module and whether numpy.linalg and numpy.fft are imported. */
+static PyObject *tables_numpy;      /* borrowed, compared only */
+static int tables_linalg = -1, tables_fft = -1;
+
+/* The modules the tables depend on, imported now: 1 the tables were taken under them, else 0. */
+static int
+pure_tables_current(PyObject **np, int *linalg, int *fft)
+{
+    PyObject *modules = PyImport_GetModuleDict();
+    if (!PyDict_Check(modules))
+        return 0;
+    *np = PyDict_GetItemString(modules, "numpy");
+    *linalg = PyDict_GetItemString(modules, "numpy.linalg") != NULL;
+    *fft = PyDict_GetItemString(modules, "numpy.fft") != NULL;
+    return replay__pure_callees != NULL && *np == tables_numpy && *linalg == tables_linalg &&
+           *fft == tables_fft;
+}
+
+/* The tables of known-pure callees, again at every lift and load: numpy may have been imported
+ * since (asked of pydron._replay only then). 0, or -1 + exception. */
 static int
 refresh_pure_tables(void)
 {
     if (replay_load_helpers() < 0)
         return -1;
+    PyObject *np = NULL;
+    int linalg = -1, fft = -1;
+    if (pure_tables_current(&np, &linalg, &fft))
+        return 0;
     PyObject *tables = PyObject_CallNoArgs(pure_fn);
     if (tables == NULL)
         return -1;
@@ -207,6 +244,9 @@ refresh_pure_tables(void)
     Py_XSETREF(replay__pure_methods, Py_NewRef(PyTuple_GET_ITEM(tables, 1)));
     Py_XSETREF(replay__new_objects, Py_NewRef(PyTuple_GET_ITEM(tables, 2)));
     Py_DECREF(tables);
+    tables_numpy = np;
+    tables_linalg = linalg;
+    tables_fft = fft;
     return 0;
 }
 
@@ -297,25 +337,50 @@ trace__replay_traced(trace_codeinfo *info, uint64_t started)
     }
 }
 
+/* fn's replay state, made at its first call, when the graph is read from the disk cache: a
+ * graph, or NULL + exception (memory, or an interrupt while reading it: the user's). */
+static struct trace_replay *
+replay_state_at_call(PyObject *func, trace_codeinfo *info)
+{
+    struct trace_replay *p = info->replay;
+    if (p == NULL && (p = info->replay = PyMem_Calloc(1, sizeof(*p))) == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    if (p->state == REPLAY_UNTRIED && p->traced == 0 && !p->disk_tried) {
+        p->disk_tried = 1;
+        if (replay_from_disk(func, info) < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+                p->disk_tried = 0;    /* the next call reads it again */
+                return NULL;          /* Ctrl-C or an exit while reading it: the user's */
+            }
+            PyErr_Clear();            /* the disk cache is only ever a shortcut */
+        }
+    }
+    return p;
+}
+
+int
+trace__replay_ready(PyObject *func, trace_codeinfo *info)
+{
+    if (replay__mode == 0)
+        return 0;
+    struct trace_replay *p = replay_state_at_call(func, info);
+    if (p == NULL)
+        return -1;
+    return p->state == REPLAY_READY || p->state == REPLAY_SLOWER;
+}
+
 int
 trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, Py_ssize_t nargs,
                    PyObject *kwnames, PyObject **result)
 {
     if (replay__mode == 0)
         return 0;
-    struct trace_replay *p = info->replay;
-    if (p == NULL && (p = info->replay = PyMem_Calloc(1, sizeof(*p))) == NULL) {
-        PyErr_NoMemory();
+    struct trace_replay *p = replay_state_at_call(func, info);
+    if (p == NULL)
         return -1;
-    }
     if (p->state == REPLAY_UNTRIED) {
-        if (p->traced == 0 && replay_from_disk(func, info) < 0) {
-            if (!PyErr_ExceptionMatches(PyExc_Exception))
-                return -1;            /* Ctrl-C or an exit while reading it: the user's */
-            PyErr_Clear();            /* the disk cache is only ever a shortcut */
-        }
-        if (p->state != REPLAY_UNTRIED)
-            goto ready;
         if (p->traced < replay_after) {
             p->traced++;
             replay__counters.misses++;
@@ -334,7 +399,7 @@ trace__replay_call(PyObject *func, trace_codeinfo *info, PyObject *const *args, 
             PyErr_Clear();
         }
     }
-ready:
+
     if (p->state != REPLAY_READY && p->state != REPLAY_SLOWER) {
         replay__counters.misses++;
         return 0;
@@ -708,6 +773,16 @@ core_replay_call(PyObject *module, PyObject *args)
     return Py_BuildValue("(ON)", Py_True, result);
 }
 
+/* _replay_warm(): what the first call that replays needs from Python, made now (enable()): the
+ * helpers of pydron._replay (imported) and the tables of pure callees. */
+static PyObject *
+core_replay_warm(PyObject *module, PyObject *noargs)
+{
+    if (refresh_pure_tables() < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_replay_ops(PyObject *module, PyObject *noargs)
 {
@@ -731,6 +806,8 @@ static PyMethodDef replay_methods[] = {
     {"_replay_state", core_replay_state, METH_O, "What became of fn's graph."},
     {"_replay_forget", core_replay_forget, METH_O, "Drop fn's graph."},
     {"_replay_ops", core_replay_ops, METH_NOARGS, "The interpreter's operation names, in order."},
+    {"_replay_warm", core_replay_warm, METH_NOARGS,
+     "Import the interpreter's Python helpers and make its tables now, not at the first call."},
     {"_replay_call", core_replay_call, METH_VARARGS,
      "_replay_call(fn, args, kwnames=None): a nested scheduled call through its graph only."},
     {NULL},
@@ -745,7 +822,7 @@ trace__replay_init(PyObject *module)
     str_builtins = PyUnicode_InternFromString("__builtins__");
     if (replay__str_out == NULL || str_builtins == NULL)
         return -1;
-    if (replay__tier_init() < 0)
+    if (replay__tier_init() < 0 || replay__disk_init(module) < 0)
         return -1;
     return PyModule_AddFunctions(module, replay_methods);
 }

@@ -7,6 +7,7 @@
  *   replay_ops.c      the operations, one function each, and the interpreter's step
  *   replay_calls.c    the calls a graph makes: callee kinds, tasks, maps, nested graphs
  *   replay_tier.c     the glue to the compiled tier (jit/)
+ *   replay_disk.c     a graph read from the disk cache, the cache's key of a code object
  *   replay.c          entering a call (lifting, the comparison with the trace), _core functions
  *
  * Thread and GIL model: GIL held throughout; the per-code state is shared by threads (counters
@@ -68,6 +69,7 @@ enum { REPLAY_UNTRIED, REPLAY_READY, REPLAY_REFUSED, REPLAY_DEAD, REPLAY_SLOWER 
 struct trace_replay {
     int state;
     long traced;                 /* calls traced before the graph was lifted */
+    int disk_tried;              /* the disk cache was read for it (at the first call) */
     int bails_in_a_row;
     PyObject *reason;            /* refused, dead: why (str); ready: the last bail's reason */
     PyObject *name, *filename, *consts, *names, *argnames;
@@ -251,6 +253,14 @@ jit_graph_fn replay__compiled_for(struct trace_replay *p, int *timed);
 void replay__tier_timed(struct trace_replay *p, int timed, uint64_t ns);
 /* Hand the operations to jit/. 0, or -1 + exception. */
 int replay__tier_init(void);
+
+/* ---- replay_disk.c ---- */
+
+/* fn's graph from the disk cache, read in C: 1 found (*out: the program tuple or refusal str, a
+ * new reference), 0 none, 2 the Python loader must look (the cache is off or not yet checked, or
+ * the file is one to refuse), -1 + exception. */
+int replay__disk_load(PyObject *fn, PyObject **out);
+int replay__disk_init(PyObject *module);
 
 /* ---- replay.c ---- */
 
