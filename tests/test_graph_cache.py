@@ -13,24 +13,30 @@ import pytest
 
 from pydron import _core, _graph_cache
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    import pydron
-    from pydron import _core
+def program(condition):
+    """The head of the scripts below: a scheduled function with a map, then a loop whose `if`
+    (condition) reads each result."""
+    return textwrap.dedent("""
+        import json, sys
+        import pydron
+        from pydron import _core
 
-    @pydron.functional
-    def inc(x):
-        return x + 1
+        @pydron.functional
+        def inc(x):
+            return x + 1
 
-    @pydron.schedule
-    def work(xs, k):
-        out = [inc(x) for x in xs]
-        total = 0
-        for r in out:
-            if r > k:
-                total += r
-        return out, total
+        @pydron.schedule
+        def work(xs, k):
+            out = [inc(x) for x in xs]
+            total = 0
+            for r in out:
+                if CONDITION:
+                    total += r
+            return out, total
+    """).replace("CONDITION", condition)
 
+
+SCRIPT = program("r > k") + textwrap.dedent("""
     pydron.enable(workers=2)
     results = [work(list(range(20)), 5) for _ in range(int(sys.argv[1]))]
     assert all(r == (list(range(1, 21)), sum(range(6, 21))) for r in results), results
@@ -214,24 +220,7 @@ def test_pydron_cache_commands(tmp_path):
     assert bad.returncode == 2 and "shred" in bad.stderr
 
 
-HELD_OR_LOADED = textwrap.dedent("""
-    import json, sys
-    import pydron
-    from pydron import _core
-
-    @pydron.functional
-    def inc(x):
-        return x + 1
-
-    @pydron.schedule
-    def work(xs, k):
-        out = [inc(x) for x in xs]
-        total = 0
-        for r in out:
-            if r % k:
-                total += r
-        return out, total
-
+HELD_OR_LOADED = program("r % k") + textwrap.dedent("""
     pydron.enable(workers=2)
     first = work(list(range(30)), 3)
     after_first = sorted(m for m in sys.modules if m.startswith(("pydron._rewrite", "bytecode")))
