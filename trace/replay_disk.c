@@ -249,6 +249,7 @@ enum {
 
 typedef struct {
     const unsigned char *at, *end;
+    const unsigned char *frame_end;   /* the current frame's end, or NULL outside frames */
     PyObject *stack, *memo;       /* lists */
     Py_ssize_t marks[MAX_MARKS];
     int nmarks;
@@ -308,7 +309,11 @@ pickle_step(pickle_reader *r)
     PyObject *v = NULL;
     switch (op) {
     case OP_PROTO: return read_le(r, 1, &n) < 0 || n > 5 ? -1 : 1;
-    case OP_FRAME: return read_le(r, 8, &n) < 0 ? -1 : 1;   /* frames are contiguous */
+    case OP_FRAME:      /* a new frame, where the last one ended, within what is left */
+        if (r->frame_end != NULL || read_le(r, 8, &n) < 0 || n > (uint64_t)(r->end - r->at))
+            return -1;
+        r->frame_end = r->at + n;
+        return 1;
     case OP_STOP: return 0;
     case OP_MARK:
         if (r->nmarks == MAX_MARKS)
@@ -391,11 +396,17 @@ static PyObject *
 pickle_decode(const char *payload, size_t plen)
 {
     pickle_reader r = {(const unsigned char *)payload, (const unsigned char *)payload + plen,
-                       PyList_New(0), PyList_New(0), {0}, 0};
+                       NULL, PyList_New(0), PyList_New(0), {0}, 0};
     PyObject *v = NULL;
     int rc = r.stack && r.memo ? 1 : -1;
-    while (rc == 1)
+    while (rc == 1) {
+        /* As pickle reads frames: no opcode straddles a frame's end. */
+        if (r.frame_end != NULL && r.at == r.frame_end)
+            r.frame_end = NULL;
         rc = pickle_step(&r);
+        if (r.frame_end != NULL && r.at > r.frame_end)
+            rc = -1;
+    }
     if (rc == 0 && r.at == r.end && r.nmarks == 0 && PyList_GET_SIZE(r.stack) == 1)
         v = Py_NewRef(PyList_GET_ITEM(r.stack, 0));
     Py_XDECREF(r.stack);
