@@ -249,9 +249,10 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
     Py_ssize_t ntarget = PyLong_AsSsize_t(PyTuple_GET_ITEM(tmpl, 0));
     PyObject *sources = PyTuple_GET_ITEM(tmpl, 1);
     Py_ssize_t nsrc = PyTuple_GET_SIZE(sources);
-    /* A one-argument callee sent as a chunk takes its values as they are (graph_submit_map). */
-    int flat = nsrc == 1 && kind == CALLEE_FUNCTIONAL && trace__is_function(fn) &&
-               !info->options.threads;
+    /* A functional function outside the thread executor goes as chunk tasks (more than one
+     * call); with one argument, a chunk takes its values as they are (graph_submit_map). */
+    int chunkable = kind == CALLEE_FUNCTIONAL && trace__is_function(fn) && !info->options.threads;
+    int flat = chunkable && nsrc == 1;
     it = PyObject_GetIter(seq);
     calls = PyList_New(0);
     if (it == NULL || calls == NULL)
@@ -313,8 +314,7 @@ replay__run_map(run_state *st, int pc, const rins *i, int *bailed)
     if (PyErr_Occurred())
         goto done;
     replay__counters.maps++;
-    if (kind == CALLEE_FUNCTIONAL && trace__is_function(fn) && !info->options.threads &&
-        PyList_GET_SIZE(calls) > 1) {
+    if (chunkable && PyList_GET_SIZE(calls) > 1) {
         result = graph_submit_map(fn, calls, flat, &info->options);
         goto done;
     }
