@@ -126,11 +126,12 @@ def test_failures_in_batches_surface_in_program_order(cluster):
 def test_a_dask_without_ordered_graphs_runs_the_same(cluster):
     """pydron orders a flush's batches through Dask's private Client._graph_to_futures; on a
     Dask without it, graphs go through the public Client.get: the same results, the same
-    first failure, batches still shared by tiny tasks."""
+    first failure. (How tasks are cut into batches does not depend on it: plan_batches; with
+    no run time known yet, a flush may send every task alone, ordered or not.)"""
     out, _ = run_script("spread", cluster.address, env={"UNORDERED": "1"})
     assert out["ordered"] is False
     assert [r[0] for r in out["result"]] == [i * i for i in range(200)]
-    assert out["stats"]["batches"] < out["stats"]["tasks"] == 200, out["stats"]
+    assert out["stats"]["tasks"] == 200, out["stats"]
     out, _ = run_script("failures", cluster.address,
                         env={"UNORDERED": "1", "TASKS": "60", "BAD": "41,7,12"})
     assert out["result"] == "caught TaskFailure: task 7 failed"
